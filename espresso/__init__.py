@@ -1,0 +1,41 @@
+"""Espresso: Caffe's nets, layers and files in Python, on the CPU and NVIDIA GPUs.
+
+`import espresso as caffe` runs ordinary pycaffe code.
+"""
+
+from espresso import io
+from espresso.blob import Blob
+from espresso.errors import (
+    BackendError,
+    EspressoError,
+    LayerParamError,
+    ModelFileError,
+    NetError,
+    PrototxtError,
+    ShapeError,
+)
+from espresso.layer import Layer, register
+from espresso.net import TEST, TRAIN, Net
+from espresso.netspec import NetSpec, layers, params, to_proto
+from espresso.runtime import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from espresso.solver import (
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+    Solver,
+    get_solver,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blob", "Net", "Layer", "register", "TRAIN", "TEST", "io", "NetSpec", "layers", "params", "to_proto",
+    "Solver", "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
+    "AdaDeltaSolver", "AdamSolver",
+    "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed",
+    "EspressoError", "PrototxtError", "NetError", "LayerParamError", "ShapeError",
+    "ModelFileError", "BackendError",
+]

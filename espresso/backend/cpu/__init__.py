@@ -1,0 +1,40 @@
+"""The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py."""
+
+import os
+import platform
+
+import numpy as np
+
+from espresso.backend.cpu import kernels
+
+
+class CPUBackend:
+    name = "cpu"
+    xp = np
+    k = kernels
+
+    def __init__(self):
+        self.rng = np.random.default_rng()
+
+    def seed(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def synchronize(self):
+        pass
+
+    def to_device(self, array, dtype=None):
+        array = np.asarray(array, dtype=dtype)  # keeps 0-d arrays 0-d (ascontiguousarray would not)
+        return array if array.flags.c_contiguous else array.copy()
+
+    def to_host(self, array):
+        return array
+
+    def describe(self):
+        blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
+        return {"Device": "CPU", "Processor": platform.processor() or platform.machine(),
+                "Cores": os.cpu_count(), "NumPy": np.__version__,
+                "BLAS": f"{blas.get('name', '?')} {blas.get('version', '')}".strip()}
+
+
+def create(index):
+    return CPUBackend()

@@ -1,0 +1,363 @@
+"""CPU versions of the named primitives.  The CUDA backend mirrors every signature here.
+
+Each primitive works on whole batches (no Python loop per sample or per pixel) and writes
+into the output arrays it is given, so callers control every allocation.
+
+Conventions shared by the primitives below:
+- Images are C-contiguous (N, C, *S) arrays with D spatial axes; `kernel`, `stride`, `pad`
+  and `dilation` are D-tuples of ints.  Output sizes are read from the output array's shape.
+- Columns follow Caffe's row order (c, k_1..k_D) and its column order (o_1..o_D), in one of
+  two layouts (`batch_last`):
+    False  (N, C*prod(K), prod(O))   Caffe's per-image matrix, stacked over the batch
+    True   (C*prod(K), prod(O)*N)    one matrix for the whole batch, the batch innermost
+  The batch-last layout keeps the inner copy loops long when maps are small and allows one
+  large GEMM per group; the batch-major one needs no transposes.
+- `work` takes a flat contiguous buffer of at least `*_workspace_size(...)` elements,
+  allocated once by the layer's reshape (the CUDA backend needs none and reports 0); None
+  makes the primitive allocate one for that call.
+- Loops run over kernel offsets (prod(K) iterations), never over samples or pixels.
+"""
+
+import functools
+import itertools
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
+
+
+# *** geometry helpers ***
+def conv_out_size(size, kernel, stride, pad, dilation=1):
+    """Caffe's convolution output size: floor((size + 2 pad - extent) / stride) + 1."""
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _view(array, shape):
+    """`array` reshaped without a copy (raises if that is impossible): outputs must stay views."""
+    out = array.view()
+    out.shape = shape
+    return out
+
+
+def _carve(work, shape, dtype):
+    """A `shape` view of the front of the flat buffer `work` (or a fresh array when None)."""
+    if work is None:
+        return np.empty(shape, dtype)
+    return _view(work[: math.prod(shape)], shape)
+
+
+def _window_view(src, lead, out, stride, dilation, kernel):
+    """Windows of `src` (lead axes, D spatial axes, trailing axes) as a read-only view of
+    shape (*lead, *out, *kernel, *trailing)."""
+    d = len(out)
+    spatial = src.strides[lead: lead + d]
+    shape = src.shape[:lead] + tuple(out) + tuple(kernel) + src.shape[lead + d:]
+    strides = (src.strides[:lead] + tuple(s * t for s, t in zip(stride, spatial))
+               + tuple(s * t for s, t in zip(dilation, spatial)) + src.strides[lead + d:])
+    return as_strided(src, shape, strides, writeable=False)
+
+
+def _taps(offset, stride, dilation, out):
+    """Slices of a padded image hit by kernel offset `offset` over all output positions."""
+    return tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, s, d, m in zip(offset, stride, dilation, out))
+
+
+def _offsets(kernel):
+    return itertools.product(*(range(k) for k in kernel))
+
+
+def _stage(x, work, lead, pad, extent, value, batch_last):
+    """Copy x (N, C, *S) into `work` of spatial size `extent` at offset `pad`, the rest set to
+    `value`; batch_last puts the batch innermost: (C, *extent, N).  Returns the staged array."""
+    n, c, *spatial = x.shape
+    shape = (c, *extent, n) if batch_last else (n, c, *extent)
+    staged = _carve(work, shape, x.dtype)
+    inner = tuple(slice(p, p + s) for p, s in zip(pad, spatial))
+    for axis, (p, s, e) in enumerate(zip(pad, spatial, extent)):
+        head = (slice(None),) * (lead + axis)
+        staged[head + (slice(0, p),)] = value
+        staged[head + (slice(p + s, e),)] = value
+    staged[(slice(None),) * lead + inner] = np.moveaxis(x, 0, -1) if batch_last else x
+    return staged
+
+
+def _unstage(staged, x, lead, pad, batch_last):
+    """The interior of a staged array written back into x (N, C, *S)."""
+    inner = tuple(slice(p, p + s) for p, s in zip(pad, x.shape[2:]))
+    region = staged[(slice(None),) * lead + inner]
+    x[...] = np.moveaxis(region, -1, 0) if batch_last else region
+
+
+# *** im2col / col2im ***
+def im2col_workspace_size(x_shape, pad, batch_last):
+    """Elements of the staging buffer im2col/col2im need for images of `x_shape`."""
+    if not batch_last and not any(pad):
+        return 0
+    n, c, *spatial = x_shape
+    return n * c * math.prod(s + 2 * p for s, p in zip(spatial, pad))
+
+
+def _col_geometry(x_shape, kernel, stride, pad, dilation):
+    spatial = x_shape[2:]
+    out = tuple(conv_out_size(*a) for a in zip(spatial, kernel, stride, pad, dilation))
+    extent = tuple(s + 2 * p for s, p in zip(spatial, pad))
+    return out, extent
+
+
+def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """Columns of x (N, C, *S) into col: (N, C*prod(K), prod(O)), or batch_last
+    (C*prod(K), prod(O)*N).  Padding reads as zero.  One strided copy."""
+    n, c = x.shape[:2]
+    d = x.ndim - 2
+    out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    src = x
+    if batch_last or any(pad):
+        src = _stage(x, work, 1 if batch_last else 2, pad, extent, 0, batch_last)
+    if batch_last:  # windows (C, *O, *K, N) -> (C, *K, *O, N)
+        win = _window_view(src, 1, out, stride, dilation, kernel)
+        order = (0, *range(1 + d, 1 + 2 * d), *range(1, 1 + d), 1 + 2 * d)
+        _view(col, (c, *kernel, *out, n))[...] = win.transpose(order)
+    else:  # windows (N, C, *O, *K) -> (N, C, *K, *O)
+        win = _window_view(src, 2, out, stride, dilation, kernel)
+        order = (0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
+        _view(col, (n, c, *kernel, *out))[...] = win.transpose(order)
+
+
+def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of
+    the column entries that read it.  One strided add per kernel offset."""
+    n, c = x.shape[:2]
+    out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    staged = batch_last or any(pad)
+    if staged:
+        acc = _carve(work, (c, *extent, n) if batch_last else (n, c, *extent), x.dtype)
+    else:
+        acc = x
+    acc[...] = 0
+    lead = (slice(None),) if batch_last else (slice(None), slice(None))
+    cols = col.reshape((c, *kernel, *out, n) if batch_last else (n, c, *kernel, *out))
+    for offset in _offsets(kernel):
+        acc[lead + _taps(offset, stride, dilation, out)] += cols[lead + offset]
+    if staged:
+        _unstage(acc, x, len(lead), pad, batch_last)
+
+
+# *** pooling ***
+# The windows of every output are first copied into "planes" (prod(K), N*C*prod(O)), one
+# contiguous plane per kernel offset, so the reductions below run over long contiguous rows.
+def _pool_extent(spatial, out, kernel, stride, pad):
+    """Padded extent that holds every window: [-pad, (out-1)*stride + kernel - pad)."""
+    return tuple(max(p + s, (o - 1) * t + k) for s, o, k, t, p in zip(spatial, out, kernel, stride, pad))
+
+
+def _needs_staging(spatial, extent, pad):
+    return any(pad) or extent != tuple(spatial)
+
+
+def pool_workspace_size(x_shape, y_shape, kernel, stride, pad):
+    """Elements of the buffer the pooling primitives need: planes plus a padded input copy."""
+    n, c, *spatial = x_shape
+    extent = _pool_extent(spatial, y_shape[2:], kernel, stride, pad)
+    staged = n * c * math.prod(extent) if _needs_staging(spatial, extent, pad) else 0
+    return math.prod(kernel) * math.prod(y_shape) + staged
+
+
+def _planes(x, out, kernel, stride, pad, value, work):
+    """Window planes (prod(K), N*C*prod(O)) of x; cells outside the input read as `value`."""
+    n, c, *spatial = x.shape
+    d = len(spatial)
+    count = math.prod(kernel) * n * c * math.prod(out)
+    planes = _carve(None if work is None else work[:count], (*kernel, n, c, *out), x.dtype)
+    extent = _pool_extent(spatial, out, kernel, stride, pad)
+    src = x
+    if _needs_staging(spatial, extent, pad):
+        src = _stage(x, None if work is None else work[count:], 2, pad, extent, value, False)
+    win = _window_view(src, 2, out, stride, (1,) * d, kernel)  # (N, C, *O, *K)
+    planes[...] = win.transpose(*range(2 + d, 2 + 2 * d), 0, 1, *range(2, 2 + d))
+    return planes.reshape(math.prod(kernel), -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tables(spatial, out, kernel, stride, pad):
+    """Flat-index pieces of window cells: index = base[output] + offset_index[k], with
+    index = h*W + w into the unpadded input, as Caffe stores its argmax."""
+    pitch = [math.prod(spatial[i + 1:]) for i in range(len(spatial))]
+    offsets = [sum(o * p for o, p in zip(offset, pitch)) for offset in _offsets(kernel)]
+    starts = [(np.arange(o) * s - p) * q for o, s, p, q in zip(out, stride, pad, pitch)]
+    base = functools.reduce(np.add.outer, starts) if starts else np.zeros(())
+    return np.asarray(offsets, np.int64), base.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _ave_divisor(spatial, out, kernel, stride, pad, dtype):
+    """Caffe's AVE pool size: the window clipped to [-pad, size + pad) (padding counts)."""
+    sizes = [np.minimum(np.arange(o) * s - p + k, n + p) - (np.arange(o) * s - p)
+             for n, o, k, s, p in zip(spatial, out, kernel, stride, pad)]
+    return functools.reduce(np.multiply.outer, sizes).astype(dtype)
+
+
+def _first_hit_code(planes, test, k):
+    """code = K - (first offset o with test(o) true), 0 where none: max over offsets of
+    hit * (K - o), so the earliest offset (Caffe's scan order h, then w) wins ties."""
+    code = np.zeros(planes.shape[1], np.int16 if k < 2 ** 15 else np.int32)
+    hit = np.empty(planes.shape[1], bool)
+    scaled = np.empty_like(code)
+    for o in range(k):
+        test(o, hit)
+        np.multiply(hit, code.dtype.type(k - o), out=scaled)
+        np.maximum(code, scaled, out=code)
+    return code
+
+
+def _store_index(index, code, spatial, out, kernel, stride, pad):
+    """index (N, C, *O) = flat h*W+w input position of offset K - code (any int/float dtype)."""
+    offsets, base = _index_tables(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
+    lookup = np.concatenate([[offsets[-1]], offsets[::-1]])  # code c -> offset K - c (c = 0: last)
+    np.add(np.take(lookup, code).reshape(index.shape), base, out=index, casting="unsafe")
+
+
+def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
+    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask gets the argmax as a flat h*W+w
+    index into the unpadded input (first maximum in scan order, as Caffe).  Padding cells
+    read as -inf, so they are never picked."""
+    planes = _planes(x, y.shape[2:], kernel, stride, pad, -np.inf, work)
+    flat = _view(y, (-1,))
+    np.max(planes, axis=0, out=flat)
+    code = _first_hit_code(planes, lambda o, hit: np.equal(planes[o], flat, out=hit), planes.shape[0])
+    _store_index(mask, code, x.shape[2:], y.shape[2:], kernel, stride, pad)
+
+
+def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
+    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names (flat h*W+w index)."""
+    if all(s >= k for s, k in zip(stride, kernel)):  # windows never overlap: a plain scatter
+        n, c, *spatial = dx.shape
+        planes = np.arange(n * c, dtype=np.int64).reshape(n, c, *(1,) * len(spatial)) * math.prod(spatial)
+        dx[...] = 0
+        _view(dx, (-1,))[(mask.astype(np.int64) + planes).reshape(-1)] = dy.reshape(-1)
+        return
+    _route_backward(dy, mask, dx, kernel, stride, pad, work)
+
+
+def _route_backward(dy, index, dx, kernel, stride, pad, work):
+    """dx = dy sent to the window cell `index` names, one masked strided add per offset
+    (overlapping windows accumulate; cells outside the input are dropped)."""
+    n, c, *spatial = dx.shape
+    out = dy.shape[2:]
+    extent = _pool_extent(spatial, out, kernel, stride, pad)
+    staged = _needs_staging(spatial, extent, pad)
+    acc = _carve(None if work is None else work[math.prod(kernel) * dy.size:], (n, c, *extent),
+                 dx.dtype) if staged else dx
+    acc[...] = 0
+    offsets, base = _index_tables(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
+    relative = index - base  # the offset index of the chosen cell, per output
+    for o, offset in enumerate(_offsets(kernel)):
+        taps = (slice(None), slice(None)) + _taps(offset, stride, (1,) * len(out), out)
+        acc[taps] += dy * (relative == offsets[o])
+    if staged:
+        _unstage(acc, dx, 2, pad, False)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad, work=None):
+    """AVE pooling: window sums (padding reads 0) over Caffe's divisor (_ave_divisor)."""
+    planes = _planes(x, y.shape[2:], kernel, stride, pad, 0, work)
+    np.sum(planes, axis=0, out=_view(y, (-1,)))
+    y /= _ave_divisor(tuple(x.shape[2:]), tuple(y.shape[2:]), tuple(kernel), tuple(stride), tuple(pad), y.dtype)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
+    """dx = each output's dy / divisor spread over its window cells inside the input."""
+    n, c, *spatial = dx.shape
+    out = dy.shape[2:]
+    extent = _pool_extent(spatial, out, kernel, stride, pad)
+    staged = _needs_staging(spatial, extent, pad)
+    acc = _carve(None if work is None else work[math.prod(kernel) * dy.size:], (n, c, *extent),
+                 dx.dtype) if staged else dx
+    acc[...] = 0
+    share = dy / _ave_divisor(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad), dy.dtype)
+    for offset in _offsets(kernel):
+        acc[(slice(None), slice(None)) + _taps(offset, stride, (1,) * len(out), out)] += share
+    if staged:
+        _unstage(acc, dx, 2, pad, False)
+
+
+def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
+    """Caffe's STOCHASTIC pooling (TRAIN, its GPU code; no padding): each window picks the
+    first cell whose running sum reaches rand * (window sum); y is that cell's value and
+    index its flat h*W+w position.  Inputs are expected non-negative, as in Caffe."""
+    nopad = (0,) * len(kernel)
+    planes = _planes(x, y.shape[2:], kernel, stride, nopad, 0, work)
+    total = planes[0].copy()
+    for o in range(1, planes.shape[0]):  # summed in scan order, exactly as the running sum below
+        total += planes[o]
+    threshold = rand.reshape(-1) * total
+    running = np.zeros_like(total)
+
+    def reached(o, hit):
+        np.add(running, planes[o], out=running)
+        np.greater_equal(running, threshold, out=hit)
+
+    k = planes.shape[0]
+    code = np.maximum(_first_hit_code(planes, reached, k), 1)  # none reached (negative input): last
+    np.copyto(_view(y, (-1,)), np.take_along_axis(planes, (k - code)[None].astype(np.intp), 0)[0])
+    _store_index(index, code, x.shape[2:], y.shape[2:], kernel, stride, nopad)
+
+
+def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
+    """STOCHASTIC pooling at TEST: the probability-weighted average sum(x^2) / sum(x), the
+    denominator seeded with FLT_MIN as Caffe's GPU code does."""
+    planes = _planes(x, y.shape[2:], kernel, stride, (0,) * len(kernel), 0, work)
+    sums = np.full(planes.shape[1], FLT_MIN, planes.dtype)
+    squares = np.zeros_like(sums)
+    for plane in planes:
+        sums += plane
+        squares += plane * plane
+    np.divide(squares, sums, out=_view(y, (-1,)))
+
+
+def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
+    """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
+    _route_backward(dy, index, dx, kernel, stride, (0,) * len(kernel), work)
+
+
+# *** local response normalization across channels ***
+def lrn_workspace_size(x_shape, size):
+    """Elements of the channel-padded buffer (N, C + size - 1, *S) the LRN primitives use."""
+    return x_shape[0] * (x_shape[1] + size - 1) * math.prod(x_shape[2:])
+
+
+def _channel_window_sum(values, out, size, work):
+    """out[:, c] = sum of values[:, c'] over c' in [c - (size-1)/2, c + (size-1)/2], zeros
+    beyond the channel range: one add per window position."""
+    n, c, *spatial = values.shape
+    pre = (size - 1) // 2
+    padded = _carve(work, (n, c + size - 1, *spatial), values.dtype)
+    padded[:, :pre] = 0
+    padded[:, pre + c:] = 0
+    padded[:, pre: pre + c] = values
+    out[...] = padded[:, :c]
+    for i in range(1, size):
+        out += padded[:, i: i + c]
+
+
+def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
+    """Caffe's ACROSS_CHANNELS LRN: scale = k + alpha/size * (window sum of x^2 over `size`
+    neighbouring channels); y = x * scale^-beta.  scale is kept for the backward pass."""
+    _channel_window_sum(x * x, scale, size, work)
+    scale *= alpha / size
+    scale += k
+    np.power(scale, -beta, out=y)
+    y *= x
+
+
+def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
+    """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
+    ratio = dy * y
+    ratio /= scale
+    _channel_window_sum(ratio, ratio, size, work)  # the input is copied into work first
+    ratio *= x
+    ratio *= -2.0 * alpha * beta / size
+    np.power(scale, -beta, out=dx)
+    dx *= dy
+    dx += ratio

@@ -1,0 +1,119 @@
+"""Blob: an N-D array of data and one of diff (gradient), on one backend.
+
+Layers read and write `blob.data` / `blob.diff` in place: they are arrays of the backend's
+`xp`.  Like Caffe's Blob::Reshape, `reshape` reallocates only when the element count grows past
+the capacity, so shrinking and regrowing a batch never allocates.  The diff is allocated on
+first use, so nets that never run backward never pay for it.
+"""
+
+import math
+
+import numpy as np
+
+from espresso.errors import ShapeError
+
+
+class Blob:
+    def __init__(self, shape=(), dtype=np.float32, backend=None, name=""):
+        if backend is None:
+            from espresso.runtime import current_backend
+
+            backend = current_backend()
+        self.backend, self.dtype, self.name = backend, np.dtype(dtype), name
+        self._shape = None
+        self._data_buf = self._diff_buf = None
+        self._data = self._diff = None
+        self.reshape(*shape)
+
+    # *** shape ***
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def count(self):
+        return math.prod(self._shape)
+
+    @property
+    def num_axes(self):
+        return len(self._shape)
+
+    def reshape(self, *shape):
+        """Set a new shape; existing memory is reused when it is large enough."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        shape = tuple(int(s) for s in shape)
+        if shape == self._shape:
+            return
+        if any(s < 0 for s in shape):
+            raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
+        self._shape = shape
+        n = math.prod(shape)
+        if self._data_buf is None or n > self._data_buf.size:
+            self._data_buf = self.backend.xp.zeros(n, dtype=self.dtype)
+            self._diff_buf = None
+        self._data = self._data_buf[:n].reshape(shape)
+        self._diff = None
+
+    def shape_string(self):
+        return " ".join(str(s) for s in self._shape) + f" ({self.count})"
+
+    def canonical_axis(self, axis):
+        """Caffe's CanonicalAxisIndex: negative axes count from the end."""
+        if not -self.num_axes <= axis < max(self.num_axes, 1):
+            raise ShapeError(f"axis {axis} out of range for blob '{self.name}' of shape {self._shape}")
+        return axis % max(self.num_axes, 1)
+
+    def count_range(self, start, end=None):
+        return math.prod(self._shape[start:end])
+
+    # legacy 4-D accessors (num, channels, height, width), 1 where the axis is missing
+    def _legacy(self, i):
+        return self._shape[i] if i < len(self._shape) else 1
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+    # *** storage ***
+    @property
+    def data(self):
+        return self._data
+
+    @property
+    def diff(self):
+        if self._diff is None:
+            n = self.count
+            if self._diff_buf is None or n > self._diff_buf.size:
+                self._diff_buf = self.backend.xp.zeros(max(n, self._data_buf.size), self.dtype)
+            self._diff = self._diff_buf[:n].reshape(self._shape)
+        return self._diff
+
+    def bind(self, data, diff=None):
+        """Make this blob a view of existing storage (parameter arena, shared weights)."""
+        assert data.size == self.count, (data.shape, self._shape)
+        self._data_buf, self._data = data.reshape(-1), data.reshape(self._shape)
+        if diff is not None:
+            self._diff_buf, self._diff = diff.reshape(-1), diff.reshape(self._shape)
+
+    def share_data(self, other):
+        """Caffe's ShareData: this blob's data *is* other's data (shapes must hold as many)."""
+        if other.count != self.count:
+            raise ShapeError(f"cannot share data of {other.shape} with {self._shape}")
+        self._data_buf, self._data = other.data.reshape(-1), other.data.reshape(self._shape)
+
+    def share_diff(self, other):
+        if other.count != self.count:
+            raise ShapeError(f"cannot share diff of {other.shape} with {self._shape}")
+        self._diff_buf, self._diff = other.diff.reshape(-1), other.diff.reshape(self._shape)
+
+    def host_data(self):
+        """The data as a NumPy array (a copy from the device when not on the CPU)."""
+        return self.backend.to_host(self._data)
+
+    def host_diff(self):
+        return self.backend.to_host(self.diff)
+
+    def __repr__(self):
+        return f"Blob({self.name!r}, shape={self._shape}, dtype={self.dtype})"

@@ -1,0 +1,291 @@
+"""The `espresso` command: train, test, time, device-query (Caffe's `caffe` tool).
+
+Caffe's single-dash gflags spellings work too (`-solver x`, `-weights=x`), so existing scripts
+run unchanged.  Bad input ends with one line on stderr and exit status 1, never a traceback.
+"""
+
+import argparse
+import logging
+import re
+import sys
+import time
+
+import numpy as np
+
+import espresso
+from espresso.errors import EspressoError
+
+log = logging.getLogger("espresso")
+
+
+def _gflags_to_argparse(argv):
+    """`-solver x` / `-solver=x` (gflags) -> `--solver x` / `--solver=x`."""
+    return ["-" + a if re.match(r"^-[a-z_]{2,}(=|$)", a) else a for a in argv]
+
+
+def _set_device(gpu):
+    if gpu is None or gpu == "":
+        espresso.set_mode_cpu()
+        return
+    if gpu == "all":
+        gpu = "0"
+    espresso.set_device(int(gpu.split(",")[0]))
+    espresso.set_mode_gpu()
+
+
+def _phase(name):
+    return {"TRAIN": espresso.TRAIN, "TEST": espresso.TEST}[name.upper()]
+
+
+def _net(args, phase):
+    return espresso.Net(args.model, phase, level=args.level, stages=args.stage or (),
+                        weights=getattr(args, "weights", None) or None)
+
+
+class Progress:
+    """A one-line progress bar on a terminal (iteration, loss, last test score, ETA); on a
+    pipe it stays silent and Caffe's log lines tell the story.  Also records the curves."""
+
+    def __init__(self, solver, stream=sys.stderr):
+        self.solver, self.stream = solver, stream
+        self.live = stream.isatty()
+        self.start, self.first_iter = time.perf_counter(), solver.iter
+        self.losses, self.tests = [], []  # (iteration, smoothed loss), (iteration, {name: value})
+        solver.add_callback(self.on_start, self.on_gradients_ready)
+
+    def on_start(self):
+        s = self.solver
+        for scores in s.test_scores:
+            if scores is not None and (not self.tests or self.tests[-1][0] != s.iter):
+                self.tests.append((s.iter, {k: float(np.mean(v)) for k, v in scores.items()}))
+
+    def on_gradients_ready(self):
+        s = self.solver
+        self.losses.append((s.iter, float(s.smoothed_loss)))
+        if self.live and (s.iter % 10 == 0 or s.iter + 1 == s.param.max_iter):
+            self.draw()
+
+    def draw(self):
+        s, total = self.solver, max(self.solver.param.max_iter, 1)
+        done = s.iter + 1 - self.first_iter
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (total - s.iter - 1)
+        filled = int(30 * (s.iter + 1) / total)
+        score = ""
+        if self.tests:
+            score = " " + " ".join(f"{k}={v:.4f}" for k, v in self.tests[-1][1].items())
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {s.iter + 1}/{total} "
+                          f"loss={s.smoothed_loss:.4f}{score} ETA {eta:5.0f}s ")
+        self.stream.flush()
+
+    def close(self):
+        self.on_start()  # the final test, if any
+        if self.live:
+            self.stream.write("\n")
+
+
+def cmd_train(args):
+    """Train from a solver prototxt, optionally fine-tuning from weights or resuming a snapshot."""
+    if args.snapshot and args.weights:
+        raise EspressoError("give --snapshot or --weights, not both (as Caffe)")
+    _set_device(args.gpu)
+    param = espresso.solver.read_solver_param(args.solver)
+    if args.level or args.stage:
+        param.train_state.level = args.level
+        param.train_state.stage.extend(args.stage or ())
+    if args.weights:
+        param.weights.extend(args.weights.split(","))
+    solver = espresso.get_solver(param)
+    progress = Progress(solver)
+    effects = {"stop": espresso.solver.SolverAction.STOP, "snapshot": espresso.solver.SolverAction.SNAPSHOT,
+               "none": espresso.solver.SolverAction.NONE}
+    with espresso.solver.SignalHandler(effects[args.sigint_effect], effects[args.sighup_effect]) as handler:
+        solver.set_action_function(handler.check)
+        try:
+            solver.solve(args.snapshot or None)
+        finally:
+            progress.close()
+            if args.plot:
+                plot_curves(progress.losses, progress.tests, args.plot)
+    for scores in progress.tests[-1:]:
+        print(" ".join(f"{k} = {v:.4f}" for k, v in scores[1].items()))
+    return 0
+
+
+def plot_curves(losses, tests, path):
+    """Training loss and test scores against iterations, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EspressoError("plotting needs matplotlib: pip install espresso-nn[plot]") from None
+    fig, loss_axis = plt.subplots(figsize=(8, 4.5))
+    if losses:
+        loss_axis.plot(*zip(*losses), color="tab:blue", lw=1, label="train loss")
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if tests:
+        score_axis = loss_axis.twinx()
+        for name in tests[-1][1]:
+            points = [(i, scores[name]) for i, scores in tests if name in scores]
+            score_axis.plot(*zip(*points), marker="o", ms=3, label=f"test {name}")
+        score_axis.set_ylabel("test score")
+        score_axis.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    log.info("Wrote %s", path)
+
+
+_TRAIN_LOSS = re.compile(r"Iteration (\d+).*?, loss = ([-+\w.]+)")
+_TEST_ITER = re.compile(r"Iteration (\d+), Testing net")
+_TEST_OUT = re.compile(r"Test net output #\d+: (\S+) = ([-+\w.]+)")
+
+
+def parse_log(lines):
+    """(losses, tests) from a Caffe- or Espresso-style training log."""
+    losses, tests, current = [], [], None
+    for line in lines:
+        if m := _TEST_ITER.search(line):
+            current = (int(m.group(1)), {})
+            tests.append(current)
+        elif (m := _TEST_OUT.search(line)) and current is not None:
+            current[1][m.group(1)] = float(m.group(2))
+        elif m := _TRAIN_LOSS.search(line):
+            losses.append((int(m.group(1)), float(m.group(2))))
+    return losses, [t for t in tests if t[1]]
+
+
+def cmd_plot(args):
+    try:
+        with open(args.log) as f:
+            losses, tests = parse_log(f)
+    except OSError as e:
+        raise EspressoError(f"{args.log}: cannot read: {e.strerror}") from None
+    plot_curves(losses, tests, args.output)
+    return 0
+
+
+def cmd_test(args):
+    """Score a model: run `iterations` forward passes and average every net output."""
+    _set_device(args.gpu)
+    net = _net(args, espresso.TEST)
+    totals, loss = {}, 0.0
+    for i in range(args.iterations):
+        loss += net.forward_range(0, len(net.layers) - 1)
+        for name in net.outputs:
+            values = np.atleast_1d(net.blobs[name].host_data()).ravel()
+            for k, v in enumerate(values):
+                log.info("Batch %d, %s = %g", i, name, v)
+                totals[name, k] = totals.get((name, k), 0.0) + float(v)
+    log.info("Loss: %g", loss / args.iterations)
+    for (name, _index), total in totals.items():
+        weight = _loss_weight(net, name)
+        note = f" (* {weight:g} = {weight * total / args.iterations:g} loss)" if weight else ""
+        log.info("%s = %g%s", name, total / args.iterations, note)
+    return 0
+
+
+def _loss_weight(net, blob_name):
+    for layer, tops in zip(net.layers, net.top_names.values()):
+        if blob_name in tops:
+            return layer.loss_weights[tops.index(blob_name)]
+    return 0.0
+
+
+def cmd_time(args):
+    """Per-layer forward and backward milliseconds, averaged over `iterations` (Caffe's `caffe time`)."""
+    _set_device(args.gpu)
+    net = _net(args, _phase(args.phase))
+    n = len(net.layers)
+    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
+    net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
+    sync = net.backend.synchronize
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        for i in range(n):
+            t = time.perf_counter()
+            net.forward_range(i, i)
+            sync()
+            forward_ms[i] += (time.perf_counter() - t) * 1e3
+        for i in reversed(range(n)):
+            t = time.perf_counter()
+            net.backward_range(i, i)
+            sync()
+            backward_ms[i] += (time.perf_counter() - t) * 1e3
+    total_ms = (time.perf_counter() - start) * 1e3
+    width = max(len(name) for name in net._layer_names)
+    for name, f, b in zip(net._layer_names, forward_ms, backward_ms):
+        log.info("%*s   forward: %.4f ms.", width, name, f / args.iterations)
+        log.info("%*s  backward: %.4f ms.", width, name, b / args.iterations)
+    log.info("Average Forward pass: %.4f ms.", forward_ms.sum() / args.iterations)
+    log.info("Average Backward pass: %.4f ms.", backward_ms.sum() / args.iterations)
+    log.info("Average Forward-Backward: %.4f ms.", total_ms / args.iterations)
+    log.info("Total Time: %.4f ms.", total_ms)
+    return 0
+
+
+def cmd_device_query(args):
+    """Print what the chosen device is: the CPU's BLAS, or the GPU's name, memory and driver."""
+    _set_device(args.gpu)
+    backend = espresso.runtime.current_backend()
+    for key, value in backend.describe().items():
+        log.info("%s: %s", key, value)
+    return 0
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="espresso", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("--model", required=True, help="net prototxt")
+        p.add_argument("--gpu", default=None, help="GPU id (CPU when omitted)")
+        p.add_argument("--level", type=int, default=0)
+        p.add_argument("--stage", action="append", help="net stage (repeatable)")
+        return p
+
+    p = common(sub.add_parser("train", help="train a model from a solver prototxt"), model=False)
+    p.add_argument("--solver", required=True, help="solver prototxt")
+    p.add_argument("--weights", default="", help="comma-separated .caffemodel files to start from")
+    p.add_argument("--snapshot", default="", help=".solverstate to resume from")
+    p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
+    p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+    p.add_argument("--plot", default="", help="write loss/accuracy curves to this PNG")
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("plot", help="draw loss/accuracy curves from a training log")
+    p.add_argument("log")
+    p.add_argument("--output", "-o", default="curves.png")
+    p.set_defaults(run=cmd_plot)
+    p = common(sub.add_parser("test", help="score a model"))
+    p.add_argument("--weights", default="", help=".caffemodel to load")
+    p.add_argument("--iterations", type=int, default=50)
+    p.set_defaults(run=cmd_test)
+    p = common(sub.add_parser("time", help="per-layer timing"))
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
+    p.set_defaults(run=cmd_time)
+    p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
+    p.set_defaults(run=cmd_device_query)
+    return parser
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    args = _parser().parse_args(_gflags_to_argparse(sys.argv[1:] if argv is None else argv))
+    try:
+        return args.run(args)
+    except EspressoError as e:
+        print(f"espresso {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"espresso {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+Every message says where (file:line, layer name and type, field or blob), what (expected vs
+actual) and, where cheap, a hint.  Internal invariants use `assert`, never these.
+"""
+
+import difflib
+
+
+class EspressoError(Exception):
+    """Base of every error Espresso raises for bad input."""
+
+
+class PrototxtError(EspressoError):
+    """A prototxt file does not parse (carries file, line and column)."""
+
+
+class NetError(EspressoError):
+    """A net definition is inconsistent (unknown bottom, duplicate top, bad in-place use...)."""
+
+
+class LayerParamError(NetError):
+    """A layer's parameters are invalid or unsupported."""
+
+
+class ShapeError(NetError):
+    """Blob shapes do not fit together."""
+
+
+class ModelFileError(EspressoError):
+    """A .caffemodel / .binaryproto / .solverstate is missing, truncated or corrupt."""
+
+
+class BackendError(EspressoError):
+    """A backend (device) was asked for that is not available."""
+
+
+def did_you_mean(name, choices):
+    """'; did you mean 'x'?' for the closest of `choices`, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,91 @@
+"""Caffe's weight fillers, by name.  Filling happens on the host; the blob then takes the values.
+
+fan_in = count / shape[0] and fan_out = count / shape[1], as in Caffe's filler.hpp, so a
+convolution weight (num_output, C, kh, kw) has fan_in = C*kh*kw.
+"""
+
+import math
+
+import numpy as np
+
+from espresso.errors import LayerParamError
+from espresso.runtime import host_rng
+
+
+def _fan(shape, variance_norm, norm_enum):
+    count = math.prod(shape)
+    fan_in = count // shape[0] if shape and shape[0] else count
+    fan_out = count // shape[1] if len(shape) > 1 and shape[1] else count
+    if variance_norm == norm_enum.Value("FAN_OUT"):
+        return fan_out
+    if variance_norm == norm_enum.Value("AVERAGE"):
+        return (fan_in + fan_out) / 2.0
+    return fan_in
+
+
+def _constant(p, shape, rng):
+    return np.full(shape, p.value)
+
+
+def _uniform(p, shape, rng):
+    return rng.uniform(p.min, p.max, shape)
+
+
+def _gaussian(p, shape, rng):
+    values = rng.normal(p.mean, p.std, shape)
+    if p.sparse >= 0:
+        if len(shape) < 1:
+            raise LayerParamError("sparse gaussian filler needs a blob with at least one axis")
+        keep = rng.random(shape) < p.sparse / shape[0]
+        values *= keep
+    return values
+
+
+def _positive_unitball(p, shape, rng):
+    values = rng.random(shape)
+    rows = values.reshape(shape[0], -1)
+    rows /= rows.sum(axis=1, keepdims=True)
+    return values
+
+
+def _xavier(p, shape, rng):
+    scale = math.sqrt(3.0 / _fan(shape, p.variance_norm, type(p).VarianceNorm))
+    return rng.uniform(-scale, scale, shape)
+
+
+def _msra(p, shape, rng):
+    std = math.sqrt(2.0 / _fan(shape, p.variance_norm, type(p).VarianceNorm))
+    return rng.normal(0.0, std, shape)
+
+
+def _bilinear(p, shape, rng):
+    """Weights of a bilinear upsampling kernel (for Deconvolution), as Caffe's BilinearFiller."""
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise LayerParamError(f"bilinear filler needs a 4-D blob with square kernels, got {shape}")
+    f = math.ceil(shape[3] / 2.0)
+    c = (2 * f - 1 - f % 2) / (2.0 * f)
+    y, x = np.meshgrid(np.arange(shape[2]), np.arange(shape[3]), indexing="ij")
+    kernel = (1 - np.abs(x / f - c)) * (1 - np.abs(y / f - c))
+    return np.broadcast_to(kernel, shape).copy()
+
+
+FILLERS = {
+    "constant": _constant,
+    "uniform": _uniform,
+    "gaussian": _gaussian,
+    "positive_unitball": _positive_unitball,
+    "xavier": _xavier,
+    "msra": _msra,
+    "bilinear": _bilinear,
+}
+
+
+def fill(blob, filler_param, rng=None):
+    """Fill `blob.data` as `filler_param` (a caffe_pb2.FillerParameter) says."""
+    make = FILLERS.get(filler_param.type)
+    if make is None:
+        raise LayerParamError(
+            f"unknown filler type '{filler_param.type}' (known: {', '.join(FILLERS)})"
+        )
+    values = make(filler_param, blob.shape, rng or host_rng())
+    blob.data[...] = blob.backend.to_device(values, blob.dtype)

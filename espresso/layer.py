@@ -1,0 +1,158 @@
+"""Layer base class and the registry of layer types by Caffe name.
+
+Life cycle, as Caffe's: `setup_all` = check blob counts -> `setup` (read params, make
+`self.blobs`) -> `reshape` (size the tops) -> loss weights.  Then `forward(bottom, top)` and
+`backward(top, propagate_down, bottom)`.  Gradient rules, as Caffe's: param diffs *accumulate*
+(the solver clears them), bottom diffs are *overwritten*.
+
+A layer is written once against `self.xp` (NumPy or CuPy) and the named primitives `self.k`;
+it never asks which backend it runs on.  Only `setup`/`reshape` may allocate.
+"""
+
+import copy
+
+import numpy as np
+
+from espresso.blob import Blob
+from espresso.errors import LayerParamError, NetError, did_you_mean
+from espresso.filler import fill
+
+_REGISTRY = {}
+
+
+def register(cls):
+    """Class decorator: make `cls` the implementation of Caffe type `cls.type`."""
+    if cls.type in _REGISTRY:
+        raise RuntimeError(f"layer type '{cls.type}' registered twice")
+    _REGISTRY[cls.type] = cls
+    return cls
+
+
+def layer_class(type_name, where=""):
+    import espresso.layers  # noqa: F401  (registers every built-in layer)
+
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        known = ", ".join(sorted(_REGISTRY))
+        hint = did_you_mean(type_name, _REGISTRY)
+        raise NetError(f"{where}unknown layer type '{type_name}'{hint} (known: {known})")
+    return cls
+
+
+def known_types():
+    import espresso.layers  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+def legacy_types():
+    """V1 enum name -> type name, from each class's `legacy` attribute."""
+    import espresso.layers  # noqa: F401
+
+    return {cls.legacy: cls.type for cls in _REGISTRY.values() if cls.legacy}
+
+
+class Layer:
+    type = None  # the Caffe type string, e.g. "InnerProduct"
+    param = None  # the LayerParameter field this layer reads, e.g. "inner_product_param"
+    legacy = None  # the V1 LayerType enum name, e.g. "INNER_PRODUCT"
+    exact_bottoms = min_bottoms = max_bottoms = None
+    exact_tops = min_tops = max_tops = None
+    equal_bottoms_tops = False
+    inplace = False  # forward and backward stay correct with top[i] is bottom[i]
+    backward_reads_top = False  # backward reads top data: a later in-place layer must not overwrite it
+    is_loss = False  # Caffe's LossLayer: loss_weight defaults to 1 on top 0
+
+    def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):
+        self.lp = copy.deepcopy(layer_param)  # Caffe copies; setup may add defaults to it
+        self.p = getattr(self.lp, self.param) if self.param else None
+        self.backend, self.xp, self.k = backend, backend.xp, backend.k
+        self.phase, self.dtype = phase, np.dtype(dtype)
+        self.source = source  # "file:line: " of the layer's definition, or ""
+        self.blobs = []
+        self.param_propagate_down = []
+        self.loss_weights = []
+
+    @property
+    def name(self):
+        return self.lp.name
+
+    @property
+    def where(self):
+        return f"{self.source}layer '{self.lp.name}' ({self.type})"
+
+    def fail(self, message, error=LayerParamError):
+        raise error(f"{self.where}: {message}")
+
+    # *** the life cycle ***
+    def setup_all(self, bottom, top):
+        """Caffe's Layer::SetUp."""
+        self.check_blob_counts(bottom, top)
+        self.setup(bottom, top)
+        self.reshape(bottom, top)
+        self.set_loss_weights(top)
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        raise NotImplementedError
+
+    def forward(self, bottom, top):
+        raise NotImplementedError
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            self.fail("cannot backpropagate to its inputs", NetError)
+
+    def allow_force_backward(self, bottom_index):
+        return True
+
+    # *** checks and helpers ***
+    def check_blob_counts(self, bottom, top):
+        nb, nt = len(bottom), len(top)
+        rules = [
+            (self.exact_bottoms, nb == self.exact_bottoms, f"takes {self.exact_bottoms} bottom blob(s)"),
+            (self.min_bottoms, nb >= (self.min_bottoms or 0), f"takes at least {self.min_bottoms} bottom blob(s)"),
+            (self.max_bottoms, nb <= (self.max_bottoms or 0), f"takes at most {self.max_bottoms} bottom blob(s)"),
+            (self.exact_tops, nt == self.exact_tops, f"produces {self.exact_tops} top blob(s)"),
+            (self.min_tops, nt >= (self.min_tops or 0), f"produces at least {self.min_tops} top blob(s)"),
+            (self.max_tops, nt <= (self.max_tops or 0), f"produces at most {self.max_tops} top blob(s)"),
+        ]
+        for limit, ok, text in rules:
+            if limit is not None and not ok:
+                self.fail(f"{text}, got {nb} bottom(s) and {nt} top(s)", NetError)
+        if self.equal_bottoms_tops and nb != nt:
+            self.fail(f"needs as many tops as bottoms, got {nb} and {nt}", NetError)
+
+    def set_loss_weights(self, top):
+        """Caffe's SetLossWeights: a loss top's diff holds its weight, which scales the gradient."""
+        if self.is_loss and not self.lp.loss_weight:
+            self.lp.loss_weight.append(1.0)
+        weights = list(self.lp.loss_weight)
+        if weights and len(weights) != len(top):
+            self.fail(f"loss_weight must be unspecified or given once per top blob "
+                      f"({len(top)} tops, {len(weights)} loss_weight)", NetError)
+        self.loss_weights = weights or [0.0] * len(top)
+        for blob, weight in zip(top, self.loss_weights):
+            if weight:
+                blob.diff[...] = weight
+
+    def reject_fields(self, *names):
+        """Refuse parameter fields this layer does not implement (nothing is silently ignored)."""
+        for name in names:
+            if self.p.HasField(name) if self._is_message_field(name) else len(getattr(self.p, name)):
+                self.fail(f"{self.param}.{name} is not supported")
+
+    def _is_message_field(self, name):
+        return self.p.DESCRIPTOR.fields_by_name[name].label != 3  # 3 = LABEL_REPEATED
+
+    def new_blob(self, shape, filler=None):
+        """A parameter or workspace blob on this layer's backend and dtype."""
+        blob = Blob(shape, self.dtype, self.backend)
+        if filler is not None:
+            fill(blob, filler)
+        return blob
+
+    def __repr__(self):
+        return f"<{type(self).__name__} '{self.lp.name}'>"

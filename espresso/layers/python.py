@@ -1,0 +1,55 @@
+"""The `Python` layer: a user class named by the prototxt (python_param.module / .layer).
+
+It imports and runs code named by the file, so a net that uses it is refused unless the user
+opts in: `Net(..., allow_python=True)` or ESPRESSO_ALLOW_PYTHON_LAYER=1 in the environment.
+The class follows pycaffe's contract: setup/reshape/forward/backward(top, propagate_down,
+bottom), `self.param_str`, `self.phase`, `self.blobs`.
+"""
+
+import importlib
+import os
+
+from espresso.errors import LayerParamError, NetError
+from espresso.layer import Layer, register
+
+ALLOW_ENV = "ESPRESSO_ALLOW_PYTHON_LAYER"
+
+
+def check_python_allowed(layer_param, where):
+    if os.environ.get(ALLOW_ENV) == "1":
+        return
+    p = layer_param.python_param
+    raise NetError(f"{where}layer '{layer_param.name}' (Python) would import and run "
+                   f"'{p.module}.{p.layer}'; pass allow_python=True to Net or set {ALLOW_ENV}=1 "
+                   "if you trust this file")
+
+
+@register
+class PythonLayer(Layer):
+    """Delegates to the user's class; honors python_param module, layer, param_str."""
+
+    type = "Python"
+    param = "python_param"
+    inplace = True  # the user's code decides; Caffe allows it
+
+    def __init__(self, layer_param, backend, phase, dtype, source=""):
+        super().__init__(layer_param, backend, phase, dtype, source)
+        try:
+            cls = getattr(importlib.import_module(self.p.module), self.p.layer)
+        except (ImportError, AttributeError) as e:
+            raise LayerParamError(f"{self.where}: cannot load {self.p.module}.{self.p.layer}: {e}") from None
+        self.impl = cls.__new__(cls)
+        self.impl.param_str, self.impl.phase, self.impl.blobs = self.p.param_str, phase, self.blobs
+        self.impl.layer = self
+
+    def setup(self, bottom, top):
+        self.impl.setup(bottom, top)
+
+    def reshape(self, bottom, top):
+        self.impl.reshape(bottom, top)
+
+    def forward(self, bottom, top):
+        self.impl.forward(bottom, top)
+
+    def backward(self, top, propagate_down, bottom):
+        self.impl.backward(top, propagate_down, bottom)

@@ -1,0 +1,679 @@
+"""Vision layers: Convolution, Deconvolution, Im2col, Pooling, SPP, LRN, Crop.
+
+Spatial parameters in either Caffe spelling (repeated kernel_size/stride/pad/dilation, or the
+2-D kernel_h/_w, stride_h/_w, pad_h/_w) are read by one helper, `spatial_params`.  The engine
+fields (CAFFE, CUDNN) are accepted and ignored: every engine computes the same values here.
+"""
+
+import math
+
+import numpy as np
+
+from espresso.errors import NetError, ShapeError
+from espresso.layer import Layer, register
+from espresso.proto import caffe_pb2
+
+COLUMN_BUDGET = 256 << 20  # bytes of im2col columns per layer; larger batches run in chunks
+BATCH_LAST_BELOW = 256  # output maps with fewer pixels than this use the batch-last column layout
+
+_POOL = caffe_pb2.PoolingParameter
+_LRN = caffe_pb2.LRNParameter
+
+
+# *** spatial parameters ***
+_SPATIAL = (("kernel", "kernel_size", None), ("stride", "stride", 1), ("pad", "pad", 0),
+            ("dilation", "dilation", 1))
+
+
+def spatial_params(layer, num_spatial):
+    """(kernel, stride, pad, dilation), each a num_spatial-tuple, from layer.p (a
+    ConvolutionParameter or PoolingParameter) in either spelling, checked as Caffe checks them.
+    kernel is None when none is given."""
+    return tuple(_axis_values(layer, short, field, default, num_spatial) for short, field, default in _SPATIAL)
+
+
+def _axis_values(layer, short, field, default, num_spatial):
+    p, fields = layer.p, layer.p.DESCRIPTOR.fields_by_name
+    if field not in fields:  # pooling has no dilation
+        return (default,) * num_spatial
+    repeated = fields[field].is_repeated  # ConvolutionParameter's lists; PoolingParameter's are single
+    given = list(getattr(p, field)) if repeated else [getattr(p, field)] * p.HasField(field)
+    h, w = f"{short}_h", f"{short}_w"
+    name = f"{layer.param}.{field}"
+    if h in fields and (p.HasField(h) or p.HasField(w)):
+        if num_spatial != 2:
+            layer.fail(f"{layer.param}.{h}/{w}: only for 2 spatial axes, got {num_spatial}")
+        if given:
+            layer.fail(f"{name}: give it or {h}/{w}, not both")
+        if not repeated and not (p.HasField(h) and p.HasField(w)):
+            layer.fail(f"{layer.param}.{h}/{w}: give both")
+        values = (getattr(p, h), getattr(p, w))
+    elif not given:
+        if default is None:
+            return None
+        values = (default,) * num_spatial
+    elif len(given) in (1, num_spatial):
+        values = tuple(given) if len(given) == num_spatial else (given[0],) * num_spatial
+    else:
+        layer.fail(f"{name}: give one value or one per spatial axis ({num_spatial}), got {len(given)}")
+    if short != "pad" and any(v < 1 for v in values):
+        layer.fail(f"{name}: must be > 0, got {values}")
+    return values
+
+
+# *** convolution ***
+class _ColumnGemm:
+    """A (de)convolution's geometry and buffers for one bottom shape.
+
+    The image side (n, Ci, *S) unfolds into columns with rows (c, k...); the data side
+    (n, Cd, *O) has one row per channel; per group g, data_g = W_g @ col_g with W viewed as
+    (G, Cd/G, Ci/G*prod(K)).  Convolution: image = bottom, data = top; Deconvolution: the
+    reverse.  Small output maps use the batch-last layout (one GEMM per group over the whole
+    batch, transposes on the data side); larger ones the batch-major layout (a batched GEMM
+    straight into the blob).  1x1 stride-1 unpadded kernels in batch-major skip im2col.
+    """
+
+    def __init__(self, layer, num, image_shape, data_shape):
+        self.xp, self.k, dtype = layer.xp, layer.k, layer.dtype
+        self.geometry = (layer.kernel, layer.stride, layer.pad, layer.dilation)
+        self.num, self.group = num, layer.p.group
+        self.ci, self.cd = image_shape[0], data_shape[0]
+        self.length = math.prod(data_shape[1:])  # L: output pixels per image
+        self.rows_per_group = self.ci // self.group * math.prod(layer.kernel)  # Kg
+        col_bytes = self.ci * math.prod(layer.kernel) * self.length * dtype.itemsize
+        self.chunk = max(1, min(num, COLUMN_BUDGET // max(col_bytes, 1)))
+        self.batch_last = self.chunk > 1 and self.length < BATCH_LAST_BELOW
+        unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
+        self.skip = unit and not self.batch_last
+        n, empty = self.chunk, self.xp.empty
+        self.col = None if self.skip else empty(self.ci * math.prod(layer.kernel) * self.length * n, dtype)
+        work = self.k.im2col_workspace_size((n, self.ci, *image_shape[1:]), layer.pad, self.batch_last)
+        self.work = empty(work, dtype) if work and not self.skip else None
+        self.rows = empty(self.cd * self.length * n, dtype) if self.batch_last else None
+        self.wtmp = empty((1 if self.batch_last else n) * self.cd * self.rows_per_group, dtype)
+
+    def chunks(self):
+        return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
+
+    def weights(self, array):
+        """W (or its diff) as (G, Cd/G, Kg)."""
+        return array.reshape(self.group, self.cd // self.group, self.rows_per_group)
+
+    # image side
+    def _col(self, n):
+        g, kg, length = self.group, self.rows_per_group, self.length
+        shape = (g, kg, length * n) if self.batch_last else (n, g, kg, length)
+        return self.col[: math.prod(shape)].reshape(shape)
+
+    def columns(self, image, ready=False):
+        """Columns of image (n, Ci, *S): (n, G, Kg, L), or (G, Kg, L*n) batch-last.  `ready`:
+        the buffer already holds them (the same bottom as the last call)."""
+        n = image.shape[0]
+        if self.skip:
+            return image.reshape(n, self.group, self.rows_per_group, self.length)
+        col = self._col(n)
+        if not ready:
+            self.k.im2col(image, col, *self.geometry, self.batch_last, self.work)
+        return col
+
+    def image_target(self, image):
+        """Where column-space results for image (n, Ci, *S) go before `to_image`."""
+        if self.skip:
+            return image.reshape(image.shape[0], self.group, self.rows_per_group, self.length)
+        return self._col(image.shape[0])
+
+    def to_image(self, col, image):
+        if not self.skip:
+            self.k.col2im(col, image, *self.geometry, self.batch_last, self.work)
+
+    # data side
+    def _rows(self, n):
+        shape = (self.group, self.cd // self.group, self.length * n)
+        return self.rows[: math.prod(shape)].reshape(shape)
+
+    def data_target(self, data):
+        """Where a GEMM result for data (n, Cd, *O) goes before `store_data`."""
+        n = data.shape[0]
+        return self._rows(n) if self.batch_last else data.reshape(n, self.group, -1, self.length)
+
+    def load_data(self, data):
+        """data (n, Cd, *O) as GEMM rows: (n, G, Cd/G, L), or batch-last (G, Cd/G, L*n)."""
+        n = data.shape[0]
+        if not self.batch_last:
+            return data.reshape(n, self.group, -1, self.length)
+        rows = self._rows(n)
+        rows.reshape(self.cd, self.length, n)[...] = data.reshape(n, self.cd, self.length).transpose(1, 2, 0)
+        return rows
+
+    def store_data(self, rows, data, bias=None):
+        """Finish data (n, Cd, *O) from `data_target` rows, adding the per-channel bias."""
+        n = data.shape[0]
+        flat = data.reshape(n, self.cd, self.length)
+        if self.batch_last:
+            result = rows.reshape(self.cd, self.length, n).transpose(2, 0, 1)
+            if bias is None:
+                flat[...] = result
+            else:
+                self.xp.add(result, bias[:, None], out=flat)
+        elif bias is not None:
+            flat += bias[:, None]
+
+    def data_channel_sum(self, rows):
+        """Per-channel sums of GEMM rows (the bias gradient), shape (Cd,)."""
+        return (rows.sum(axis=-1) if self.batch_last else rows.sum(axis=(0, 3))).reshape(-1)
+
+    def weight_grad(self, rows, col, diff):
+        """diff (G, Cd/G, Kg) += rows @ col^T, summed over the batch."""
+        shape = rows.shape[:-1] + (self.rows_per_group,)
+        tmp = self.wtmp[: math.prod(shape)].reshape(shape)
+        self.xp.matmul(rows, col.swapaxes(-1, -2), out=tmp)
+        diff += tmp if self.batch_last else tmp.sum(axis=0)
+
+
+def conv_output_spatial(layer, spatial):
+    """Caffe's convolution output size per axis: (size + 2 pad - extent) // stride + 1, where
+    extent = dilation * (kernel - 1) + 1.  A kernel wider than the padded input is refused
+    (Caffe's integer division would still report one output there)."""
+    out = []
+    for size, k, s, p, d in zip(spatial, layer.kernel, layer.stride, layer.pad, layer.dilation):
+        extent = d * (k - 1) + 1
+        if size + 2 * p < extent:
+            layer.fail(f"kernel extent {extent} exceeds the padded input: size {size} + 2 * pad {p}", ShapeError)
+        out.append((size + 2 * p - extent) // s + 1)
+    return tuple(out)
+
+
+class _BaseConvolution(Layer):
+    """Shared by Convolution and Deconvolution (Caffe's BaseConvolutionLayer)."""
+
+    param = "convolution_param"
+    min_bottoms = min_tops = 1
+    equal_bottoms_tops = True
+    transposed = False  # Deconvolution: bottom and top swap roles
+
+    def setup(self, bottom, top):
+        p, axes = self.p, bottom[0].num_axes
+        if not -axes <= p.axis < axes:
+            self.fail(f"convolution_param.axis: {p.axis} out of range for {axes} axes")
+        self.axis = p.axis % axes
+        self.kernel, self.stride, self.pad, self.dilation = spatial_params(self, axes - self.axis - 1)
+        if self.kernel is None:
+            self.fail("convolution_param.kernel_size: give it once or once per spatial axis "
+                      "(or kernel_h and kernel_w)")
+        if p.num_output < 1:
+            self.fail(f"convolution_param.num_output: must be > 0, got {p.num_output}")
+        self.channels = bottom[0].shape[self.axis]
+        if p.group < 1 or self.channels % p.group or p.num_output % p.group:
+            self.fail(f"convolution_param.group: {p.group} must divide both the input channels "
+                      f"({self.channels}) and num_output ({p.num_output})")
+        c_out, c_in = (self.channels, p.num_output) if self.transposed else (p.num_output, self.channels)
+        self.blobs = [self.new_blob((c_out, c_in // p.group, *self.kernel), p.weight_filler)]
+        if p.bias_term:
+            self.blobs.append(self.new_blob((p.num_output,), p.bias_filler))
+        self.core, self.core_shape, self.cols_ready = None, None, False
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != self.axis + 1 + len(self.kernel) or shape[self.axis] != self.channels:
+            self.fail(f"bottom shape {shape} does not fit the layer set up for {self.channels} channels "
+                      f"at axis {self.axis} and {len(self.kernel)} spatial axes", ShapeError)
+        for i, blob in enumerate(bottom[1:], 1):
+            if blob.shape != shape:
+                self.fail(f"bottom {i} shape {blob.shape} differs from bottom 0 shape {shape}", ShapeError)
+        out = self.output_spatial(shape[self.axis + 1:])
+        for blob in top:
+            blob.reshape(shape[: self.axis] + (self.p.num_output,) + out)
+        if shape != self.core_shape:
+            num = math.prod(shape[: self.axis])
+            image, data = (self.channels,) + shape[self.axis + 1:], (self.p.num_output,) + out
+            self.core = _ColumnGemm(self, num, *((data, image) if self.transposed else (image, data)))
+            self.core_shape = shape
+        self.cols_ready = False
+
+    def output_spatial(self, spatial):
+        return conv_output_spatial(self, spatial)
+
+    def _batch(self, blob_array, channels):
+        """A blob's array as (num, channels, *spatial)."""
+        return blob_array.reshape((self.core.num, channels) + blob_array.shape[self.axis + 1:])
+
+    def _want_params(self):
+        down = self.param_propagate_down
+        return down[0], self.p.bias_term and down[1]
+
+
+@register
+class ConvolutionLayer(_BaseConvolution):
+    """y = W * x + b over the spatial axes after `axis`.  Honors convolution_param: num_output,
+    bias_term, kernel_size/stride/pad/dilation (or kernel_h/_w, stride_h/_w, pad_h/_w), group,
+    weight_filler, bias_filler, axis, force_nd_im2col (same result), engine (ignored).
+    Backward reuses the columns of the last forward (bottom unchanged in between)."""
+
+    type = "Convolution"
+    legacy = "CONVOLUTION"
+
+    def forward(self, bottom, top):
+        core, xp = self.core, self.xp
+        weights = core.weights(self.blobs[0].data)
+        bias = self.blobs[1].data if self.p.bias_term else None
+        for b, t in zip(bottom, top):
+            x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
+            for lo, hi in core.chunks():
+                rows = core.data_target(y[lo:hi])
+                xp.matmul(weights, core.columns(x[lo:hi]), out=rows)
+                core.store_data(rows, y[lo:hi], bias)
+        self.cols_ready = len(bottom) == 1 and core.chunk == core.num
+
+    def backward(self, top, propagate_down, bottom):
+        core, xp = self.core, self.xp
+        want_weights, want_bias = self._want_params()
+        weights = core.weights(self.blobs[0].data)
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
+            dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
+            for lo, hi in core.chunks():
+                rows = core.load_data(dy[lo:hi])
+                if want_bias:
+                    bias_diff = self.blobs[1].diff
+                    bias_diff += core.data_channel_sum(rows)
+                if want_weights:
+                    col = core.columns(x[lo:hi], ready=self.cols_ready)
+                    core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
+                if dx is not None:
+                    target = core.image_target(dx[lo:hi])
+                    xp.matmul(weights.swapaxes(-1, -2), rows, out=target)
+                    core.to_image(target, dx[lo:hi])
+                    self.cols_ready = False  # the column buffer now holds the bottom gradient
+
+
+@register
+class DeconvolutionLayer(_BaseConvolution):
+    """The transpose of Convolution (its forward is Convolution's backward to the input);
+    weights (C_in, num_output/group, *kernel); output = stride*(in-1) + dilation*(k-1) + 1 -
+    2*pad.  Honors the same convolution_param fields as Convolution."""
+
+    type = "Deconvolution"
+    legacy = "DECONVOLUTION"
+    transposed = True
+
+    def output_spatial(self, spatial):
+        out = tuple(s * (i - 1) + d * (k - 1) + 1 - 2 * p
+                    for i, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation))
+        if any(o < 1 for o in out):
+            self.fail(f"output size {out} from input {tuple(spatial)} is empty", ShapeError)
+        return out
+
+    def forward(self, bottom, top):
+        core, xp = self.core, self.xp
+        weights = core.weights(self.blobs[0].data).swapaxes(-1, -2)
+        for b, t in zip(bottom, top):
+            x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
+            for lo, hi in core.chunks():
+                col = core.image_target(y[lo:hi])
+                xp.matmul(weights, core.load_data(x[lo:hi]), out=col)
+                core.to_image(col, y[lo:hi])
+            if self.p.bias_term:
+                y.reshape(core.num, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
+
+    def backward(self, top, propagate_down, bottom):
+        core, xp = self.core, self.xp
+        want_weights, want_bias = self._want_params()
+        weights = core.weights(self.blobs[0].data)
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
+            dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
+            if want_bias:
+                bias_diff = self.blobs[1].diff
+                bias_diff += dy.reshape(core.num, self.p.num_output, -1).sum(axis=(0, 2))
+            for lo, hi in core.chunks():
+                col = core.columns(dy[lo:hi])
+                if want_weights:
+                    core.weight_grad(core.load_data(x[lo:hi]), col, core.weights(self.blobs[0].diff))
+                if dx is not None:
+                    rows = core.data_target(dx[lo:hi])
+                    xp.matmul(weights, col, out=rows)
+                    core.store_data(rows, dx[lo:hi])
+
+
+@register
+class Im2colLayer(Layer):
+    """Caffe's im2col as a layer: top (N, C*prod(kernel), *out), rows ordered (c, k...).
+    Honors convolution_param: kernel_size/stride/pad/dilation (or the _h/_w forms), axis,
+    force_nd_im2col (same result), engine (ignored)."""
+
+    type = "Im2col"
+    legacy = "IM2COL"
+    param = "convolution_param"
+    exact_bottoms = exact_tops = 1
+
+    def setup(self, bottom, top):
+        for name in ("num_output", "bias_term", "group", "weight_filler", "bias_filler"):
+            if self.p.HasField(name):  # (Layer.reject_fields reads FieldDescriptor.label, gone in protobuf 7)
+                self.fail(f"convolution_param.{name} is not supported by Im2col")
+        axes = bottom[0].num_axes
+        if not -axes <= self.p.axis < axes:
+            self.fail(f"convolution_param.axis: {self.p.axis} out of range for {axes} axes")
+        self.axis = self.p.axis % axes
+        self.kernel, self.stride, self.pad, self.dilation = spatial_params(self, axes - self.axis - 1)
+        if self.kernel is None:
+            self.fail("convolution_param.kernel_size: give it once or once per spatial axis")
+        self.shape = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != self.axis + 1 + len(self.kernel):
+            self.fail(f"bottom shape {shape} does not have {len(self.kernel)} spatial axes after "
+                      f"axis {self.axis}", ShapeError)
+        spatial = shape[self.axis + 1:]
+        out = conv_output_spatial(self, spatial)
+        top[0].reshape(shape[: self.axis] + (shape[self.axis] * math.prod(self.kernel),) + out)
+        if shape != self.shape:
+            self.shape, self.num = shape, math.prod(shape[: self.axis])
+            self.image = (self.num,) + shape[self.axis:]
+            size = self.k.im2col_workspace_size(self.image, self.pad, False)
+            self.work = self.xp.empty(size, self.dtype) if size else None
+
+    def forward(self, bottom, top):
+        self.k.im2col(bottom[0].data.reshape(self.image), top[0].data, self.kernel, self.stride,
+                      self.pad, self.dilation, False, self.work)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            self.k.col2im(top[0].diff, bottom[0].diff.reshape(self.image), self.kernel, self.stride,
+                          self.pad, self.dilation, False, self.work)
+
+
+# *** pooling ***
+def pooled_size(layer, spatial, kernel, stride, pad, ceil=True):
+    """Caffe's pooled output size per axis: ceil (or floor) of (size + 2 pad - kernel) / stride,
+    plus one, less one when padded and the last window would start in the padding."""
+    out = []
+    for size, k, s, p in zip(spatial, kernel, stride, pad):
+        span = size + 2 * p - k
+        if span < 0:
+            layer.fail(f"kernel {tuple(kernel)} exceeds the padded input {tuple(spatial)} + 2 * {tuple(pad)}",
+                       ShapeError)
+        count = (-(-span // s) if ceil else span // s) + 1
+        if any(pad) and (count - 1) * s >= size + p:
+            count -= 1
+        if (count - 1) * s - p >= size:  # Caffe would pool an empty window here (-FLT_MAX or NaN)
+            layer.fail(f"the last pooling window starts past the input (size {size}, kernel {k}, "
+                       f"stride {s}, pad {p})", ShapeError)
+        out.append(count)
+    return tuple(out)
+
+
+class _Pooler:
+    """One pooling geometry on one input shape with its buffers (used by Pooling and SPP)."""
+
+    def __init__(self, layer, method, x_shape, kernel, stride, pad, ceil=True):
+        self.layer, self.method, self.k = layer, method, layer.k
+        self.kernel, self.stride, self.pad = tuple(kernel), tuple(stride), tuple(pad)
+        self.y_shape = x_shape[:2] + pooled_size(layer, x_shape[2:], kernel, stride, pad, ceil)
+        size = self.k.pool_workspace_size(x_shape, self.y_shape, self.kernel, self.stride, self.pad)
+        xp = layer.xp
+        self.work = xp.empty(size, layer.dtype) if size else None
+        self.index = xp.empty(self.y_shape, np.int32) if method != _POOL.AVE else None
+        self.rand = xp.empty(self.y_shape, layer.dtype) if method == _POOL.STOCHASTIC else None
+
+    def forward(self, x, y, mask=None):
+        k, geometry = self.k, (self.kernel, self.stride, self.pad)
+        if self.method == _POOL.MAX:
+            k.max_pool_forward(x, y, self.index if mask is None else mask, *geometry, self.work)
+        elif self.method == _POOL.AVE:
+            k.ave_pool_forward(x, y, *geometry, self.work)
+        elif self.layer.phase == caffe_pb2.TRAIN:
+            self.layer.backend.rng.random(dtype=self.layer.dtype, out=self.rand)
+            k.stochastic_pool_forward_train(x, y, self.index, self.rand, self.kernel, self.stride, self.work)
+        else:
+            k.stochastic_pool_forward_test(x, y, self.kernel, self.stride, self.work)
+
+    def backward(self, dy, dx, mask=None):
+        k, geometry = self.k, (self.kernel, self.stride, self.pad)
+        if self.method == _POOL.MAX:
+            k.max_pool_backward(dy, self.index if mask is None else mask, dx, *geometry, self.work)
+        elif self.method == _POOL.AVE:
+            k.ave_pool_backward(dy, dx, *geometry, self.work)
+        elif self.layer.phase == caffe_pb2.TRAIN:
+            k.stochastic_pool_backward(dy, self.index, dx, self.kernel, self.stride, self.work)
+        else:
+            self.layer.fail("STOCHASTIC pooling has no backward in the TEST phase (Caffe's would use "
+                            "indices from an earlier TRAIN pass)", NetError)
+
+
+def _check_pool_method(layer, method, pad, kernel):
+    if any(pad) and method == _POOL.STOCHASTIC:
+        layer.fail("padding is implemented only for MAX and AVE pooling")
+    if kernel is not None and any(p >= k for p, k in zip(pad, kernel)):
+        layer.fail(f"pad {tuple(pad)} must be smaller than the kernel {tuple(kernel)}")
+
+
+def _check_4d(layer, blob):
+    if blob.num_axes != 4:
+        layer.fail(f"input must have 4 axes (num, channels, height, width), got shape {blob.shape}", ShapeError)
+
+
+@register
+class PoolingLayer(Layer):
+    """MAX, AVE or STOCHASTIC pooling of (N, C, H, W).  Honors pooling_param: pool,
+    kernel_size (or kernel_h/_w), stride (_h/_w), pad (_h/_w), global_pooling, round_mode,
+    engine (ignored).  MAX may have a second top: the argmax as a flat h*W+w index (float).
+    STOCHASTIC follows Caffe's GPU code (its CPU code has none); it refuses a TEST-phase
+    backward, and a window that would start past the input is refused (Caffe reads garbage)."""
+
+    type = "Pooling"
+    legacy = "POOLING"
+    param = "pooling_param"
+    exact_bottoms = 1
+    min_tops, max_tops = 1, 2
+
+    def setup(self, bottom, top):
+        p = self.p
+        if len(top) > 1 and p.pool != _POOL.MAX:
+            self.fail("only MAX pooling has a second top (the argmax mask)", NetError)
+        self.kernel, self.stride, self.pad, _ = spatial_params(self, 2)
+        if p.global_pooling:
+            if self.kernel is not None:
+                self.fail("pooling_param: with global_pooling the kernel size cannot be given")
+            if any(self.pad) or any(s != 1 for s in self.stride):
+                self.fail("pooling_param: with global_pooling only pad 0 and stride 1 are allowed")
+        elif self.kernel is None:
+            self.fail("pooling_param: give kernel_size, or both kernel_h and kernel_w")
+        _check_pool_method(self, p.pool, self.pad, self.kernel)
+        self.pooler, self.shape = None, None
+
+    def reshape(self, bottom, top):
+        _check_4d(self, bottom[0])
+        shape = bottom[0].shape
+        if shape != self.shape:
+            kernel = shape[2:] if self.p.global_pooling else self.kernel
+            ceil = self.p.round_mode == _POOL.CEIL
+            self.pooler = _Pooler(self, self.p.pool, shape, kernel, self.stride, self.pad, ceil)
+            self.shape = shape
+        for blob in top:
+            blob.reshape(self.pooler.y_shape)
+
+    def forward(self, bottom, top):
+        self.pooler.forward(bottom[0].data, top[0].data, top[1].data if len(top) > 1 else None)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            self.pooler.backward(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else None)
+
+
+@register
+class SPPLayer(Layer):
+    """Spatial pyramid pooling: level l pools into 2^l x 2^l bins with kernel and stride
+    ceil(H / 2^l) and Caffe's SPP padding; the levels are flattened and concatenated along
+    axis 1, giving (N, C * sum 4^l) ((N, C, 1, 1) for one level).  Honors spp_param:
+    pyramid_height, pool, engine (ignored)."""
+
+    type = "SPP"
+    param = "spp_param"
+    exact_bottoms = exact_tops = 1
+
+    def setup(self, bottom, top):
+        if self.p.pyramid_height < 1:
+            self.fail(f"spp_param.pyramid_height: must be > 0, got {self.p.pyramid_height}")
+        self.levels, self.shape = [], None
+
+    def reshape(self, bottom, top):
+        _check_4d(self, bottom[0])
+        shape = bottom[0].shape
+        if shape != self.shape:
+            self.levels = [self._level(shape, level) for level in range(self.p.pyramid_height)]
+            self.sizes = [math.prod(pool.y_shape[1:]) for pool in self.levels]
+            self.ys = [self.xp.empty(pool.y_shape, self.dtype) for pool in self.levels]
+            self.dx = self.xp.empty(shape, self.dtype)
+            self.shape = shape
+        single = self.p.pyramid_height == 1
+        top[0].reshape(self.levels[0].y_shape if single else (shape[0], sum(self.sizes)))
+
+    def _level(self, shape, level):
+        """Caffe's SPP GetPoolingParam: kernel = stride = ceil(size / bins), pad = (kernel * bins
+        - size + 1) // 2."""
+        bins = 2 ** level
+        kernel = tuple(-(-size // bins) for size in shape[2:])
+        pad = tuple((k * bins - size + 1) // 2 for k, size in zip(kernel, shape[2:]))
+        _check_pool_method(self, self.p.pool, pad, kernel)
+        return _Pooler(self, self.p.pool, shape, kernel, kernel, pad)
+
+    def forward(self, bottom, top):
+        if self.p.pyramid_height == 1:
+            self.levels[0].forward(bottom[0].data, top[0].data)
+            return
+        start = 0
+        for pool, y, size in zip(self.levels, self.ys, self.sizes):
+            pool.forward(bottom[0].data, y)
+            top[0].data[:, start: start + size] = y.reshape(y.shape[0], size)
+            start += size
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if self.p.pyramid_height == 1:
+            self.levels[0].backward(top[0].diff, bottom[0].diff)
+            return
+        start, dx = 0, bottom[0].diff
+        for i, (pool, dy, size) in enumerate(zip(self.levels, self.ys, self.sizes)):
+            dy.reshape(dy.shape[0], size)[...] = top[0].diff[:, start: start + size]
+            pool.backward(dy, dx if i == 0 else self.dx)
+            if i:
+                dx += self.dx
+            start += size
+
+
+# *** normalization and cropping ***
+@register
+class LRNLayer(Layer):
+    """Local response normalization of (N, C, H, W).  ACROSS_CHANNELS: y = x / (k + alpha/n *
+    sum of x^2 over n neighbouring channels)^beta.  WITHIN_CHANNEL: y = x / (1 + alpha * (sum
+    of x^2 over an n x n zero-padded window) / n^2)^beta, as Caffe builds it from AVE pooling
+    (k is not used there).  Honors lrn_param: local_size (odd), alpha, beta, norm_region, k,
+    engine (ignored)."""
+
+    type = "LRN"
+    legacy = "LRN"
+    param = "lrn_param"
+    exact_bottoms = exact_tops = 1
+    backward_reads_top = True
+
+    def setup(self, bottom, top):
+        if self.p.local_size % 2 != 1:
+            self.fail(f"lrn_param.local_size: must be odd, got {self.p.local_size}")
+        self.across = self.p.norm_region == _LRN.ACROSS_CHANNELS
+        self.shape = None
+
+    def reshape(self, bottom, top):
+        _check_4d(self, bottom[0])
+        shape = bottom[0].shape
+        top[0].reshape(shape)
+        if shape == self.shape:
+            return
+        self.shape, n = shape, self.p.local_size
+        self.scale = self.xp.empty(shape, self.dtype)
+        if self.across:
+            self.work = self.xp.empty(self.k.lrn_workspace_size(shape, n), self.dtype)
+        else:
+            pad = ((n - 1) // 2,) * 2
+            self.pooler = _Pooler(self, _POOL.AVE, shape, (n, n), (1, 1), pad)
+            self.tmp = self.xp.empty(shape, self.dtype)
+
+    def forward(self, bottom, top):
+        p, x, y = self.p, bottom[0].data, top[0].data
+        if self.across:
+            self.k.lrn_across_forward(x, y, self.scale, p.local_size, p.alpha, p.beta, p.k, self.work)
+            return
+        xp = self.xp
+        xp.multiply(x, x, out=self.tmp)
+        self.pooler.forward(self.tmp, self.scale)  # mean of x^2 over the window, divisor n^2
+        self.scale *= p.alpha
+        self.scale += 1
+        xp.power(self.scale, -p.beta, out=y)
+        y *= x
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        p, x, dx, dy = self.p, bottom[0].data, bottom[0].diff, top[0].diff
+        if self.across:
+            self.k.lrn_across_backward(x, top[0].data, dy, self.scale, dx, p.local_size, p.alpha, p.beta,
+                                       self.work)
+            return
+        # y = x s^-beta with s = 1 + alpha P(x^2): dx = dy s^-beta + 2x P^T(-alpha beta dy x s^(-beta-1))
+        xp, tmp = self.xp, self.tmp
+        xp.power(self.scale, -p.beta - 1, out=tmp)
+        tmp *= dy
+        tmp *= x
+        tmp *= -p.alpha * p.beta
+        self.pooler.backward(tmp, dx)
+        dx *= x
+        dx *= 2
+        xp.power(self.scale, -p.beta, out=tmp)
+        tmp *= dy
+        dx += tmp
+
+
+@register
+class CropLayer(Layer):
+    """Crops bottom 0 to the shape of bottom 1 on every axis from `axis` on, starting at the
+    offsets.  Honors crop_param: axis, offset (none, one for all, or one per cropped axis).
+    Only bottom 0 gets a gradient; bottom 1 (which only gives the shape) gets zeros."""
+
+    type = "Crop"
+    param = "crop_param"
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def setup(self, bottom, top):
+        axes = bottom[0].num_axes
+        if not -axes <= self.p.axis < axes:
+            self.fail(f"crop_param.axis: {self.p.axis} out of range for {axes} axes")
+        self.start = self.p.axis % axes
+        offsets = len(self.p.offset)
+        if offsets > 1 and self.start + offsets != axes:
+            self.fail(f"crop_param.offset: give one value or one per cropped axis ({axes - self.start}), "
+                      f"got {offsets}")
+
+    def reshape(self, bottom, top):
+        big, small = bottom[0].shape, bottom[1].shape
+        if len(small) < len(big):
+            self.fail(f"bottom 1 shape {small} has fewer axes than bottom 0 shape {big}", ShapeError)
+        offsets = list(self.p.offset) or [0]
+        self.slices = tuple(slice(None) for _ in range(self.start))
+        for i in range(self.start, len(big)):
+            offset = offsets[0] if len(offsets) == 1 else offsets[i - self.start]
+            if big[i] - offset < small[i]:
+                self.fail(f"cannot crop axis {i} of size {big[i]} to {small[i]} at offset {offset}", ShapeError)
+            self.slices += (slice(offset, offset + small[i]),)
+        top[0].reshape(big[: self.start] + small[self.start: len(big)])
+
+    def forward(self, bottom, top):
+        top[0].data[...] = bottom[0].data[self.slices]
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].diff[...] = 0
+            bottom[0].diff[self.slices] = top[0].diff
+        if propagate_down[1]:
+            bottom[1].diff[...] = 0

@@ -1,0 +1,540 @@
+"""Net: a DAG of layers built from a NetParameter exactly as Caffe's Net::Init builds it.
+
+Steps (Caffe's names): FilterNet (include/exclude rules by phase, level, stage) -> InsertSplits
+(a blob read by several layers gets a Split, so gradients add up) -> per layer AppendBottom /
+AppendTop (in place when top[i] == bottom[i]) / SetUp / AppendParam (sharing by param name,
+lr_mult, decay_mult) -> backward analysis (which layers and blobs need gradients) -> one flat
+parameter arena that every learnable blob is a view of (DESIGN rule 2).
+"""
+
+import collections
+import os
+
+import numpy as np
+
+from espresso.blob import Blob
+from espresso.errors import EspressoError, ModelFileError, NetError, ShapeError, did_you_mean
+from espresso.layer import layer_class
+from espresso.proto import caffe_pb2
+from espresso.proto.text import read_net_text
+from espresso.proto.upgrade import upgrade_net
+from espresso.proto.weights import read_weights, release, write_weights
+from espresso.runtime import current_backend
+
+TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
+
+# *** building the layer list ***
+def load_net_param(network):
+    """(NetParameter, per-layer source lines, file name) from a path or a NetParameter."""
+    if isinstance(network, caffe_pb2.NetParameter):
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(network)
+        return upgrade_net(param), [None] * (len(param.layer) + len(param.layers)), ""
+    path = os.fspath(network)
+    param, lines = read_net_text(path)
+    return upgrade_net(param, lines), lines, os.path.basename(path)
+
+
+def state_meets_rule(state, rule):
+    """Caffe's Net::StateMeetsRule."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    if any(stage not in state.stage for stage in rule.stage):
+        return False
+    return not any(stage in state.stage for stage in rule.not_stage)
+
+
+def filter_layers(param, lines, source):
+    """Caffe's FilterNet: the (layer, line) pairs whose rules the net's state meets."""
+    kept = []
+    for layer, line in zip(param.layer, lines):
+        if layer.include and layer.exclude:
+            raise NetError(f"{_where(source, line)}layer '{layer.name}': "
+                           "specify either include rules or exclude rules, not both")
+        included = not layer.include
+        if any(state_meets_rule(param.state, rule) for rule in layer.exclude):
+            included = False
+        if any(state_meets_rule(param.state, rule) for rule in layer.include):
+            included = True
+        if included:
+            kept.append((layer, line))
+    return kept
+
+
+def _where(source, line):
+    if source and line:
+        return f"{source}:{line}: "
+    return f"{source}: " if source else ""
+
+
+def split_layer_name(layer_name, blob_name, top_index):
+    return f"{blob_name}_{layer_name}_{top_index}_split"
+
+
+def split_blob_name(layer_name, blob_name, top_index, split_index):
+    return f"{blob_name}_{layer_name}_{top_index}_split_{split_index}"
+
+
+def insert_splits(layers):
+    """Caffe's InsertSplits over (layer, line) pairs: a top read by several bottoms (or read once
+    and also weighted as a loss) feeds a Split layer whose tops go one to each reader."""
+    last_top, readers, loss_weight, producer_name = {}, collections.Counter(), {}, {}
+    for i, (layer, _) in enumerate(layers):
+        for blob in layer.bottom:
+            if blob in last_top:
+                readers[last_top[blob]] += 1
+        for j, blob in enumerate(layer.top):
+            last_top[blob] = (i, j)
+        producer_name[i] = layer.name
+        for j, weight in enumerate(layer.loss_weight[: len(layer.top)]):
+            if weight:
+                readers[(i, j)] += 1
+                loss_weight[(i, j)] = weight
+    out, next_split, last_top = [], collections.Counter(), {}
+    for i, (layer, line) in enumerate(layers):
+        layer = _copy(layer)
+        for k, blob in enumerate(layer.bottom):
+            source = last_top.get(blob)
+            if source is not None and readers[source] > 1:
+                layer.bottom[k] = split_blob_name(producer_name[source[0]], blob, source[1], next_split[source])
+                next_split[source] += 1
+        out.append((layer, line))
+        for j, blob in enumerate(layer.top):
+            last_top[blob] = (i, j)
+            if readers[(i, j)] > 1:
+                out.append((_split_layer(layer.name, blob, j, readers[(i, j)], loss_weight.get((i, j))), line))
+                if (i, j) in loss_weight:
+                    del layer.loss_weight[:]
+                    next_split[(i, j)] += 1
+    return out
+
+
+def _copy(layer):
+    copy = caffe_pb2.LayerParameter()
+    copy.CopyFrom(layer)
+    return copy
+
+
+def _split_layer(layer_name, blob_name, top_index, count, loss_weight):
+    split = caffe_pb2.LayerParameter(name=split_layer_name(layer_name, blob_name, top_index), type="Split")
+    split.bottom.append(blob_name)
+    for k in range(count):
+        split.top.append(split_blob_name(layer_name, blob_name, top_index, k))
+        if loss_weight:
+            split.loss_weight.append(loss_weight if k == 0 else 0.0)
+    return split
+
+
+class Net:
+    """A Caffe network.  pycaffe's surface: blobs, params, layers, inputs, outputs, forward, ..."""
+
+    def __init__(self, network, *args, weights=None, phase=None, level=0, stages=(), state=None,
+                 backend=None, dtype=np.float32, allow_python=False):
+        phase, weights = _pycaffe_args(args, phase, weights)
+        param, lines, self.source = load_net_param(network)
+        if state is not None:
+            param.state.CopyFrom(state)
+        else:
+            param.state.phase = TEST if phase is None else phase
+            param.state.level = level
+            param.state.stage.extend(stages)
+        self.param, self.name, self.phase = param, param.name, param.state.phase
+        self.backend = backend or current_backend()
+        self.dtype, self.allow_python = np.dtype(dtype), allow_python
+        self._build(insert_splits(filter_layers(param, lines, self.source)))
+        if weights:
+            self.copy_from(weights)
+
+    # *** Net::Init ***
+    def _build(self, layers):
+        self.layers, self._layer_names = [], []
+        self.blobs = collections.OrderedDict()
+        self._bottom_ids, self._top_ids = [], []
+        self.bottom_need_backward, self.layer_need_backward = [], []
+        self.blob_need_backward = {}
+        self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
+        self._param_owner_of, self._param_names = {}, {}
+        self._lr_given, self._decay_given = [], []
+        self._producer = {}
+        self._input_names, available = [], []
+        for layer_id, (layer_param, line) in enumerate(layers):
+            self._append_layer(layer_id, layer_param, _where(self.source, line), available)
+        self.outputs = sorted(set(available))  # Caffe keeps them in a std::set
+        self._bottoms = [self._blobs_of(ids) for ids in self._bottom_ids]
+        self._tops = [self._blobs_of(ids) for ids in self._top_ids]
+        self._reshaped_for = [[b.shape for b in bottom] for bottom in self._bottoms]
+        self._analyze_backward()
+        self._check_inplace()
+        self._make_arena()
+
+    def _append_layer(self, layer_id, layer_param, where, available):
+        if not layer_param.HasField("phase"):
+            layer_param.phase = self.phase
+        if layer_param.propagate_down and len(layer_param.propagate_down) != len(layer_param.bottom):
+            raise NetError(f"{where}layer '{layer_param.name}': propagate_down must be given "
+                           f"0 or {len(layer_param.bottom)} times, got {len(layer_param.propagate_down)}")
+        cls = layer_class(layer_param.type, where)
+        if cls.type == "Python" and not self.allow_python:
+            from espresso.layers.python import check_python_allowed
+
+            check_python_allowed(layer_param, where)
+        layer = cls(layer_param, self.backend, layer_param.phase, self.dtype, where)
+        self.layers.append(layer)
+        self._layer_names.append(layer_param.name)
+        need_backward = self._append_bottoms(layer, layer_param, available)
+        self._append_tops(layer_id, layer, layer_param, available)
+        layer.setup_all(self._blobs_of(self._bottom_ids[-1]), self._blobs_of(self._top_ids[-1]))
+        need_backward |= self._append_params(layer_id, layer, layer_param)
+        self.layer_need_backward.append(need_backward)
+        if need_backward:
+            for t in self._top_ids[-1]:
+                self.blob_need_backward[t] = True
+
+    def _append_bottoms(self, layer, layer_param, available):
+        ids, needs, need_backward = [], [], False
+        names = list(self.blobs)
+        for k, name in enumerate(layer_param.bottom):
+            if name not in self.blobs:
+                raise NetError(f"{layer.where}: unknown bottom blob '{name}' (bottom {k})"
+                               f"{did_you_mean(name, self.blobs)}")
+            blob_id = names.index(name)
+            ids.append(blob_id)
+            need = self.blob_need_backward.get(blob_id, False)
+            if layer_param.propagate_down:
+                need = layer_param.propagate_down[k]
+            needs.append(need)
+            need_backward |= self.blob_need_backward.get(blob_id, False)
+            if name in available:
+                available.remove(name)
+        self._bottom_ids.append(ids)
+        self.bottom_need_backward.append(needs)
+        return need_backward
+
+    def _append_tops(self, layer_id, layer, layer_param, available):
+        ids = []
+        names = list(self.blobs)
+        for j, name in enumerate(layer_param.top):
+            inplace = j < len(layer_param.bottom) and name == layer_param.bottom[j]
+            if inplace:
+                blob_id = names.index(name)
+            elif name in self.blobs:
+                raise NetError(f"{layer.where}: top blob '{name}' produced by multiple sources")
+            else:
+                blob_id = len(self.blobs)
+                self.blobs[name] = Blob((), self.dtype, self.backend, name)
+                names.append(name)
+            ids.append(blob_id)
+            self._producer.setdefault(blob_id, []).append((layer_id, inplace))
+            if layer.type == "Input":
+                self._input_names.append(name)
+            available.append(name)
+        if layer.is_loss and not layer_param.top:
+            ids.append(self._anonymous_top())
+        self._top_ids.append(ids)
+
+    def _anonymous_top(self):
+        """Caffe's AutoTopBlobs: a loss layer given no top still gets one, which no other layer
+        can read and which is not a net output."""
+        name = "(automatic)" + (f"_{len(self.blobs)}" if "(automatic)" in self.blobs else "")
+        self.blobs[name] = Blob((), self.dtype, self.backend, name)
+        return len(self.blobs) - 1
+
+    def _append_params(self, layer_id, layer, layer_param):
+        """True if any blob has lr_mult != 0 in the net's spec (Net::Init), then Caffe's
+        AppendParam per blob, which reads the layer's own copy: setup may have added specs
+        (BatchNorm masks its statistics with lr_mult 0 there)."""
+        specs = layer_param.param
+        if len(specs) > len(layer.blobs):
+            raise NetError(f"{layer.where}: {len(specs)} param specs for {len(layer.blobs)} blobs")
+        layer.param_propagate_down = [k >= len(specs) or specs[k].lr_mult != 0
+                                      for k in range(len(layer.blobs))]
+        own = layer.lp.param
+        for k, blob in enumerate(layer.blobs):
+            self._append_param(layer, blob, own[k] if k < len(own) else caffe_pb2.ParamSpec())
+        return any(layer.param_propagate_down)
+
+    def _append_param(self, layer, blob, spec):
+        name = spec.name
+        if not name or name not in self._param_names:
+            if name:
+                self._param_names[name] = (len(self.learnable_params), layer)
+            self._param_owner_of[id(blob)] = len(self.learnable_params)
+            self.learnable_params.append(blob)
+            self._lr_given.append(spec.HasField("lr_mult"))
+            self._decay_given.append(spec.HasField("decay_mult"))
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            return
+        owner_id, owner_layer = self._param_names[name]
+        owner = self.learnable_params[owner_id]
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        if (owner.count != blob.count) if permissive else (owner.shape != blob.shape):
+            raise ShapeError(f"{layer.where}: cannot share param '{name}' owned by layer "
+                             f"'{owner_layer.name}': owner shape {owner.shape}, this shape {blob.shape}")
+        self._param_owner_of[id(blob)] = owner_id
+        self._merge_mult(spec, "lr_mult", self.params_lr, self._lr_given, owner_id, name)
+        self._merge_mult(spec, "decay_mult", self.params_weight_decay, self._decay_given, owner_id, name)
+
+    @staticmethod
+    def _merge_mult(spec, field, values, given, owner_id, name):
+        if not spec.HasField(field):
+            return
+        if given[owner_id] and values[owner_id] != getattr(spec, field):
+            raise NetError(f"shared param '{name}' has mismatched {field}")
+        given[owner_id], values[owner_id] = True, getattr(spec, field)
+
+    def _analyze_backward(self):
+        """Caffe's reverse pass: layers that do not reach a loss, or whose tops nobody
+        backpropagates into, skip backward; then force_backward turns everything back on."""
+        names = list(self.blobs)
+        under_loss, skip = set(), set()
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            top_names = [names[t] for t in self._top_ids[i]]
+            contributes = any(w for w in layer.loss_weights) or any(n in under_loss for n in top_names)
+            skip_down = all(n in skip for n in top_names)
+            if self.layer_need_backward[i] and skip_down:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self._bottom_ids[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for k, b in enumerate(self._bottom_ids[i]):
+                if contributes:
+                    under_loss.add(names[b])
+                else:
+                    self.bottom_need_backward[i][k] = False
+                if not self.bottom_need_backward[i][k]:
+                    skip.add(names[b])
+        if self.param.force_backward:
+            self._force_backward()
+
+    def _force_backward(self):
+        for i, layer in enumerate(self.layers):
+            self.layer_need_backward[i] = True
+            for k, b in enumerate(self._bottom_ids[i]):
+                need = self.bottom_need_backward[i][k] or layer.allow_force_backward(k)
+                self.bottom_need_backward[i][k] = need
+                self.blob_need_backward[b] = self.blob_need_backward.get(b, False) or need
+            layer.param_propagate_down = [True] * len(layer.blobs)
+
+    def _check_inplace(self):
+        """Refuse in-place uses that would compute wrong values or gradients (Caffe does not).
+
+        Gradient hazards are only checked where gradients are expected: TRAIN nets and nets
+        with force_backward; a TEST net is forward-only and may keep such a layout.
+        """
+        check_backward = self.phase == TRAIN or self.param.force_backward
+        for i, layer in enumerate(self.layers):
+            for j, t in enumerate(self._top_ids[i]):
+                if j >= len(self._bottom_ids[i]) or self._bottom_ids[i][j] != t:
+                    continue
+                if not layer.inplace:
+                    layer.fail(f"cannot run in place (top '{list(self.blobs)[t]}' == bottom)", NetError)
+                if check_backward:
+                    self._check_overwrite(i, t)
+
+    def _check_overwrite(self, i, blob_id):
+        """Layer i overwrites blob_id in place: its earlier writer must not need that data later."""
+        writers = [w for w, _ in self._producer[blob_id] if w < i]
+        if not writers or not self.layer_need_backward[i]:
+            return
+        previous = self.layers[writers[-1]]
+        if previous.backward_reads_top and self.layer_need_backward[writers[-1]]:
+            raise NetError(f"{self.layers[i].where}: runs in place on '{list(self.blobs)[blob_id]}', "
+                           f"which {previous.where} needs unchanged for its backward pass; "
+                           "give the in-place layer its own top blob")
+
+    def _make_arena(self):
+        """Make every learnable param a view of one flat data buffer and one flat diff buffer."""
+        xp, total = self.backend.xp, sum(b.count for b in self.learnable_params)
+        self.arena_data = xp.zeros(total, self.dtype)
+        self.arena_diff = xp.zeros(total, self.dtype)
+        offset = 0
+        for blob in self.learnable_params:
+            n = blob.count
+            self.arena_data[offset:offset + n] = blob.data.ravel()
+            blob.bind(self.arena_data[offset:offset + n], self.arena_diff[offset:offset + n])
+            offset += n
+        for layer in self.layers:
+            for blob in layer.blobs:
+                owner = self.learnable_params[self._param_owner_of[id(blob)]]
+                if owner is not blob:
+                    blob.bind(owner.data, owner.diff)
+
+    # *** running ***
+    def _blobs_of(self, ids):
+        blobs = list(self.blobs.values())
+        return [blobs[i] for i in ids]
+
+    def _layer_index(self, name, default):
+        if name is None:
+            return default
+        if name not in self._layer_names:
+            raise NetError(f"no layer named '{name}'{did_you_mean(name, self._layer_names)}")
+        return self._layer_names.index(name)
+
+    def forward_range(self, start, end):
+        """Run layers start..end (inclusive); return the weighted loss (Caffe's ForwardFromTo)."""
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
+            shapes = [b.shape for b in bottom]
+            if shapes != self._reshaped_for[i]:
+                layer.reshape(bottom, top)
+                self._reshaped_for[i] = shapes
+            layer.forward(bottom, top)
+            for blob, weight in zip(top, layer.loss_weights):
+                if weight:
+                    loss += float((blob.data * blob.diff).sum())
+        return loss
+
+    def backward_range(self, start, end):
+        """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
+        for i in range(start, end - 1, -1):
+            if self.layer_need_backward[i]:
+                self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's Net.forward: set inputs from kwargs, run, return {output name: data}."""
+        for name, value in kwargs.items():
+            if name not in self._input_names:
+                raise NetError(f"'{name}' is not an input of the net (inputs: {self._input_names})")
+            if value.shape[0] != self.blobs[name].shape[0]:
+                raise ShapeError(f"input '{name}' has batch {value.shape[0]}, "
+                                 f"net expects {self.blobs[name].shape[0]}")
+            self.blobs[name].data[...] = value
+        start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1)
+        self.forward_range(start_i, end_i)
+        names = self.top_names[self._layer_names[end_i]] if end is not None else self.outputs
+        return {name: self.blobs[name].data for name in set(names) | set(blobs or ())}
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe's Net.backward: set output diffs from kwargs, run, return {input name: diff}."""
+        for name, value in kwargs.items():
+            if name not in self.outputs:
+                raise NetError(f"'{name}' is not an output of the net (outputs: {self.outputs})")
+            self.blobs[name].diff[...] = value
+        start_i = self._layer_index(start, len(self.layers) - 1)
+        end_i = self._layer_index(end, 0)
+        self.backward_range(start_i, end_i)
+        names = self.bottom_names[self._layer_names[end_i]] if end is not None else self.inputs
+        return {name: self.blobs[name].diff for name in set(names) | set(diffs or ())}
+
+    def forward_backward(self):
+        """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
+        loss = self.forward_range(0, len(self.layers) - 1)
+        self.backward_range(len(self.layers) - 1, 0)
+        return loss
+
+    def reshape(self):
+        """Propagate input shape changes through every layer (Caffe's Net::Reshape)."""
+        for i, layer in enumerate(self.layers):
+            layer.reshape(self._bottoms[i], self._tops[i])
+            self._reshaped_for[i] = [b.shape for b in self._bottoms[i]]
+
+    def clear_param_diffs(self):
+        self.arena_diff[...] = 0
+
+    # *** weights ***
+    def copy_from(self, path):
+        """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped."""
+        param, layer_blobs = read_weights(path)
+        upgrade_net(param, layer_blobs)  # V0/V1 files: the blob lists follow their layers
+        index = {name: i for i, name in enumerate(self._layer_names)}  # the last of a name wins
+        name = os.path.basename(os.fspath(path))
+        for source, arrays in zip(param.layer, layer_blobs):
+            target = index.get(source.name)
+            if target is not None and arrays is not None:
+                self._copy_layer(name, self.layers[target], arrays)
+                release(arrays)  # drop the copied file pages: the peak stays near 1x the weights
+
+    def _copy_layer(self, path, layer, arrays):
+        if len(arrays) != len(layer.blobs):
+            raise ModelFileError(f"{path}: layer '{layer.name}': {len(arrays)} blobs in file, "
+                                 f"{len(layer.blobs)} in net")
+        for k, ((array, legacy), blob) in enumerate(zip(arrays, layer.blobs)):
+            if not _shape_matches(array.shape, legacy, blob.shape):
+                raise ShapeError(f"{path}: layer '{layer.name}': param {k} shape {tuple(array.shape)} "
+                                 f"does not match net {blob.shape}; rename the layer to learn it from scratch")
+            blob.data[...] = self.backend.to_device(array.reshape(blob.shape), self.dtype)
+
+    def save(self, path, diff=False):
+        """Write the weights (and with `diff`, their gradients) as a binary .caffemodel
+        (Caffe's Net::ToProto + WriteProtoToBinaryFile)."""
+        net = caffe_pb2.NetParameter(name=self.name)
+        blobs = []
+        for layer in self.layers:
+            lp = net.layer.add()
+            lp.CopyFrom(layer.lp)
+            del lp.blobs[:]
+            blobs.append([(b.host_data(), b.host_diff() if diff else None) for b in layer.blobs])
+        write_weights(path, net, blobs)
+
+    def share_with(self, other):
+        """Caffe's ShareTrainedLayersWith: this net's layers use `other`'s weights (by layer name)."""
+        index = {name: i for i, name in enumerate(self._layer_names)}
+        for source in other.layers:
+            target = index.get(source.name)
+            if target is None:
+                continue
+            for mine, theirs in zip(self.layers[target].blobs, source.blobs):
+                if mine.shape != theirs.shape:
+                    raise ShapeError(f"layer '{source.name}': cannot share {theirs.shape} with {mine.shape}")
+                mine.share_data(theirs)
+
+    # *** pycaffe views ***
+    @property
+    def params(self):
+        return collections.OrderedDict(
+            (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
+
+    @property
+    def inputs(self):
+        return list(self._input_names)
+
+    @property
+    def top_names(self):
+        names = list(self.blobs)
+        return collections.OrderedDict(
+            (n, [names[t] for t in ids]) for n, ids in zip(self._layer_names, self._top_ids))
+
+    @property
+    def bottom_names(self):
+        names = list(self.blobs)
+        return collections.OrderedDict(
+            (n, [names[b] for b in ids]) for n, ids in zip(self._layer_names, self._bottom_ids))
+
+    @property
+    def _blob_names(self):
+        return list(self.blobs)
+
+    @property
+    def layer_dict(self):
+        return collections.OrderedDict(zip(self._layer_names, self.layers))
+
+
+def _shape_matches(file_shape, legacy, net_shape):
+    """Caffe's Blob::ShapeEquals: legacy 4-D blobs match counting axes from the end."""
+    if not legacy:
+        return tuple(file_shape) == tuple(net_shape)
+    if len(net_shape) > 4:
+        return False
+    return tuple(file_shape) == (1,) * (4 - len(net_shape)) + tuple(net_shape)
+
+
+def _pycaffe_args(args, phase, weights):
+    """Accept pycaffe's Net(file, phase) and Net(file, weights, phase) positional forms."""
+    if len(args) > 2:
+        raise EspressoError(f"Net takes (network, [weights,] phase), got {len(args) + 1} arguments")
+    if args and isinstance(args[0], (str, os.PathLike)):
+        weights, args = args[0], args[1:]
+    if args:
+        phase = args[0]
+    if phase not in (None, TRAIN, TEST):
+        raise EspressoError(f"phase must be espresso.TRAIN or espresso.TEST, got {phase!r}")
+    return phase, weights

@@ -1,0 +1,79 @@
+"""`.solverstate` files: Caffe's SolverState (iter, learned_net, history blobs, current_step).
+
+Written as Caffe's SGDSolver::SnapshotSolverStateToBinaryProto writes them: one BlobProto per
+history blob with its shape in `shape.dim` and float32 values in `data` (float64 nets use
+`double_data`), in Caffe's order (every param of the first history set, then of the second for
+AdaDelta and Adam).  Files are written atomically (temporary file + rename).
+"""
+
+import os
+
+import numpy as np
+
+from espresso.errors import ModelFileError
+from espresso.proto import caffe_pb2
+from espresso.proto.text import atomic_write, read_binary
+from espresso.proto.weights import encode_blob
+
+_HISTORY_FIELD = 3  # SolverState.history
+
+
+def write_state(path, iteration, learned_net, history, current_step):
+    """Write a .solverstate; `history` is a list of host (NumPy) arrays in Caffe's order."""
+    head = caffe_pb2.SolverState(iter=iteration, learned_net=learned_net).SerializeToString()
+    tail = caffe_pb2.SolverState(current_step=current_step).SerializeToString()
+
+    def write(f):
+        f.write(head)
+        for array in history:
+            f.write(_length_delimited(_HISTORY_FIELD, encode_blob(np.asarray(array))))
+        f.write(tail)
+
+    atomic_write(path, write)
+
+
+def read_state(path):
+    """(iter, learned_net, [history arrays], current_step) from a .solverstate file."""
+    state = read_binary(path, caffe_pb2.SolverState())
+    history = [blob_array(blob, f"{path}: history {i}") for i, blob in enumerate(state.history)]
+    return state.iter, state.learned_net, history, state.current_step
+
+
+def blob_array(blob, where):
+    """A BlobProto's values as a NumPy array of its shape; as Caffe's Blob::FromProto, legacy
+    num/channels/height/width win over shape.dim and double_data over data."""
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(blob.shape.dim)
+    values = np.asarray(blob.double_data if len(blob.double_data) else blob.data,
+                        np.float64 if len(blob.double_data) else np.float32)
+    if values.size != int(np.prod(shape)):
+        raise ModelFileError(f"{where}: {values.size} values for shape {shape}")
+    return values.reshape(shape)
+
+
+def resolve_learned_net(state_path, learned_net):
+    """The .caffemodel a state refers to: as written (Caffe), else beside the state file."""
+    if os.path.exists(learned_net):
+        return learned_net
+    directory = os.path.dirname(os.fspath(state_path))
+    for candidate in (os.path.join(directory, learned_net),
+                      os.path.join(directory, os.path.basename(learned_net))):
+        if os.path.exists(candidate):
+            return candidate
+    raise ModelFileError(f"{state_path}: learned_net '{learned_net}' not found "
+                         f"(looked as given and in '{directory or '.'}')")
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(field, payload):
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload

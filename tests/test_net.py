@@ -1,0 +1,294 @@
+"""Net construction and execution, checked against Caffe's Net::Init rules."""
+
+import numpy as np
+import pytest
+
+import espresso as caffe
+from espresso.errors import NetError, PrototxtError, ShapeError
+from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
+
+
+def net_from(text, phase=caffe.TRAIN, tmp_path=None, **kw):
+    if tmp_path is not None:
+        path = tmp_path / "net.prototxt"
+        path.write_text(text)
+        return caffe.Net(str(path), phase, **kw)
+    return caffe.Net(parse_text(text, caffe_pb2.NetParameter()), phase, **kw)
+
+
+INPUT = 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }\n'
+INPUT_XY = ('layer { name: "in" type: "Input" top: "x" top: "y" '
+            'input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }\n')
+
+
+def ip(name, bottom, top, n, extra=""):
+    return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{top}" {extra} '
+            f'inner_product_param {{ num_output: {n} weight_filler {{ type: "gaussian" std: 0.5 }} '
+            f'bias_filler {{ type: "gaussian" std: 0.5 }} }} }}\n')
+
+
+# *** state rules ***
+RULES = INPUT + """
+layer { name: "train_only" type: "ReLU" bottom: "x" top: "a" include { phase: TRAIN } }
+layer { name: "test_only" type: "ReLU" bottom: "x" top: "b" include { phase: TEST } }
+layer { name: "not_test" type: "ReLU" bottom: "x" top: "c" exclude { phase: TEST } }
+layer { name: "staged" type: "ReLU" bottom: "x" top: "d" include { stage: "s1" stage: "s2" } }
+layer { name: "not_staged" type: "ReLU" bottom: "x" top: "e" include { not_stage: "s1" } }
+layer { name: "leveled" type: "ReLU" bottom: "x" top: "f" include { min_level: 1 max_level: 2 } }
+"""
+
+
+@pytest.mark.parametrize("phase, level, stages, expected", [
+    (caffe.TRAIN, 0, (), ["x", "train_only", "not_test", "not_staged"]),
+    (caffe.TEST, 0, (), ["x", "test_only", "not_staged"]),
+    (caffe.TEST, 1, ("s1", "s2"), ["x", "test_only", "staged", "leveled"]),
+    (caffe.TEST, 3, ("s1",), ["x", "test_only"]),
+])
+def test_state_rules_filter_layers(phase, level, stages, expected):
+    net = net_from(RULES, phase, level=level, stages=stages)
+    assert [n for n, layer in zip(net._layer_names, net.layers) if layer.type != "Split"] == expected
+
+
+def test_include_and_exclude_together_is_an_error(tmp_path):
+    text = INPUT + ('layer { name: "r" type: "ReLU" bottom: "x" top: "x" '
+                    'include { phase: TRAIN } exclude { phase: TEST } }')
+    with pytest.raises(NetError, match=r"net.prototxt:2: layer 'r'.*either include"):
+        net_from(text, tmp_path=tmp_path)
+
+
+# *** splits ***
+SPLIT = INPUT_XY + ip("ip1", "x", "h", 2) + ip("ip2", "h", "p", 2) + ip("ip3", "h", "q", 2) + """
+layer { name: "l1" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "l1" }
+layer { name: "l2" type: "EuclideanLoss" bottom: "q" bottom: "y" top: "l2" loss_weight: 0.5 }
+"""
+
+
+def test_split_layers_are_inserted_with_caffes_names():
+    net = net_from(SPLIT)
+    assert "h_ip1_0_split" in net._layer_names
+    assert net.bottom_names["ip2"] == ["h_ip1_0_split_0"]
+    assert net.bottom_names["ip3"] == ["h_ip1_0_split_1"]
+    assert net.top_names["y_in_1_split"] == ["y_in_1_split_0", "y_in_1_split_1"]
+
+
+def numeric_gradient_check(net, blob, n_checks=6, eps=1e-4, seed=0):
+    """Compare net.forward_backward's gradient for `blob` with centred differences of the loss."""
+    net.clear_param_diffs()
+    net.forward_backward()
+    analytic = np.array(blob.diff)
+    rng = np.random.default_rng(seed)
+    for flat in rng.choice(blob.count, size=min(n_checks, blob.count), replace=False):
+        idx = np.unravel_index(flat, blob.shape)
+        saved = blob.data[idx]
+        blob.data[idx] = saved + eps
+        plus = net.forward_range(0, len(net.layers) - 1)
+        blob.data[idx] = saved - eps
+        minus = net.forward_range(0, len(net.layers) - 1)
+        blob.data[idx] = saved
+        numeric = (plus - minus) / (2 * eps)
+        assert abs(numeric - analytic[idx]) <= 1e-4 * max(1, abs(numeric)), (idx, numeric, analytic[idx])
+
+
+def test_split_gradients_add_up_and_loss_weights_scale():
+    net = net_from(SPLIT, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    net.blobs["x"].data[...] = rng.standard_normal((4, 3))
+    net.blobs["y"].data[...] = rng.standard_normal((4, 2))
+    loss = net.forward_range(0, len(net.layers) - 1)
+    assert loss == pytest.approx(float(net.blobs["l1"].data) + 0.5 * float(net.blobs["l2"].data))
+    for name in ("ip1", "ip2", "ip3"):
+        for blob in net.params[name]:
+            numeric_gradient_check(net, blob)
+
+
+# *** in place ***
+def test_inplace_relu_shares_the_blob():
+    net = net_from(INPUT + 'layer { name: "r" type: "ReLU" bottom: "x" top: "x" }')
+    assert list(net.blobs) == ["x"]
+
+
+def test_inplace_on_a_layer_that_cannot_is_refused():
+    text = INPUT + ip("ip", "x", "x", 3)
+    with pytest.raises(NetError, match="cannot run in place"):
+        net_from(text)
+
+
+def test_inplace_overwrite_of_a_top_needed_by_backward_is_refused():
+    text = INPUT_XY + ip("ip", "x", "h", 2) + """
+layer { name: "sig" type: "Sigmoid" bottom: "h" top: "s" }
+layer { name: "drop" type: "Dropout" bottom: "s" top: "s" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "s" bottom: "y" top: "loss" }
+"""
+    with pytest.raises(NetError, match=r"layer 'drop'.*layer 'sig' \(Sigmoid\) needs"):
+        net_from(text)
+    assert net_from(text, caffe.TEST)  # a forward-only TEST net may keep the layout
+
+
+def test_duplicate_top_is_an_error():
+    text = INPUT + ('layer { name: "a" type: "ReLU" bottom: "x" top: "y" }\n'
+                    'layer { name: "b" type: "ReLU" bottom: "x" top: "y" }')
+    with pytest.raises(NetError, match="top blob 'y' produced by multiple sources"):
+        net_from(text)
+
+
+# *** errors that name the place ***
+def test_unknown_bottom_names_file_line_and_suggests(tmp_path):
+    text = INPUT + ip("ip1", "x", "ip1", 2) + ip("ip2", "ip_1", "out", 2)
+    with pytest.raises(NetError, match=r"net.prototxt:3: layer 'ip2' \(InnerProduct\): unknown bottom blob "
+                                       r"'ip_1' \(bottom 0\); did you mean 'ip1'\?"):
+        net_from(text, tmp_path=tmp_path)
+
+
+def test_unknown_type_suggests_the_nearest(tmp_path):
+    text = INPUT + 'layer { name: "c" type: "Convolutoin" bottom: "x" top: "c" }'
+    with pytest.raises(NetError, match=r"net.prototxt:2: unknown layer type 'Convolutoin'; did you mean 'Convolution'"):
+        net_from(text, tmp_path=tmp_path)
+
+
+def test_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.prototxt"
+    path.write_text('name: "x"\nlayer {\n  name: "a"\n  typo "b"\n}\n')
+    with pytest.raises(PrototxtError, match=r"bad.prototxt:4:\d+: "):
+        caffe.Net(str(path), caffe.TEST)
+
+
+# *** parameters: sharing, multipliers, arena ***
+SHARED = INPUT_XY + ip("ip1", "x", "p", 2, 'param { name: "w" lr_mult: 2 } param { name: "b" }') \
+    + ip("ip2", "x", "q", 2, 'param { name: "w" } param { name: "b" decay_mult: 0 }') + """
+layer { name: "l1" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "l1" }
+layer { name: "l2" type: "EuclideanLoss" bottom: "q" bottom: "y" top: "l2" }
+"""
+
+
+def test_shared_params_are_one_blob_in_the_arena():
+    net = net_from(SHARED, dtype=np.float64)
+    w1, w2 = net.params["ip1"][0], net.params["ip2"][0]
+    assert np.shares_memory(w1.data, w2.data) and np.shares_memory(w1.diff, w2.diff)
+    assert len(net.learnable_params) == 2
+    assert net.params_lr == [2.0, 1.0] and net.params_weight_decay == [1.0, 0.0]
+    for blob in net.learnable_params:
+        assert np.shares_memory(blob.data, net.arena_data)
+    rng = np.random.default_rng(0)
+    net.blobs["x"].data[...] = rng.standard_normal((4, 3))
+    net.blobs["y"].data[...] = rng.standard_normal((4, 2))
+    numeric_gradient_check(net, w1)  # the shared diff holds the sum of both uses
+
+
+def test_shared_param_shape_mismatch_is_refused():
+    text = INPUT + ip("ip1", "x", "p", 2, 'param { name: "w" }') + ip("ip2", "x", "q", 3, 'param { name: "w" }')
+    with pytest.raises(ShapeError, match="cannot share param 'w'"):
+        net_from(text)
+
+
+def test_mismatched_lr_mult_on_shared_param_is_refused():
+    text = (INPUT + ip("ip1", "x", "p", 2, 'param { name: "w" lr_mult: 1 }')
+            + ip("ip2", "x", "q", 2, 'param { name: "w" lr_mult: 2 }'))
+    with pytest.raises(NetError, match="mismatched lr_mult"):
+        net_from(text)
+
+
+# *** which layers need backward ***
+FROZEN = 'param { lr_mult: 0 } param { lr_mult: 0 }'
+BACKWARD = INPUT_XY + ip("ip1", "x", "h", 2) + ip("side", "x", "s", 2) + ip("frozen", "x", "f", 2, FROZEN) + """
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "y" top: "loss" }
+"""
+
+
+def test_layers_not_reaching_a_loss_skip_backward():
+    net = net_from(BACKWARD)
+    need = dict(zip(net._layer_names, net.layer_need_backward))
+    assert need["ip1"] and need["loss"]
+    assert not need["side"] and not need["frozen"]
+
+
+def test_force_backward_fills_input_diffs():
+    text = "force_backward: true\n" + BACKWARD
+    net = net_from(text, dtype=np.float64)
+    net.blobs["x"].data[...] = np.random.default_rng(1).standard_normal((4, 3))
+    net.forward()
+    diffs = net.backward()
+    assert np.abs(diffs["x"]).sum() > 0
+    assert all(net.layer_need_backward)
+
+
+def test_propagate_down_false_leaves_bottom_diff_alone():
+    text = INPUT_XY + ip("ip1", "x", "h", 2) + """
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "y" top: "loss"
+        propagate_down: false propagate_down: true }
+"""
+    net = net_from(text)
+    assert net.bottom_need_backward[-1] == [False, True]
+    assert not net.layer_need_backward[1]  # ip1 gets no gradient, so it skips backward too
+
+
+# *** pycaffe surface ***
+def test_pycaffe_views_and_forward_backward_ranges():
+    net = net_from(SPLIT, dtype=np.float64)
+    assert net.inputs == ["x", "y"]
+    assert net.outputs == ["l1", "l2"]
+    assert list(net.params) == ["ip1", "ip2", "ip3"]
+    assert [layer.type for layer in net.layers][:2] == ["Input", "Split"]
+    x = np.random.default_rng(2).standard_normal((4, 3))
+    out = net.forward(x=x, y=np.zeros((4, 2)), blobs=["h"])
+    assert set(out) == {"l1", "l2", "h"}
+    out = net.forward(end="ip1")
+    assert set(out) == {"h"}
+    with pytest.raises(ShapeError, match="batch"):
+        net.forward(x=np.zeros((5, 3)))
+    diffs = net.backward(diffs=["h"])
+    assert set(diffs) == {"x", "y", "h"}
+
+
+def test_save_and_copy_from_round_trip(tmp_path):
+    net = net_from(SPLIT)
+    path = str(tmp_path / "w.caffemodel")
+    net.save(path)
+    other = net_from(SPLIT)
+    other.copy_from(path)
+    for name in net.params:
+        for a, b in zip(net.params[name], other.params[name]):
+            assert np.array_equal(a.data, b.data)
+    again = caffe.Net(_write(tmp_path, SPLIT), path, caffe.TEST)
+    assert np.array_equal(again.params["ip1"][0].data, net.params["ip1"][0].data)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "n.prototxt"
+    path.write_text(text)
+    return str(path)
+
+
+def test_copy_from_shape_mismatch_names_layer_and_shapes(tmp_path):
+    net = net_from(SPLIT)
+    path = str(tmp_path / "w.caffemodel")
+    net.save(path)
+    other = net_from(SPLIT.replace("num_output: 2", "num_output: 5", 1))
+    message = r"w.caffemodel: layer 'ip1': param 0 shape \(2, 3\) does not match net \(5, 3\)"
+    with pytest.raises(ShapeError, match=message):
+        other.copy_from(path)
+
+
+def test_share_with_uses_the_other_nets_weights():
+    a, b = net_from(SPLIT), net_from(SPLIT)
+    b.share_with(a)
+    a.params["ip1"][0].data[...] = 7
+    assert (b.params["ip1"][0].data == 7).all()
+
+
+def test_reshape_propagates_new_batch():
+    net = net_from(SPLIT)
+    net.blobs["x"].reshape(7, 3)
+    net.blobs["y"].reshape(7, 2)
+    net.reshape()
+    assert net.blobs["p"].shape == (7, 2)
+    net.forward()
+    assert net.blobs["q"].shape == (7, 2)
+
+
+def test_a_loss_without_a_top_gets_an_anonymous_one():
+    text = INPUT_XY + ip("ip1", "x", "h", 2) + 'layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "y" }'
+    net = net_from(text, dtype=np.float64)
+    net.blobs["x"].data[...] = 1.0
+    assert net.outputs == [] and net.forward_backward() > 0
+    assert np.abs(net.params["ip1"][0].diff).sum() > 0

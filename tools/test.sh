@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the test suite: the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q -e ".[test]"
+python3 -m ruff check espresso tests tools benchmarks 2>/dev/null || python3 -m ruff check espresso tests
+python3 tools/sz.py
+python3 -m pytest -q "$@"
