@@ -51,12 +51,14 @@ class Progress:
         self.live = stream.isatty()
         self.start, self.first_iter = time.perf_counter(), solver.iter
         self.losses, self.tests = [], []  # (iteration, smoothed loss), (iteration, {name: value})
+        self._seen = set()  # ids of the test-score dicts already recorded (each test makes a new one)
         solver.add_callback(self.on_start, self.on_gradients_ready)
 
     def on_start(self):
         s = self.solver
         for scores in s.test_scores:
-            if scores is not None and (not self.tests or self.tests[-1][0] != s.iter):
+            if scores is not None and id(scores) not in self._seen:
+                self._seen.add(id(scores))
                 self.tests.append((s.iter, {k: float(np.mean(v)) for k, v in scores.items()}))
 
     def on_gradients_ready(self):
@@ -123,16 +125,18 @@ def plot_curves(losses, tests, path):
         raise EspressoError("plotting needs matplotlib: pip install espresso-nn[plot]") from None
     fig, loss_axis = plt.subplots(figsize=(8, 4.5))
     if losses:
-        loss_axis.plot(*zip(*losses), color="tab:blue", lw=1, label="train loss")
+        loss_axis.plot(*zip(*losses), color="C0", lw=0.8, alpha=0.8, label="train loss")
     loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel("train loss", color="tab:blue")
-    if tests:
-        score_axis = loss_axis.twinx()
-        for name in tests[-1][1]:
-            points = [(i, scores[name]) for i, scores in tests if name in scores]
-            score_axis.plot(*zip(*points), marker="o", ms=3, label=f"test {name}")
+    loss_axis.set_ylabel("loss")
+    score_axis = loss_axis.twinx() if tests else None
+    for k, name in enumerate(tests[-1][1] if tests else ()):
+        points = [(i, scores[name]) for i, scores in tests if name in scores]
+        axis = loss_axis if "loss" in name else score_axis  # losses share the loss scale
+        axis.plot(*zip(*points), marker="o", ms=3, color=f"C{k + 1}", label=f"test {name}")
+    if score_axis is not None:
         score_axis.set_ylabel("test score")
         score_axis.legend(loc="center right")
+    loss_axis.legend(loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -227,6 +231,48 @@ def cmd_time(args):
     return 0
 
 
+def cmd_prepare_fmnist(args):
+    """Fashion-MNIST (full set when installed, else the embedded subset) -> the LeNet LMDBs."""
+    from espresso.data.fmnist import make_fmnist_lmdbs
+
+    train, test, source = make_fmnist_lmdbs(args.output, args.source or None, overwrite=True)
+    log.info("Fashion-MNIST from %s", source.description)
+    log.info("Wrote %s and %s", train, test)
+    return 0
+
+
+def cmd_convert_mnist(args):
+    """Caffe's convert_mnist_data: IDX images + labels -> an LMDB of Datums."""
+    from espresso.data.convert import convert_mnist
+
+    n = convert_mnist(args.images, args.labels, args.db)
+    log.info("Wrote %s records to %s", n, args.db)
+    return 0
+
+
+def cmd_convert_imageset(args):
+    """Caffe's convert_imageset: an image list file -> an LMDB of Datums."""
+    from espresso.data.convert import convert_imageset
+
+    written, skipped = convert_imageset(args.root_folder, args.listfile, args.db, args.resize_height,
+                                        args.resize_width, args.gray, args.shuffle, args.encoded,
+                                        args.encode_type)
+    for name in skipped:
+        log.warning("Could not read %s; skipped", name)
+    log.info("Processed %d files.", written)
+    return 0
+
+
+def cmd_compute_image_mean(args):
+    """Caffe's compute_image_mean: the mean image of an LMDB, as a .binaryproto."""
+    from espresso.data.convert import compute_image_mean
+
+    mean = compute_image_mean(args.db, args.output or None)
+    for c, value in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):
+        log.info("mean_value channel [%d]: %g", c, value)
+    return 0
+
+
 def cmd_device_query(args):
     """Print what the chosen device is: the CPU's BLAS, or the GPU's name, memory and driver."""
     _set_device(args.gpu)
@@ -268,6 +314,30 @@ def _parser():
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
     p.set_defaults(run=cmd_time)
+    p = sub.add_parser("prepare-fmnist", help="Fashion-MNIST -> the LMDBs the LeNet examples read")
+    p.add_argument("output", nargs="?", default="examples/lenet", help="folder for the two LMDBs")
+    p.add_argument("--source", default="", help="folder with the IDX files (default: best available)")
+    p.set_defaults(run=cmd_prepare_fmnist)
+    p = sub.add_parser("convert-mnist", aliases=["convert_mnist_data"], help="IDX files -> LMDB")
+    p.add_argument("images")
+    p.add_argument("labels")
+    p.add_argument("db")
+    p.set_defaults(run=cmd_convert_mnist)
+    p = sub.add_parser("convert-imageset", aliases=["convert_imageset"], help="image list -> LMDB")
+    p.add_argument("root_folder")
+    p.add_argument("listfile")
+    p.add_argument("db")
+    p.add_argument("--resize_height", type=int, default=0)
+    p.add_argument("--resize_width", type=int, default=0)
+    p.add_argument("--gray", action="store_true")
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--encoded", action="store_true")
+    p.add_argument("--encode_type", default="")
+    p.set_defaults(run=cmd_convert_imageset)
+    p = sub.add_parser("compute-image-mean", aliases=["compute_image_mean"], help="mean image of an LMDB")
+    p.add_argument("db")
+    p.add_argument("output", nargs="?", default="")
+    p.set_defaults(run=cmd_compute_image_mean)
     p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
     p.set_defaults(run=cmd_device_query)
     return parser

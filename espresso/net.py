@@ -437,6 +437,12 @@ class Net:
             layer.reshape(self._bottoms[i], self._tops[i])
             self._reshaped_for[i] = [b.shape for b in self._bottoms[i]]
 
+    def set_input_arrays(self, data, labels):
+        """pycaffe's: feed the first MemoryData layer."""
+        from espresso.layers.datalayers import set_input_arrays
+
+        return set_input_arrays(self, data, labels)
+
     def clear_param_diffs(self):
         self.arena_diff[...] = 0
 

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[test]"
-python3 -m ruff check espresso tests tools benchmarks 2>/dev/null || python3 -m ruff check espresso tests
+python3 -m ruff check .
 python3 tools/sz.py
 python3 -m pytest -q "$@"

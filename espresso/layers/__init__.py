@@ -3,6 +3,7 @@
 from espresso.layers import (  # noqa: F401
     common,
     data,
+    datalayers,
     loss,
     neuron,
     normalization,

@@ -14,7 +14,11 @@ from espresso.layer import Layer, register
 from espresso.proto import caffe_pb2
 
 COLUMN_BUDGET = 256 << 20  # bytes of im2col columns per layer; larger batches run in chunks
-BATCH_LAST_BELOW = 256  # output maps with fewer pixels than this use the batch-last column layout
+# The batch-last column layout (one GEMM over the batch, transposes on the output side) wins
+# over the batch-major one (a GEMM per image) when output maps are small or the columns tall;
+# measured with LeNet/CIFAR/VGG-like shapes on 2 cores.
+BATCH_LAST_BELOW = 256  # output pixels per image
+BATCH_LAST_ROWS = 128  # column rows: C_in/group * prod(kernel)
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -82,7 +86,8 @@ class _ColumnGemm:
         self.rows_per_group = self.ci // self.group * math.prod(layer.kernel)  # Kg
         col_bytes = self.ci * math.prod(layer.kernel) * self.length * dtype.itemsize
         self.chunk = max(1, min(num, COLUMN_BUDGET // max(col_bytes, 1)))
-        self.batch_last = self.chunk > 1 and self.length < BATCH_LAST_BELOW
+        tall = self.rows_per_group >= BATCH_LAST_ROWS
+        self.batch_last = self.chunk > 1 and (tall or self.length < BATCH_LAST_BELOW)
         unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
         self.skip = unit and not self.batch_last
         n, empty = self.chunk, self.xp.empty

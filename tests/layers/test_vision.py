@@ -31,7 +31,9 @@ def raises(error, snippet, bottoms, match=None, **kwargs):
 @pytest.fixture(params=["batch_major", "batch_last"])
 def layout(request, monkeypatch):
     """Run a convolution test with each column layout (the layer picks one by map size)."""
-    monkeypatch.setattr(vision, "BATCH_LAST_BELOW", 0 if request.param == "batch_major" else 10 ** 9)
+    major = request.param == "batch_major"
+    monkeypatch.setattr(vision, "BATCH_LAST_BELOW", 0 if major else 10 ** 9)
+    monkeypatch.setattr(vision, "BATCH_LAST_ROWS", 10 ** 9 if major else 0)
     return request.param
 
 
@@ -66,7 +68,8 @@ def deconv_ref(x, w, b, stride, pad, dilation, group):
     cg = c // group
     for i, ci in itertools.product(range(n), range(c)):
         g = ci // cg
-        for pos, tap in itertools.product(itertools.product(*map(range, spatial)), itertools.product(*map(range, kernel))):
+        positions, taps = itertools.product(*map(range, spatial)), itertools.product(*map(range, kernel))
+        for pos, tap in itertools.product(positions, list(taps)):
             dst = [q * st - p + t * d for q, st, p, t, d in zip(pos, stride, pad, tap, dilation)]
             if all(0 <= s_ < size for s_, size in zip(dst, out)):
                 for mo in range(mg):
@@ -135,7 +138,8 @@ def conv_snippet(fields, bias=True, kind="Convolution"):
 
 CONV_CASES = [  # shape, fields, stride, pad, dilation, group, bias
     ((2, 3, 5, 6), "num_output: 4 kernel_size: 3 pad: 1", (1, 1), (1, 1), (1, 1), 1, True),
-    ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 stride: 2 pad: 1 dilation: 2 group: 2", (2, 2), (1, 1), (2, 2), 2, True),
+    ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 stride: 2 pad: 1 dilation: 2 group: 2",
+     (2, 2), (1, 1), (2, 2), 2, True),
     ((2, 2, 7, 8), "num_output: 3 kernel_size: 2 stride: 3", (3, 3), (0, 0), (1, 1), 1, False),
     ((2, 3, 4, 5), "num_output: 5 kernel_size: 1", (1, 1), (0, 0), (1, 1), 1, True),
     ((2, 4, 5, 5), "num_output: 4 kernel_size: 3 group: 4 pad: 2", (1, 1), (2, 2), (1, 1), 4, True),

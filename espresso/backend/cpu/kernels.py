@@ -16,16 +16,63 @@ Conventions shared by the primitives below:
   allocated once by the layer's reshape (the CUDA backend needs none and reports 0); None
   makes the primitive allocate one for that call.
 - Loops run over kernel offsets (prod(K) iterations), never over samples or pixels.
+- Large calls are split into slices of the batch (or of the channels, for batch-last
+  columns) that run on THREADS threads: NumPy releases the GIL inside its loops, and BLAS
+  is the only other source of threads on the CPU.
 """
 
 import functools
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
+THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+MIN_SLICE = 1 << 16  # output elements per thread below which a call is not split
+_executor = None
+
+
+def _in_slices(count, elements, task):
+    """task(lo, hi) over [0, count) cut into up to THREADS slices of about MIN_SLICE or more
+    `elements` each, run in parallel; the calling thread takes the first slice."""
+    parts = min(THREADS, count, max(1, elements // MIN_SLICE))
+    if parts <= 1:
+        task(0, count)
+        return
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="espresso-kernels")
+    bounds = [count * i // parts for i in range(parts + 1)]
+    futures = [_executor.submit(task, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    task(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def _slice_work(work, size, count, lo, hi):
+    """The part of a workspace of `size` elements (linear in `count`) that slice [lo, hi) uses."""
+    if work is None:
+        return None
+    unit = size // count
+    return work[unit * lo: unit * hi]
+
+
+def _slices(fn, arrays, work, size, *args):
+    """fn(*array slices, *args, work slice) over slices of axis 0 of `arrays`, in parallel."""
+    count = arrays[0].shape[0]
+
+    def task(lo, hi):
+        fn(*(a[lo:hi] for a in arrays), *args, _slice_work(work, size, count, lo, hi))
+    _in_slices(count, max(a.size for a in arrays), task)
+
+
+def _planes_of(*arrays):
+    """(N, C, ...) arrays as (N*C, 1, ...): pooling treats every image plane alike."""
+    return [_view(a, (-1, 1) + a.shape[2:]) for a in arrays]
 
 
 # *** geometry helpers ***
@@ -108,7 +155,38 @@ def _col_geometry(x_shape, kernel, stride, pad, dilation):
 
 def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
     """Columns of x (N, C, *S) into col: (N, C*prod(K), prod(O)), or batch_last
-    (C*prod(K), prod(O)*N).  Padding reads as zero.  One strided copy."""
+    (C*prod(K), prod(O)*N).  Padding reads as zero.  One strided copy per slice."""
+    _column_slices(_im2col, x, col, kernel, stride, pad, dilation, batch_last, work)
+
+
+def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of
+    the column entries that read it.  One strided add per kernel offset."""
+    _column_slices(_col2im, x, col, kernel, stride, pad, dilation, batch_last, work)
+
+
+def _column_slices(fn, x, col, kernel, stride, pad, dilation, batch_last, work):
+    """fn(x part, col part, ...) over slices of the batch (batch-major) or of the channels
+    (batch-last): both are contiguous row blocks of col."""
+    n, c = x.shape[:2]
+    rows = math.prod(kernel)
+    size = im2col_workspace_size(x.shape, pad, batch_last)
+    if batch_last:
+        cols = _view(col, (c * rows, -1))
+
+        def task(lo, hi):
+            part = _slice_work(work, size, c, lo, hi)
+            fn(x[:, lo:hi], cols[lo * rows: hi * rows], kernel, stride, pad, dilation, True, part)
+        _in_slices(c, col.size, task)
+    else:
+        cols = _view(col, (n, c * rows, -1))
+
+        def task(lo, hi):
+            fn(x[lo:hi], cols[lo:hi], kernel, stride, pad, dilation, False, _slice_work(work, size, n, lo, hi))
+        _in_slices(n, col.size, task)
+
+
+def _im2col(x, col, kernel, stride, pad, dilation, batch_last, work):
     n, c = x.shape[:2]
     d = x.ndim - 2
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
@@ -125,9 +203,7 @@ def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
         _view(col, (n, c, *kernel, *out))[...] = win.transpose(order)
 
 
-def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
-    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of
-    the column entries that read it.  One strided add per kernel offset."""
+def _col2im(x, col, kernel, stride, pad, dilation, batch_last, work):
     n, c = x.shape[:2]
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
     staged = batch_last or any(pad)
@@ -137,7 +213,7 @@ def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
         acc = x
     acc[...] = 0
     lead = (slice(None),) if batch_last else (slice(None), slice(None))
-    cols = col.reshape((c, *kernel, *out, n) if batch_last else (n, c, *kernel, *out))
+    cols = _view(col, (c, *kernel, *out, n) if batch_last else (n, c, *kernel, *out))
     for offset in _offsets(kernel):
         acc[lead + _taps(offset, stride, dilation, out)] += cols[lead + offset]
     if staged:
@@ -181,13 +257,14 @@ def _planes(x, out, kernel, stride, pad, value, work):
 
 @functools.lru_cache(maxsize=256)
 def _index_tables(spatial, out, kernel, stride, pad):
-    """Flat-index pieces of window cells: index = base[output] + offset_index[k], with
-    index = h*W + w into the unpadded input, as Caffe stores its argmax."""
+    """Flat-index pieces of window cells: index = base[output] + cells[offset], with
+    index = h*W + w into the unpadded input, as Caffe stores its argmax.  cells has one extra
+    entry (the last cell again) for windows where nothing was picked."""
     pitch = [math.prod(spatial[i + 1:]) for i in range(len(spatial))]
-    offsets = [sum(o * p for o, p in zip(offset, pitch)) for offset in _offsets(kernel)]
+    cells = [sum(o * p for o, p in zip(offset, pitch)) for offset in _offsets(kernel)]
     starts = [(np.arange(o) * s - p) * q for o, s, p, q in zip(out, stride, pad, pitch)]
     base = functools.reduce(np.add.outer, starts) if starts else np.zeros(())
-    return np.asarray(offsets, np.int64), base.astype(np.int64)
+    return np.asarray(cells + cells[-1:], np.int32), base.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,38 +275,45 @@ def _ave_divisor(spatial, out, kernel, stride, pad, dtype):
     return functools.reduce(np.multiply.outer, sizes).astype(dtype)
 
 
-def _first_hit_code(planes, test, k):
-    """code = K - (first offset o with test(o) true), 0 where none: max over offsets of
-    hit * (K - o), so the earliest offset (Caffe's scan order h, then w) wins ties."""
-    code = np.zeros(planes.shape[1], np.int16 if k < 2 ** 15 else np.int32)
-    hit = np.empty(planes.shape[1], bool)
-    scaled = np.empty_like(code)
-    for o in range(k):
-        test(o, hit)
-        np.multiply(hit, code.dtype.type(k - o), out=scaled)
-        np.maximum(code, scaled, out=code)
-    return code
+@functools.lru_cache(maxsize=None)
+def _first_bit_table(k):
+    """code -> K - bit_length(code): the first offset whose bit is set (K where none is)."""
+    return np.array([k - c.bit_length() for c in range(1 << k)], np.intp)
 
 
-def _store_index(index, code, spatial, out, kernel, stride, pad):
-    """index (N, C, *O) = flat h*W+w input position of offset K - code (any int/float dtype)."""
-    offsets, base = _index_tables(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
-    lookup = np.concatenate([[offsets[-1]], offsets[::-1]])  # code c -> offset K - c (c = 0: last)
-    np.add(np.take(lookup, code).reshape(index.shape), base, out=index, casting="unsafe")
+def _first_hits(hits):
+    """Per column of hits (K, M) (bool): the first offset that is true, K where none is.  The
+    earliest offset (Caffe's scan order: h, then w) wins ties.  Up to 16 offsets, the hits
+    are weighted by 2^(K-1-o) in one pass, so the highest set bit names the first hit."""
+    k = hits.shape[0]
+    if k <= 16:
+        weights = (1 << np.arange(k - 1, -1, -1)).astype(np.uint8 if k <= 8 else np.uint16)
+        return np.take(_first_bit_table(k), np.einsum("km,k->m", hits.view(np.uint8), weights))
+    first = np.full(hits.shape[1], k, np.intp)
+    for o in range(k - 1, -1, -1):  # large windows (global pooling): few columns
+        first[hits[o]] = o
+    return first
 
 
-def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
+def _store_index(index, first, spatial, out, kernel, stride, pad):
+    """index (N, C, *O) = flat h*W+w input position of window offset `first` (the last
+    window cell where first == K); index may be of any int or float dtype."""
+    cells, base = _index_tables(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
+    picked = np.take(cells, first).reshape(index.shape)
+    np.add(picked, base, out=index, casting="unsafe")
+
+
+def _max_pool_forward(x, y, mask, kernel, stride, pad, work):
     """MAX pooling of x (N, C, *S) into y (N, C, *O); mask gets the argmax as a flat h*W+w
     index into the unpadded input (first maximum in scan order, as Caffe).  Padding cells
     read as -inf, so they are never picked."""
     planes = _planes(x, y.shape[2:], kernel, stride, pad, -np.inf, work)
     flat = _view(y, (-1,))
     np.max(planes, axis=0, out=flat)
-    code = _first_hit_code(planes, lambda o, hit: np.equal(planes[o], flat, out=hit), planes.shape[0])
-    _store_index(mask, code, x.shape[2:], y.shape[2:], kernel, stride, pad)
+    _store_index(mask, _first_hits(planes == flat), x.shape[2:], y.shape[2:], kernel, stride, pad)
 
 
-def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
+def _max_pool_backward(dy, mask, dx, kernel, stride, pad, work):
     """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names (flat h*W+w index)."""
     if all(s >= k for s, k in zip(stride, kernel)):  # windows never overlap: a plain scatter
         n, c, *spatial = dx.shape
@@ -259,14 +343,14 @@ def _route_backward(dy, index, dx, kernel, stride, pad, work):
         _unstage(acc, dx, 2, pad, False)
 
 
-def ave_pool_forward(x, y, kernel, stride, pad, work=None):
+def _ave_pool_forward(x, y, kernel, stride, pad, work):
     """AVE pooling: window sums (padding reads 0) over Caffe's divisor (_ave_divisor)."""
     planes = _planes(x, y.shape[2:], kernel, stride, pad, 0, work)
     np.sum(planes, axis=0, out=_view(y, (-1,)))
     y /= _ave_divisor(tuple(x.shape[2:]), tuple(y.shape[2:]), tuple(kernel), tuple(stride), tuple(pad), y.dtype)
 
 
-def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
+def _ave_pool_backward(dy, dx, kernel, stride, pad, work):
     """dx = each output's dy / divisor spread over its window cells inside the input."""
     n, c, *spatial = dx.shape
     out = dy.shape[2:]
@@ -282,29 +366,20 @@ def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
         _unstage(acc, dx, 2, pad, False)
 
 
-def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
+def _stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work):
     """Caffe's STOCHASTIC pooling (TRAIN, its GPU code; no padding): each window picks the
     first cell whose running sum reaches rand * (window sum); y is that cell's value and
     index its flat h*W+w position.  Inputs are expected non-negative, as in Caffe."""
     nopad = (0,) * len(kernel)
     planes = _planes(x, y.shape[2:], kernel, stride, nopad, 0, work)
-    total = planes[0].copy()
-    for o in range(1, planes.shape[0]):  # summed in scan order, exactly as the running sum below
-        total += planes[o]
-    threshold = rand.reshape(-1) * total
-    running = np.zeros_like(total)
-
-    def reached(o, hit):
-        np.add(running, planes[o], out=running)
-        np.greater_equal(running, threshold, out=hit)
-
-    k = planes.shape[0]
-    code = np.maximum(_first_hit_code(planes, reached, k), 1)  # none reached (negative input): last
-    np.copyto(_view(y, (-1,)), np.take_along_axis(planes, (k - code)[None].astype(np.intp), 0)[0])
-    _store_index(index, code, x.shape[2:], y.shape[2:], kernel, stride, nopad)
+    running = np.cumsum(planes, axis=0)  # in scan order, as Caffe's two loops add
+    first = _first_hits(running >= rand.reshape(-1) * running[-1])
+    np.minimum(first, planes.shape[0] - 1, out=first)  # none reached (negative input): the last cell
+    _store_index(index, first, x.shape[2:], y.shape[2:], kernel, stride, nopad)
+    np.copyto(_view(y, (-1,)), np.take_along_axis(planes, first[None], 0)[0])
 
 
-def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
+def _stochastic_pool_forward_test(x, y, kernel, stride, work):
     """STOCHASTIC pooling at TEST: the probability-weighted average sum(x^2) / sum(x), the
     denominator seeded with FLT_MIN as Caffe's GPU code does."""
     planes = _planes(x, y.shape[2:], kernel, stride, (0,) * len(kernel), 0, work)
@@ -316,7 +391,7 @@ def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
     np.divide(squares, sums, out=_view(y, (-1,)))
 
 
-def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
+def _stochastic_pool_backward(dy, index, dx, kernel, stride, work):
     """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
     _route_backward(dy, index, dx, kernel, stride, (0,) * len(kernel), work)
 
@@ -341,7 +416,7 @@ def _channel_window_sum(values, out, size, work):
         out += padded[:, i: i + c]
 
 
-def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
+def _lrn_across_forward(x, y, scale, size, alpha, beta, k, work):
     """Caffe's ACROSS_CHANNELS LRN: scale = k + alpha/size * (window sum of x^2 over `size`
     neighbouring channels); y = x * scale^-beta.  scale is kept for the backward pass."""
     _channel_window_sum(x * x, scale, size, work)
@@ -351,7 +426,7 @@ def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
     y *= x
 
 
-def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
+def _lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work):
     """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
     ratio = dy * y
     ratio /= scale
@@ -361,3 +436,67 @@ def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
     np.power(scale, -beta, out=dx)
     dx *= dy
     dx += ratio
+
+
+# *** public pooling and LRN primitives: slices of image planes (or of the batch) in parallel ***
+def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
+    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
+    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
+    Padding cells read as -inf, so they are never picked."""
+    size = pool_workspace_size(x.shape, y.shape, kernel, stride, pad)
+    _slices(_max_pool_forward, _planes_of(x, y, mask), work, size, kernel, stride, pad)
+
+
+def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
+    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
+    overlap."""
+    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, pad)
+    _slices(_max_pool_backward, _planes_of(dy, mask, dx), work, size, kernel, stride, pad)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad, work=None):
+    """AVE pooling: window sums (padding reads 0) over Caffe's divisor, the window clipped to
+    [-pad, size + pad): padding cells count, cells past the padding do not."""
+    size = pool_workspace_size(x.shape, y.shape, kernel, stride, pad)
+    _slices(_ave_pool_forward, _planes_of(x, y), work, size, kernel, stride, pad)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
+    """dx = each output's dy / divisor spread over its window cells inside the input."""
+    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, pad)
+    _slices(_ave_pool_backward, _planes_of(dy, dx), work, size, kernel, stride, pad)
+
+
+def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
+    """Caffe's STOCHASTIC pooling in TRAIN (its GPU code; no padding): each window picks the
+    first cell whose running sum reaches rand * (window sum), rand uniform in [0, 1) per
+    output; y is that cell's value and index its flat h*W+w position.  Inputs are expected
+    non-negative, as in Caffe."""
+    size = pool_workspace_size(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
+    _slices(_stochastic_pool_forward_train, _planes_of(x, y, index, rand), work, size, kernel, stride)
+
+
+def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
+    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
+    denominator seeded with FLT_MIN as Caffe's GPU code does."""
+    size = pool_workspace_size(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
+    _slices(_stochastic_pool_forward_test, _planes_of(x, y), work, size, kernel, stride)
+
+
+def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
+    """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
+    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, (0,) * len(kernel))
+    _slices(_stochastic_pool_backward, _planes_of(dy, index, dx), work, size, kernel, stride)
+
+
+def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
+    """Caffe's ACROSS_CHANNELS LRN of (N, C, *S): scale = k + alpha/size * (sum of x^2 over
+    the `size` channels centred on each one, zeros past the ends); y = x * scale^-beta.
+    scale is kept for the backward pass."""
+    _slices(_lrn_across_forward, (x, y, scale), work, lrn_workspace_size(x.shape, size), size, alpha, beta, k)
+
+
+def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
+    """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
+    _slices(_lrn_across_backward, (x, y, dy, scale, dx), work, lrn_workspace_size(x.shape, size),
+            size, alpha, beta)
