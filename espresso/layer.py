@@ -52,6 +52,14 @@ def legacy_types():
     return {cls.legacy: cls.type for cls in _REGISTRY.values() if cls.legacy}
 
 
+def _is_set(message, name):
+    """HasField for singular fields, non-empty for repeated ones (HasField refuses those)."""
+    try:
+        return message.HasField(name)
+    except ValueError:
+        return len(getattr(message, name)) > 0
+
+
 class Layer:
     type = None  # the Caffe type string, e.g. "InnerProduct"
     param = None  # the LayerParameter field this layer reads, e.g. "inner_product_param"
@@ -141,11 +149,8 @@ class Layer:
     def reject_fields(self, *names):
         """Refuse parameter fields this layer does not implement (nothing is silently ignored)."""
         for name in names:
-            if self.p.HasField(name) if self._is_message_field(name) else len(getattr(self.p, name)):
+            if _is_set(self.p, name):
                 self.fail(f"{self.param}.{name} is not supported")
-
-    def _is_message_field(self, name):
-        return self.p.DESCRIPTOR.fields_by_name[name].label != 3  # 3 = LABEL_REPEATED
 
     def new_blob(self, shape, filler=None):
         """A parameter or workspace blob on this layer's backend and dtype."""

@@ -33,7 +33,8 @@ def spatial_params(layer, num_spatial):
     """(kernel, stride, pad, dilation), each a num_spatial-tuple, from layer.p (a
     ConvolutionParameter or PoolingParameter) in either spelling, checked as Caffe checks them.
     kernel is None when none is given."""
-    return tuple(_axis_values(layer, short, field, default, num_spatial) for short, field, default in _SPATIAL)
+    return tuple(_axis_values(layer, short, field, default, num_spatial)
+                 for short, field, default in _SPATIAL)
 
 
 def _axis_values(layer, short, field, default, num_spatial):
@@ -183,7 +184,8 @@ def conv_output_spatial(layer, spatial):
     for size, k, s, p, d in zip(spatial, layer.kernel, layer.stride, layer.pad, layer.dilation):
         extent = d * (k - 1) + 1
         if size + 2 * p < extent:
-            layer.fail(f"kernel extent {extent} exceeds the padded input: size {size} + 2 * pad {p}", ShapeError)
+            layer.fail(f"kernel extent {extent} exceeds the padded input: size {size} + 2 * pad {p}",
+                       ShapeError)
         out.append((size + 2 * p - extent) // s + 1)
     return tuple(out)
 
@@ -455,7 +457,8 @@ def _check_pool_method(layer, method, pad, kernel):
 
 def _check_4d(layer, blob):
     if blob.num_axes != 4:
-        layer.fail(f"input must have 4 axes (num, channels, height, width), got shape {blob.shape}", ShapeError)
+        layer.fail(f"input must have 4 axes (num, channels, height, width), got shape {blob.shape}",
+                   ShapeError)
 
 
 @register
@@ -463,8 +466,9 @@ class PoolingLayer(Layer):
     """MAX, AVE or STOCHASTIC pooling of (N, C, H, W).  Honors pooling_param: pool,
     kernel_size (or kernel_h/_w), stride (_h/_w), pad (_h/_w), global_pooling, round_mode,
     engine (ignored).  MAX may have a second top: the argmax as a flat h*W+w index (float).
-    STOCHASTIC follows Caffe's GPU code (its CPU code has none); it refuses a TEST-phase
-    backward, and a window that would start past the input is refused (Caffe reads garbage)."""
+    Differs from Caffe: a last window that would start past the input is refused (Caffe pools
+    an empty window there: -FLT_MAX or NaN); STOCHASTIC, which Caffe has on the GPU only,
+    draws from [0, 1) rather than (0, 1] and refuses a TEST-phase backward."""
 
     type = "Pooling"
     legacy = "POOLING"
@@ -669,7 +673,8 @@ class CropLayer(Layer):
         for i in range(self.start, len(big)):
             offset = offsets[0] if len(offsets) == 1 else offsets[i - self.start]
             if big[i] - offset < small[i]:
-                self.fail(f"cannot crop axis {i} of size {big[i]} to {small[i]} at offset {offset}", ShapeError)
+                self.fail(f"cannot crop axis {i} of size {big[i]} to {small[i]} at offset {offset}",
+                          ShapeError)
             self.slices += (slice(offset, offset + small[i]),)
         top[0].reshape(big[: self.start] + small[self.start: len(big)])
 

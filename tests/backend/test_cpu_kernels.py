@@ -21,6 +21,16 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Every test runs on the Numba fast path (when installed) and on the NumPy fallback."""
+    if request.param == "numba" and K.fast is None:
+        pytest.skip("Numba is not installed (pip install espresso-nn[fast])")
+    if request.param == "numpy":
+        monkeypatch.setattr(K, "fast", None)
+    return request.param
+
+
 def rand(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape)
 

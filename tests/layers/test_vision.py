@@ -38,12 +38,17 @@ def layout(request, monkeypatch):
 
 
 # *** references ***
+def conv_size(spatial, kernel, stride, pad, dilation):
+    return [(s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
+
+
 def conv_ref(x, w, b, stride, pad, dilation, group):
     """Direct convolution, N-D, one output element at a time."""
     n, c = x.shape[:2]
     m, cg, *kernel = w.shape
     spatial = x.shape[2:]
-    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
+    out = conv_size(spatial, kernel, stride, pad, dilation)
     y = np.zeros((n, m, *out))
     mg = m // group
     for i, o in itertools.product(range(n), range(m)):
@@ -63,7 +68,8 @@ def deconv_ref(x, w, b, stride, pad, dilation, group):
     n, c = x.shape[:2]
     _, mg, *kernel = w.shape
     spatial = x.shape[2:]
-    out = [st * (s - 1) + d * (k - 1) + 1 - 2 * p for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
+    out = [st * (s - 1) + d * (k - 1) + 1 - 2 * p
+           for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
     y = np.zeros((n, mg * group, *out))
     cg = c // group
     for i, ci in itertools.product(range(n), range(c)):
@@ -81,7 +87,7 @@ def deconv_ref(x, w, b, stride, pad, dilation, group):
 
 def im2col_ref(x, kernel, stride, pad, dilation):
     n, c, *spatial = x.shape
-    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
+    out = conv_size(spatial, kernel, stride, pad, dilation)
     taps = list(itertools.product(*map(range, kernel)))
     col = np.zeros((n, c * len(taps), *out))
     for i, ci, (t, tap) in itertools.product(range(n), range(c), enumerate(taps)):
@@ -111,7 +117,8 @@ def pool_ref(x, kernel, stride, pad, out, method):
         elif method == "AVE":
             y[i, ch, oh, ow] = sum(x[i, ch, r, q] for r, q in cells) / size
         else:  # STOCHASTIC at TEST: sum(x^2) / sum(x)
-            y[i, ch, oh, ow] = sum(x[i, ch, r, q] ** 2 for r, q in cells) / sum(x[i, ch, r, q] for r, q in cells)
+            values = [x[i, ch, r, q] for r, q in cells]
+            y[i, ch, oh, ow] = sum(v * v for v in values) / sum(values)
     return y, mask
 
 
@@ -159,7 +166,8 @@ def test_convolution(layout, shape, fields, stride, pad, dilation, group, bias):
 
 
 def test_convolution_weight_shape_and_output_shape():
-    run = LayerRun(conv_snippet("num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2"), [randn(2, 4, 9, 8)])
+    snippet = conv_snippet("num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2")
+    run = LayerRun(snippet, [randn(2, 4, 9, 8)])
     assert run.layer.blobs[0].shape == (6, 2, 3, 3)
     assert run.layer.blobs[1].shape == (6,)
     assert run.forward()[0].shape == (2, 6, 5, 4)
@@ -252,9 +260,10 @@ def test_convolution_reshape_errors():
 
 # *** Deconvolution ***
 DECONV_CASES = [  # shape, fields, stride, pad, dilation, group, bias, top shape
-    ((2, 3, 3, 4), "num_output: 4 kernel_size: 3 stride: 2 pad: 1", (2, 2), (1, 1), (1, 1), 1, True, (2, 4, 5, 7)),
-    ((2, 4, 3, 3), "num_output: 2 kernel_size: 2 stride: 1 dilation: 2 group: 2", (1, 1), (0, 0), (2, 2), 2, True,
-     (2, 2, 5, 5)),
+    ((2, 3, 3, 4), "num_output: 4 kernel_size: 3 stride: 2 pad: 1", (2, 2), (1, 1), (1, 1), 1, True,
+     (2, 4, 5, 7)),
+    ((2, 4, 3, 3), "num_output: 2 kernel_size: 2 stride: 1 dilation: 2 group: 2", (1, 1), (0, 0), (2, 2), 2,
+     True, (2, 2, 5, 5)),
     ((1, 2, 2, 3), "num_output: 3 kernel_size: 2 stride: 3", (3, 3), (0, 0), (1, 1), 1, False, (1, 3, 5, 8)),
     ((2, 3, 3, 3), "num_output: 2 kernel_size: 1", (1, 1), (0, 0), (1, 1), 1, True, (2, 2, 3, 3)),
 ]
@@ -311,8 +320,8 @@ POOL_CASES = [  # shape, fields, kernel, stride, pad, out
     ((2, 2, 7, 7), "kernel_size: 2 stride: 2", (2, 2), (2, 2), (0, 0), (4, 4)),  # last window clipped
     ((1, 2, 5, 5), "kernel_size: 2 stride: 2 pad: 1", (2, 2), (2, 2), (1, 1), (3, 3)),  # starts in pad: -1
     ((2, 1, 7, 7), "kernel_size: 2 stride: 2 round_mode: FLOOR", (2, 2), (2, 2), (0, 0), (3, 3)),
-    ((1, 2, 5, 7), "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 3 pad_h: 1 pad_w: 1", (3, 2), (1, 3), (1, 1),
-     (5, 3)),
+    ((1, 2, 5, 7), "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 3 pad_h: 1 pad_w: 1", (3, 2), (1, 3),
+     (1, 1), (5, 3)),
     ((2, 2, 6, 5), "kernel_size: 3 stride: 1", (3, 3), (1, 1), (0, 0), (4, 3)),
 ]
 
@@ -348,7 +357,8 @@ def test_max_pooling_ties_pick_the_first_and_never_padding():
 def test_global_pooling(pool):
     x = distinct(2, 3, 4, 5)
     check_layer(pool_snippet("global_pooling: true", pool), [x], top_shapes=[(2, 3, 1, 1)],
-                reference=lambda b, p: [pool_ref(b[0], (4, 5), (1, 1), (0, 0), (1, 1), pool)[0]], reshape_batch=1)
+                reference=lambda b, p: [pool_ref(b[0], (4, 5), (1, 1), (0, 0), (1, 1), pool)[0]],
+                reshape_batch=1)
 
 
 def test_stochastic_pooling_test_phase():
@@ -416,7 +426,8 @@ def test_pooling_errors(snippet, shape, error, match):
 
 
 def test_pooling_second_top_only_for_max():
-    raises(NetError, pool_snippet("kernel_size: 2", "AVE"), [np.zeros((1, 1, 4, 4))], tops=2, match="second top")
+    raises(NetError, pool_snippet("kernel_size: 2", "AVE"), [np.zeros((1, 1, 4, 4))], tops=2,
+           match="second top")
 
 
 # *** SPP ***
@@ -507,10 +518,9 @@ def test_crop(fields, axis, offsets, like):
 def test_crop_errors():
     raises(LayerParamError, 'type: "Crop" crop_param { offset: 1 offset: 1 offset: 1 }',
            [np.zeros((2, 3, 5, 5)), np.zeros((2, 3, 2, 2))], match="one per cropped axis")
-    raises(ShapeError, 'type: "Crop" crop_param { offset: 3 }', [np.zeros((2, 3, 5, 5)), np.zeros((2, 3, 3, 3))],
-           match="crop axis 2")
-    raises(LayerParamError, 'type: "Crop" crop_param { axis: 4 }', [np.zeros((2, 3, 5, 5)), np.zeros((2, 3, 3, 3))],
-           match="axis")
+    big, small = np.zeros((2, 3, 5, 5)), np.zeros((2, 3, 3, 3))
+    raises(ShapeError, 'type: "Crop" crop_param { offset: 3 }', [big, small], match="crop axis 2")
+    raises(LayerParamError, 'type: "Crop" crop_param { axis: 4 }', [big, small], match="axis")
 
 
 # *** spatial parameters and registration ***

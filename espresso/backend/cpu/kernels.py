@@ -16,71 +16,22 @@ Conventions shared by the primitives below:
   allocated once by the layer's reshape (the CUDA backend needs none and reports 0); None
   makes the primitive allocate one for that call.
 - Loops run over kernel offsets (prod(K) iterations), never over samples or pixels.
-- Large calls are split into slices of the batch (or of the channels, for batch-last
-  columns) that run on THREADS threads: NumPy releases the GIL inside its loops, and BLAS
-  is the only other source of threads on the CPU.
 """
 
 import functools
 import itertools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+try:  # the optional `fast` extra: Numba loops for the 2-D cases NumPy handles poorly
+    from espresso.backend.cpu import fast
+except ImportError:
+    fast = None
+
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
-THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-MIN_SLICE = 1 << 16  # output elements per thread below which a call is not split
-_executor = None
-
-
-def _in_slices(count, elements, task):
-    """task(lo, hi) over [0, count) cut into up to THREADS slices of about MIN_SLICE or more
-    `elements` each, run in parallel; the calling thread takes the first slice."""
-    parts = min(THREADS, count, max(1, elements // MIN_SLICE))
-    if parts <= 1:
-        task(0, count)
-        return
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="espresso-kernels")
-    bounds = [count * i // parts for i in range(parts + 1)]
-    futures = [_executor.submit(task, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    task(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
-
-
-def _slice_work(work, size, count, lo, hi):
-    """The part of a workspace of `size` elements (linear in `count`) that slice [lo, hi) uses."""
-    if work is None:
-        return None
-    unit = size // count
-    return work[unit * lo: unit * hi]
-
-
-def _slices(fn, arrays, work, size, *args):
-    """fn(*array slices, *args, work slice) over slices of axis 0 of `arrays`, in parallel."""
-    count = arrays[0].shape[0]
-
-    def task(lo, hi):
-        fn(*(a[lo:hi] for a in arrays), *args, _slice_work(work, size, count, lo, hi))
-    _in_slices(count, max(a.size for a in arrays), task)
-
-
-def _planes_of(*arrays):
-    """(N, C, ...) arrays as (N*C, 1, ...): pooling treats every image plane alike."""
-    return [_view(a, (-1, 1) + a.shape[2:]) for a in arrays]
-
-
 # *** geometry helpers ***
-def conv_out_size(size, kernel, stride, pad, dilation=1):
-    """Caffe's convolution output size: floor((size + 2 pad - extent) / stride) + 1."""
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _view(array, shape):
     """`array` reshaped without a copy (raises if that is impossible): outputs must stay views."""
     out = array.view()
@@ -108,7 +59,8 @@ def _window_view(src, lead, out, stride, dilation, kernel):
 
 def _taps(offset, stride, dilation, out):
     """Slices of a padded image hit by kernel offset `offset` over all output positions."""
-    return tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, s, d, m in zip(offset, stride, dilation, out))
+    return tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                 for o, s, d, m in zip(offset, stride, dilation, out))
 
 
 def _offsets(kernel):
@@ -148,48 +100,26 @@ def im2col_workspace_size(x_shape, pad, batch_last):
 
 def _col_geometry(x_shape, kernel, stride, pad, dilation):
     spatial = x_shape[2:]
-    out = tuple(conv_out_size(*a) for a in zip(spatial, kernel, stride, pad, dilation))
+    out = tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
+                for s, k, t, p, d in zip(spatial, kernel, stride, pad, dilation))
     extent = tuple(s + 2 * p for s, p in zip(spatial, pad))
     return out, extent
 
 
+def _fast_2d(*arrays):
+    """Whether the Numba kernels take this call: installed, 2-D images, contiguous arrays."""
+    return fast is not None and arrays[0].ndim == 4 and all(a.flags.c_contiguous for a in arrays)
+
+
 def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
     """Columns of x (N, C, *S) into col: (N, C*prod(K), prod(O)), or batch_last
-    (C*prod(K), prod(O)*N).  Padding reads as zero.  One strided copy per slice."""
-    _column_slices(_im2col, x, col, kernel, stride, pad, dilation, batch_last, work)
-
-
-def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
-    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of
-    the column entries that read it.  One strided add per kernel offset."""
-    _column_slices(_col2im, x, col, kernel, stride, pad, dilation, batch_last, work)
-
-
-def _column_slices(fn, x, col, kernel, stride, pad, dilation, batch_last, work):
-    """fn(x part, col part, ...) over slices of the batch (batch-major) or of the channels
-    (batch-last): both are contiguous row blocks of col."""
-    n, c = x.shape[:2]
-    rows = math.prod(kernel)
-    size = im2col_workspace_size(x.shape, pad, batch_last)
-    if batch_last:
-        cols = _view(col, (c * rows, -1))
-
-        def task(lo, hi):
-            part = _slice_work(work, size, c, lo, hi)
-            fn(x[:, lo:hi], cols[lo * rows: hi * rows], kernel, stride, pad, dilation, True, part)
-        _in_slices(c, col.size, task)
-    else:
-        cols = _view(col, (n, c * rows, -1))
-
-        def task(lo, hi):
-            fn(x[lo:hi], cols[lo:hi], kernel, stride, pad, dilation, False, _slice_work(work, size, n, lo, hi))
-        _in_slices(n, col.size, task)
-
-
-def _im2col(x, col, kernel, stride, pad, dilation, batch_last, work):
+    (C*prod(K), prod(O)*N).  Padding reads as zero.  One strided copy."""
     n, c = x.shape[:2]
     d = x.ndim - 2
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    if not batch_last and _fast_2d(x, col):
+        fast.im2col_2d(x, _view(col, (n, c, *kernel, *out)), *kernel, *stride, *pad, *dilation)
+        return
     src = x
     if batch_last or any(pad):
         src = _stage(x, work, 1 if batch_last else 2, pad, extent, 0, batch_last)
@@ -203,9 +133,14 @@ def _im2col(x, col, kernel, stride, pad, dilation, batch_last, work):
         _view(col, (n, c, *kernel, *out))[...] = win.transpose(order)
 
 
-def _col2im(x, col, kernel, stride, pad, dilation, batch_last, work):
+def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of
+    the column entries that read it.  One strided add per kernel offset."""
     n, c = x.shape[:2]
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    if not batch_last and _fast_2d(x, col):
+        fast.col2im_2d(_view(col, (n, c, *kernel, *out)), x, *kernel, *stride, *pad, *dilation)
+        return
     staged = batch_last or any(pad)
     if staged:
         acc = _carve(work, (c, *extent, n) if batch_last else (n, c, *extent), x.dtype)
@@ -221,8 +156,16 @@ def _col2im(x, col, kernel, stride, pad, dilation, batch_last, work):
 
 
 # *** pooling ***
-# The windows of every output are first copied into "planes" (prod(K), N*C*prod(O)), one
-# contiguous plane per kernel offset, so the reductions below run over long contiguous rows.
+# Each call copies the windows into "planes" (prod(K), N*C*prod(O)), one contiguous plane per
+# kernel offset, so the reductions run over long contiguous rows.
+def pool_workspace_size(x_shape, y_shape, kernel, stride, pad):
+    """Elements of the buffer the pooling primitives need: planes plus a padded input copy."""
+    n, c, *spatial = x_shape
+    extent = _pool_extent(spatial, y_shape[2:], kernel, stride, pad)
+    staged = n * c * math.prod(extent) if _needs_staging(spatial, extent, pad) else 0
+    return math.prod(kernel) * math.prod(y_shape) + staged
+
+
 def _pool_extent(spatial, out, kernel, stride, pad):
     """Padded extent that holds every window: [-pad, (out-1)*stride + kernel - pad)."""
     return tuple(max(p + s, (o - 1) * t + k) for s, o, k, t, p in zip(spatial, out, kernel, stride, pad))
@@ -230,14 +173,6 @@ def _pool_extent(spatial, out, kernel, stride, pad):
 
 def _needs_staging(spatial, extent, pad):
     return any(pad) or extent != tuple(spatial)
-
-
-def pool_workspace_size(x_shape, y_shape, kernel, stride, pad):
-    """Elements of the buffer the pooling primitives need: planes plus a padded input copy."""
-    n, c, *spatial = x_shape
-    extent = _pool_extent(spatial, y_shape[2:], kernel, stride, pad)
-    staged = n * c * math.prod(extent) if _needs_staging(spatial, extent, pad) else 0
-    return math.prod(kernel) * math.prod(y_shape) + staged
 
 
 def _planes(x, out, kernel, stride, pad, value, work):
@@ -255,6 +190,23 @@ def _planes(x, out, kernel, stride, pad, value, work):
     return planes.reshape(math.prod(kernel), -1)
 
 
+def _accumulator(dy, dx, kernel, stride, pad, work):
+    """Where window contributions to dx add up: a zeroed padded buffer (taken after the
+    planes in `work`) when windows reach outside the input, else dx itself."""
+    n, c, *spatial = dx.shape
+    extent = _pool_extent(spatial, dy.shape[2:], kernel, stride, pad)
+    if not _needs_staging(spatial, extent, pad):
+        acc = dx
+    else:
+        acc = _carve(None if work is None else work[math.prod(kernel) * dy.size:], (n, c, *extent), dx.dtype)
+    acc[...] = 0
+    return acc
+
+
+def _window_taps(offset, stride, out):
+    return (slice(None), slice(None)) + _taps(offset, stride, (1,) * len(out), out)
+
+
 @functools.lru_cache(maxsize=256)
 def _index_tables(spatial, out, kernel, stride, pad):
     """Flat-index pieces of window cells: index = base[output] + cells[offset], with
@@ -263,7 +215,7 @@ def _index_tables(spatial, out, kernel, stride, pad):
     pitch = [math.prod(spatial[i + 1:]) for i in range(len(spatial))]
     cells = [sum(o * p for o, p in zip(offset, pitch)) for offset in _offsets(kernel)]
     starts = [(np.arange(o) * s - p) * q for o, s, p, q in zip(out, stride, pad, pitch)]
-    base = functools.reduce(np.add.outer, starts) if starts else np.zeros(())
+    base = functools.reduce(np.add.outer, starts)
     return np.asarray(cells + cells[-1:], np.int32), base.astype(np.int32)
 
 
@@ -282,9 +234,9 @@ def _first_bit_table(k):
 
 
 def _first_hits(hits):
-    """Per column of hits (K, M) (bool): the first offset that is true, K where none is.  The
-    earliest offset (Caffe's scan order: h, then w) wins ties.  Up to 16 offsets, the hits
-    are weighted by 2^(K-1-o) in one pass, so the highest set bit names the first hit."""
+    """Per column of hits (K, M) (bool): the first offset that is true, K where none is, so
+    the earliest offset (Caffe's scan order: h, then w) wins ties.  Up to 16 offsets, the
+    hits are weighted by 2^(K-1-o) in one pass and the highest set bit names the first."""
     k = hits.shape[0]
     if k <= 16:
         weights = (1 << np.arange(k - 1, -1, -1)).astype(np.uint8 if k <= 8 else np.uint16)
@@ -303,73 +255,74 @@ def _store_index(index, first, spatial, out, kernel, stride, pad):
     np.add(picked, base, out=index, casting="unsafe")
 
 
-def _max_pool_forward(x, y, mask, kernel, stride, pad, work):
-    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask gets the argmax as a flat h*W+w
-    index into the unpadded input (first maximum in scan order, as Caffe).  Padding cells
-    read as -inf, so they are never picked."""
+def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
+    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
+    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
+    Padding cells read as -inf, so they are never picked."""
+    if _fast_2d(x, y, mask):
+        planes = x.shape[0] * x.shape[1]
+        fast.max_pool_forward_2d(_view(x, (planes, *x.shape[2:])), _view(y, (planes, *y.shape[2:])),
+                                 _view(mask, (planes, *y.shape[2:])), *kernel, *stride, *pad)
+        return
     planes = _planes(x, y.shape[2:], kernel, stride, pad, -np.inf, work)
     flat = _view(y, (-1,))
     np.max(planes, axis=0, out=flat)
     _store_index(mask, _first_hits(planes == flat), x.shape[2:], y.shape[2:], kernel, stride, pad)
 
 
-def _max_pool_backward(dy, mask, dx, kernel, stride, pad, work):
-    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names (flat h*W+w index)."""
+def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
+    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
+    overlap."""
+    if _fast_2d(dx, dy, mask):
+        planes = dx.shape[0] * dx.shape[1]
+        fast.max_pool_backward_2d(_view(dy, (planes, -1)), _view(mask, (planes, -1)), _view(dx, (planes, -1)))
+        return
     if all(s >= k for s, k in zip(stride, kernel)):  # windows never overlap: a plain scatter
         n, c, *spatial = dx.shape
-        planes = np.arange(n * c, dtype=np.int64).reshape(n, c, *(1,) * len(spatial)) * math.prod(spatial)
+        planes = np.arange(n * c, dtype=np.intp).reshape(n, c, *(1,) * len(spatial)) * math.prod(spatial)
         dx[...] = 0
-        _view(dx, (-1,))[(mask.astype(np.int64) + planes).reshape(-1)] = dy.reshape(-1)
+        _view(dx, (-1,))[(mask.astype(np.intp) + planes).reshape(-1)] = dy.reshape(-1)
         return
     _route_backward(dy, mask, dx, kernel, stride, pad, work)
 
 
 def _route_backward(dy, index, dx, kernel, stride, pad, work):
-    """dx = dy sent to the window cell `index` names, one masked strided add per offset
+    """dx = dy sent to the window cell `index` names: one masked strided add per offset
     (overlapping windows accumulate; cells outside the input are dropped)."""
-    n, c, *spatial = dx.shape
+    acc = _accumulator(dy, dx, kernel, stride, pad, work)
     out = dy.shape[2:]
-    extent = _pool_extent(spatial, out, kernel, stride, pad)
-    staged = _needs_staging(spatial, extent, pad)
-    acc = _carve(None if work is None else work[math.prod(kernel) * dy.size:], (n, c, *extent),
-                 dx.dtype) if staged else dx
-    acc[...] = 0
-    offsets, base = _index_tables(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
-    relative = index - base  # the offset index of the chosen cell, per output
+    cells, base = _index_tables(tuple(dx.shape[2:]), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
+    relative = index - base  # the chosen cell relative to each window's first cell
     for o, offset in enumerate(_offsets(kernel)):
-        taps = (slice(None), slice(None)) + _taps(offset, stride, (1,) * len(out), out)
-        acc[taps] += dy * (relative == offsets[o])
-    if staged:
+        acc[_window_taps(offset, stride, out)] += dy * (relative == cells[o])
+    if acc is not dx:
         _unstage(acc, dx, 2, pad, False)
 
 
-def _ave_pool_forward(x, y, kernel, stride, pad, work):
-    """AVE pooling: window sums (padding reads 0) over Caffe's divisor (_ave_divisor)."""
+def ave_pool_forward(x, y, kernel, stride, pad, work=None):
+    """AVE pooling: window sums (padding reads 0) over Caffe's divisor, the window clipped to
+    [-pad, size + pad): padding cells count, cells past the padding do not."""
     planes = _planes(x, y.shape[2:], kernel, stride, pad, 0, work)
-    np.sum(planes, axis=0, out=_view(y, (-1,)))
-    y /= _ave_divisor(tuple(x.shape[2:]), tuple(y.shape[2:]), tuple(kernel), tuple(stride), tuple(pad), y.dtype)
+    np.sum(planes, axis=0, out=_view(y, (-1,)))  # summed plane by plane, in Caffe's scan order
+    y /= _ave_divisor(x.shape[2:], y.shape[2:], tuple(kernel), tuple(stride), tuple(pad), y.dtype)
 
 
-def _ave_pool_backward(dy, dx, kernel, stride, pad, work):
+def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
     """dx = each output's dy / divisor spread over its window cells inside the input."""
-    n, c, *spatial = dx.shape
+    acc = _accumulator(dy, dx, kernel, stride, pad, work)
     out = dy.shape[2:]
-    extent = _pool_extent(spatial, out, kernel, stride, pad)
-    staged = _needs_staging(spatial, extent, pad)
-    acc = _carve(None if work is None else work[math.prod(kernel) * dy.size:], (n, c, *extent),
-                 dx.dtype) if staged else dx
-    acc[...] = 0
-    share = dy / _ave_divisor(tuple(spatial), tuple(out), tuple(kernel), tuple(stride), tuple(pad), dy.dtype)
+    share = dy / _ave_divisor(dx.shape[2:], out, tuple(kernel), tuple(stride), tuple(pad), dy.dtype)
     for offset in _offsets(kernel):
-        acc[(slice(None), slice(None)) + _taps(offset, stride, (1,) * len(out), out)] += share
-    if staged:
+        acc[_window_taps(offset, stride, out)] += share
+    if acc is not dx:
         _unstage(acc, dx, 2, pad, False)
 
 
-def _stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work):
-    """Caffe's STOCHASTIC pooling (TRAIN, its GPU code; no padding): each window picks the
-    first cell whose running sum reaches rand * (window sum); y is that cell's value and
-    index its flat h*W+w position.  Inputs are expected non-negative, as in Caffe."""
+def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
+    """Caffe's STOCHASTIC pooling in TRAIN (its GPU code; no padding): each window picks the
+    first cell whose running sum reaches rand * (window sum), rand uniform in [0, 1) per
+    output; y is that cell's value and index its flat h*W+w position.  Inputs are expected
+    non-negative, as in Caffe."""
     nopad = (0,) * len(kernel)
     planes = _planes(x, y.shape[2:], kernel, stride, nopad, 0, work)
     running = np.cumsum(planes, axis=0)  # in scan order, as Caffe's two loops add
@@ -379,8 +332,8 @@ def _stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work):
     np.copyto(_view(y, (-1,)), np.take_along_axis(planes, first[None], 0)[0])
 
 
-def _stochastic_pool_forward_test(x, y, kernel, stride, work):
-    """STOCHASTIC pooling at TEST: the probability-weighted average sum(x^2) / sum(x), the
+def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
+    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
     denominator seeded with FLT_MIN as Caffe's GPU code does."""
     planes = _planes(x, y.shape[2:], kernel, stride, (0,) * len(kernel), 0, work)
     sums = np.full(planes.shape[1], FLT_MIN, planes.dtype)
@@ -391,7 +344,7 @@ def _stochastic_pool_forward_test(x, y, kernel, stride, work):
     np.divide(squares, sums, out=_view(y, (-1,)))
 
 
-def _stochastic_pool_backward(dy, index, dx, kernel, stride, work):
+def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
     """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
     _route_backward(dy, index, dx, kernel, stride, (0,) * len(kernel), work)
 
@@ -403,8 +356,8 @@ def lrn_workspace_size(x_shape, size):
 
 
 def _channel_window_sum(values, out, size, work):
-    """out[:, c] = sum of values[:, c'] over c' in [c - (size-1)/2, c + (size-1)/2], zeros
-    beyond the channel range: one add per window position."""
+    """out[:, c] = sum of values[:, c'] for c' within (size-1)/2 of c, zeros past the
+    channel range: one add per window position."""
     n, c, *spatial = values.shape
     pre = (size - 1) // 2
     padded = _carve(work, (n, c + size - 1, *spatial), values.dtype)
@@ -416,9 +369,10 @@ def _channel_window_sum(values, out, size, work):
         out += padded[:, i: i + c]
 
 
-def _lrn_across_forward(x, y, scale, size, alpha, beta, k, work):
-    """Caffe's ACROSS_CHANNELS LRN: scale = k + alpha/size * (window sum of x^2 over `size`
-    neighbouring channels); y = x * scale^-beta.  scale is kept for the backward pass."""
+def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
+    """Caffe's ACROSS_CHANNELS LRN of (N, C, *S): scale = k + alpha/size * (sum of x^2 over
+    the `size` channels centred on each one, zeros past the ends); y = x * scale^-beta.
+    scale is kept for the backward pass."""
     _channel_window_sum(x * x, scale, size, work)
     scale *= alpha / size
     scale += k
@@ -426,77 +380,13 @@ def _lrn_across_forward(x, y, scale, size, alpha, beta, k, work):
     y *= x
 
 
-def _lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work):
+def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
     """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
     ratio = dy * y
     ratio /= scale
-    _channel_window_sum(ratio, ratio, size, work)  # the input is copied into work first
+    _channel_window_sum(ratio, ratio, size, work)  # reads its input into work first
     ratio *= x
     ratio *= -2.0 * alpha * beta / size
     np.power(scale, -beta, out=dx)
     dx *= dy
     dx += ratio
-
-
-# *** public pooling and LRN primitives: slices of image planes (or of the batch) in parallel ***
-def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
-    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
-    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
-    Padding cells read as -inf, so they are never picked."""
-    size = pool_workspace_size(x.shape, y.shape, kernel, stride, pad)
-    _slices(_max_pool_forward, _planes_of(x, y, mask), work, size, kernel, stride, pad)
-
-
-def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
-    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
-    overlap."""
-    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, pad)
-    _slices(_max_pool_backward, _planes_of(dy, mask, dx), work, size, kernel, stride, pad)
-
-
-def ave_pool_forward(x, y, kernel, stride, pad, work=None):
-    """AVE pooling: window sums (padding reads 0) over Caffe's divisor, the window clipped to
-    [-pad, size + pad): padding cells count, cells past the padding do not."""
-    size = pool_workspace_size(x.shape, y.shape, kernel, stride, pad)
-    _slices(_ave_pool_forward, _planes_of(x, y), work, size, kernel, stride, pad)
-
-
-def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
-    """dx = each output's dy / divisor spread over its window cells inside the input."""
-    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, pad)
-    _slices(_ave_pool_backward, _planes_of(dy, dx), work, size, kernel, stride, pad)
-
-
-def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
-    """Caffe's STOCHASTIC pooling in TRAIN (its GPU code; no padding): each window picks the
-    first cell whose running sum reaches rand * (window sum), rand uniform in [0, 1) per
-    output; y is that cell's value and index its flat h*W+w position.  Inputs are expected
-    non-negative, as in Caffe."""
-    size = pool_workspace_size(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
-    _slices(_stochastic_pool_forward_train, _planes_of(x, y, index, rand), work, size, kernel, stride)
-
-
-def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
-    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
-    denominator seeded with FLT_MIN as Caffe's GPU code does."""
-    size = pool_workspace_size(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
-    _slices(_stochastic_pool_forward_test, _planes_of(x, y), work, size, kernel, stride)
-
-
-def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
-    """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
-    size = pool_workspace_size(dx.shape, dy.shape, kernel, stride, (0,) * len(kernel))
-    _slices(_stochastic_pool_backward, _planes_of(dy, index, dx), work, size, kernel, stride)
-
-
-def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
-    """Caffe's ACROSS_CHANNELS LRN of (N, C, *S): scale = k + alpha/size * (sum of x^2 over
-    the `size` channels centred on each one, zeros past the ends); y = x * scale^-beta.
-    scale is kept for the backward pass."""
-    _slices(_lrn_across_forward, (x, y, scale), work, lrn_workspace_size(x.shape, size), size, alpha, beta, k)
-
-
-def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
-    """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
-    _slices(_lrn_across_backward, (x, y, dy, scale, dx), work, lrn_workspace_size(x.shape, size),
-            size, alpha, beta)
