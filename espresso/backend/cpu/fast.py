@@ -114,3 +114,20 @@ def col2im_2d(col, x, kh, kw, sh, sw, ph, pw, dh, dw):
                             w = ow * sw - pw + j * dw
                             if 0 <= w < width:
                                 x[n, c, h, w] += col[n, c, i, j, oh, ow]
+
+
+@numba.njit(**_JIT)
+def col2im_2d_batch_last(col, staged, kh, kw, sh, sw, dh, dw):
+    """col2im for batch-last columns (C, kh, kw, OH, OW, N): staged (C, H+2ph, W+2pw, N) = the
+    sums of the column runs that read it (the caller moves the interior back to (N, C, H, W)).
+    (im2col in this layout stays NumPy's: one strided copy already runs at memory speed.)"""
+    chans, out_h, out_w, batch = col.shape[0], col.shape[3], col.shape[4], col.shape[5]
+    staged[...] = 0
+    for c in range(chans):
+        for i in range(kh):
+            for j in range(kw):
+                for oh in range(out_h):
+                    for ow in range(out_w):
+                        h, w = oh * sh + i * dh, ow * sw + j * dw
+                        for n in range(batch):  # explicit: a slice per run costs a view each
+                            staged[c, h, w, n] += col[c, i, j, oh, ow, n]

@@ -138,8 +138,13 @@ def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
     the column entries that read it.  One strided add per kernel offset."""
     n, c = x.shape[:2]
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
-    if not batch_last and _fast_2d(x, col):
-        fast.col2im_2d(_view(col, (n, c, *kernel, *out)), x, *kernel, *stride, *pad, *dilation)
+    if _fast_2d(x, col):
+        if not batch_last:
+            fast.col2im_2d(_view(col, (n, c, *kernel, *out)), x, *kernel, *stride, *pad, *dilation)
+        else:
+            staged = _carve(work, (c, *extent, n), x.dtype)
+            fast.col2im_2d_batch_last(_view(col, (c, *kernel, *out, n)), staged, *kernel, *stride, *dilation)
+            _unstage(staged, x, 1, pad, True)
         return
     staged = batch_last or any(pad)
     if staged:
