@@ -3,7 +3,10 @@
 `import espresso as caffe` runs ordinary pycaffe code.
 """
 
-from espresso import io
+from espresso import (
+    io,
+    layers,  # also pycaffe's NetSpec `L` (see espresso/layers/__init__.py)
+)
 from espresso.blob import Blob
 from espresso.errors import (
     BackendError,
@@ -16,7 +19,7 @@ from espresso.errors import (
 )
 from espresso.layer import Layer, register
 from espresso.net import TEST, TRAIN, Net
-from espresso.netspec import NetSpec, layers, params, to_proto
+from espresso.netspec import NetSpec, params, to_proto
 from espresso.runtime import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from espresso.solver import (
     AdaDeltaSolver,

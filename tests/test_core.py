@@ -115,7 +115,7 @@ def test_gpu_mode_without_a_gpu_backend_is_a_clear_error():
         pytest.skip("CuPy present: the GPU backend may work here")
     except ImportError:
         pass
-    with pytest.raises(caffe.BackendError, match="not available"):
+    with pytest.raises(caffe.BackendError, match="needs CuPy.*pip install cupy"):
         caffe.set_mode_gpu()
 
 

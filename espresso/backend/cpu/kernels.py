@@ -34,9 +34,7 @@ FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stoch
 # *** geometry helpers ***
 def _view(array, shape):
     """`array` reshaped without a copy (raises if that is impossible): outputs must stay views."""
-    out = array.view()
-    out.shape = shape
-    return out
+    return array.reshape(shape, copy=False)
 
 
 def _carve(work, shape, dtype):

@@ -1,0 +1,308 @@
+"""CUDA versions of the named primitives: every public function of espresso/backend/cpu/kernels.py
+with the same signature and the same (Caffe's) semantics, run as CUDA kernels on CuPy arrays.
+
+The kernels live in one .cu file per family (im2col.cu, pooling.cu, lrn.cu), each opening with
+what it computes, its launch layout and its assumptions.  A family is compiled by NVRTC
+(cupy.RawModule) on first use, once per (device, float type, number of spatial axes), its
+templates instantiated through `name_expressions`; CuPy also caches the binaries on disk.
+
+Conventions, beyond the CPU module's:
+- Arrays are CuPy arrays of one float type (float32 or float64); masks and indices may be int32,
+  int64, float32 or float64.  Non-contiguous inputs are copied; outputs must be C-contiguous.
+- 1 to 3 spatial axes (MAX_AXES); every element count below 2^31 (the kernels index with int).
+- No workspace: the *_workspace_size functions return 0 and `work` is ignored.
+- Sums run in the CPU version's order and the kernels are compiled without FMA contraction, so
+  results match the CPU to rounding (bit for bit where no math-library call is involved).
+- Every primitive writes each element of its output (backward passes gather, never scatter).
+CuPy is imported on first launch, so this module (and its signatures) can be read without it.
+"""
+
+import functools
+import math
+import pathlib
+
+import numpy as np
+
+FLT_MIN = float(np.finfo(np.float32).tiny)  # as the CPU module (Caffe's FLT_MIN)
+MAX_AXES = 3  # spatial axes the kernels are instantiated for
+BLOCK = 256  # threads per block
+MAX_BLOCKS = 1 << 16  # grid-stride loops cover larger counts
+OPTIONS = ("-std=c++17", "--fmad=false")  # no FMA contraction: the CPU's rounding, step by step
+SOURCES = pathlib.Path(__file__).resolve().parent
+
+_FLOATS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_INDICES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long", **_FLOATS}
+_INT_LIMIT = 2 ** 31
+
+
+# *** compiling and launching ***
+def name_expressions(family, ctype, ndim):
+    """The template instantiations of `family` for float type `ctype` ("float" or "double") and
+    `ndim` spatial axes (ignored by lrn): the names NVRTC is asked for, and nvcc in check_cu.sh."""
+    if family == "im2col":
+        return [f"{kernel}<{ctype}, {ndim}, {flag}>" for kernel in ("im2col_kernel", "col2im_kernel")
+                for flag in ("false", "true")]
+    if family == "pooling":
+        masks = dict.fromkeys(_INDICES.values())  # int, long long, float, double
+        masked = ("max_pool_forward_kernel", "pool_route_backward_kernel",
+                  "stochastic_pool_forward_train_kernel")
+        plain = ("ave_pool_forward_kernel", "ave_pool_backward_kernel", "stochastic_pool_forward_test_kernel")
+        return ([f"{kernel}<{ctype}, {m}, {ndim}>" for kernel in masked for m in masks]
+                + [f"{kernel}<{ctype}, {ndim}>" for kernel in plain])
+    if family == "lrn":
+        return [f"{kernel}<{ctype}>" for kernel in ("lrn_across_forward_kernel",
+                                                     "lrn_across_backward_kernel")]
+    raise ValueError(f"unknown kernel family '{family}'")
+
+
+def _cupy():
+    import cupy  # deferred: importing espresso (or reading these signatures) never needs CuPy
+
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family, device, ctype, ndim):
+    cupy = _cupy()
+    code = (SOURCES / f"{family}.cu").read_text()
+    with cupy.cuda.Device(device):
+        names = name_expressions(family, ctype, ndim)
+        return cupy.RawModule(code=code, options=OPTIONS, name_expressions=names)
+
+
+@functools.lru_cache(maxsize=None)
+def _function(family, expression, device, ctype, ndim):
+    with _cupy().cuda.Device(device):
+        return _module(family, device, ctype, ndim).get_function(expression)
+
+
+def _launch(family, expression, ctype, ndim, count, args):
+    """Run kernel `expression` of `family` over `count` elements on the current device and stream."""
+    if count == 0:
+        return
+    device = _cupy().cuda.runtime.getDevice()
+    blocks = min(-(-count // BLOCK), MAX_BLOCKS)
+    _function(family, expression, device, ctype, ndim)((blocks,), (BLOCK,), args)
+
+
+# *** argument checks ***
+def _float_type(*arrays):
+    """The C type of the arrays' common float dtype."""
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
+        raise TypeError(f"the CUDA kernels take arrays of one float type (float32 or float64), "
+                        f"got {sorted(str(d) for d in dtypes)}")
+    return _FLOATS[dtypes.pop()]
+
+
+def _index_type(array):
+    dtype = np.dtype(array.dtype)
+    if dtype not in _INDICES:
+        raise TypeError(f"indices must be int32, int64, float32 or float64, got {dtype}")
+    return _INDICES[dtype]
+
+
+def _spatial_axes(shape):
+    d = len(shape) - 2
+    if not 1 <= d <= MAX_AXES:
+        raise ValueError(f"the CUDA kernels take images (N, C, *spatial) with 1 to {MAX_AXES} spatial "
+                         f"axes, got shape {tuple(shape)}")
+    return d
+
+
+def _input(array):
+    """A C-contiguous version of an input (a copy only when it is not one already)."""
+    if array.size >= _INT_LIMIT:
+        raise ValueError(f"array of {array.size} elements: the CUDA kernels index with 32-bit ints")
+    return array if array.flags.c_contiguous else array.copy()
+
+
+def _output(array, size, what):
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous (the CUDA kernels write it in place)")
+    if array.size != size:
+        raise ValueError(f"{what} holds {array.size} elements, the geometry needs {size}")
+    if array.size >= _INT_LIMIT:
+        raise ValueError(f"{what} of {array.size} elements: the CUDA kernels index with 32-bit ints")
+    return array
+
+
+def _address(array):
+    data = array.data
+    return data.ptr if hasattr(data, "ptr") else array.ctypes.data
+
+
+def _axes(*groups):
+    """int32 kernel arguments: each per-axis tuple padded to MAX_AXES (size-1 axes, no padding)."""
+    args = []
+    for values, fill in groups:
+        values = tuple(int(v) for v in values)
+        args += [np.int32(v) for v in values + (fill,) * (MAX_AXES - len(values))]
+    return args
+
+
+# *** im2col / col2im ***
+def im2col_workspace_size(x_shape, pad, batch_last):
+    """0: the CUDA primitives need no staging buffer."""
+    return 0
+
+
+def _col_geometry(x_shape, kernel, stride, pad, dilation):
+    spatial = x_shape[2:]
+    out = tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
+                for s, k, t, p, d in zip(spatial, kernel, stride, pad, dilation))
+    args = _axes((spatial, 1), (kernel, 1), (stride, 1), (pad, 0), (dilation, 1), (out, 1))
+    return math.prod(x_shape[:2]) * math.prod(kernel) * math.prod(out), args
+
+
+def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """Columns of x (N, C, *S) into col: (N, C*prod(K), prod(O)), or batch_last
+    (C*prod(K), prod(O)*N).  Padding reads as zero.  One thread per column entry."""
+    ctype, d = _float_type(x, col), _spatial_axes(x.shape)
+    size, geometry = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    args = (_input(x), _output(col, size, "col"), np.int32(size), np.int32(x.shape[0]),
+            np.int32(x.shape[1]), *geometry)
+    _launch("im2col", f"im2col_kernel<{ctype}, {d}, {str(bool(batch_last)).lower()}>", ctype, d, size, args)
+
+
+def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
+    """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of the
+    column entries that read it.  One thread per pixel, gathering in kernel-offset order."""
+    ctype, d = _float_type(x, col), _spatial_axes(x.shape)
+    size, geometry = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    if col.size != size:
+        raise ValueError(f"col holds {col.size} elements, the geometry needs {size}")
+    args = (_input(col), _output(x, x.size, "x"), np.int32(x.size), np.int32(x.shape[0]),
+            np.int32(x.shape[1]), *geometry)
+    _launch("im2col", f"col2im_kernel<{ctype}, {d}, {str(bool(batch_last)).lower()}>", ctype, d, x.size, args)
+
+
+# *** pooling ***
+def pool_workspace_size(x_shape, y_shape, kernel, stride, pad):
+    """0: the CUDA primitives need no planes or padded copy."""
+    return 0
+
+
+def _pool_args(x_shape, y_shape, kernel, stride, pad):
+    if len(x_shape) != len(y_shape) or tuple(x_shape[:2]) != tuple(y_shape[:2]):
+        raise ValueError(f"pooling input {tuple(x_shape)} and output {tuple(y_shape)} differ in batch "
+                         f"or channels")
+    return _axes((x_shape[2:], 1), (kernel, 1), (stride, 1), (pad, 0), (y_shape[2:], 1))
+
+
+def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
+    """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
+    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
+    Padding cells read as -inf, so they are never picked."""
+    ctype, m, d = _float_type(x, y), _index_type(mask), _spatial_axes(x.shape)
+    geometry = _pool_args(x.shape, y.shape, kernel, stride, pad)
+    args = (_input(x), _output(y, y.size, "y"), _output(mask, y.size, "mask"), np.int32(y.size), *geometry)
+    _launch("pooling", f"max_pool_forward_kernel<{ctype}, {m}, {d}>", ctype, d, y.size, args)
+
+
+def _route_backward(dy, index, dx, kernel, stride, pad):
+    ctype, m, d = _float_type(dy, dx), _index_type(index), _spatial_axes(dx.shape)
+    geometry = _pool_args(dx.shape, dy.shape, kernel, stride, pad)
+    if index.size != dy.size:
+        raise ValueError(f"the index holds {index.size} elements, dy {dy.size}")
+    args = (_input(dy), _input(index), _output(dx, dx.size, "dx"), np.int32(dx.size), *geometry)
+    _launch("pooling", f"pool_route_backward_kernel<{ctype}, {m}, {d}>", ctype, d, dx.size, args)
+
+
+def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
+    """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
+    overlap."""
+    _route_backward(dy, mask, dx, kernel, stride, pad)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad, work=None):
+    """AVE pooling: window sums (padding reads 0) over Caffe's divisor, the window clipped to
+    [-pad, size + pad): padding cells count, cells past the padding do not."""
+    ctype, d = _float_type(x, y), _spatial_axes(x.shape)
+    geometry = _pool_args(x.shape, y.shape, kernel, stride, pad)
+    args = (_input(x), _output(y, y.size, "y"), np.int32(y.size), *geometry)
+    _launch("pooling", f"ave_pool_forward_kernel<{ctype}, {d}>", ctype, d, y.size, args)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
+    """dx = each output's dy / divisor spread over its window cells inside the input."""
+    ctype, d = _float_type(dy, dx), _spatial_axes(dx.shape)
+    geometry = _pool_args(dx.shape, dy.shape, kernel, stride, pad)
+    args = (_input(dy), _output(dx, dx.size, "dx"), np.int32(dx.size), *geometry)
+    _launch("pooling", f"ave_pool_backward_kernel<{ctype}, {d}>", ctype, d, dx.size, args)
+
+
+def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
+    """Caffe's STOCHASTIC pooling in TRAIN (its GPU code; no padding): each window picks the
+    first cell whose running sum reaches rand * (window sum), rand uniform in [0, 1) per
+    output; y is that cell's value and index its flat h*W+w position.  Inputs are expected
+    non-negative, as in Caffe."""
+    ctype, m, d = _float_type(x, y, rand), _index_type(index), _spatial_axes(x.shape)
+    geometry = _pool_args(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
+    if rand.size != y.size:
+        raise ValueError(f"rand holds {rand.size} elements, y {y.size}")
+    args = (_input(x), _output(y, y.size, "y"), _output(index, y.size, "index"), _input(rand),
+            np.int32(y.size), *geometry)
+    _launch("pooling", f"stochastic_pool_forward_train_kernel<{ctype}, {m}, {d}>", ctype, d, y.size, args)
+
+
+def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
+    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
+    denominator seeded with FLT_MIN as Caffe's GPU code does."""
+    ctype, d = _float_type(x, y), _spatial_axes(x.shape)
+    geometry = _pool_args(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
+    args = (_input(x), _output(y, y.size, "y"), np.int32(y.size), *geometry)
+    _launch("pooling", f"stochastic_pool_forward_test_kernel<{ctype}, {d}>", ctype, d, y.size, args)
+
+
+def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):
+    """dx = dy routed to the cells picked in TRAIN (index), as Caffe's GPU code."""
+    _route_backward(dy, index, dx, kernel, stride, (0,) * len(kernel))
+
+
+# *** local response normalization across channels ***
+def lrn_workspace_size(x_shape, size):
+    """0: the CUDA primitives need no channel-padded buffer."""
+    return 0
+
+
+def _lrn_shape(x):
+    if x.ndim < 2:
+        raise ValueError(f"LRN takes (N, C, *spatial) arrays, got shape {x.shape}")
+    return np.int32(x.size), np.int32(x.shape[1]), np.int32(math.prod(x.shape[2:]))
+
+
+def _unaliased(array, outputs):
+    """`array`, copied when it is one of `outputs` (the kernels read neighbours other threads write)."""
+    if any(_address(array) == _address(out) for out in outputs):
+        return array.copy()
+    return _input(array)
+
+
+def lrn_across_forward(x, y, scale, size, alpha, beta, k, work=None):
+    """Caffe's ACROSS_CHANNELS LRN of (N, C, *S): scale = k + alpha/size * (sum of x^2 over
+    the `size` channels centred on each one, zeros past the ends); y = x * scale^-beta.
+    scale is kept for the backward pass."""
+    ctype, t = _float_type(x, y, scale), x.dtype.type
+    outputs = (_output(y, x.size, "y"), _output(scale, x.size, "scale"))
+    args = (_unaliased(x, outputs), *outputs, *_lrn_shape(x), np.int32(size), t(alpha / size), t(k), t(-beta))
+    _launch("lrn", f"lrn_across_forward_kernel<{ctype}>", ctype, None, x.size, args)
+
+
+def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
+    """dx = dy * scale^-beta - (2 alpha beta / size) * x * (window sum of dy * y / scale)."""
+    ctype, t = _float_type(x, y, dy, scale, dx), x.dtype.type
+    out = _output(dx, x.size, "dx")
+    inputs = [_unaliased(a, (out,)) for a in (x, y, dy, scale)]
+    args = (*inputs, out, *_lrn_shape(x), np.int32(size), t(-2.0 * alpha * beta / size), t(-beta))
+    _launch("lrn", f"lrn_across_backward_kernel<{ctype}>", ctype, None, x.size, args)
+
+
+def instances_source(family):
+    """A .cu translation unit that includes FAMILY.cu and takes the address of every template
+    instantiation the backend can ask for (tools/check_cu.sh compiles it with nvcc)."""
+    names = [n for ctype in _FLOATS.values() for d in range(1, MAX_AXES + 1)
+             for n in name_expressions(family, ctype, d)]
+    lines = [f'#include "{SOURCES / (family + ".cu")}"', "void* espresso_instances[] = {"]
+    lines += [f"    (void*)&{name}," for name in dict.fromkeys(names)]
+    return "\n".join(lines + ["};", ""])

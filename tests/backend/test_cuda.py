@@ -1,0 +1,735 @@
+"""The CUDA backend against the CPU one.
+
+Without a GPU (or without CuPy) the checks that need neither run: the CUDA primitives mirror the
+CPU signatures, the .cu files compile with nvcc (when nvcc is on PATH), importing espresso does
+not import CuPy, set_mode_gpu fails with an install hint, and the primitive tests below run on
+the .cu kernels built for the host by g++ (the "emulated" device, see EMULATION_SHIM).
+With a GPU (marked `gpu`):
+- every primitive, CPU vs CUDA, on random inputs over several geometries (odd sizes, padding,
+  stride > kernel, dilation, 1-3 spatial axes), float32 and float64, outputs poisoned with NaN
+  first so an unwritten element fails: relative error ||gpu - cpu|| / ||cpu|| under 1e-5
+  (float32) / 1e-12 (float64), indices equal;
+- a catalogue of layers, CPU vs CUDA from identical params: forward tops, param data after
+  forward, backward bottom and param diffs;
+- LeNet's train net: forward_backward on both devices from identical weights.
+Set ESPRESSO_GPU_ERRORS=path to append every measured relative error to a file.
+"""
+
+import ctypes
+import inspect
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import espresso
+from espresso import backend as backends
+from espresso.backend.cpu import kernels as CPU
+from espresso.backend.cuda import kernels as CUDA
+from espresso.blob import Blob
+from espresso.errors import BackendError
+from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
+from espresso.testing import TEST, TRAIN, LayerRun
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+DTYPES = [np.float32, np.float64]
+
+
+def _gpu_missing():
+    """Why the GPU tests cannot run here, or None."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install cupy-cuda13x)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError without a driver
+        return f"no usable CUDA driver ({e})"
+    return None if count else "no CUDA GPU visible"
+
+
+MISSING = _gpu_missing()
+
+
+def gpu_test(function):
+    """Marked `gpu`, and skipped (saying why) where CuPy or a GPU is missing."""
+    skip = pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")
+    return pytest.mark.gpu(skip(function))
+
+
+class Device:
+    """What the primitive tests need from the device: copies both ways and the primitives."""
+
+    def __init__(self, backend):
+        self.backend, self.k = backend, CUDA
+
+    def put(self, array):
+        return self.backend.to_device(np.array(array))
+
+    def get(self, array):
+        return np.array(self.backend.to_host(array))
+
+    def poisoned(self, shape, dtype):
+        """An output buffer full of NaN (or -7 for integers): unwritten elements show up."""
+        dtype = np.dtype(dtype)
+        return self.put(np.full(shape, np.nan if dtype.kind == "f" else -7, dtype))
+
+
+# Host emulation, so that CI (which has no GPU) still runs the kernels' logic: each .cu file is
+# compiled by g++ with this shim for the CUDA built-ins it uses, and kernels._launch calls the
+# instantiation through ctypes with one thread (blockDim = gridDim = 1), which walks the whole
+# grid-stride loop.  It checks indexing, windows and summation order, not races or the GPU.
+EMULATION_SHIM = """
+#include <cmath>
+#include <cstring>
+#include <math.h>
+#include <type_traits>
+#include <utility>
+struct EmuDim3 { unsigned x, y, z; };
+static const EmuDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+template <typename... A, size_t... I>
+void emu_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*reinterpret_cast<std::remove_reference_t<A>*>(args[I])...);
+}
+template <typename... A>
+void emu_call(void (*f)(A...), void** args) { emu_call(f, args, std::index_sequence_for<A...>{}); }
+"""
+_C_SCALARS = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+              np.float64: ctypes.c_double}
+
+
+def _symbol(expression):
+    return "emu_" + "".join(c if c.isalnum() else "_" for c in expression)
+
+
+class Emulator:
+    """The CUDA kernel families built for the host; `launch` stands in for kernels._launch."""
+
+    def __init__(self, folder):
+        self.folder, self.libraries = folder, {}
+
+    def library(self, family):
+        if family not in self.libraries:
+            names = dict.fromkeys(n for ctype in ("float", "double") for d in range(1, CUDA.MAX_AXES + 1)
+                                  for n in CUDA.name_expressions(family, ctype, d))
+            lines = [EMULATION_SHIM, f'#include "{CUDA.SOURCES / (family + ".cu")}"']
+            lines += [f'extern "C" void {_symbol(n)}(void** a) {{ emu_call(&{n}, a); }}' for n in names]
+            source, library = self.folder / f"{family}.cpp", self.folder / f"lib{family}.so"
+            source.write_text("\n".join(lines) + "\n")
+            flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC"]
+            subprocess.run(["g++", *flags, "-o", str(library), str(source)], check=True, capture_output=True)
+            self.libraries[family] = ctypes.CDLL(str(library))
+        return self.libraries[family]
+
+    def launch(self, family, expression, ctype, ndim, count, args):
+        assert expression in CUDA.name_expressions(family, ctype, ndim or 1), expression
+        if count == 0:
+            return
+        values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a)
+                  for a in args]
+        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        getattr(self.library(family), _symbol(expression))(pointers)
+
+
+class HostArrays:
+    """A stand-in backend for the emulated kernels: NumPy arrays play device arrays."""
+
+    def to_device(self, array):
+        return np.array(array)
+
+    def to_host(self, array):
+        return array
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    return Emulator(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+NO_GPP = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+
+
+@pytest.fixture(params=[
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(MISSING is not None,
+                                                                  reason=f"needs a CUDA GPU: {MISSING}")]),
+    pytest.param("emulated", marks=NO_GPP),
+])
+def dev(request, monkeypatch):
+    """The CUDA primitives on the GPU, or emulated on the host.  The CPU reference is the NumPy
+    path of the CPU primitives (the Numba one is checked against it in test_cpu_kernels.py)."""
+    monkeypatch.setattr(CPU, "fast", None)
+    if request.param == "cuda":
+        return Device(backends.get("cuda:0"))
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    return Device(HostArrays())
+
+
+# *** comparisons ***
+def record(label, error):
+    path = os.environ.get("ESPRESSO_GPU_ERRORS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{label}\t{error:.3e}\n")
+
+
+def relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / (scale if scale else 1.0))
+
+
+def assert_matches(got, want, dtype, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all() == np.isfinite(want).all(), f"{what}: non-finite values (unwritten?)"
+    error = relative_error(got, want)
+    record(what, error)
+    assert error < TOLERANCE[np.dtype(dtype)], f"{what}: relative error {error:.3e}"
+
+
+def assert_same_indices(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    record(what, float(np.abs(got.astype(np.float64) - want).max(initial=0)))
+    np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64), err_msg=what)
+
+
+def rand(shape, seed, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# *** no GPU needed ***
+def _public_functions(module):
+    return {name: obj for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and not name.startswith("_") and obj.__module__ == module.__name__}
+
+
+def test_cuda_primitives_mirror_the_cpu_signatures():
+    cpu, cuda = _public_functions(CPU), _public_functions(CUDA)
+    assert set(cpu) <= set(cuda), f"missing on CUDA: {sorted(set(cpu) - set(cuda))}"
+    for name, function in cpu.items():
+        assert inspect.signature(cuda[name]) == inspect.signature(function), name
+    assert CUDA.FLT_MIN == CPU.FLT_MIN
+
+
+def test_every_cu_file_opens_with_a_description():
+    sources = sorted(CUDA.SOURCES.glob("*.cu"))
+    assert [p.stem for p in sources] == ["im2col", "lrn", "pooling"]
+    for path in sources:
+        lines = path.read_text().splitlines()
+        header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("//"))]
+        assert len(header) >= 5, f"{path.name}: no header comment"
+        assert any("Launch" in line for line in header), f"{path.name}: no launch layout in its header"
+        assert any("Assumptions" in line for line in header), f"{path.name}: no assumptions in its header"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_cu_files_compile_with_nvcc():
+    result = subprocess.run(["bash", str(ROOT / "tools" / "check_cu.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 3, result.stdout
+
+
+def test_importing_espresso_does_not_import_cupy():
+    code = ("import sys, espresso, espresso.backend.cuda, espresso.backend.cuda.kernels, espresso.layers; "
+            "sys.exit('cupy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr or "cupy was imported"
+
+
+@pytest.mark.skipif(MISSING is None, reason="a GPU is present")
+def test_set_mode_gpu_without_a_gpu_says_why():
+    with pytest.raises(BackendError) as info:
+        espresso.set_mode_gpu()
+    message = str(info.value)
+    assert "cuda:0" in message
+    if "CuPy is not installed" in MISSING:
+        assert "pip install cupy-cuda13x" in message
+    espresso.set_mode_cpu()
+
+
+def test_workspace_sizes_are_zero():
+    assert CUDA.im2col_workspace_size((2, 3, 5, 5), (1, 1), True) == 0
+    assert CUDA.pool_workspace_size((2, 3, 5, 5), (2, 3, 3, 3), (2, 2), (2, 2), (1, 1)) == 0
+    assert CUDA.lrn_workspace_size((2, 3, 5, 5), 5) == 0
+
+
+def test_name_expressions_cover_every_kernel_of_the_sources():
+    for family in ("im2col", "pooling", "lrn"):
+        source = (CUDA.SOURCES / f"{family}.cu").read_text()
+        kernels = {line.split("void ")[1].split("(")[0] for line in source.splitlines()
+                   if line.startswith("__global__ void")}
+        named = {name.split("<")[0] for name in CUDA.name_expressions(family, "float", 2)}
+        assert kernels == named, family
+
+
+# *** primitives, CPU vs CUDA ***
+# x shape, kernel, stride, pad, dilation: odd sizes, padding, stride > kernel, dilation, 1-D and 3-D
+CONV_GEOMETRIES = [
+    ((2, 3, 5, 7), (3, 2), (1, 2), (1, 0), (1, 1)),
+    ((3, 2, 7, 6), (2, 3), (3, 2), (1, 2), (2, 1)),
+    ((2, 2, 9, 8), (2, 2), (3, 4), (0, 1), (1, 1)),
+    ((1, 1, 4, 4), (1, 1), (1, 1), (0, 0), (1, 1)),
+    ((2, 2, 6, 5), (3, 3), (2, 1), (2, 2), (2, 2)),
+    ((5, 3, 13, 11), (5, 5), (1, 1), (2, 2), (1, 1)),
+    ((2, 3, 11), (3,), (2,), (1,), (3,)),
+    ((2, 2, 4, 5, 3), (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2)),
+]
+CONV_IDS = [f"{'x'.join(map(str, g[0]))}-k{''.join(map(str, g[1]))}" for g in CONV_GEOMETRIES]
+
+
+def conv_out(spatial, kernel, stride, pad, dilation):
+    return tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
+                 for s, k, t, p, d in zip(spatial, kernel, stride, pad, dilation))
+
+
+def col_shape(x_shape, kernel, out, batch_last):
+    n, c = x_shape[:2]
+    rows = c * math.prod(kernel)
+    return (rows, math.prod(out) * n) if batch_last else (n, rows, math.prod(out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_last", [False, True])
+@pytest.mark.parametrize("shape, kernel, stride, pad, dilation", CONV_GEOMETRIES, ids=CONV_IDS)
+def test_im2col_col2im(dev, shape, kernel, stride, pad, dilation, batch_last, dtype):
+    out = conv_out(shape[2:], kernel, stride, pad, dilation)
+    x = rand(shape, 1, dtype)
+    want = np.empty(col_shape(shape, kernel, out, batch_last), dtype)
+    CPU.im2col(x, want, kernel, stride, pad, dilation, batch_last)
+    col = dev.poisoned(want.shape, dtype)
+    dev.k.im2col(dev.put(x), col, kernel, stride, pad, dilation, batch_last, None)
+    what = f"im2col {shape} {dtype.__name__} batch_last={batch_last}"
+    assert_matches(dev.get(col), want, dtype, what)
+    assert np.array_equal(dev.get(col), want), f"{what}: not bit-identical"  # copies only
+
+    y = rand(want.shape, 2, dtype)
+    back = np.empty(shape, dtype)
+    CPU.col2im(y, back, kernel, stride, pad, dilation, batch_last)
+    image = dev.poisoned(shape, dtype)
+    dev.k.col2im(dev.put(y), image, kernel, stride, pad, dilation, batch_last, None)
+    assert_matches(dev.get(image), back, dtype, f"col2im {shape} {dtype.__name__} batch_last={batch_last}")
+
+
+# x shape, kernel, stride, pad (output sizes by Caffe's ceil rule, clipped)
+POOL_GEOMETRIES = [
+    ((2, 3, 7, 6), (3, 3), (2, 2), (1, 1)),
+    ((2, 2, 10, 8), (2, 3), (3, 2), (0, 1)),
+    ((3, 2, 6, 5), (2, 2), (2, 2), (0, 0)),
+    ((2, 2, 5, 7), (3, 2), (1, 1), (1, 0)),
+    ((2, 3, 4, 4), (4, 4), (1, 1), (0, 0)),
+    ((2, 2, 8, 10), (2, 2), (3, 3), (0, 0)),
+    ((2, 2, 11), (3,), (2,), (1,)),
+    ((2, 2, 5, 4, 3), (2, 3, 2), (2, 1, 2), (1, 1, 0)),
+]
+POOL_IDS = [f"{'x'.join(map(str, g[0]))}-k{''.join(map(str, g[1]))}-s{''.join(map(str, g[2]))}"
+            for g in POOL_GEOMETRIES]
+
+
+def pool_out(spatial, kernel, stride, pad):
+    out = []
+    for s, k, t, p in zip(spatial, kernel, stride, pad):
+        o = -(-(s + 2 * p - k) // t) + 1
+        if p and (o - 1) * t >= s + p:
+            o -= 1
+        out.append(o)
+    return tuple(out)
+
+
+def pool_case(shape, kernel, stride, pad):
+    out = pool_out(shape[2:], kernel, stride, pad)
+    assert all((o - 1) * t - p < s for o, t, p, s in zip(out, stride, pad, shape[2:])), "an empty window"
+    return (*shape[:2], *out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_dtype", [np.int32, np.int64, "data"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape, kernel, stride, pad", POOL_GEOMETRIES, ids=POOL_IDS)
+def test_max_pool(dev, shape, kernel, stride, pad, ties, mask_dtype, dtype):
+    """ties: small integer values, so the first-maximum rule decides most windows."""
+    mask_dtype = dtype if mask_dtype == "data" else mask_dtype
+    y_shape = pool_case(shape, kernel, stride, pad)
+    x = np.random.default_rng(3).integers(-2, 2, shape).astype(dtype) if ties else rand(shape, 3, dtype)
+    y, mask = np.empty(y_shape, dtype), np.empty(y_shape, mask_dtype)
+    CPU.max_pool_forward(x, y, mask, kernel, stride, pad)
+    gy, gmask = dev.poisoned(y_shape, dtype), dev.poisoned(y_shape, mask_dtype)
+    dev.k.max_pool_forward(dev.put(x), gy, gmask, kernel, stride, pad, None)
+    what = f"max pool {shape} {dtype.__name__} mask {np.dtype(mask_dtype)} ties={ties}"
+    assert_matches(dev.get(gy), y, dtype, what + " y")
+    assert_same_indices(dev.get(gmask), mask, what + " mask")
+
+    dy = rand(y_shape, 4, dtype)
+    dx = np.empty(shape, dtype)
+    CPU.max_pool_backward(dy, mask, dx, kernel, stride, pad)
+    gdx = dev.poisoned(shape, dtype)
+    dev.k.max_pool_backward(dev.put(dy), dev.put(mask), gdx, kernel, stride, pad, None)
+    assert_matches(dev.get(gdx), dx, dtype, what + " dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, pad", POOL_GEOMETRIES, ids=POOL_IDS)
+def test_ave_pool(dev, shape, kernel, stride, pad, dtype):
+    y_shape = pool_case(shape, kernel, stride, pad)
+    x = rand(shape, 5, dtype)
+    y = np.empty(y_shape, dtype)
+    CPU.ave_pool_forward(x, y, kernel, stride, pad)
+    gy = dev.poisoned(y_shape, dtype)
+    dev.k.ave_pool_forward(dev.put(x), gy, kernel, stride, pad, None)
+    assert_matches(dev.get(gy), y, dtype, f"ave pool {shape} {dtype.__name__} y")
+
+    dy = rand(y_shape, 6, dtype)
+    dx = np.empty(shape, dtype)
+    CPU.ave_pool_backward(dy, dx, kernel, stride, pad)
+    gdx = dev.poisoned(shape, dtype)
+    dev.k.ave_pool_backward(dev.put(dy), gdx, kernel, stride, pad, None)
+    assert_matches(dev.get(gdx), dx, dtype, f"ave pool {shape} {dtype.__name__} dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kernel, stride, pad", [g for g in POOL_GEOMETRIES if not any(g[3])],
+                         ids=[i for g, i in zip(POOL_GEOMETRIES, POOL_IDS) if not any(g[3])])
+def test_stochastic_pool(dev, shape, kernel, stride, pad, dtype):
+    y_shape = pool_case(shape, kernel, stride, pad)
+    rng = np.random.default_rng(7)
+    x = rng.random(shape).astype(dtype) + dtype(0.01)  # non-negative, as Caffe expects
+    r = rng.random(y_shape).astype(dtype)
+    y, index = np.empty(y_shape, dtype), np.empty(y_shape, np.int32)
+    CPU.stochastic_pool_forward_train(x, y, index, r, kernel, stride)
+    gy, gindex = dev.poisoned(y_shape, dtype), dev.poisoned(y_shape, np.int32)
+    dev.k.stochastic_pool_forward_train(dev.put(x), gy, gindex, dev.put(r), kernel, stride, None)
+    what = f"stochastic pool {shape} {dtype.__name__}"
+    assert_matches(dev.get(gy), y, dtype, what + " train y")
+    assert_same_indices(dev.get(gindex), index, what + " train index")
+
+    dy = rand(y_shape, 8, dtype)
+    dx = np.empty(shape, dtype)
+    CPU.stochastic_pool_backward(dy, index, dx, kernel, stride)
+    gdx = dev.poisoned(shape, dtype)
+    dev.k.stochastic_pool_backward(dev.put(dy), dev.put(index), gdx, kernel, stride, None)
+    assert_matches(dev.get(gdx), dx, dtype, what + " dx")
+
+    CPU.stochastic_pool_forward_test(x, y, kernel, stride)
+    gy = dev.poisoned(y_shape, dtype)
+    dev.k.stochastic_pool_forward_test(dev.put(x), gy, kernel, stride, None)
+    assert_matches(dev.get(gy), y, dtype, what + " test y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, size, alpha, beta, k", [
+    ((2, 7, 4, 5), 5, 0.1, 0.75, 2.0),
+    ((3, 4, 3, 3), 3, 1e-2, 0.5, 1.0),
+    ((2, 1, 5, 3), 5, 0.3, 1.25, 1.5),
+    ((2, 6, 3), 1, 0.2, 0.75, 1.0),
+    ((1, 9, 2, 2, 2), 7, 1e-4, 0.75, 1.0),
+])
+def test_lrn_across(dev, shape, size, alpha, beta, k, dtype):
+    x = rand(shape, 9, dtype)
+    y, scale = np.empty(shape, dtype), np.empty(shape, dtype)
+    CPU.lrn_across_forward(x, y, scale, size, alpha, beta, k)
+    gx, gy, gscale = dev.put(x), dev.poisoned(shape, dtype), dev.poisoned(shape, dtype)
+    dev.k.lrn_across_forward(gx, gy, gscale, size, alpha, beta, k, None)
+    what = f"lrn {shape} size {size} {dtype.__name__}"
+    assert_matches(dev.get(gy), y, dtype, what + " y")
+    assert_matches(dev.get(gscale), scale, dtype, what + " scale")
+
+    dy = rand(shape, 10, dtype)
+    dx = np.empty(shape, dtype)
+    CPU.lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta)
+    gdx = dev.poisoned(shape, dtype)
+    dev.k.lrn_across_backward(gx, dev.put(y), dev.put(dy), dev.put(scale), gdx, size, alpha, beta, None)
+    assert_matches(dev.get(gdx), dx, dtype, what + " dx")
+
+
+def test_primitive_argument_checks(dev):
+    x = dev.put(rand((2, 3, 5, 5), 0, np.float32))
+    with pytest.raises(TypeError, match="one float type"):
+        dev.k.ave_pool_forward(x, dev.poisoned((2, 3, 2, 2), np.float64), (2, 2), (2, 2), (0, 0))
+    with pytest.raises(ValueError, match="elements"):
+        dev.k.im2col(x, dev.poisoned((2, 10), np.float32), (2, 2), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="spatial"):
+        dev.k.ave_pool_forward(dev.put(rand((1, 1, 2, 2, 2, 2), 0, np.float32)),
+                               dev.poisoned((1, 1, 1, 1, 1, 1), np.float32), (2,) * 4, (2,) * 4, (0,) * 4)
+    strided = dev.poisoned((2, 3, 4, 4), np.float32)[:, :, ::2, ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        dev.k.ave_pool_forward(x, strided, (2, 2), (2, 2), (0, 0))
+    y = dev.poisoned((2, 3, 2, 2), np.float32)  # a strided input is copied, not refused
+    strided = dev.put(rand((2, 3, 10, 10), 1, np.float32))[:, :, ::2, ::2]
+    dev.k.ave_pool_forward(strided, y, (2, 2), (2, 2), (0, 0))
+    assert np.isfinite(dev.get(y)).all()
+
+
+# *** the backend object ***
+@gpu_test
+def test_backend_contract():
+    import cupy
+
+    gpu = backends.get("cuda:0")
+    assert gpu.xp is cupy and gpu.k is CUDA and gpu.name == "cuda:0"
+    scalar = gpu.to_device(np.float64(2.5))
+    assert isinstance(scalar, cupy.ndarray) and scalar.shape == ()
+    a = gpu.to_device(np.arange(12.0).reshape(3, 4).T, np.float32)
+    assert a.dtype == np.float32 and a.flags.c_contiguous
+    assert isinstance(gpu.to_host(a), np.ndarray)
+    assert np.array_equal(gpu.to_host(a), np.arange(12.0).reshape(3, 4).T)
+    gpu.seed(5)
+    first = gpu.to_host(gpu.rng.random(8))
+    out = cupy.empty(8, np.float32)
+    gpu.rng.random(out=out, dtype=np.float32)
+    gpu.seed(5)
+    assert np.array_equal(gpu.to_host(gpu.rng.random(8)), first)
+    gpu.synchronize()
+    info = gpu.describe()
+    assert {"Device", "Memory", "Driver", "Runtime", "CuPy"} <= set(info), info
+    espresso.set_mode_gpu()
+    try:
+        assert isinstance(Blob((2, 3)).data, cupy.ndarray)
+    finally:
+        espresso.set_mode_cpu()
+
+
+# *** layers, CPU vs CUDA ***
+GAUSS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+
+
+def normal(*shape):
+    return lambda r: r.standard_normal(shape)
+
+
+def positive(*shape):
+    return lambda r: r.random(shape) + 0.1
+
+
+def labels(classes, *shape):
+    return lambda r: r.integers(0, classes, shape).astype(np.float64)
+
+
+def case(name, snippet, bottoms, down=None, phase=TRAIN, tops=None, grad=True, positive_params=False):
+    """One layer configuration: bottoms are functions of a Generator; down says which bottoms
+    get gradients (default: all); grad False skips backward."""
+    return pytest.param(snippet, bottoms, down, phase, tops, grad, positive_params, id=name)
+
+
+def recurrent(kind):
+    fillers = 'weight_filler { type: "gaussian" std: 0.6 } bias_filler { type: "uniform" min: -0.5 max: 0.5 }'
+    cont = lambda r: np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])  # noqa: E731
+    return case(kind, f'type: "{kind}" recurrent_param {{ num_output: 3 {fillers} }}',
+                [normal(3, 2, 4), cont], down=[True, False])
+
+
+def conv(params, kind="Convolution"):
+    return f'type: "{kind}" convolution_param {{ {params} {GAUSS} }}'
+
+
+def pool(params):
+    return f'type: "Pooling" pooling_param {{ {params} }}'
+
+
+LAYERS = [
+    case("conv", conv("num_output: 4 kernel_size: 3 pad: 1 stride: 2"), [normal(2, 3, 9, 8)]),
+    case("conv-batch-major", conv("num_output: 3 kernel_size: 3"), [normal(2, 2, 20, 20)]),
+    case("conv-group-dilation", conv("num_output: 6 kernel_size: 3 group: 3 dilation: 2 pad: 2"),
+         [normal(2, 6, 8, 7)]),
+    case("conv-1x1", conv("num_output: 5 kernel_size: 1"), [normal(2, 4, 16, 17)]),
+    case("conv-hw", conv("num_output: 3 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0"),
+         [normal(2, 3, 7, 6)]),
+    case("conv-1d", conv("num_output: 4 kernel_size: 3 pad: 1"), [normal(2, 3, 11)]),
+    case("conv-3d", conv("num_output: 3 kernel_size: 2 pad: 1"), [normal(2, 2, 4, 5, 3)]),
+    case("deconv", conv("num_output: 3 kernel_size: 3 stride: 2 pad: 1", "Deconvolution"),
+         [normal(2, 4, 5, 4)]),
+    case("deconv-group", conv("num_output: 4 kernel_size: 2 stride: 2 group: 2", "Deconvolution"),
+         [normal(2, 4, 3, 3)]),
+    case("im2col", 'type: "Im2col" convolution_param { kernel_size: 3 stride: 2 pad: 1 }',
+         [normal(2, 3, 7, 6)]),
+    case("pool-max", pool("pool: MAX kernel_size: 3 stride: 2"), [normal(2, 3, 9, 8)]),
+    case("pool-max-pad-mask", pool("pool: MAX kernel_size: 3 stride: 2 pad: 1"), [normal(2, 3, 7, 6)],
+         tops=2),
+    case("pool-max-stride>kernel", pool("pool: MAX kernel_size: 2 stride: 3"), [normal(2, 2, 8, 10)]),
+    case("pool-ave-pad", pool("pool: AVE kernel_size: 3 stride: 2 pad: 1"), [normal(2, 3, 7, 6)]),
+    case("pool-ave-global", pool("pool: AVE global_pooling: true"), [normal(2, 3, 5, 4)]),
+    case("pool-stochastic-test", pool("pool: STOCHASTIC kernel_size: 2 stride: 2"), [positive(2, 3, 6, 5)],
+         phase=TEST, grad=False),
+    case("spp", 'type: "SPP" spp_param { pyramid_height: 2 pool: MAX }', [normal(2, 3, 7, 6)]),
+    case("lrn-across", 'type: "LRN" lrn_param { local_size: 5 alpha: 0.1 beta: 0.75 k: 2 }',
+         [normal(2, 7, 4, 5)]),
+    case("lrn-within", 'type: "LRN" lrn_param { local_size: 3 alpha: 0.1 beta: 0.75 '
+         'norm_region: WITHIN_CHANNEL }', [normal(2, 3, 5, 4)]),
+    case("crop", 'type: "Crop" crop_param { axis: 2 offset: 1 }', [normal(2, 3, 7, 6), normal(2, 3, 4, 4)],
+         down=[True, False]),
+    case("inner-product", f'type: "InnerProduct" inner_product_param {{ num_output: 5 {GAUSS} }}',
+         [normal(3, 4, 2, 2)]),
+    case("inner-product-transpose",
+         f'type: "InnerProduct" inner_product_param {{ num_output: 5 transpose: true {GAUSS} }}',
+         [normal(3, 6)]),
+    case("relu", 'type: "ReLU"', [normal(2, 3, 4)]),
+    case("relu-leaky", 'type: "ReLU" relu_param { negative_slope: 0.1 }', [normal(2, 3, 4)]),
+    case("prelu", 'type: "PReLU"', [normal(2, 3, 4)]),
+    case("prelu-shared", 'type: "PReLU" prelu_param { channel_shared: true }', [normal(2, 3, 4)]),
+    case("elu", 'type: "ELU" elu_param { alpha: 0.7 }', [normal(2, 3, 4)]),
+    case("sigmoid", 'type: "Sigmoid"', [normal(2, 3, 4)]),
+    case("tanh", 'type: "TanH"', [normal(2, 3, 4)]),
+    case("absval", 'type: "AbsVal"', [normal(2, 3, 4)]),
+    case("power", 'type: "Power" power_param { power: 2 scale: 0.5 shift: 1 }', [normal(2, 3, 4)]),
+    case("exp", 'type: "Exp" exp_param { base: 2 scale: 0.5 }', [normal(2, 3, 4)]),
+    case("log", 'type: "Log" log_param { shift: 1 }', [positive(2, 3, 4)]),
+    case("bnll", 'type: "BNLL"', [normal(2, 3, 4)]),
+    case("threshold", 'type: "Threshold" threshold_param { threshold: 0.2 }', [normal(2, 3, 4)], grad=False),
+    case("clip", 'type: "Clip" clip_param { min: -0.5 max: 0.5 }', [normal(2, 3, 4)]),
+    case("swish", 'type: "Swish"', [normal(2, 3, 4)]),
+    case("softmax", 'type: "Softmax"', [normal(3, 5, 2)]),
+    case("softmax-axis2", 'type: "Softmax" softmax_param { axis: 2 }', [normal(2, 3, 4)]),
+    case("softmax-loss", 'type: "SoftmaxWithLoss"', [normal(4, 5), labels(5, 4)], down=[True, False]),
+    case("softmax-loss-ignore", 'type: "SoftmaxWithLoss" loss_weight: 1 loss_weight: 0 '
+         'loss_param { ignore_label: 1 normalization: VALID }',
+         [normal(2, 4, 3), labels(4, 2, 3)], down=[True, False], tops=2),
+    case("euclidean-loss", 'type: "EuclideanLoss"', [normal(4, 3), normal(4, 3)]),
+    case("sigmoid-cross-entropy", 'type: "SigmoidCrossEntropyLoss"',
+         [normal(4, 3), lambda r: r.random((4, 3))],
+         down=[True, False]),
+    case("hinge-loss", 'type: "HingeLoss" hinge_loss_param { norm: L2 }', [normal(4, 5), labels(5, 4)],
+         down=[True, False]),
+    case("infogain-loss", 'type: "InfogainLoss"', [normal(4, 3), labels(3, 4), positive(3, 3)],
+         down=[True, False, False]),
+    case("multinomial-logistic", 'type: "MultinomialLogisticLoss"', [positive(4, 5), labels(5, 4, 1, 1, 1)],
+         down=[True, False]),
+    case("contrastive", 'type: "ContrastiveLoss" contrastive_loss_param { margin: 2 }',
+         [normal(4, 3, 1, 1), normal(4, 3, 1, 1), labels(2, 4, 1, 1, 1)], down=[True, True, False]),
+    case("accuracy", 'type: "Accuracy" accuracy_param { top_k: 2 }', [normal(6, 5), labels(5, 6)], tops=2,
+         grad=False),
+    case("batchnorm-train", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], positive_params=True),
+    case("batchnorm-test", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], phase=TEST, positive_params=True),
+    case("scale-learned", 'type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true }',
+         [normal(2, 3, 4)]),
+    case("scale-bottom", 'type: "Scale" scale_param { axis: 1 }', [normal(2, 3, 4), normal(3)]),
+    case("bias", 'type: "Bias" bias_param { axis: 1 num_axes: 1 }', [normal(2, 3, 4)]),
+    case("mvn", 'type: "MVN"', [normal(2, 3, 4, 5)]),
+    case("mvn-across", 'type: "MVN" mvn_param { across_channels: true normalize_variance: true }',
+         [normal(2, 3, 4, 5)]),
+    case("eltwise-sum", 'type: "Eltwise" eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 }',
+         [normal(2, 3, 4)] * 3),
+    case("eltwise-prod", 'type: "Eltwise" eltwise_param { operation: PROD }', [normal(2, 3, 4)] * 3),
+    case("eltwise-max", 'type: "Eltwise" eltwise_param { operation: MAX }', [normal(2, 3, 4)] * 3),
+    case("concat", 'type: "Concat" concat_param { axis: 1 }',
+         [normal(2, 1, 3), normal(2, 4, 3), normal(2, 2, 3)]),
+    case("slice", 'type: "Slice" slice_param { axis: 1 slice_point: 1 slice_point: 3 }',
+         [normal(2, 5, 3)], tops=3),
+    case("split", 'type: "Split"', [normal(2, 3)], tops=2),
+    case("flatten", 'type: "Flatten"', [normal(2, 3, 2, 2)]),
+    case("reshape", 'type: "Reshape" reshape_param { shape { dim: 0 dim: -1 dim: 2 } }',
+         [normal(2, 3, 2, 2)]),
+    case("tile", 'type: "Tile" tile_param { axis: 1 tiles: 3 }', [normal(2, 3, 2)]),
+    case("reduction-sumsq", 'type: "Reduction" reduction_param { operation: SUMSQ axis: 1 coeff: 0.5 }',
+         [normal(2, 3, 4)]),
+    case("reduction-asum", 'type: "Reduction" reduction_param { operation: ASUM axis: 0 }',
+         [normal(2, 3, 4)]),
+    case("argmax", 'type: "ArgMax" argmax_param { top_k: 2 out_max_val: true }', [normal(3, 7)], grad=False),
+    case("argmax-axis", 'type: "ArgMax" argmax_param { axis: 1 }', [normal(3, 7, 2)], grad=False),
+    case("dropout-test", 'type: "Dropout" dropout_param { dropout_ratio: 0.3 }',
+         [normal(2, 3, 4)], phase=TEST),
+    case("dropout-train-keep-all", 'type: "Dropout" dropout_param { dropout_ratio: 0 }', [normal(2, 3, 4)]),
+    case("embed", f'type: "Embed" embed_param {{ num_output: 3 input_dim: 5 {GAUSS} }}',
+         [lambda r: np.array([[0.0, 3.0, 3.0], [4.0, 0.0, 1.0]])], down=[False]),
+    case("batch-reindex", 'type: "BatchReindex"',
+         [normal(4, 2, 3), lambda r: np.array([3.0, 0.0, 3.0, 1.0, 0.0])],
+         down=[True, False]),
+    case("filter", 'type: "Filter"', [normal(4, 2), lambda r: np.array([[1.0], [0.0], [1.0], [1.0]])],
+         down=[True, False]),
+    recurrent("RNN"),
+    recurrent("LSTM"),
+    case("lstm-unit", 'type: "LSTMUnit"',
+         [normal(1, 3, 2), normal(1, 3, 8), lambda r: np.array([[0.0, 1.0, 1.0]])],
+         tops=2, down=[True, True, False]),
+    case("parameter", 'type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', []),
+]
+
+
+def _copy_params(cpu, gpu, rng, positive_params):
+    """Random params (never all zero) on the CPU run, copied to the GPU run."""
+    assert len(cpu.layer.blobs) == len(gpu.layer.blobs)
+    for a, b in zip(cpu.layer.blobs, gpu.layer.blobs):
+        values = rng.random(a.shape) + 0.5 if positive_params else rng.standard_normal(a.shape)
+        a.data[...] = values
+        b.data[...] = gpu.backend.to_device(a.data)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("snippet, bottoms, down, phase, tops, grad, positive_params", LAYERS)
+@gpu_test
+def test_layer_cpu_vs_cuda(snippet, bottoms, down, phase, tops, grad, positive_params, dtype):
+    rng = np.random.default_rng(11)
+    arrays = [make(rng) for make in bottoms]
+    cpu = LayerRun(snippet, arrays, phase=phase, dtype=dtype, tops=tops)
+    gpu = LayerRun(snippet, arrays, phase=phase, dtype=dtype, tops=tops, device="cuda:0")
+    _copy_params(cpu, gpu, rng, positive_params)
+    name = f"layer {snippet[:70]} {np.dtype(dtype)}"
+    want, got = cpu.forward(), gpu.forward()
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_matches(g, w, dtype, f"{name} top {k}")
+    for k, (a, b) in enumerate(zip(cpu.layer.blobs, gpu.layer.blobs)):
+        assert_matches(b.host_data(), a.host_data(), dtype, f"{name} param {k} data after forward")
+    if not grad:
+        return
+    diffs = [rng.standard_normal(w.shape) for w in want]
+    down = down if down is not None else [True] * len(arrays)
+    cpu.zero_param_diffs()
+    gpu.zero_param_diffs()
+    want_dx, got_dx = cpu.backward(diffs, down), gpu.backward(diffs, down)
+    for k, flag in enumerate(down):
+        if flag:
+            assert_matches(got_dx[k], want_dx[k], dtype, f"{name} bottom {k} diff")
+    for k, (g, w) in enumerate(zip(gpu.param_diffs(), cpu.param_diffs())):
+        assert_matches(g, w, dtype, f"{name} param {k} diff")
+
+
+# *** a whole net ***
+def lenet_train_param(batch):
+    """Caffe's LeNet train net with its Data layers replaced by one Input layer."""
+    text = (ROOT / "examples" / "lenet" / "lenet_train_test.prototxt").read_text()
+    param = parse_text(text, caffe_pb2.NetParameter(), "lenet_train_test.prototxt")
+    layers = [lp for lp in param.layer if lp.type != "Data"]
+    del param.layer[:]
+    data = param.layer.add(name="data", type="Input", top=["data", "label"])
+    data.input_param.shape.add(dim=[batch, 1, 28, 28])
+    data.input_param.shape.add(dim=[batch])
+    param.layer.extend(layers)
+    return param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@gpu_test
+def test_lenet_forward_backward_cpu_vs_cuda(dtype):
+    from espresso.net import Net
+
+    param = lenet_train_param(16)
+    cpu = Net(param, phase=TRAIN, backend=backends.get("cpu"), dtype=dtype)
+    gpu = Net(param, phase=TRAIN, backend=backends.get("cuda:0"), dtype=dtype)
+    rng = np.random.default_rng(13)
+    gpu.arena_data[...] = gpu.backend.to_device(cpu.arena_data)  # identical weights
+    images, digits = rng.random((16, 1, 28, 28)), rng.integers(0, 10, 16).astype(np.float64)
+    for net in (cpu, gpu):
+        net.blobs["data"].data[...] = net.backend.to_device(images, net.dtype)
+        net.blobs["label"].data[...] = net.backend.to_device(digits, net.dtype)
+        net.clear_param_diffs()
+    loss_cpu, loss_gpu = cpu.forward_backward(), gpu.forward_backward()
+    name = f"lenet {np.dtype(dtype)}"
+    assert_matches(loss_gpu, loss_cpu, dtype, f"{name} loss")
+    assert 1.0 < loss_cpu < 10.0
+    assert_matches(gpu.backend.to_host(gpu.arena_diff), cpu.arena_diff, dtype, f"{name} all param diffs")
+    for blob_name, blob in cpu.blobs.items():
+        other = gpu.blobs[blob_name]
+        assert_matches(other.host_data(), blob.host_data(), dtype, f"{name} blob {blob_name} data")
+        if blob_name not in ("data", "label"):
+            assert_matches(other.host_diff(), blob.host_diff(), dtype, f"{name} blob {blob_name} diff")
