@@ -14,6 +14,7 @@ import numpy as np
 
 from espresso.blob import Blob
 from espresso.errors import EspressoError, ModelFileError, NetError, ShapeError, did_you_mean
+from espresso.hostview import HostSync, HostView
 from espresso.layer import layer_class
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_net_text
@@ -146,6 +147,7 @@ class Net:
         self.param, self.name, self.phase = param, param.name, param.state.phase
         self.backend = backend or current_backend()
         self.dtype, self.allow_python = np.dtype(dtype), allow_python
+        self._host_sync = None if self.backend.name == "cpu" else HostSync()
         self._build(insert_splits(filter_layers(param, lines, self.source)))
         if weights:
             self.copy_from(weights)
@@ -153,7 +155,7 @@ class Net:
     # *** Net::Init ***
     def _build(self, layers):
         self.layers, self._layer_names = [], []
-        self.blobs = collections.OrderedDict()
+        self._blobs = collections.OrderedDict()
         self._bottom_ids, self._top_ids = [], []
         self.bottom_need_backward, self.layer_need_backward = [], []
         self.blob_need_backward = {}
@@ -197,11 +199,11 @@ class Net:
 
     def _append_bottoms(self, layer, layer_param, available):
         ids, needs, need_backward = [], [], False
-        names = list(self.blobs)
+        names = list(self._blobs)
         for k, name in enumerate(layer_param.bottom):
-            if name not in self.blobs:
+            if name not in self._blobs:
                 raise NetError(f"{layer.where}: unknown bottom blob '{name}' (bottom {k})"
-                               f"{did_you_mean(name, self.blobs)}")
+                               f"{did_you_mean(name, self._blobs)}")
             blob_id = names.index(name)
             ids.append(blob_id)
             need = self.blob_need_backward.get(blob_id, False)
@@ -217,16 +219,16 @@ class Net:
 
     def _append_tops(self, layer_id, layer, layer_param, available):
         ids = []
-        names = list(self.blobs)
+        names = list(self._blobs)
         for j, name in enumerate(layer_param.top):
             inplace = j < len(layer_param.bottom) and name == layer_param.bottom[j]
             if inplace:
                 blob_id = names.index(name)
-            elif name in self.blobs:
+            elif name in self._blobs:
                 raise NetError(f"{layer.where}: top blob '{name}' produced by multiple sources")
             else:
-                blob_id = len(self.blobs)
-                self.blobs[name] = Blob((), self.dtype, self.backend, name)
+                blob_id = len(self._blobs)
+                self._blobs[name] = Blob((), self.dtype, self.backend, name)
                 names.append(name)
             ids.append(blob_id)
             self._producer.setdefault(blob_id, []).append((layer_id, inplace))
@@ -240,9 +242,9 @@ class Net:
     def _anonymous_top(self):
         """Caffe's AutoTopBlobs: a loss layer given no top still gets one, which no other layer
         can read and which is not a net output."""
-        name = "(automatic)" + (f"_{len(self.blobs)}" if "(automatic)" in self.blobs else "")
-        self.blobs[name] = Blob((), self.dtype, self.backend, name)
-        return len(self.blobs) - 1
+        name = "(automatic)" + (f"_{len(self._blobs)}" if "(automatic)" in self._blobs else "")
+        self._blobs[name] = Blob((), self.dtype, self.backend, name)
+        return len(self._blobs) - 1
 
     def _append_params(self, layer_id, layer, layer_param):
         """True if any blob has lr_mult != 0 in the net's spec (Net::Init), then Caffe's
@@ -291,7 +293,7 @@ class Net:
     def _analyze_backward(self):
         """Caffe's reverse pass: layers that do not reach a loss, or whose tops nobody
         backpropagates into, skip backward; then force_backward turns everything back on."""
-        names = list(self.blobs)
+        names = list(self._blobs)
         under_loss, skip = set(), set()
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
@@ -334,7 +336,7 @@ class Net:
                 if j >= len(self._bottom_ids[i]) or self._bottom_ids[i][j] != t:
                     continue
                 if not layer.inplace:
-                    layer.fail(f"cannot run in place (top '{list(self.blobs)[t]}' == bottom)", NetError)
+                    layer.fail(f"cannot run in place (top '{list(self._blobs)[t]}' == bottom)", NetError)
                 if check_backward:
                     self._check_overwrite(i, t)
 
@@ -345,7 +347,7 @@ class Net:
             return
         previous = self.layers[writers[-1]]
         if previous.backward_reads_top and self.layer_need_backward[writers[-1]]:
-            raise NetError(f"{self.layers[i].where}: runs in place on '{list(self.blobs)[blob_id]}', "
+            raise NetError(f"{self.layers[i].where}: runs in place on '{list(self._blobs)[blob_id]}', "
                            f"which {previous.where} needs unchanged for its backward pass; "
                            "give the in-place layer its own top blob")
 
@@ -368,7 +370,7 @@ class Net:
 
     # *** running ***
     def _blobs_of(self, ids):
-        blobs = list(self.blobs.values())
+        blobs = list(self._blobs.values())
         return [blobs[i] for i in ids]
 
     def _layer_index(self, name, default):
@@ -380,6 +382,7 @@ class Net:
 
     def forward_range(self, start, end):
         """Run layers start..end (inclusive); return the weighted loss (Caffe's ForwardFromTo)."""
+        self.sync()
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
@@ -395,6 +398,7 @@ class Net:
 
     def backward_range(self, start, end):
         """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
+        self.sync()
         for i in range(start, end - 1, -1):
             if self.layer_need_backward[i]:
                 self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
@@ -404,14 +408,15 @@ class Net:
         for name, value in kwargs.items():
             if name not in self._input_names:
                 raise NetError(f"'{name}' is not an input of the net (inputs: {self._input_names})")
-            if value.shape[0] != self.blobs[name].shape[0]:
+            if value.shape[0] != self._blobs[name].shape[0]:
                 raise ShapeError(f"input '{name}' has batch {value.shape[0]}, "
-                                 f"net expects {self.blobs[name].shape[0]}")
+                                 f"net expects {self._blobs[name].shape[0]}")
             self.blobs[name].data[...] = value
         start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1)
         self.forward_range(start_i, end_i)
         names = self.top_names[self._layer_names[end_i]] if end is not None else self.outputs
-        return {name: self.blobs[name].data for name in set(names) | set(blobs or ())}
+        views = self.blobs
+        return {name: views[name].data for name in set(names) | set(blobs or ())}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.backward: set output diffs from kwargs, run, return {input name: diff}."""
@@ -423,7 +428,8 @@ class Net:
         end_i = self._layer_index(end, 0)
         self.backward_range(start_i, end_i)
         names = self.bottom_names[self._layer_names[end_i]] if end is not None else self.inputs
-        return {name: self.blobs[name].diff for name in set(names) | set(diffs or ())}
+        views = self.blobs
+        return {name: views[name].diff for name in set(names) | set(diffs or ())}
 
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
@@ -433,6 +439,7 @@ class Net:
 
     def reshape(self):
         """Propagate input shape changes through every layer (Caffe's Net::Reshape)."""
+        self.sync()
         for i, layer in enumerate(self.layers):
             layer.reshape(self._bottoms[i], self._tops[i])
             self._reshaped_for[i] = [b.shape for b in self._bottoms[i]]
@@ -444,11 +451,19 @@ class Net:
         return set_input_arrays(self, data, labels)
 
     def clear_param_diffs(self):
+        self.sync()
         self.arena_diff[...] = 0
+
+    def sync(self):
+        """Write host-side changes made through pycaffe's views to the device (GPU nets only).
+        Every method that runs or changes the net calls it first."""
+        if self._host_sync is not None:
+            self._host_sync.flush()
 
     # *** weights ***
     def copy_from(self, path):
         """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped."""
+        self.sync()
         param, layer_blobs = read_weights(path)
         upgrade_net(param, layer_blobs)  # V0/V1 files: the blob lists follow their layers
         index = {name: i for i, name in enumerate(self._layer_names)}  # the last of a name wins
@@ -472,6 +487,7 @@ class Net:
     def save(self, path, diff=False):
         """Write the weights (and with `diff`, their gradients) as a binary .caffemodel
         (Caffe's Net::ToProto + WriteProtoToBinaryFile)."""
+        self.sync()
         net = caffe_pb2.NetParameter(name=self.name)
         blobs = []
         for layer in self.layers:
@@ -483,6 +499,7 @@ class Net:
 
     def share_with(self, other):
         """Caffe's ShareTrainedLayersWith: this net's layers use `other`'s weights (by layer name)."""
+        self.sync()
         index = {name: i for i, name in enumerate(self._layer_names)}
         for source in other.layers:
             target = index.get(source.name)
@@ -494,10 +511,20 @@ class Net:
                 mine.share_data(theirs)
 
     # *** pycaffe views ***
+    def _view(self, blob):
+        return blob if self._host_sync is None else HostView(blob, self._host_sync)
+
+    @property
+    def blobs(self):
+        """pycaffe's net.blobs: on a GPU, views whose .data/.diff are host arrays."""
+        if self._host_sync is None:
+            return self._blobs
+        return collections.OrderedDict((name, self._view(b)) for name, b in self._blobs.items())
+
     @property
     def params(self):
-        return collections.OrderedDict(
-            (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
+        return collections.OrderedDict((name, [self._view(b) for b in layer.blobs])
+                                       for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
 
     @property
     def inputs(self):
@@ -505,19 +532,19 @@ class Net:
 
     @property
     def top_names(self):
-        names = list(self.blobs)
+        names = list(self._blobs)
         return collections.OrderedDict(
             (n, [names[t] for t in ids]) for n, ids in zip(self._layer_names, self._top_ids))
 
     @property
     def bottom_names(self):
-        names = list(self.blobs)
+        names = list(self._blobs)
         return collections.OrderedDict(
             (n, [names[b] for b in ids]) for n, ids in zip(self._layer_names, self._bottom_ids))
 
     @property
     def _blob_names(self):
-        return list(self.blobs)
+        return list(self._blobs)
 
     @property
     def layer_dict(self):

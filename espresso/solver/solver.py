@@ -254,6 +254,7 @@ class Solver:
 
     def apply_update(self):
         """Caffe's SGDSolver::ApplyUpdate: learning rate, then the arena-wide update."""
+        self.net.sync()  # weights edited through pycaffe's host views (GPU) reach the device first
         p = self.param
         rate, step = learning_rate(p, self.iter, self.current_step, self.net.dtype)
         if p.lr_policy == "multistep" and step != self.current_step:

@@ -1,0 +1,67 @@
+"""pycaffe's surface on a GPU net: net.blobs/net.params hand out host (NumPy) arrays, and what
+Python writes into them reaches the device before the net next runs (Caffe's SyncedMemory)."""
+
+import numpy as np
+import pytest
+
+import espresso as caffe
+from espresso.blob import Blob
+from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
+
+
+def _gpu_missing():
+    try:
+        import cupy
+        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU visible"
+    except Exception as e:  # ImportError, or CUDA runtime errors on machines without a driver
+        return f"CuPy/GPU unavailable ({type(e).__name__})"
+
+
+MISSING = _gpu_missing()
+
+NET = """
+layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "y" top: "loss" }
+"""
+
+
+def build(backend):
+    return caffe.Net(parse_text(NET, caffe_pb2.NetParameter()), caffe.TRAIN, backend=backend, dtype=np.float64)
+
+
+def test_cpu_nets_hand_out_their_blobs():
+    net = build(None)
+    assert isinstance(net.blobs["x"], Blob) and net.params["ip"][0] is net.layers[1].blobs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")
+def test_gpu_views_are_host_arrays_and_writes_reach_the_device():
+    from espresso import backend
+
+    cpu, gpu = build(None), build(backend.get("cuda:0"))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    for name in cpu.params:
+        for a, b in zip(cpu.params[name], gpu.params[name]):
+            b.data[...] = a.data  # a write through the view
+            assert isinstance(b.data, np.ndarray)
+    gpu.blobs["x"].data[...] = x
+    gpu.blobs["y"].data[...] = y
+    cpu.blobs["x"].data[...] = x
+    cpu.blobs["y"].data[...] = y
+    assert np.allclose(gpu.forward()["loss"], cpu.forward()["loss"])
+    cpu.backward()
+    gpu.backward()
+    assert isinstance(gpu.params["ip"][0].diff, np.ndarray)
+    assert np.allclose(gpu.params["ip"][0].diff, cpu.params["ip"][0].diff)
+    gpu.params["ip"][0].data[...] = 0  # net surgery: only the bias is left
+    out = gpu.forward(x=x, y=y, blobs=["h"])
+    assert np.allclose(out["h"], np.broadcast_to(gpu.params["ip"][1].data, (4, 2)))
+    gpu.blobs["x"].reshape(6, 3)
+    gpu.blobs["y"].reshape(6, 2)
+    gpu.reshape()
+    assert gpu.forward(blobs=["h"])["h"].shape == (6, 2)
