@@ -369,3 +369,24 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # makes `import h5py` fail
     with pytest.raises(EspressoError, match=r"pip install h5py .*espresso-nn\[hdf5\]"):
         require("h5py", "HDF5Data")
+
+
+def test_prefetcher_closed_from_its_own_thread_does_not_join_itself():
+    """A layer's finalizer can run on the prefetch thread (garbage collection inside fill)."""
+    import threading
+
+    from espresso.data.prefetch import Prefetcher
+
+    closed, holder, ready = [], {}, threading.Event()
+
+    def fill(buffer):
+        ready.wait(5)
+        if not closed:
+            holder["p"].close()  # what a finalizer running on this thread would do
+            closed.append(True)
+        buffer[0] = 1
+
+    holder["p"] = Prefetcher(fill, [[0], [0]])
+    ready.set()
+    holder["p"]._thread.join(timeout=5)
+    assert closed and not holder["p"]._thread.is_alive()

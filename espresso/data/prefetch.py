@@ -47,7 +47,10 @@ class Prefetcher:
     def close(self):
         self._stop.set()
         self._free.put(None)
-        self._thread.join(timeout=10)
+        # The layer's finalizer may run on this very thread (a garbage collection triggered
+        # inside `fill`): then the loop ends by itself once `fill` returns, and joining would fail.
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
 
 def _run(fill, free, full, stop):
