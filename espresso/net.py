@@ -162,7 +162,7 @@ class Net:
         self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
         self._param_owner_of, self._param_names = {}, {}
         self._lr_given, self._decay_given = [], []
-        self._producer = {}
+        self._writers = {}  # blob id -> ids of the layers writing it (its producer, then in-place layers)
         self._input_names, available = [], []
         for layer_id, (layer_param, line) in enumerate(layers):
             self._append_layer(layer_id, layer_param, _where(self.source, line), available)
@@ -231,7 +231,7 @@ class Net:
                 self._blobs[name] = Blob((), self.dtype, self.backend, name)
                 names.append(name)
             ids.append(blob_id)
-            self._producer.setdefault(blob_id, []).append((layer_id, inplace))
+            self._writers.setdefault(blob_id, []).append(layer_id)
             if layer.type == "Input":
                 self._input_names.append(name)
             available.append(name)
@@ -342,7 +342,7 @@ class Net:
 
     def _check_overwrite(self, i, blob_id):
         """Layer i overwrites blob_id in place: its earlier writer must not need that data later."""
-        writers = [w for w, _ in self._producer[blob_id] if w < i]
+        writers = [w for w in self._writers[blob_id] if w < i]
         if not writers or not self.layer_need_backward[i]:
             return
         previous = self.layers[writers[-1]]
@@ -405,30 +405,30 @@ class Net:
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.forward: set inputs from kwargs, run, return {output name: data}."""
+        views = self.blobs  # pycaffe's views (host arrays on a GPU), built once per call
         for name, value in kwargs.items():
             if name not in self._input_names:
                 raise NetError(f"'{name}' is not an input of the net (inputs: {self._input_names})")
             if value.shape[0] != self._blobs[name].shape[0]:
                 raise ShapeError(f"input '{name}' has batch {value.shape[0]}, "
                                  f"net expects {self._blobs[name].shape[0]}")
-            self.blobs[name].data[...] = value
+            views[name].data[...] = value
         start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1)
         self.forward_range(start_i, end_i)
         names = self.top_names[self._layer_names[end_i]] if end is not None else self.outputs
-        views = self.blobs
         return {name: views[name].data for name in set(names) | set(blobs or ())}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.backward: set output diffs from kwargs, run, return {input name: diff}."""
+        views = self.blobs
         for name, value in kwargs.items():
             if name not in self.outputs:
                 raise NetError(f"'{name}' is not an output of the net (outputs: {self.outputs})")
-            self.blobs[name].diff[...] = value
+            views[name].diff[...] = value
         start_i = self._layer_index(start, len(self.layers) - 1)
         end_i = self._layer_index(end, 0)
         self.backward_range(start_i, end_i)
         names = self.bottom_names[self._layer_names[end_i]] if end is not None else self.inputs
-        views = self.blobs
         return {name: views[name].diff for name in set(names) | set(diffs or ())}
 
     def forward_backward(self):
