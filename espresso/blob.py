@@ -14,6 +14,10 @@ from espresso.errors import ShapeError
 
 
 class Blob:
+    # bumped whenever any blob changes shape or storage: a CUDA graph captured at one layout
+    # (which bakes in every address and shape it touched) is replayed only at that layout
+    layout = 0
+
     def __init__(self, shape=(), dtype=np.float32, backend=None, name=""):
         if backend is None:
             from espresso.runtime import current_backend
@@ -48,6 +52,7 @@ class Blob:
         if any(s < 0 for s in shape):
             raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
         self._shape = shape
+        Blob.layout += 1
         n = math.prod(shape)
         if self._data_buf is None or n > self._data_buf.size:
             self._data_buf = self.backend.xp.zeros(n, dtype=self.dtype)
@@ -87,12 +92,14 @@ class Blob:
             n = self.count
             if self._diff_buf is None or n > self._diff_buf.size:
                 self._diff_buf = self.backend.xp.zeros(max(n, self._data_buf.size), self.dtype)
+                Blob.layout += 1
             self._diff = self._diff_buf[:n].reshape(self._shape)
         return self._diff
 
     def bind(self, data, diff=None):
         """Make this blob a view of existing storage (parameter arena, shared weights)."""
         assert data.size == self.count, (data.shape, self._shape)
+        Blob.layout += 1
         self._data_buf, self._data = data.reshape(-1), data.reshape(self._shape)
         if diff is not None:
             self._diff_buf, self._diff = diff.reshape(-1), diff.reshape(self._shape)
@@ -101,11 +108,14 @@ class Blob:
         """Caffe's ShareData: this blob's data *is* other's data (shapes must hold as many)."""
         if other.count != self.count:
             raise ShapeError(f"cannot share data of {other.shape} with {self._shape}")
+        if self._data is None or _address(self._data) != _address(other.data):
+            Blob.layout += 1
         self._data_buf, self._data = other.data.reshape(-1), other.data.reshape(self._shape)
 
     def share_diff(self, other):
         if other.count != self.count:
             raise ShapeError(f"cannot share diff of {other.shape} with {self._shape}")
+        Blob.layout += 1
         self._diff_buf, self._diff = other.diff.reshape(-1), other.diff.reshape(self._shape)
 
     def host_data(self):
@@ -117,3 +127,8 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self._shape}, dtype={self.dtype})"
+
+
+def _address(array):
+    data = array.data
+    return data.ptr if hasattr(data, "ptr") else array.ctypes.data

@@ -203,22 +203,21 @@ def cmd_time(args):
     """Per-layer forward and backward milliseconds, averaged over `iterations` (Caffe's `caffe time`)."""
     _set_device(args.gpu)
     net = _net(args, _phase(args.phase))
-    n = len(net.layers)
+    n, backend = len(net.layers), net.backend
     forward_ms, backward_ms = np.zeros(n), np.zeros(n)
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
-    sync = net.backend.synchronize
     start = time.perf_counter()
-    for _ in range(args.iterations):
+    for _ in range(args.iterations):  # eager, layer by layer; on a GPU timed by CUDA events
+        marks = [backend.mark()]
         for i in range(n):
-            t = time.perf_counter()
-            net.forward_range(i, i)
-            sync()
-            forward_ms[i] += (time.perf_counter() - t) * 1e3
+            net.forward_layers(i, i)
+            marks.append(backend.mark())
         for i in reversed(range(n)):
-            t = time.perf_counter()
             net.backward_range(i, i)
-            sync()
-            backward_ms[i] += (time.perf_counter() - t) * 1e3
+            marks.append(backend.mark())
+        ms = [backend.elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
+        forward_ms += ms[:n]
+        backward_ms += ms[n:][::-1]
     total_ms = (time.perf_counter() - start) * 1e3
     width = max(len(name) for name in net._layer_names)
     for name, f, b in zip(net._layer_names, forward_ms, backward_ms):

@@ -35,6 +35,10 @@ class BackendError(EspressoError):
     """A backend (device) was asked for that is not available."""
 
 
+class GraphCaptureError(BackendError):
+    """Work could not be captured as a CUDA graph (callers run it eagerly instead)."""
+
+
 def did_you_mean(name, choices):
     """'; did you mean 'x'?' for the closest of `choices`, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1)

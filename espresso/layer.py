@@ -70,6 +70,9 @@ class Layer:
     inplace = False  # forward and backward stay correct with top[i] is bottom[i]
     backward_reads_top = False  # backward reads top data: a later in-place layer must not overwrite it
     is_loss = False  # Caffe's LossLayer: loss_weight defaults to 1 on top 0
+    # forward/backward only queue device work into preallocated memory (no host reads, no
+    # host-to-device copies, no Python state that must change per call): a CUDA graph can hold it
+    capturable = True
 
     def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):
         self.lp = copy.deepcopy(layer_param)  # Caffe copies; setup may add defaults to it

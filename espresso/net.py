@@ -14,6 +14,7 @@ import numpy as np
 
 from espresso.blob import Blob
 from espresso.errors import EspressoError, ModelFileError, NetError, ShapeError, did_you_mean
+from espresso.graphs import GraphCache, eager_reason
 from espresso.hostview import HostSync, HostView
 from espresso.layer import layer_class
 from espresso.proto import caffe_pb2
@@ -148,6 +149,7 @@ class Net:
         self.backend = backend or current_backend()
         self.dtype, self.allow_python = np.dtype(dtype), allow_python
         self._host_sync = None if self.backend.name == "cpu" else HostSync()
+        self._graphs, self._loss = GraphCache(self.backend), self.backend.xp.zeros((), dtype)
         self._build(insert_splits(filter_layers(param, lines, self.source)))
         if weights:
             self.copy_from(weights)
@@ -382,8 +384,20 @@ class Net:
 
     def forward_range(self, start, end):
         """Run layers start..end (inclusive); return the weighted loss (Caffe's ForwardFromTo)."""
+        return float(self.run_forward(start, end))
+
+    def run_forward(self, start, end):
+        """forward_range without reading the loss back: a float on the CPU, a 0-d device array
+        on a GPU, where the run is a CUDA graph replay whenever it can be (espresso/graphs.py)."""
         self.sync()
-        loss = 0.0
+        if eager_reason(self.backend, self.layers[start:end + 1]) is not None:
+            return sum(float(term) for term in self.forward_layers(start, end))
+        self._graphs.run(("forward", start, end), lambda: self.forward_loss(start, end, self._loss))
+        return self._loss
+
+    def forward_layers(self, start, end):
+        """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed."""
+        terms = []
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
             shapes = [b.shape for b in bottom]
@@ -393,8 +407,13 @@ class Net:
             layer.forward(bottom, top)
             for blob, weight in zip(top, layer.loss_weights):
                 if weight:
-                    loss += float((blob.data * blob.diff).sum())
-        return loss
+                    terms.append((blob.data * blob.diff).sum())
+        return terms
+
+    def forward_loss(self, start, end, out):
+        """Run layers start..end eagerly, writing the weighted loss into the 0-d array `out`."""
+        out[...] = sum(self.forward_layers(start, end), self.dtype.type(0))
+        return out
 
     def backward_range(self, start, end):
         """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""

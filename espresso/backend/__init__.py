@@ -33,6 +33,10 @@ def get(name="cpu"):
 
 
 def reseed(seed):
-    """Re-seed the device generators of every backend created so far."""
+    """Re-seed the device generators of every backend created so far.  The new generators hold
+    their state in new memory, so captured CUDA graphs (which baked in the old) are void."""
+    from espresso.blob import Blob
+
     for backend in _CACHE.values():
         backend.seed(seed)
+    Blob.layout += 1

@@ -83,7 +83,7 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.M, self.K)
         y = top[0].data.reshape(self.M, self.N)
         w = self.blobs[0].data
-        self.xp.matmul(x, w if self.p.transpose else w.T, out=y)
+        self.k.matmul(x, w if self.p.transpose else w.T, out=y)
         if self.p.bias_term:
             y += self.blobs[1].data
 
@@ -93,16 +93,16 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.M, self.K)
         if self.param_propagate_down[0]:
             if self.p.transpose:
-                xp.matmul(x.T, dy, out=self.weight_grad)  # (K, N)
+                self.k.matmul(x.T, dy, out=self.weight_grad)  # (K, N)
             else:
-                xp.matmul(dy.T, x, out=self.weight_grad)  # (N, K)
+                self.k.matmul(dy.T, x, out=self.weight_grad)  # (N, K)
             accumulate(w, self.weight_grad)
         if self.p.bias_term and self.param_propagate_down[1]:
             xp.sum(dy, axis=0, out=self.bias_grad)
             accumulate(self.blobs[1], self.bias_grad)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
-            xp.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)
+            self.k.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)
 
 
 @register

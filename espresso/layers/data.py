@@ -40,6 +40,7 @@ class DummyDataLayer(Layer):
     num/channels/height/width, data_filler (once or per top)."""
 
     type = "DummyData"
+    capturable = False  # refills from the host generator
     param = "dummy_data_param"
     legacy = "DUMMY_DATA"
     exact_bottoms = 0

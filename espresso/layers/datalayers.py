@@ -34,6 +34,7 @@ class _DataLayerBase(Layer):
     """Shared by the layers that read a dataset: no bottoms, no backward, tops set in forward."""
 
     exact_bottoms = 0
+    capturable = False  # reads host data per batch (Data overrides this when it can)
 
     def reject_deprecated(self, fields=_DEPRECATED):
         for name, replacement in fields.items():
@@ -159,10 +160,22 @@ class DataLayer(_DataLayerBase):
         self.cache = self.backend.to_device(data)  # uint8 stays uint8: 1 byte per pixel on the device
         self.cache_labels = self.backend.to_device(labels, self.dtype)
         self.pos = skip % len(data)
+        if self.xp is not np:  # on a GPU the cursor lives on the device, so a graph can advance it
+            batch = self.p.batch_size
+            self.pos = self.xp.full((1,), self.pos, np.int64)
+            self.batch_offsets, self.rows = self.xp.arange(batch), self.xp.empty(batch, np.int64)
+
+    @property
+    def capturable(self):
+        """On a GPU with the dataset on the device and no random crop/mirror: a batch is then a
+        few kernels with no host input."""
+        return self.cache is not None and self.xp is not np and self.transformer.rng is None
 
     def forward(self, bottom, top):
         if self.cache is None:
             return self._forward_prefetched(top)
+        if self.xp is not np:
+            return self._forward_device_cursor(top)
         n, batch_size = len(self.cache), top[0].shape[0]
         if self.pos + batch_size <= n:  # a view: no gather needed
             rows = slice(self.pos, self.pos + batch_size)
@@ -172,6 +185,15 @@ class DataLayer(_DataLayerBase):
         self.transformer(self.cache[rows], top[0].data)
         if len(top) > 1:
             top[1].data[...] = self.cache_labels[rows]
+
+    def _forward_device_cursor(self, top):
+        """The host path's rows (pos, pos+1, ... mod n) from a device cursor, as one gather."""
+        xp, n = self.xp, len(self.cache)
+        rows = xp.remainder(xp.add(self.batch_offsets, self.pos, out=self.rows), n, out=self.rows)
+        xp.remainder(self.pos + top[0].shape[0], n, out=self.pos)
+        self.transformer(self.cache[rows], top[0].data)
+        if len(top) > 1:
+            xp.take(self.cache_labels, rows, out=top[1].data)
 
     def _forward_prefetched(self, top):
         buffer = self.next_batch()
@@ -428,6 +450,7 @@ class HDF5OutputLayer(Layer):
     fails on a second forward, the datasets already existing)."""
 
     type = "HDF5Output"
+    capturable = False
     param = "hdf5_output_param"
     legacy = "HDF5_OUTPUT"
     exact_bottoms = 2

@@ -29,6 +29,7 @@ class PythonLayer(Layer):
     """Delegates to the user's class; honors python_param module, layer, param_str."""
 
     type = "Python"
+    capturable = False
     param = "python_param"
     inplace = True  # the user's code decides; Caffe allows it
 

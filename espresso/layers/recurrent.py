@@ -205,12 +205,12 @@ class _RecurrentLayer(Layer):
     # *** forward pieces ***
     def _gate_inputs(self, bottom):
         """pre (T, N, G) = W_x x_t + b [+ W_x_static x_static], for all steps in one matmul."""
-        xp, T, N, G = self.xp, self.T, self.N, self.gates * self.H
+        T, N, G = self.T, self.N, self.gates * self.H
         w, b = self.blobs[0].data, self.blobs[1].data
-        xp.matmul(bottom[0].data.reshape(T * N, self.D), w.T, out=self.pre.reshape(T * N, G))
+        self.k.matmul(bottom[0].data.reshape(T * N, self.D), w.T, out=self.pre.reshape(T * N, G))
         self.pre += b
         if self.static:
-            xp.matmul(bottom[2].data.reshape(N, self.Ds), self.blobs[2].data.T, out=self.pre_static)
+            self.k.matmul(bottom[2].data.reshape(N, self.Ds), self.blobs[2].data.T, out=self.pre_static)
             self.pre += self.pre_static
 
     def _initial_state(self, bottom):
@@ -253,7 +253,7 @@ class _RecurrentLayer(Layer):
         """blobs[k].diff += a @ b (through a scratch array, so nothing is allocated)."""
         if self.param_propagate_down[k]:
             diff = self.blobs[k].diff
-            diff += self.xp.matmul(a, b, out=self._pwork[k])
+            diff += self.k.matmul(a, b, out=self._pwork[k])
 
     def _accumulate_bias(self, k, d2):
         if self.param_propagate_down[k]:
@@ -268,16 +268,16 @@ class _RecurrentLayer(Layer):
         self._accumulate_bias(1, d2)
         self._accumulate(2 + self.static, d2.T, self.hc.reshape(T * N, H))
         if propagate_down[0]:
-            xp.matmul(d2, self.blobs[0].data, out=bottom[0].diff.reshape(T * N, self.D))
+            self.k.matmul(d2, self.blobs[0].data, out=bottom[0].diff.reshape(T * N, self.D))
         if self.static:
             xp.sum(self.dpre, axis=0, out=self.dstatic)  # x_static feeds every step
             self._accumulate(2, self.dstatic.T, bottom[2].data.reshape(N, self.Ds))
             if propagate_down[2]:
-                xp.matmul(self.dstatic, self.blobs[2].data, out=bottom[2].diff.reshape(N, self.Ds))
+                self.k.matmul(self.dstatic, self.blobs[2].data, out=bottom[2].diff.reshape(N, self.Ds))
 
     def _recurrent_diff(self, cont, t, w_h):
         """dprev = cont_t · (dpre_t @ W_h): the gradient reaching h_{t-1}."""
-        self.xp.matmul(self.dpre[t], w_h, out=self.dprev)
+        self.k.matmul(self.dpre[t], w_h, out=self.dprev)
         self.dprev *= cont[t][:, None]
         return self.dprev
 
@@ -312,11 +312,11 @@ class RNNLayer(_RecurrentLayer):
         self._initial_state(bottom)
         w_hh = self.blobs[2 + self.static].data
         for t in range(self.T):
-            xp.matmul(self._conted(cont, t), w_hh.T, out=hs[t + 1])
+            self.k.matmul(self._conted(cont, t), w_hh.T, out=hs[t + 1])
             hs[t + 1] += self.pre[t]
             xp.tanh(hs[t + 1], out=hs[t + 1])
         w_ho, b_o = self.blobs[-2].data, self.blobs[-1].data
-        xp.matmul(hs[1:], w_ho.T, out=self.o)
+        self.k.matmul(hs[1:], w_ho.T, out=self.o)
         self.o += b_o
         xp.tanh(self.o, out=self.o)
         top[0].data[...] = self.o
@@ -332,7 +332,7 @@ class RNNLayer(_RecurrentLayer):
         n = len(self.blobs)
         self._accumulate(n - 2, do.reshape(T * N, H).T, hs[1:].reshape(T * N, H))
         self._accumulate_bias(n - 1, do.reshape(T * N, H))
-        xp.matmul(do, self.blobs[n - 2].data, out=self.dh_all)
+        self.k.matmul(do, self.blobs[n - 2].data, out=self.dh_all)
         final = self._final_state_diff(top, 0)
         if final is not None:
             self.dh_all[T - 1] += final
@@ -378,7 +378,7 @@ class LSTMLayer(_RecurrentLayer):
         w_hc = self.blobs[2 + self.static].data
         for t in range(self.T):
             gates = self.acts[t]
-            gates += xp.matmul(self._conted(cont, t), w_hc.T, out=self.dpre[t])  # dpre: scratch here
+            gates += self.k.matmul(self._conted(cont, t), w_hc.T, out=self.dpre[t])  # dpre: scratch here
             _lstm_step_forward(xp, gates, cs[t], cont[t][:, None], cs[t + 1], self.tanh_c[t],
                                hs[t + 1], self.tmp)
         top[0].data[...] = hs[1:]

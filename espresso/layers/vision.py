@@ -172,7 +172,7 @@ class _ColumnGemm:
         """diff (G, Cd/G, Kg) += rows @ col^T, summed over the batch."""
         shape = rows.shape[:-1] + (self.rows_per_group,)
         tmp = self.wtmp[: math.prod(shape)].reshape(shape)
-        self.xp.matmul(rows, col.swapaxes(-1, -2), out=tmp)
+        self.k.matmul(rows, col.swapaxes(-1, -2), out=tmp)
         diff += tmp if self.batch_last else tmp.sum(axis=0)
 
 
@@ -260,19 +260,19 @@ class ConvolutionLayer(_BaseConvolution):
     legacy = "CONVOLUTION"
 
     def forward(self, bottom, top):
-        core, xp = self.core, self.xp
+        core = self.core
         weights = core.weights(self.blobs[0].data)
         bias = self.blobs[1].data if self.p.bias_term else None
         for b, t in zip(bottom, top):
             x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
             for lo, hi in core.chunks():
                 rows = core.data_target(y[lo:hi])
-                xp.matmul(weights, core.columns(x[lo:hi]), out=rows)
+                self.k.matmul(weights, core.columns(x[lo:hi]), out=rows)
                 core.store_data(rows, y[lo:hi], bias)
         self.cols_ready = len(bottom) == 1 and core.chunk == core.num
 
     def backward(self, top, propagate_down, bottom):
-        core, xp = self.core, self.xp
+        core = self.core
         want_weights, want_bias = self._want_params()
         weights = core.weights(self.blobs[0].data)
         for i, (t, b) in enumerate(zip(top, bottom)):
@@ -288,7 +288,7 @@ class ConvolutionLayer(_BaseConvolution):
                     core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
                 if dx is not None:
                     target = core.image_target(dx[lo:hi])
-                    xp.matmul(weights.swapaxes(-1, -2), rows, out=target)
+                    self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)
                     core.to_image(target, dx[lo:hi])
                     self.cols_ready = False  # the column buffer now holds the bottom gradient
 
@@ -311,19 +311,19 @@ class DeconvolutionLayer(_BaseConvolution):
         return out
 
     def forward(self, bottom, top):
-        core, xp = self.core, self.xp
+        core = self.core
         weights = core.weights(self.blobs[0].data).swapaxes(-1, -2)
         for b, t in zip(bottom, top):
             x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
             for lo, hi in core.chunks():
                 col = core.image_target(y[lo:hi])
-                xp.matmul(weights, core.load_data(x[lo:hi]), out=col)
+                self.k.matmul(weights, core.load_data(x[lo:hi]), out=col)
                 core.to_image(col, y[lo:hi])
             if self.p.bias_term:
                 y.reshape(core.num, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
 
     def backward(self, top, propagate_down, bottom):
-        core, xp = self.core, self.xp
+        core = self.core
         want_weights, want_bias = self._want_params()
         weights = core.weights(self.blobs[0].data)
         for i, (t, b) in enumerate(zip(top, bottom)):
@@ -338,7 +338,7 @@ class DeconvolutionLayer(_BaseConvolution):
                     core.weight_grad(core.load_data(x[lo:hi]), col, core.weights(self.blobs[0].diff))
                 if dx is not None:
                     rows = core.data_target(dx[lo:hi])
-                    xp.matmul(weights, col, out=rows)
+                    self.k.matmul(weights, col, out=rows)
                     core.store_data(rows, dx[lo:hi])
 
 

@@ -27,6 +27,7 @@ from espresso.proto import caffe_pb2
 from espresso.proto.text import read_text, to_text
 from espresso.proto.upgrade import upgrade_solver
 from espresso.runtime import set_random_seed
+from espresso.solver.graphed import DeviceLoop, eager_solver_reason
 from espresso.solver.lr_policy import learning_rate
 from espresso.solver.state import read_state, resolve_learned_net, write_state
 from espresso.solver.updates import ArenaUpdater, rule_class
@@ -84,6 +85,7 @@ class Solver:
         self.requested_early_exit = False
         self.test_scores = [None] * len(self.test_nets)
         self._callbacks, self._action = [], None
+        self._loop, self._eager_logged = None, None
 
     @property
     def type(self):
@@ -190,32 +192,76 @@ class Solver:
         return self._action() if self._action is not None else SolverAction.NONE
 
     def step(self, iters):
-        """Run `iters` iterations (Caffe's Solver::Step)."""
-        p = self.param
+        """Run `iters` iterations (Caffe's Solver::Step): each a replay of one CUDA graph on a
+        GPU when the net and solver allow it (espresso/solver/graphed.py), else eagerly."""
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self.smoothed_loss = [], 0.0
         self._timer, self._iters_last = time.perf_counter(), self.iter
-        while self.iter < stop_iter:
-            self.net.clear_param_diffs()
-            if self._test_due():
-                self.test_all()
-                if self.requested_early_exit:
+        loop = self._device_loop()
+        try:
+            while self.iter < stop_iter:
+                if self._test_due():
+                    self.test_all()
+                    if self.requested_early_exit:
+                        break
+                if loop is None:
+                    self._eager_iteration(start_iter)
+                else:
+                    self._device_iteration(loop, start_iter)
+                self.iter += 1
+                if self._after_iteration():
                     break
-            for on_start, _ in self._callbacks:
-                on_start()
-            loss = sum(self.net.forward_backward() for _ in range(p.iter_size)) / p.iter_size
+        finally:
+            if loop is not None:
+                self._absorb(loop.losses(), start_iter)
+                loop.close()
+
+    def _eager_iteration(self, start_iter):
+        p = self.param
+        self.net.clear_param_diffs()
+        for on_start, _ in self._callbacks:
+            on_start()
+        loss = sum(self.net.forward_backward() for _ in range(p.iter_size)) / p.iter_size
+        self._absorb([(self.iter, loss)], start_iter, before_update=True)
+        if p.display and self.iter % p.display == 0:
+            self._display()
+        for _, on_gradients_ready in self._callbacks:
+            on_gradients_ready()
+        self.apply_update()
+
+    def _device_iteration(self, loop, start_iter):
+        """Queue one iteration; the losses are read back only when displayed (or a window fills)."""
+        p = self.param
+        rate, step = loop.run()
+        self._log_rate(rate, step)
+        if p.display and self.iter % p.display == 0:
+            self._absorb(loop.losses(), start_iter)
+            self._display()
+            log.info("Iteration %d, lr = %s", self.iter, _g(rate))
+        elif loop.queued == len(loop.host_rates):
+            self._absorb(loop.losses(), start_iter)
+
+    def _device_loop(self):
+        """The graph runner for this solver, or None (with the reason logged once) for eager."""
+        reason = eager_solver_reason(self)
+        if reason is not None:
+            if self.net.backend.name != "cpu" and reason != self._eager_logged:
+                log.info("Training eagerly: %s", reason)
+                self._eager_logged = reason
+            return None
+        if self._loop is None:
+            self._loop = DeviceLoop(self)
+        return self._loop
+
+    def _absorb(self, pairs, start_iter, before_update=False):
+        """Take (iteration, loss) pairs into the smoothed loss; stop on a non-finite loss."""
+        for it, loss in pairs:
             if not math.isfinite(loss):
-                raise EspressoError(f"iteration {self.iter}: the loss is {loss}; training stopped before "
-                                    f"the update (lower base_lr, or check the data)")
-            self._update_smoothed_loss(loss, start_iter)
-            if p.display and self.iter % p.display == 0:
-                self._display()
-            for _, on_gradients_ready in self._callbacks:
-                on_gradients_ready()
-            self.apply_update()
-            self.iter += 1
-            if self._after_iteration():
-                break
+                when = "before the update" if before_update else \
+                    "(the GPU reads losses back in batches: updates queued after it have run)"
+                raise EspressoError(f"iteration {it}: the loss is {loss}; training stopped {when} "
+                                    f"(lower base_lr, or check the data)")
+            self._update_smoothed_loss(loss, start_iter, it)
 
     def _test_due(self):
         p = self.param
@@ -231,14 +277,14 @@ class Solver:
             self.requested_early_exit = True
         return self.requested_early_exit
 
-    def _update_smoothed_loss(self, loss, start_iter):
+    def _update_smoothed_loss(self, loss, start_iter, it=None):
         """Caffe's UpdateSmoothedLoss: a running mean over the last average_loss losses."""
         if len(self._losses) < self.param.average_loss:
             self._losses.append(loss)
             size = len(self._losses)
             self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
         else:
-            idx = (self.iter - start_iter) % self.param.average_loss
+            idx = ((self.iter if it is None else it) - start_iter) % self.param.average_loss
             self.smoothed_loss += (loss - self._losses[idx]) / self.param.average_loss
             self._losses[idx] = loss
 
@@ -257,12 +303,15 @@ class Solver:
         self.net.sync()  # weights edited through pycaffe's host views (GPU) reach the device first
         p = self.param
         rate, step = learning_rate(p, self.iter, self.current_step, self.net.dtype)
-        if p.lr_policy == "multistep" and step != self.current_step:
-            log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
-        self.current_step = step
+        self._log_rate(rate, step)
         if p.display and self.iter % p.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, _g(rate))
         self.updater.apply(rate, self.iter)
+
+    def _log_rate(self, rate, step):
+        if self.param.lr_policy == "multistep" and step != self.current_step:
+            log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
+        self.current_step = step
 
     def solve(self, resume_file=None):
         """Train to max_iter (Caffe's Solver::Solve), resuming from a .solverstate if given."""
@@ -305,16 +354,17 @@ class Solver:
             if self._poll_during_test():
                 log.info("Test interrupted.")
                 return None
-            iter_loss = net.forward_range(0, len(net.layers) - 1)
+            iter_loss = net.run_forward(0, len(net.layers) - 1)  # no host round trip per batch
             loss += iter_loss if p.test_compute_loss else 0.0
-            values = [net.blobs[name].host_data().ravel() for name in net.outputs]
+            values = [net._blobs[name].data.ravel() for name in net.outputs]
             if sums is None:
                 sums = [v.copy() for v in values]
             else:
                 sums = [s + v for s, v in zip(sums, values, strict=True)]
         if p.test_compute_loss:
             log.info("Test loss: %s", _g(loss / n))
-        means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums or [], strict=bool(sums))}
+        sums = [net.backend.to_host(s) for s in sums or []]
+        means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums, strict=bool(sums))}
         _log_outputs("Test", net, means.items())
         self.test_scores[test_net_id] = means
         return means

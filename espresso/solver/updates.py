@@ -231,9 +231,11 @@ class ArenaUpdater:
         self.xp.subtract(w, g, out=w)
 
     def rates(self, rate):
+        """rate * lr_mult (scalar or per element); `rate` may be a 0-d device array (graphs)."""
+        rate = rate if _is_device_scalar(rate) else self.f(rate)
         if self.local_rate is None:
-            return self.f(rate) * self.lr_mult
-        return self.xp.multiply(self.lr_mult, self.f(rate), out=self.local_rate)
+            return rate * self.lr_mult
+        return self.xp.multiply(self.lr_mult, rate, out=self.local_rate)
 
     def clip(self, g):
         """Caffe's ClipGradients: scale g by clip/||g|| when the global L2 norm exceeds clip."""
@@ -272,6 +274,11 @@ class ArenaUpdater:
 
 def _is_array(value):
     return not np.isscalar(value) and getattr(value, "ndim", 0) > 0
+
+
+def _is_device_scalar(value):
+    return getattr(value, "ndim", None) == 0 and not isinstance(value, np.generic) \
+        and not isinstance(value, np.ndarray)
 
 
 def _any_nonzero(value):

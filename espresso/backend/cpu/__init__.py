@@ -2,6 +2,7 @@
 
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -21,6 +22,13 @@ class CPUBackend:
 
     def synchronize(self):
         pass
+
+    def mark(self):
+        """A point in time for elapsed_ms (on a GPU: an event queued on the stream)."""
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end):
+        return (end - start) * 1e3
 
     def to_device(self, array, dtype=None):
         array = np.asarray(array, dtype=dtype)  # keeps 0-d arrays 0-d (ascontiguousarray would not)

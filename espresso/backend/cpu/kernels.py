@@ -88,6 +88,11 @@ def _unstage(staged, x, lead, pad, batch_last):
 
 
 # *** im2col / col2im ***
+def matmul(a, b, out):
+    """out = a @ b with NumPy's batched-matmul rules (the GEMM every layer calls through `k`)."""
+    return np.matmul(a, b, out=out)
+
+
 def im2col_workspace_size(x_shape, pad, batch_last):
     """Elements of the staging buffer im2col/col2im need for images of `x_shape`."""
     if not batch_last and not any(pad):

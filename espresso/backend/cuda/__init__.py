@@ -1,15 +1,20 @@
-"""The CUDA backend: CuPy arrays on one NVIDIA GPU, GEMMs through CuPy's cuBLAS, the named
-primitives as CUDA kernels (kernels.py and the .cu files beside it).
+"""The CUDA backend: CuPy arrays on one NVIDIA GPU, GEMMs through the backend's own cuBLAS handle
+(blas.py), the named primitives as CUDA kernels (kernels.py and the .cu files beside it).
 
 CuPy is imported by `create`, not by this module, so `import espresso` never needs it and a
-missing CuPy or GPU is reported as a BackendError that says what to install.  Work is queued on
-CuPy's current stream of the backend's device (the default stream for now).
+missing CuPy or GPU is reported as a BackendError that says what to install.  All work is queued
+on one stream the backend owns (made CuPy's current stream in the creating thread), so a whole
+iteration can be captured as a CUDA graph (`capture`).  ESPRESSO_TF32=1 (or `set_tf32(True)`)
+lets float32 GEMMs use TF32 tensor cores; the default keeps float32 semantics.
 """
+
+import os
 
 import numpy as np
 
 from espresso.backend.cuda import kernels
-from espresso.errors import BackendError
+from espresso.backend.cuda.blas import Blas
+from espresso.errors import BackendError, GraphCaptureError
 
 INSTALL_HINT = ("pip install cupy-cuda13x (CUDA 13 drivers) or cupy-cuda12x (CUDA 12); "
                 "see https://docs.cupy.dev/en/stable/install.html")
@@ -31,7 +36,48 @@ class CUDABackend:
         self.xp, self.index, self.name = cupy, index, f"cuda:{index}"
         self.device = cupy.cuda.Device(index)
         self.device.use()  # layers call xp.* without naming a device: this one is current
+        # blocking (not non_blocking): work another thread puts on the legacy default stream
+        # stays ordered with ours
+        self.stream = cupy.cuda.Stream()
+        self.stream.use()
+        self.blas = Blas(cupy, self.stream)
+        kernels.bind_blas(index, self.blas)
+        self.set_tf32(os.environ.get("ESPRESSO_TF32", "0") not in ("", "0"))
         self.rng = cupy.random.default_rng()
+        self._graph_pools = []
+
+    def set_tf32(self, allow):
+        """Let float32 GEMMs use TF32 tensor cores (faster, 10-bit mantissa products), or not."""
+        self.blas.set_tf32(allow)
+
+    def capture(self, run):
+        """Run `run()` once (a real, eager run that also compiles kernels and creates lazily made
+        buffers), then capture it as a CUDA graph; returns the graph, whose launch(stream)
+        replays it.  Temporaries of the captured run come from a private memory pool kept for
+        the life of the backend, so no other allocation ever reuses memory a replay writes.
+        Raises GraphCaptureError when `run` does something a graph cannot hold (a host sync,
+        a host-to-device copy from pageable memory, a library that refuses capture)."""
+        run()
+        pool = self.xp.cuda.MemoryPool()
+        self._graph_pools.append(pool)
+        with self.xp.cuda.using_allocator(pool.malloc):
+            self.stream.begin_capture()
+            try:
+                run()
+            except Exception as e:
+                _end_capture_quietly(self.stream)
+                raise GraphCaptureError(f"cannot capture a CUDA graph: {type(e).__name__}: {e}") from e
+            return self.stream.end_capture()
+
+    def launch(self, graph):
+        graph.launch(self.stream)
+
+    def peak_memory(self):
+        """Bytes of device memory CuPy's pools hold for this process (the default pool and the
+        graphs' pools).  The pools keep freed blocks for reuse, so this is the peak reserved."""
+        with self.device:
+            pools = [self.xp.get_default_memory_pool(), *self._graph_pools]
+            return sum(pool.total_bytes() for pool in pools)
 
     def seed(self, seed):
         with self.device:
@@ -39,6 +85,16 @@ class CUDABackend:
 
     def synchronize(self):
         self.device.synchronize()
+
+    def mark(self):
+        """A CUDA event recorded on the stream: elapsed_ms between two is GPU time."""
+        event = self.xp.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def elapsed_ms(self, start, end):
+        end.synchronize()
+        return self.xp.cuda.get_elapsed_time(start, end)
 
     def to_device(self, array, dtype=None):
         """A C-contiguous device copy of `array` (no copy if it is one already); 0-d stays 0-d."""
@@ -65,6 +121,13 @@ class CUDABackend:
             "Runtime": _version(runtime.runtimeGetVersion()),
             "CuPy": self.xp.__version__,
         }
+
+
+def _end_capture_quietly(stream):
+    try:
+        stream.end_capture()
+    except Exception:  # the capture was invalidated by the failure being reported
+        pass
 
 
 def _version(code):

@@ -85,6 +85,20 @@ def _launch(family, expression, ctype, ndim, count, args):
     _function(family, expression, device, ctype, ndim)((blocks,), (BLOCK,), args)
 
 
+# *** GEMM ***
+_BLAS = {}  # device index -> its backend's Blas (the handle bound to the backend's stream)
+
+
+def bind_blas(device, blas):
+    _BLAS[device] = blas
+
+
+def matmul(a, b, out):
+    """out = a @ b with NumPy's batched-matmul rules, through the device's own cuBLAS handle
+    (capturable in a CUDA graph, unlike CuPy's matmul)."""
+    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out)
+
+
 # *** argument checks ***
 def _float_type(*arrays):
     """The C type of the arrays' common float dtype."""

@@ -1,0 +1,173 @@
+"""GEMM through cuBLAS with the backend's own handle, so that it can be captured in a CUDA graph.
+
+CuPy refuses every cuBLAS call while a stream is capturing (its matmul and its low-level binding
+alike), but cuBLAS itself captures fine when the handle is bound to the capturing stream and owns
+a preallocated workspace (so it never allocates inside the capture).  This module calls the
+library that CuPy already loaded, through ctypes: create a handle, bind stream and workspace, and
+run (strided-batched) S/DGEMM.  `matmul(a, b, out)` takes NumPy's broadcasting batched-matmul
+shapes on CuPy arrays, any mix of row- and column-major matrix views (transposes are cuBLAS ops,
+not copies) and batch dimensions that collapse to one uniform stride per operand (else a Python
+loop over the other batch axes).  Results are deterministic for one GPU, stream and workspace.
+"""
+
+import ctypes
+import ctypes.util
+import math
+
+import numpy as np
+
+OP_N, OP_T = 0, 1
+DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
+WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
+_GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
+         np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
+
+
+def _library():
+    """The libcublas this process already uses (CuPy loaded it), else the one the loader finds."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcublas.so" in line}
+        if paths:
+            return ctypes.CDLL(sorted(paths)[0])
+    except OSError:
+        pass
+    for name in ("libcublas.so.13", "libcublas.so.12", ctypes.util.find_library("cublas")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    raise OSError("libcublas not found (install CuPy with its CUDA libraries)")
+
+
+class Blas:
+    """One cuBLAS handle bound to `stream`, with its own workspace allocated by `xp`."""
+
+    def __init__(self, xp, stream):
+        xp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, so ours is the same copy
+        self.lib = _library()
+        handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self.handle = handle
+        self.workspace = xp.empty(WORKSPACE_BYTES, np.uint8)
+        self._check(self.lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream")
+        self._check(self.lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
+        self.set_tf32(False)
+
+    def set_tf32(self, allow):
+        """Allow TF32 tensor cores for float32 GEMMs (10-bit mantissa products), or not."""
+        self.tf32 = bool(allow)
+        self._check(self.lib.cublasSetMathMode(self.handle, TF32_MATH if allow else DEFAULT_MATH),
+                    "cublasSetMathMode")
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def matmul(self, a, b, out, accumulate=False):
+        """out = a @ b (or out += a @ b), NumPy's batched-matmul rules; out is never broadcast."""
+        dtype = np.dtype(out.dtype)
+        if dtype not in _GEMM or a.dtype != dtype or b.dtype != dtype:
+            raise TypeError(f"matmul takes float32 or float64 arrays of one type, got {a.dtype}, {b.dtype}, {dtype}")
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or \
+                out.shape[-2:] != (a.shape[-2], b.shape[-1]):
+            raise ValueError(f"matmul shapes {a.shape} @ {b.shape} -> {out.shape} do not fit")
+        batch = out.shape[:-2]
+        if np.broadcast_shapes(a.shape[:-2], b.shape[:-2], batch) != batch:
+            raise ValueError(f"matmul batch shapes {a.shape[:-2]}, {b.shape[:-2]} do not broadcast to {batch}")
+        a, b = (_gemm_operand(x, len(batch)) for x in (a, b))
+        if _layout(out) != "row":
+            raise ValueError(f"matmul out must have unit column stride, got strides {out.strides}")
+        m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+        if m * n == 0:
+            return out
+        if k == 0:
+            if not accumulate:
+                out.fill(0)
+            return out
+        strides = [_batch_strides(x, batch) for x in (a, b, out)]
+        for index, batched in _batch_plan(batch, strides):
+            offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
+            self._gemm(a, b, out, offsets, batched, accumulate)
+        return out
+
+    def _gemm(self, a, b, out, offsets, batched, accumulate):
+        """One (strided-batched) call.  Row-major C = A B is column-major C^T = B^T A^T."""
+        itemsize, (m, n), k = out.itemsize, out.shape[-2:], a.shape[-1]
+        single, strided, scalar = _GEMM[np.dtype(out.dtype)]
+        pa, pb, pc = (ctypes.c_void_p(x.data.ptr + offset * itemsize) for x, offset in zip((a, b, out), offsets))
+        (op_a, lda), (op_b, ldb), ldc = _op_ld(a), _op_ld(b), _op_ld(out)[1]
+        alpha, beta = scalar(1), scalar(1 if accumulate else 0)
+        head = (self.handle, op_b, op_a, n, m, k, ctypes.byref(alpha))  # cuBLAS's A is our b
+        if batched is None:
+            status = getattr(self.lib, single)(*head, pb, ldb, pa, lda, ctypes.byref(beta), pc, ldc)
+        else:
+            count, (sa, sb, sc) = batched
+            status = getattr(self.lib, strided)(*head, pb, ldb, ctypes.c_longlong(sb), pa, lda,
+                                                ctypes.c_longlong(sa), ctypes.byref(beta), pc, ldc,
+                                                ctypes.c_longlong(sc), count)
+        self._check(status, strided if batched else single)
+
+
+def _layout(x):
+    """'row' when x's last two axes are row-major (unit column stride), 'col' when column-major,
+    None otherwise.  Size-1 axes fit either."""
+    rows, cols = x.shape[-2:]
+    sr, sc = (s // x.itemsize for s in x.strides[-2:])
+    if (sc == 1 or cols == 1) and (sr >= cols or rows == 1):
+        return "row"
+    if (sr == 1 or rows == 1) and (sc >= rows or cols == 1):
+        return "col"
+    return None
+
+
+def _gemm_operand(x, batch_ndim):
+    """x itself when cuBLAS can read its matrices in place, else a C-contiguous copy."""
+    if _layout(x) is None or any(s % x.itemsize or s < 0 for s in x.strides):
+        return x.copy()
+    return x
+
+
+def _op_ld(x):
+    """(cuBLAS op, leading dimension) that reads row-major x (r, c) as its column-major transpose."""
+    rows, cols = x.shape[-2:]
+    sr, sc = (s // x.itemsize for s in x.strides[-2:])
+    if _layout(x) == "row":
+        return OP_N, max(sr if rows > 1 else cols, cols, 1)
+    return OP_T, max(sc if cols > 1 else rows, rows, 1)
+
+
+def _batch_strides(x, batch):
+    """x's element strides along the broadcast batch axes (0 where x is broadcast)."""
+    lead = len(batch) - (x.ndim - 2)
+    strides = [0] * lead + [s // x.itemsize for s in x.strides[:-2]]
+    return [0 if x_dim == 1 else s for x_dim, s in zip((1,) * lead + x.shape[:-2], strides)]
+
+
+def _batch_plan(batch, strides):
+    """[(fixed batch indices {axis: i}, (count, (stride_a, stride_b, stride_c)) or None)]:
+    the calls that cover the batch, one strided-batched call per run of a collapsible axis."""
+    axes = [d for d, size in enumerate(batch) if size > 1]
+    if not axes:
+        return [({}, None)]
+    if _collapsible(axes, batch, strides):
+        inner = axes[-1]
+        count = math.prod(batch[d] for d in axes)
+        return [({}, (count, tuple(s[inner] for s in strides)))]
+    inner = max(axes, key=lambda d: batch[d])  # one batched call over the longest axis, loop the rest
+    loops = [d for d in axes if d != inner]
+    plan = []
+    for index in np.ndindex(*(batch[d] for d in loops)):
+        plan.append((dict(zip(loops, index)), (batch[inner], tuple(s[inner] for s in strides))))
+    return plan
+
+
+def _collapsible(axes, batch, strides):
+    """True when the non-trivial batch axes form one uniform stride for every operand."""
+    for outer, inner in zip(axes, axes[1:]):
+        if any(s[outer] != s[inner] * batch[inner] for s in strides):
+            return False
+    return True

@@ -1,0 +1,101 @@
+"""Training iterations as replays of one CUDA graph (DESIGN rule 3).
+
+The graph holds a whole iteration of Caffe's loop after the test: clear the param diffs,
+forward/backward iter_size times, record the loss, and the update at this iteration's learning
+rate.  The rates are computed on the host for a window of iterations and uploaded once; the graph
+picks its own with a device counter, and writes its loss into a device ring that the host reads
+only when it needs the losses (display, the end of `step`, a full window).  So iterations queue
+back to back with no host round trip.  Graphs cannot hold clipping's logged norm, Adam's
+per-iteration bias correction or the pycaffe callbacks; solvers using them run eagerly.
+"""
+
+import numpy as np
+
+from espresso.graphs import GraphCache, eager_reason
+from espresso.solver.lr_policy import learning_rate
+
+WINDOW = 1000  # iterations per rate upload and, at most, between loss reads
+
+
+def eager_solver_reason(solver):
+    """Why `solver` cannot train with graphs, or None when it can."""
+    p = solver.param
+    if solver._callbacks:
+        return "pycaffe callbacks run between forward/backward and the update"
+    if p.type == "Adam":
+        return "Adam's bias correction changes every iteration"
+    if p.clip_gradients >= 0:
+        return "gradient clipping logs the norm it reads back"
+    return eager_reason(solver.net.backend, solver.net.layers)
+
+
+class DeviceLoop:
+    """Runs iterations of `solver` on the device; `run()` queues one, `losses()` reads back the
+    (iteration, loss) pairs queued since the last read."""
+
+    def __init__(self, solver):
+        self.solver, net = solver, solver.net
+        xp, dtype = net.backend.xp, net.dtype
+        self.xp, self.graphs = xp, GraphCache(net.backend)
+        self.rates, self.ring = xp.zeros(WINDOW, dtype), xp.zeros(WINDOW, dtype)
+        self.rate, self.loss = xp.zeros((), dtype), xp.zeros((), dtype)
+        self.slot = xp.zeros((), np.int64)
+        self.first, self.queued, self.read = None, 0, 0  # the window's first iteration, counts
+        self.host_rates = []
+
+    def run(self):
+        """Queue iteration solver.iter; returns (rate, current_step) it uses."""
+        if self.first is None or self.queued == len(self.host_rates):
+            self._new_window()
+        rate, step = self.host_rates[self.queued]
+        self.solver.net.sync()
+        self.graphs.run("iteration", self._iteration)
+        self.queued += 1
+        return rate, step
+
+    def _new_window(self):
+        """Rates for the next WINDOW iterations (Caffe's GetLearningRate, in order); the ring
+        must have been read (callers read at the end of every step)."""
+        s = self.solver
+        if self.read != self.queued:
+            raise RuntimeError("DeviceLoop: losses not read before a new window")
+        step, self.host_rates = s.current_step, []
+        for it in range(s.iter, s.iter + WINDOW):
+            rate, step = learning_rate(s.param, it, step, s.net.dtype)
+            self.host_rates.append((rate, step))
+        self.rates.set(np.array([r for r, _ in self.host_rates], s.net.dtype))
+        self.slot.fill(0)
+        self.first, self.queued, self.read = s.iter, 0, 0
+
+    def _iteration(self):
+        """What the graph holds: Caffe's iteration from ClearParamDiffs to ApplyUpdate."""
+        s, xp = self.solver, self.xp
+        net, last, size = s.net, len(s.net.layers) - 1, s.param.iter_size
+        xp.take(self.rates, self.slot, out=self.rate)
+        net.arena_diff.fill(0)
+        total = None
+        for _ in range(size):
+            loss = sum(net.forward_layers(0, last), net.dtype.type(0))
+            net.backward_range(last, 0)
+            total = loss if total is None else total + loss
+        xp.divide(total, net.dtype.type(size), out=self.loss)
+        xp.put(self.ring, self.slot, self.loss)
+        self.slot += 1
+        s.updater.apply(self.rate, s.iter)
+
+    def losses(self):
+        """[(iteration, loss)] queued since the last call (waits for them); a full window is
+        closed so that the next run starts a new one."""
+        if self.read == self.queued:
+            return []
+        values = self.xp.asnumpy(self.ring[self.read:self.queued])
+        pairs = [(self.first + self.read + i, float(v)) for i, v in enumerate(values)]
+        self.read = self.queued
+        if self.queued == len(self.host_rates):
+            self.first = None
+        return pairs
+
+    def close(self):
+        """End the window (the solver's iteration may be moved, e.g. by restore)."""
+        self.losses()
+        self.first = None

@@ -1,0 +1,159 @@
+"""The GPU's own cuBLAS GEMM and CUDA graphs: graph replays give exactly the eager results.
+
+Needs a CUDA GPU (skipped with the reason otherwise).  Eager and graphed runs launch the same
+kernels in the same order, so they are compared bit for bit.
+"""
+
+import numpy as np
+import pytest
+from test_gpu_pycaffe import MISSING
+
+import espresso as caffe
+from espresso.blob import Blob
+from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")]
+
+LENET = """
+name: "LeNet"
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 8 dim: 1 dim: 28 dim: 28 } shape { dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 1 } param { lr_mult: 2 }
+        convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" param { lr_mult: 1 } param { lr_mult: 2 }
+        convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1" param { lr_mult: 1 } param { lr_mult: 2 }
+        inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "drop" type: "Dropout" bottom: "ip1" top: "ip1" dropout_param { dropout_ratio: DROP } }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2" param { lr_mult: 1 } param { lr_mult: 2 }
+        inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+SOLVER = ('base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "inv" gamma: 0.0001 power: 0.75 '
+          'display: 0 max_iter: 100 random_seed: 7 type: "{}"')
+
+
+@pytest.fixture
+def gpu():
+    from espresso import backend
+
+    caffe.set_mode_gpu()
+    yield backend.get("cuda:0")
+    caffe.set_cuda_graphs(True)
+    caffe.set_mode_cpu()
+
+
+def _solver(drop=0.0, rule="SGD"):
+    param = parse_text(SOLVER.format(rule), caffe_pb2.SolverParameter())
+    param.net_param.CopyFrom(parse_text(LENET.replace("DROP", str(drop)), caffe_pb2.NetParameter()))
+    solver = caffe.get_solver(param)
+    rng = np.random.default_rng(3)
+    solver.net.blobs["data"].data[...] = rng.random((8, 1, 28, 28))
+    solver.net.blobs["label"].data[...] = rng.integers(0, 10, 8)
+    return solver
+
+
+def _weights(solver):
+    return solver.net.backend.to_host(solver.net.arena_data)
+
+
+# *** GEMM through the backend's own cuBLAS handle ***
+@pytest.mark.parametrize("case", ["nn", "tn", "nt", "tt", "batched", "broadcast_a", "groups", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_matches_numpy(gpu, case, dtype):
+    rng, xp = np.random.default_rng(0), gpu.xp
+    shapes = {"nn": ((5, 7), (7, 3)), "tn": ((7, 5), (7, 3)), "nt": ((5, 7), (3, 7)), "tt": ((7, 5), (3, 7)),
+              "batched": ((4, 5, 7), (4, 7, 3)), "broadcast_a": ((5, 7), (4, 7, 3)),
+              "groups": ((2, 5, 7), (6, 2, 7, 3)), "strided": ((5, 14), (7, 3))}[case]
+    a, b = (rng.standard_normal(s).astype(dtype) for s in shapes)
+    a = a.T if case[0] == "t" else a[:, ::2] if case == "strided" else a
+    b = b.T if case in ("nt", "tt") else b
+    da, db = xp.asarray(np.ascontiguousarray(a.T)).T if case[0] == "t" else xp.asarray(a), \
+        (xp.asarray(np.ascontiguousarray(b.T)).T if case in ("nt", "tt") else xp.asarray(b))
+    expected = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    out = xp.empty(expected.shape, dtype)
+    gpu.k.matmul(da, db, out)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(xp.asnumpy(out), expected, rtol=tol, atol=tol)
+
+
+def test_tf32_switch_changes_float32_gemm_only_slightly(gpu):
+    xp, rng = gpu.xp, np.random.default_rng(1)
+    a, b = (xp.asarray(rng.standard_normal((256, 256)).astype(np.float32)) for _ in range(2))
+    exact, fast = xp.empty((256, 256), np.float32), xp.empty((256, 256), np.float32)
+    gpu.k.matmul(a, b, exact)
+    gpu.set_tf32(True)
+    try:
+        gpu.k.matmul(a, b, fast)
+    finally:
+        gpu.set_tf32(False)
+    diff = float(abs(fast - exact).max())
+    assert 0 < diff < 0.1  # TF32 rounds the inputs to 10 mantissa bits: different, but close
+
+
+# *** graphs ***
+def test_graphed_training_equals_eager_bit_for_bit(gpu):
+    caffe.set_cuda_graphs(False)
+    eager = _solver()
+    caffe.set_cuda_graphs(True)
+    graphed = _solver()
+    graphed.net.arena_data[...] = eager.net.arena_data
+    eager.step(20)
+    graphed.step(20)
+    assert graphed._loop is not None and graphed._loop.graphs.graphs["iteration"][1] is not None
+    np.testing.assert_array_equal(_weights(graphed), _weights(eager))
+    assert graphed.smoothed_loss == pytest.approx(eager.smoothed_loss, rel=1e-6)
+    history = [gpu.to_host(h) for h in graphed.updater.rule.history]
+    np.testing.assert_array_equal(history[0], gpu.to_host(eager.updater.rule.history[0]))
+
+
+def test_graph_replays_draw_new_dropout_masks(gpu):
+    solver = _solver(drop=0.5)
+    solver.step(3)  # the graph is captured by now
+    masks = []
+    for _ in range(2):
+        solver.step(1)
+        masks.append(gpu.to_host(solver.net.layers[7].mask.data).copy())
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_same_seed_same_weights(gpu):
+    runs = []
+    for _ in range(2):
+        caffe.set_random_seed(11)
+        solver = _solver(drop=0.5)
+        solver.step(15)
+        runs.append(_weights(solver))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_forward_graph_follows_new_inputs_and_shapes(gpu):
+    solver = _solver()
+    net, rng = solver.net, np.random.default_rng(5)
+    for batch in (8, 8, 8, 3, 3):
+        x = rng.random((batch, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, batch)
+        if net.blobs["data"].shape[0] != batch:
+            net.blobs["data"].reshape(batch, 1, 28, 28)
+            net.blobs["label"].reshape(batch)
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = y
+        layout = Blob.layout
+        graphed = net.forward()["loss"]
+        caffe.set_cuda_graphs(False)
+        eager = net.forward()["loss"]
+        caffe.set_cuda_graphs(True)
+        assert Blob.layout == layout or batch == 3
+        assert float(graphed) == float(eager)
+
+
+def test_unsupported_solvers_train_eagerly(gpu):
+    solver = _solver(rule="Adam")
+    solver.step(2)
+    assert solver._loop is None and solver.iter == 2
