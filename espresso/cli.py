@@ -14,6 +14,7 @@ import numpy as np
 
 import espresso
 from espresso.errors import EspressoError
+from espresso.graphs import eager_reason
 
 log = logging.getLogger("espresso")
 
@@ -44,27 +45,27 @@ def _net(args, phase):
 
 class Progress:
     """A one-line progress bar on a terminal (iteration, loss, last test score, ETA); on a
-    pipe it stays silent and Caffe's log lines tell the story.  Also records the curves."""
+    pipe it stays silent and Caffe's log lines tell the story.  Also records the curves, at the
+    solver's display and test iterations (an observer, not a pycaffe callback, so a GPU solver
+    keeps replaying its CUDA graph between them)."""
 
     def __init__(self, solver, stream=sys.stderr):
         self.solver, self.stream = solver, stream
         self.live = stream.isatty()
         self.start, self.first_iter = time.perf_counter(), solver.iter
         self.losses, self.tests = [], []  # (iteration, smoothed loss), (iteration, {name: value})
-        self._seen = set()  # ids of the test-score dicts already recorded (each test makes a new one)
-        solver.add_callback(self.on_start, self.on_gradients_ready)
+        solver.observers.append(self.notify)
 
-    def on_start(self):
+    def notify(self, event):
         s = self.solver
-        for scores in s.test_scores:
-            if scores is not None and id(scores) not in self._seen:
-                self._seen.add(id(scores))
-                self.tests.append((s.iter, {k: float(np.mean(v)) for k, v in scores.items()}))
-
-    def on_gradients_ready(self):
-        s = self.solver
-        self.losses.append((s.iter, float(s.smoothed_loss)))
-        if self.live and (s.iter % 10 == 0 or s.iter + 1 == s.param.max_iter):
+        if event == "test":
+            scores = {}
+            for net_scores in s.test_scores:
+                scores.update({k: float(np.mean(v)) for k, v in (net_scores or {}).items()})
+            self.tests.append((s.iter, scores))
+        else:
+            self.losses.append((s.iter, float(s.smoothed_loss)))
+        if self.live:
             self.draw()
 
     def draw(self):
@@ -81,7 +82,6 @@ class Progress:
         self.stream.flush()
 
     def close(self):
-        self.on_start()  # the final test, if any
         if self.live:
             self.stream.write("\n")
 
@@ -104,7 +104,10 @@ def cmd_train(args):
     with espresso.solver.SignalHandler(effects[args.sigint_effect], effects[args.sighup_effect]) as handler:
         solver.set_action_function(handler.check)
         try:
+            start = time.perf_counter()
             solver.solve(args.snapshot or None)
+            solver.net.backend.synchronize()
+            log.info("Training took %.2f s (tests and snapshots included)", time.perf_counter() - start)
         finally:
             progress.close()
             if args.plot:
@@ -204,8 +207,10 @@ def cmd_time(args):
     _set_device(args.gpu)
     net = _net(args, _phase(args.phase))
     n, backend = len(net.layers), net.backend
-    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
+    if eager_reason(backend, net.layers) is None:
+        return _time_graphs(net, args.iterations)
+    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
     start = time.perf_counter()
     for _ in range(args.iterations):  # eager, layer by layer; on a GPU timed by CUDA events
         marks = [backend.mark()]
@@ -219,15 +224,39 @@ def cmd_time(args):
         forward_ms += ms[:n]
         backward_ms += ms[n:][::-1]
     total_ms = (time.perf_counter() - start) * 1e3
+    _report_times(net, forward_ms / args.iterations, backward_ms / args.iterations, total_ms / args.iterations)
+    return 0
+
+
+def _time_graphs(net, iterations):
+    """GPU times without Python's launch cost: each layer's forward and backward captured as its
+    own CUDA graph and replayed `iterations` times between two CUDA events; the whole
+    forward+backward likewise."""
+    backend, n = net.backend, len(net.layers)
+
+    def replay_ms(fn):
+        graph = backend.capture(fn)
+        start = backend.mark()
+        for _ in range(iterations):
+            backend.launch(graph)
+        return backend.elapsed_ms(start, backend.mark()) / iterations
+
+    forward = [replay_ms(lambda i=i: net.forward_layers(i, i)) for i in range(n)]
+    backward = [replay_ms(lambda i=i: net.backward_range(i, i)) for i in range(n)]
+    whole = replay_ms(lambda: (net.forward_layers(0, n - 1), net.backward_range(n - 1, 0)))
+    log.info("GPU times of CUDA graph replays (ESPRESSO_CUDA_GRAPHS=0 times eager launches instead)")
+    _report_times(net, np.array(forward), np.array(backward), whole)
+    return 0
+
+
+def _report_times(net, forward_ms, backward_ms, total_ms):
     width = max(len(name) for name in net._layer_names)
     for name, f, b in zip(net._layer_names, forward_ms, backward_ms):
-        log.info("%*s   forward: %.4f ms.", width, name, f / args.iterations)
-        log.info("%*s  backward: %.4f ms.", width, name, b / args.iterations)
-    log.info("Average Forward pass: %.4f ms.", forward_ms.sum() / args.iterations)
-    log.info("Average Backward pass: %.4f ms.", backward_ms.sum() / args.iterations)
-    log.info("Average Forward-Backward: %.4f ms.", total_ms / args.iterations)
-    log.info("Total Time: %.4f ms.", total_ms)
-    return 0
+        log.info("%*s   forward: %.4f ms.", width, name, f)
+        log.info("%*s  backward: %.4f ms.", width, name, b)
+    log.info("Average Forward pass: %.4f ms.", forward_ms.sum())
+    log.info("Average Backward pass: %.4f ms.", backward_ms.sum())
+    log.info("Average Forward-Backward: %.4f ms.", total_ms)
 
 
 def cmd_prepare_fmnist(args):

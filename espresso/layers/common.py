@@ -91,12 +91,11 @@ class InnerProductLayer(Layer):
         xp, w = self.xp, self.blobs[0]
         dy = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
-        if self.param_propagate_down[0]:
+        if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
             if self.p.transpose:
-                self.k.matmul(x.T, dy, out=self.weight_grad)  # (K, N)
+                self.k.matmul(x.T, dy, out=w.diff, accumulate=True)  # (K, N)
             else:
-                self.k.matmul(dy.T, x, out=self.weight_grad)  # (N, K)
-            accumulate(w, self.weight_grad)
+                self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
         if self.p.bias_term and self.param_propagate_down[1]:
             xp.sum(dy, axis=0, out=self.bias_grad)
             accumulate(self.blobs[1], self.bias_grad)

@@ -198,9 +198,19 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
 
     def reshape(self, bottom, top):
         self.reshape_softmax(bottom, top)
+        self.fused = getattr(self.k, "softmax_loss_forward", None) is not None
+        if self.fused:  # per-position scratch and the normalizer, for the fused CUDA kernels
+            positions = self.outer * self.inner
+            _workspace(self, "position_loss", (2, positions), self.dtype)
+            _workspace(self, "norm", (), self.dtype)
 
     def forward(self, bottom, top):
         xp, labels = self.xp, self.labels
+        if self.fused:
+            fixed = None if self.normalization == VALID else self.normalizer(None)
+            self.k.softmax_loss_forward(bottom[0].data, bottom[1].data, self.prob.data, *self.position_loss,
+                                        top[0].data, self.norm, self.dims, labels.ignore, fixed)
+            return
         self.softmax.forward([bottom[0]], [self.prob])
         labels.load(bottom[1].data)
         prob = self.prob.data.reshape(self.dims)
@@ -213,6 +223,10 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         if not propagate_down[0]:
             return
         labels, dx = self.labels, bottom[0].diff.reshape(self.dims)
+        if self.fused:
+            self.k.softmax_loss_backward(self.prob.data, bottom[1].data, top[0].diff, self.norm, dx, self.dims,
+                                         labels.ignore)
+            return
         # d/dx = prob - onehot(label), zero at ignored positions
         self.xp.subtract(self.prob.data.reshape(self.dims), self.class_ids == labels.safe[:, None, :], out=dx)
         dx *= labels.valid[:, None, :]

@@ -88,7 +88,8 @@ class _ColumnGemm:
         col_bytes = self.ci * math.prod(layer.kernel) * self.length * dtype.itemsize
         self.chunk = max(1, min(num, COLUMN_BUDGET // max(col_bytes, 1)))
         tall = self.rows_per_group >= BATCH_LAST_ROWS
-        self.batch_last = self.chunk > 1 and (tall or self.length < BATCH_LAST_BELOW)
+        prefer = getattr(layer.backend, "prefers_batch_last", False)  # a GPU: one big GEMM always wins
+        self.batch_last = self.chunk > 1 and (prefer or tall or self.length < BATCH_LAST_BELOW)
         unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
         self.skip = unit and not self.batch_last
         n, empty = self.chunk, self.xp.empty
@@ -96,7 +97,7 @@ class _ColumnGemm:
         work = self.k.im2col_workspace_size((n, self.ci, *image_shape[1:]), layer.pad, self.batch_last)
         self.work = empty(work, dtype) if work and not self.skip else None
         self.rows = empty(self.cd * self.length * n, dtype) if self.batch_last else None
-        self.wtmp = empty((1 if self.batch_last else n) * self.cd * self.rows_per_group, dtype)
+        self.wtmp = None if self.batch_last else empty(n * self.cd * self.rows_per_group, dtype)
 
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
@@ -170,10 +171,13 @@ class _ColumnGemm:
 
     def weight_grad(self, rows, col, diff):
         """diff (G, Cd/G, Kg) += rows @ col^T, summed over the batch."""
+        if self.batch_last:  # one GEMM over the batch, accumulating (beta = 1) as Caffe's
+            self.k.matmul(rows, col.swapaxes(-1, -2), out=diff, accumulate=True)
+            return
         shape = rows.shape[:-1] + (self.rows_per_group,)
         tmp = self.wtmp[: math.prod(shape)].reshape(shape)
         self.k.matmul(rows, col.swapaxes(-1, -2), out=tmp)
-        diff += tmp if self.batch_last else tmp.sum(axis=0)
+        diff += tmp.sum(axis=0)
 
 
 def conv_output_spatial(layer, spatial):

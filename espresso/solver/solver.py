@@ -86,6 +86,7 @@ class Solver:
         self.test_scores = [None] * len(self.test_nets)
         self._callbacks, self._action = [], None
         self._loop, self._eager_logged = None, None
+        self.observers = []  # f(event) for "display" and "test": progress bars, curves
 
     @property
     def type(self):
@@ -297,6 +298,11 @@ class Solver:
         self._timer, self._iters_last = now, self.iter
         outputs = [(name, self.net.blobs[name].host_data().ravel()) for name in self.net.outputs]
         _log_outputs("Train", self.net, outputs)
+        self._notify("display")
+
+    def _notify(self, event):
+        for observer in self.observers:
+            observer(event)
 
     def apply_update(self):
         """Caffe's SGDSolver::ApplyUpdate: learning rate, then the arena-wide update."""
@@ -343,6 +349,8 @@ class Solver:
             if self.requested_early_exit:
                 break
             self.test(i)
+        if self.test_nets:
+            self._notify("test")
 
     def test(self, test_net_id=0):
         """Caffe's Solver::Test: average each output over test_iter forward passes; returns

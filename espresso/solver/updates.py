@@ -211,6 +211,7 @@ class ArenaUpdater:
             raise EspressoError(f"unknown regularization_type '{param.regularization_type}' (known: L1, L2)")
         self.local_rate = self.xp.zeros(size, dtype) if _is_array(self.lr_mult) else None
         self.work = self.xp.zeros(size, dtype) if self.regularize else None
+        self.fused = self._fused_sgd(net, param, wd)
 
     def _per_element(self, values):
         """One value per param -> a scalar if they are all equal, else a per-element vector."""
@@ -219,9 +220,22 @@ class ArenaUpdater:
         host = np.repeat(np.array(values, self.f), self.counts)
         return self.net.backend.to_device(host, self.f)
 
+    def _fused_sgd(self, net, param, wd):
+        """(kernel, per-param segments) when the backend has the one-pass SGD kernel, else None."""
+        kernel = getattr(net.backend.k, "sgd_update", None)
+        if kernel is None or param.type != "SGD" or not self.counts:
+            return None
+        backend, f = net.backend, self.f
+        segments = (backend.to_device(np.cumsum(self.counts).astype(np.int64)),
+                    backend.to_device(np.array(net.params_lr, f)),
+                    backend.to_device(np.array([wd * f(v) for v in net.params_weight_decay], f)))
+        return kernel, segments
+
     def apply(self, rate, it):
         """Clip, normalize, regularize, compute the update and apply it: w -= update."""
         g, w = self.net.arena_diff, self.net.arena_data
+        if self.fused is not None:
+            return self._apply_fused(g, w, rate)
         self.clip(g)
         if self.p.iter_size != 1:
             self.xp.multiply(g, self.f(1) / self.f(self.p.iter_size), out=g)
@@ -229,6 +243,16 @@ class ArenaUpdater:
             self.add_decay(g, w)
         self.rule.compute(g, self.rates(rate), it)
         self.xp.subtract(w, g, out=w)
+
+    def _apply_fused(self, g, w, rate):
+        """The same steps as below in one kernel (SGD on a GPU)."""
+        self.clip(g)
+        kernel, segments = self.fused
+        if not _is_device_scalar(rate):
+            rate = self.net.backend.to_device(np.array(rate, self.f))
+        regularization = {"L2": 1, "L1": 2}[self.p.regularization_type] if self.regularize else 0
+        kernel(w, g, self.rule.history[0], segments, rate, self.f(self.p.momentum),
+               self.f(1) / self.f(self.p.iter_size), regularization)
 
     def rates(self, rate):
         """rate * lr_mult (scalar or per element); `rate` may be a 0-d device array (graphs)."""

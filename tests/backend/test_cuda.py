@@ -96,6 +96,8 @@ struct EmuDim3 { unsigned x, y, z; };
 static const EmuDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 #define __global__
 #define __device__
+#define __shared__ static
+inline void __syncthreads() {}
 #define __forceinline__ inline
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
@@ -225,7 +227,7 @@ def test_cuda_primitives_mirror_the_cpu_signatures():
 
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
-    assert [p.stem for p in sources] == ["im2col", "lrn", "pooling"]
+    assert [p.stem for p in sources] == ["fused", "im2col", "lrn", "pooling"]
     for path in sources:
         lines = path.read_text().splitlines()
         header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("//"))]
@@ -239,7 +241,7 @@ def test_cu_files_compile_with_nvcc():
     result = subprocess.run(["bash", str(ROOT / "tools" / "check_cu.sh")], capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable}, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 3, result.stdout
+    assert result.stdout.count("ok ") == len(list(CUDA.SOURCES.glob("*.cu"))), result.stdout
 
 
 def test_importing_espresso_does_not_import_cupy():
@@ -451,6 +453,52 @@ def test_lrn_across(dev, shape, size, alpha, beta, k, dtype):
     CPU.lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta)
     gdx = dev.poisoned(shape, dtype)
     dev.k.lrn_across_backward(gx, dev.put(y), dev.put(dy), dev.put(scale), gdx, size, alpha, beta, None)
+    assert_matches(dev.get(gdx), dx, dtype, what + " dx")
+
+
+@pytest.mark.parametrize("regularization", [0, 1, 2])
+def test_fused_sgd_update_follows_caffes_order(dev, regularization):
+    """Bit for bit the xp steps of ArenaUpdater + SGD (same float32 operations, same order)."""
+    f, rng = np.float32, np.random.default_rng(regularization)
+    counts, lr_mult, decay = [5, 1, 7], np.array([1, 2, 0.5], f), np.array([5e-4, 0, 1e-3], f)
+    w, g, h = (rng.standard_normal(sum(counts)).astype(f) for _ in range(3))
+    rate, momentum, normalize = f(0.01), f(0.9), f(1) / f(2)
+    local_lr, local_decay = np.repeat(lr_mult, counts), np.repeat(decay, counts)
+    rw, rg, rh = w.copy(), g * normalize, h * momentum
+    if regularization:
+        rg = rg + (rw if regularization == 1 else np.sign(rw)) * local_decay
+    rh = rh + rg * (local_lr * rate)
+    rw = rw - rh
+    dw, dg, dh = dev.put(w), dev.put(g), dev.put(h)
+    segments = (dev.put(np.cumsum(counts).astype(np.int64)), dev.put(lr_mult), dev.put(decay))
+    dev.k.sgd_update(dw, dg, dh, segments, dev.put(np.array(rate)), momentum, normalize, regularization)
+    for got, want in ((dw, rw), (dg, rh), (dh, rh)):
+        np.testing.assert_array_equal(dev.get(got), want)
+
+
+@pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
+    outer, classes, inner = dims
+    x = rand(dims, 3, dtype) * 4
+    labels = np.random.default_rng(4).integers(0, classes, (outer, inner)).astype(dtype)
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    prob = shifted / shifted.sum(axis=1, keepdims=True)
+    valid = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
+    safe = np.where(valid, labels, 0).astype(int)
+    picked = np.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
+    norm = max(valid.sum(), 1) if fixed is None else fixed
+    loss = -(np.log(np.maximum(picked, CPU.FLT_MIN)) * valid).sum() / norm
+    dx = (prob - (np.arange(classes)[None, :, None] == safe[:, None, :])) * valid[:, None, :] * (2.0 / norm)
+    gprob, gdx = dev.poisoned(dims, dtype), dev.poisoned(dims, dtype)
+    scratch = [dev.poisoned((outer * inner,), dtype) for _ in range(2)]
+    gloss, gnorm = dev.put(np.array(0, dtype)), dev.put(np.array(0, dtype))
+    gx, glabels = dev.put(x), dev.put(labels)
+    dev.k.softmax_loss_forward(gx, glabels, gprob, *scratch, gloss, gnorm, dims, ignore, fixed)
+    dev.k.softmax_loss_backward(gprob, glabels, dev.put(np.array(2, dtype)), gnorm, gdx, dims, ignore)
+    what = f"softmax loss {dims} {dtype.__name__}"
+    assert_matches(dev.get(gprob), prob, dtype, what + " prob")
+    assert_matches(dev.get(gloss), loss, dtype, what + " loss")
     assert_matches(dev.get(gdx), dx, dtype, what + " dx")
 
 

@@ -157,3 +157,17 @@ def test_unsupported_solvers_train_eagerly(gpu):
     solver = _solver(rule="Adam")
     solver.step(2)
     assert solver._loop is None and solver.iter == 2
+
+
+def test_time_command_reports_gpu_graph_times(gpu, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "lenet.prototxt"
+    path.write_text(LENET.replace("DROP", "0.5"))
+    result = subprocess.run([sys.executable, "-m", "espresso.cli", "time", "--model", str(path), "--gpu", "0",
+                             "--iterations", "5"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "CUDA graph replays" in result.stderr
+    times = [float(line.split(":")[-1].split()[0]) for line in result.stderr.splitlines() if "forward:" in line]
+    assert len(times) == 10 and all(t > 0 for t in times[1:])

@@ -88,8 +88,11 @@ def _unstage(staged, x, lead, pad, batch_last):
 
 
 # *** im2col / col2im ***
-def matmul(a, b, out):
-    """out = a @ b with NumPy's batched-matmul rules (the GEMM every layer calls through `k`)."""
+def matmul(a, b, out, accumulate=False):
+    """out = a @ b (or, accumulating, out += a @ b: Caffe's GEMM with beta = 1) with NumPy's
+    batched-matmul rules: the GEMM every layer calls through `k`."""
+    if accumulate:
+        return np.add(out, np.matmul(a, b), out=out)
     return np.matmul(a, b, out=out)
 
 

@@ -52,6 +52,9 @@ def name_expressions(family, ctype, ndim):
     if family == "lrn":
         return [f"{kernel}<{ctype}>" for kernel in ("lrn_across_forward_kernel",
                                                      "lrn_across_backward_kernel")]
+    if family == "fused":
+        return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_loss_forward_kernel",
+                                                     "softmax_loss_reduce_kernel", "softmax_loss_backward_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
 
 
@@ -93,10 +96,27 @@ def bind_blas(device, blas):
     _BLAS[device] = blas
 
 
-def matmul(a, b, out):
-    """out = a @ b with NumPy's batched-matmul rules, through the device's own cuBLAS handle
-    (capturable in a CUDA graph, unlike CuPy's matmul)."""
-    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out)
+def matmul(a, b, out, accumulate=False):
+    """out = a @ b (or out += a @ b) with NumPy's batched-matmul rules, through the device's own
+    cuBLAS handle (capturable in a CUDA graph, unlike CuPy's matmul)."""
+    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out, accumulate)
+
+
+def relu_forward(x, y, slope):
+    """y = max(x, 0) + slope * min(x, 0) in one kernel."""
+    _elementwise("relu_forward", "T x, T slope", "T y", "y = (x > 0 ? x : T(0)) + slope * (x < 0 ? x : T(0))")(
+        x, x.dtype.type(slope), y)
+
+
+def relu_backward(x, dy, dx, slope):
+    """dx = dy * ((x > 0) + slope * (x <= 0)), Caffe's expression, in one kernel."""
+    _elementwise("relu_backward", "T x, T dy, T slope", "T dx", "dx = dy * (T(x > 0) + slope * T(x <= 0))")(
+        x, dy, dy.dtype.type(slope), dx)
+
+
+@functools.lru_cache(maxsize=None)
+def _elementwise(name, inputs, outputs, body):
+    return _cupy().ElementwiseKernel(inputs, outputs, body, f"espresso_{name}", options=OPTIONS)
 
 
 # *** argument checks ***
@@ -310,6 +330,48 @@ def lrn_across_backward(x, y, dy, scale, dx, size, alpha, beta, work=None):
     inputs = [_unaliased(a, (out,)) for a in (x, y, dy, scale)]
     args = (*inputs, out, *_lrn_shape(x), np.int32(size), t(-2.0 * alpha * beta / size), t(-beta))
     _launch("lrn", f"lrn_across_backward_kernel<{ctype}>", ctype, None, x.size, args)
+
+
+# *** fused kernels (CUDA only: layers and the solver use them when the backend has them) ***
+def sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):
+    """Caffe's SGD step over the arena in one pass: normalize (g *= normalize), regularize
+    (0 none, 1 L2, 2 L1 with the segment's decay), h = momentum h + lr_mult rate g, g = h,
+    w -= h.  segments = (ends int64, lr_mult, decay) device arrays, one entry per param;
+    rate a 0-d device array."""
+    ctype, t = _float_type(w, g, h), w.dtype.type
+    ends, lr_mult, decay = segments
+    args = (np.int64(w.size), w, g, h, np.int32(ends.size), ends, lr_mult, decay, rate, t(momentum),
+            t(normalize), np.int32(regularization))
+    _launch("fused", f"sgd_update_kernel<{ctype}>", ctype, None, w.size, args)
+
+
+def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer):
+    """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
+    loss (0-d) = sum of -log(max(prob[label], FLT_MIN)) over non-ignored positions / normalizer,
+    normalizer = max(1, valid count) when fixed_normalizer is None, else fixed_normalizer.
+    losses / valid: per-position scratch (outer * inner)."""
+    ctype, t = _float_type(x, prob, losses, valid, loss, normalizer), x.dtype.type
+    outer, classes, inner = dims
+    positions = outer * inner
+    ignore = (np.int32(0), np.int32(0)) if ignore_label is None else (np.int32(1), np.int32(ignore_label))
+    labels = _input(labels.astype(x.dtype, copy=False))
+    _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions,
+            (np.int32(positions), np.int32(classes), np.int32(inner), _input(x), labels, prob, losses, valid,
+             *ignore, t(FLT_MIN)))
+    fixed = t(-1 if fixed_normalizer is None else fixed_normalizer)
+    _launch("fused", f"softmax_loss_reduce_kernel<{ctype}>", ctype, None, BLOCK,  # one block
+            (np.int32(positions), losses, valid, loss, normalizer, fixed))
+
+
+def softmax_loss_backward(prob, labels, top_diff, normalizer, dx, dims, ignore_label):
+    """dx = (prob - onehot(label)) * valid * (top_diff / normalizer)."""
+    ctype = _float_type(prob, dx, top_diff, normalizer)
+    outer, classes, inner = dims
+    ignore = (np.int32(0), np.int32(0)) if ignore_label is None else (np.int32(1), np.int32(ignore_label))
+    labels = _input(labels.astype(prob.dtype, copy=False))
+    _launch("fused", f"softmax_loss_backward_kernel<{ctype}>", ctype, None, prob.size,
+            (np.int64(prob.size), np.int32(classes), np.int32(inner), prob, labels, top_diff, normalizer,
+             _output(dx, prob.size, "dx"), *ignore))
 
 
 def instances_source(family):

@@ -1,0 +1,114 @@
+// Fused kernels for launch-bound nets: Caffe's SGD update over the whole parameter arena in one
+// pass, and SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward) instead of
+// some thirty small ones.  Same arithmetic, step by step, as the xp code they replace (compiled
+// with --fmad=false); the loss sum runs in a fixed order, so results are deterministic.
+//
+// Parameters are segments of the arena: segment s covers [ends[s-1], ends[s]) and has its own
+// lr_mult and decay (weight_decay * decay_mult).  Softmax positions are (outer, inner) pairs of an
+// (outer, classes, inner) array; labels are floats truncated to int, as Caffe's static_cast.
+// Launch: grid-stride loops, one thread per arena element / softmax position / input element;
+// the loss sum is one block of 256 threads.
+// Assumptions: positions and classes below 2^31; labels in [0, classes) unless ignored (Caffe
+// only DCHECKs it); few segments (each thread finds its own by a linear scan of `ends`).
+
+template <typename T>
+__device__ int segment_of(long long i, int segments, const long long* ends) {
+    int s = 0;
+    while (s < segments - 1 && ends[s] <= i) ++s;
+    return s;
+}
+
+// w -= update; g (the gradient) ends holding the update, h the momentum history (Caffe's order:
+// normalize, regularize, h = momentum * h + local_rate * g, w -= h).
+template <typename T>
+__global__ void sgd_update_kernel(long long n, T* w, T* g, T* h, int segments, const long long* ends,
+                                  const T* lr_mult, const T* decay, const T* rate, T momentum,
+                                  T normalize, int regularization) {  // 0 none, 1 L2, 2 L1
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int s = segment_of<T>(i, segments, ends);
+        T gi = g[i], wi = w[i];
+        if (normalize != T(1)) gi = gi * normalize;
+        if (regularization == 1) gi = gi + wi * decay[s];
+        if (regularization == 2) gi = gi + T((wi > T(0)) - (wi < T(0))) * decay[s];
+        T hi = h[i] * momentum;
+        gi = gi * (lr_mult[s] * rate[0]);
+        hi = hi + gi;
+        h[i] = hi;
+        g[i] = hi;
+        w[i] = wi - hi;
+    }
+}
+
+// One thread per position: the softmax over classes into prob, and that position's loss
+// -log(max(prob[label], FLT_MIN)) (0 where the label is ignored) and validity.
+template <typename T>
+__global__ void softmax_loss_forward_kernel(int positions, int classes, int inner, const T* x, const T* labels,
+                                            T* prob, T* losses, T* valid, int has_ignore, int ignore_label,
+                                            T flt_min) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
+        const long long base = (long long)(p / inner) * classes * inner + p % inner;
+        T top = x[base];
+        for (int c = 1; c < classes; ++c) {
+            const T v = x[base + (long long)c * inner];
+            top = v > top ? v : top;
+        }
+        T sum = T(0);
+        for (int c = 0; c < classes; ++c) {
+            T e = exp(x[base + (long long)c * inner] - top);
+            prob[base + (long long)c * inner] = e;
+            sum += e;
+        }
+        for (int c = 0; c < classes; ++c) prob[base + (long long)c * inner] /= sum;
+        const int label = (int)labels[p];
+        const bool ok = !(has_ignore && label == ignore_label);
+        const T picked = prob[base + (long long)(ok ? label : 0) * inner];
+        losses[p] = ok ? -log(picked > flt_min ? picked : flt_min) : T(0);
+        valid[p] = ok ? T(1) : T(0);
+    }
+}
+
+// One block: loss = sum(losses) / normalizer, normalizer = max(1, valid count) when
+// `fixed_normalizer` < 0 (VALID), else fixed_normalizer.  Fixed order: deterministic.
+template <typename T>
+__global__ void softmax_loss_reduce_kernel(int positions, const T* losses, const T* valid, T* loss, T* normalizer,
+                                           T fixed_normalizer) {
+    __shared__ T part_loss[256], part_valid[256];
+    T l = T(0), v = T(0);
+    for (int p = threadIdx.x; p < positions; p += blockDim.x) {
+        l += losses[p];
+        v += valid[p];
+    }
+    part_loss[threadIdx.x] = l;
+    part_valid[threadIdx.x] = v;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) {
+            part_loss[threadIdx.x] += part_loss[threadIdx.x + stride];
+            part_valid[threadIdx.x] += part_valid[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        T norm = fixed_normalizer >= T(0) ? fixed_normalizer : part_valid[0] > T(1) ? part_valid[0] : T(1);
+        normalizer[0] = norm;
+        loss[0] = part_loss[0] / norm;
+    }
+}
+
+// dx = (prob - onehot(label)) * valid * (loss_weight / normalizer), one thread per element.
+template <typename T>
+__global__ void softmax_loss_backward_kernel(long long count, int classes, int inner, const T* prob,
+                                             const T* labels, const T* top_diff, const T* normalizer, T* dx,
+                                             int has_ignore, int ignore_label) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int c = (int)(i / inner % classes);
+        const long long p = i / ((long long)classes * inner) * inner + i % inner;
+        const int label = (int)labels[p];
+        const bool ok = !(has_ignore && label == ignore_label);
+        T d = prob[i] - T(ok && c == label ? 1 : 0);
+        d = d * T(ok ? 1 : 0);
+        dx[i] = d * (top_diff[0] / normalizer[0]);
+    }
+}
