@@ -19,6 +19,7 @@ COLUMN_BUDGET = 256 << 20  # bytes of im2col columns per layer; larger batches r
 # measured with LeNet/CIFAR/VGG-like shapes on 2 cores.
 BATCH_LAST_BELOW = 256  # output pixels per image
 BATCH_LAST_ROWS = 128  # column rows: C_in/group * prod(kernel)
+MAX_PARTS = 16  # at most this many partial products for a long weight-gradient GEMM (GPU)
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -88,8 +89,7 @@ class _ColumnGemm:
         col_bytes = self.ci * math.prod(layer.kernel) * self.length * dtype.itemsize
         self.chunk = max(1, min(num, COLUMN_BUDGET // max(col_bytes, 1)))
         tall = self.rows_per_group >= BATCH_LAST_ROWS
-        prefer = getattr(layer.backend, "prefers_batch_last", False)  # a GPU: one big GEMM always wins
-        self.batch_last = self.chunk > 1 and (prefer or tall or self.length < BATCH_LAST_BELOW)
+        self.batch_last = self.chunk > 1 and (tall or self.length < BATCH_LAST_BELOW)
         unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
         self.skip = unit and not self.batch_last
         n, empty = self.chunk, self.xp.empty
@@ -97,7 +97,10 @@ class _ColumnGemm:
         work = self.k.im2col_workspace_size((n, self.ci, *image_shape[1:]), layer.pad, self.batch_last)
         self.work = empty(work, dtype) if work and not self.skip else None
         self.rows = empty(self.cd * self.length * n, dtype) if self.batch_last else None
-        self.wtmp = None if self.batch_last else empty(n * self.cd * self.rows_per_group, dtype)
+        self.split_k = self.batch_last and getattr(layer.backend, "splits_long_gemms", False)
+        parts = (MAX_PARTS if self.split_k else 1) if self.batch_last else n
+        needs_tmp = parts > 1 or not self.batch_last
+        self.wtmp = empty(parts * self.cd * self.rows_per_group, dtype) if needs_tmp else None
 
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
@@ -169,14 +172,31 @@ class _ColumnGemm:
         """Per-channel sums of GEMM rows (the bias gradient), shape (Cd,)."""
         return (rows.sum(axis=-1) if self.batch_last else rows.sum(axis=(0, 3))).reshape(-1)
 
+    def _parts(self, columns):
+        """Slices of the batch-last weight-gradient GEMM's inner dimension (its K = L * n): a GPU
+        keeps a small output (Cd x Kg) busy on all its multiprocessors only when a long K is
+        split into partial products, summed after (cuBLAS alone ran CaffeNet's conv2 at 15
+        TFLOP/s).  1 on the CPU."""
+        if not self.split_k or self.cd * self.rows_per_group >= 1 << 20 or columns < 8192:
+            return 1
+        return next(s for s in range(min(MAX_PARTS, columns // 2048), 0, -1) if columns % s == 0)
+
     def weight_grad(self, rows, col, diff):
         """diff (G, Cd/G, Kg) += rows @ col^T, summed over the batch."""
-        if self.batch_last:  # one GEMM over the batch, accumulating (beta = 1) as Caffe's
-            self.k.matmul(rows, col.swapaxes(-1, -2), out=diff, accumulate=True)
-            return
-        shape = rows.shape[:-1] + (self.rows_per_group,)
-        tmp = self.wtmp[: math.prod(shape)].reshape(shape)
-        self.k.matmul(rows, col.swapaxes(-1, -2), out=tmp)
+        if self.batch_last:
+            parts, columns = self._parts(rows.shape[-1]), rows.shape[-1]
+            if parts == 1:  # one GEMM over the batch, accumulating (beta = 1) as Caffe's
+                self.k.matmul(rows, col.swapaxes(-1, -2), out=diff, accumulate=True)
+                return
+            g, cdg, kg = diff.shape
+            r = rows.reshape(g, cdg, parts, columns // parts).transpose(2, 0, 1, 3)
+            c = col.reshape(g, kg, parts, columns // parts).transpose(2, 0, 3, 1)
+            tmp = self.wtmp[: parts * diff.size].reshape(parts, g, cdg, kg)
+            self.k.matmul(r, c, out=tmp)
+        else:
+            shape = rows.shape[:-1] + (self.rows_per_group,)
+            tmp = self.wtmp[: math.prod(shape)].reshape(shape)
+            self.k.matmul(rows, col.swapaxes(-1, -2), out=tmp)
         diff += tmp.sum(axis=0)
 
 

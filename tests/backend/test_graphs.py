@@ -171,3 +171,26 @@ def test_time_command_reports_gpu_graph_times(gpu, tmp_path):
     assert "CUDA graph replays" in result.stderr
     times = [float(line.split(":")[-1].split()[0]) for line in result.stderr.splitlines() if "forward:" in line]
     assert len(times) == 10 and all(t > 0 for t in times[1:])
+
+
+def test_split_weight_gradient_matches_the_cpu(gpu):
+    """A long batch-last weight-gradient GEMM runs as split partial products on the GPU."""
+    text = """force_backward: true
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 128 dim: 4 dim: 12 dim: 12 } } }
+    layer { name: "conv" type: "Convolution" bottom: "x" top: "y"
+            convolution_param { num_output: 6 kernel_size: 3 group: 2 weight_filler { type: "gaussian" } } }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "y" top: "loss" loss_weight: 0 }"""
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((128, 4, 12, 12)), rng.standard_normal((128, 6, 10, 10))
+    diffs = []
+    for backend in (None, gpu):
+        net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TRAIN, backend=backend)
+        net.params["conv"][0].data[...] = rng.standard_normal((6, 2, 3, 3)) if not diffs else diffs[0][1]
+        net.blobs["x"].data[...] = x
+        net.forward()
+        net.clear_param_diffs()
+        net.blobs["y"].diff[...] = dy
+        net.backward(start="conv")
+        diffs.append((net.params["conv"][0].diff.copy(), net.params["conv"][0].data.copy()))
+    assert net.layers[1].core.batch_last and net.layers[1].core._parts(128 * 10 * 10) > 1
+    np.testing.assert_allclose(diffs[1][0], diffs[0][0], rtol=2e-5, atol=2e-4)

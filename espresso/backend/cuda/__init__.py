@@ -31,9 +31,8 @@ def _import_cupy(name):
 
 class CUDABackend:
     k = kernels
-    # convolutions unfold the whole batch into one column matrix and run one GEMM per group:
-    # measured faster on the H100 than a batched GEMM per image for LeNet's and CaffeNet's layers
-    prefers_batch_last = True
+    # batch-last convolutions split their long weight-gradient GEMMs (espresso/layers/vision.py)
+    splits_long_gemms = True
 
     def __init__(self, cupy, index):
         self.xp, self.index, self.name = cupy, index, f"cuda:{index}"

@@ -39,8 +39,8 @@ _INT_LIMIT = 2 ** 31
 def name_expressions(family, ctype, ndim):
     """The template instantiations of `family` for float type `ctype` ("float" or "double") and
     `ndim` spatial axes (ignored by lrn): the names NVRTC is asked for, and nvcc in check_cu.sh."""
-    if family == "im2col":
-        return [f"{kernel}<{ctype}, {ndim}, {flag}>" for kernel in ("im2col_kernel", "col2im_kernel")
+    if family == "im2col":  # the geometry comes in tables: one instance for every ndim
+        return [f"{kernel}<{ctype}, {flag}>" for kernel in ("im2col_kernel", "col2im_kernel")
                 for flag in ("false", "true")]
     if family == "pooling":
         masks = dict.fromkeys(_INDICES.values())  # int, long long, float, double
@@ -181,34 +181,64 @@ def im2col_workspace_size(x_shape, pad, batch_last):
     return 0
 
 
-def _col_geometry(x_shape, kernel, stride, pad, dilation):
-    spatial = x_shape[2:]
-    out = tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
-                for s, k, t, p, d in zip(spatial, kernel, stride, pad, dilation))
-    args = _axes((spatial, 1), (kernel, 1), (stride, 1), (pad, 0), (dilation, 1), (out, 1))
-    return math.prod(x_shape[:2]) * math.prod(kernel) * math.prod(out), args
+def _tap_sources(spatial, kernel, stride, pad, dilation):
+    """(source (K*O,) int32: the plane offset tap k of output o reads, -1 in the padding;
+    starts (S+1,), taps: for each pixel the flat k*O + o reading it, in increasing k)."""
+    out = [(s + 2 * p - d * (k - 1) - 1) // t + 1 for s, k, t, p, d in zip(spatial, kernel, stride, pad, dilation)]
+    grids = np.meshgrid(*[np.arange(k) for k in kernel], *[np.arange(o) for o in out], indexing="ij")
+    axes = len(spatial)
+    offset, inside = np.zeros(grids[0].shape, np.int64), np.ones(grids[0].shape, bool)
+    for a in range(axes):  # position along axis a of tap k_a of output o_a
+        pos = grids[axes + a] * stride[a] - pad[a] + grids[a] * dilation[a]
+        inside &= (pos >= 0) & (pos < spatial[a])
+        offset = offset * spatial[a] + pos
+    source = np.where(inside, offset, -1).reshape(-1)
+    hits = np.flatnonzero(source >= 0)  # flat k*O + o, increasing
+    order = hits[np.argsort(source[hits], kind="stable")]  # by pixel, increasing k within one
+    starts = np.searchsorted(source[order], np.arange(math.prod(spatial) + 1))
+    return source.astype(np.int32), starts.astype(np.int32), order.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(device, spatial, kernel, stride, pad, dilation):
+    """_tap_sources on GPU `device` (host arrays for None), built once per geometry and outside
+    any graph capture (the eager run before a capture makes them)."""
+    tables = _tap_sources(spatial, kernel, stride, pad, dilation)
+    if device is None:
+        return tables
+    with _cupy().cuda.Device(device):
+        return tuple(_cupy().asarray(t) for t in tables)
+
+
+def _col_geometry(x, kernel, stride, pad, dilation):
+    """(column entries, kernel args after the counts, the tables) for images shaped like x."""
+    spatial = tuple(int(s) for s in x.shape[2:])
+    geometry = tuple(tuple(int(v) for v in g) for g in (kernel, stride, pad, dilation))
+    device = getattr(x.data, "device_id", None)  # None: host arrays (the kernels' CPU emulation in tests)
+    source, starts, taps = _tables(device, spatial, *geometry)
+    size = math.prod(x.shape[:2]) * source.size
+    dims = (np.int32(x.shape[0]), np.int32(x.shape[1]), np.int32(source.size), np.int32(math.prod(spatial)))
+    return size, dims, (source, starts, taps)
 
 
 def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
     """Columns of x (N, C, *S) into col: (N, C*prod(K), prod(O)), or batch_last
     (C*prod(K), prod(O)*N).  Padding reads as zero.  One thread per column entry."""
     ctype, d = _float_type(x, col), _spatial_axes(x.shape)
-    size, geometry = _col_geometry(x.shape, kernel, stride, pad, dilation)
-    args = (_input(x), _output(col, size, "col"), np.int32(size), np.int32(x.shape[0]),
-            np.int32(x.shape[1]), *geometry)
-    _launch("im2col", f"im2col_kernel<{ctype}, {d}, {str(bool(batch_last)).lower()}>", ctype, d, size, args)
+    size, dims, (source, _, _) = _col_geometry(x, kernel, stride, pad, dilation)
+    args = (_input(x), _output(col, size, "col"), np.int32(size), *dims, source)
+    _launch("im2col", f"im2col_kernel<{ctype}, {str(bool(batch_last)).lower()}>", ctype, d, size, args)
 
 
 def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
     """The adjoint of im2col: x (N, C, *S) is overwritten with, for each pixel, the sum of the
     column entries that read it.  One thread per pixel, gathering in kernel-offset order."""
     ctype, d = _float_type(x, col), _spatial_axes(x.shape)
-    size, geometry = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    size, dims, (_, starts, taps) = _col_geometry(x, kernel, stride, pad, dilation)
     if col.size != size:
         raise ValueError(f"col holds {col.size} elements, the geometry needs {size}")
-    args = (_input(col), _output(x, x.size, "x"), np.int32(x.size), np.int32(x.shape[0]),
-            np.int32(x.shape[1]), *geometry)
-    _launch("im2col", f"col2im_kernel<{ctype}, {d}, {str(bool(batch_last)).lower()}>", ctype, d, x.size, args)
+    args = (_input(col), _output(x, x.size, "x"), np.int32(x.size), *dims, starts, taps)
+    _launch("im2col", f"col2im_kernel<{ctype}, {str(bool(batch_last)).lower()}>", ctype, d, x.size, args)
 
 
 # *** pooling ***
