@@ -46,7 +46,7 @@ class CUDABackend:
         kernels.bind_blas(index, self.blas)
         self.set_tf32(os.environ.get("ESPRESSO_TF32", "0") not in ("", "0"))
         self.rng = cupy.random.default_rng()
-        self._graph_pools = []
+        self._graph_pools, self._peak = [], 0
 
     def set_tf32(self, allow):
         """Let float32 GEMMs use TF32 tensor cores (faster, 10-bit mantissa products), or not."""
@@ -60,6 +60,10 @@ class CUDABackend:
         Raises GraphCaptureError when `run` does something a graph cannot hold (a host sync,
         a host-to-device copy from pageable memory, a library that refuses capture)."""
         run()
+        # the eager run's temporaries sit cached in the default pool; the capture takes its own
+        # from a private one: return the cached ones, so the two do not add up at the peak
+        self._sample_peak()
+        self.xp.get_default_memory_pool().free_all_blocks()
         pool = self.xp.cuda.MemoryPool()
         self._graph_pools.append(pool)
         with self.xp.cuda.using_allocator(pool.malloc):
@@ -69,17 +73,24 @@ class CUDABackend:
             except Exception as e:
                 _end_capture_quietly(self.stream)
                 raise GraphCaptureError(f"cannot capture a CUDA graph: {type(e).__name__}: {e}") from e
-            return self.stream.end_capture()
+            graph = self.stream.end_capture()
+        self._sample_peak()
+        return graph
 
     def launch(self, graph):
         graph.launch(self.stream)
 
     def peak_memory(self):
-        """Bytes of device memory CuPy's pools hold for this process (the default pool and the
-        graphs' pools).  The pools keep freed blocks for reuse, so this is the peak reserved."""
+        """The most device memory CuPy's pools (the default one and the graphs') have held for
+        this process: sampled now and around every capture (the pools keep freed blocks for
+        reuse, so between samples the reserved memory only grows)."""
+        return self._sample_peak()
+
+    def _sample_peak(self):
         with self.device:
             pools = [self.xp.get_default_memory_pool(), *self._graph_pools]
-            return sum(pool.total_bytes() for pool in pools)
+            self._peak = max(self._peak, sum(pool.total_bytes() for pool in pools))
+        return self._peak
 
     def seed(self, seed):
         with self.device:
