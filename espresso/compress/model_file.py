@@ -27,7 +27,9 @@ import numpy as np
 
 from espresso.compress import huffman
 from espresso.errors import ModelFileError
+from espresso.proto import caffe_pb2
 from espresso.proto.text import atomic_write
+from espresso.proto.weights import write_weights
 
 MAGIC = b"\x89ESPZ\r\n\x1a"
 VERSION = 1
@@ -265,3 +267,12 @@ def _read_stream(r, width, count, coded, what):
     (nbits,) = r.unpack("Q", what)
     data = r.take(-(-nbits // 8), what)
     return huffman.decode(data, nbits, lengths, count, f"{r.name}: corrupt: {what}")
+
+
+def to_caffemodel(path, output):
+    """Write the model as a .caffemodel (layer names and types, dense float32 weights)."""
+    net, blobs = caffe_pb2.NetParameter(), []
+    for name, type_, values in read_model(path):
+        net.layer.add(name=name, type=type_)
+        blobs.append([(v.dense() if isinstance(v, CompressedWeights) else v, None) for v in values])
+    write_weights(output, net, blobs)

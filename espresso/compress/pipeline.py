@@ -10,6 +10,7 @@ centroids `quant_iters` iterations.  The solver's iteration count and learning-r
 continue across the rounds.
 """
 
+import dataclasses
 import logging
 import os
 
@@ -141,9 +142,12 @@ class Compressor:
         mask = self.masks.kept(name)
         ib = 0 if mask is None else int((index_bits or {}).get(name, PAPER_BITS[layer.type]))
         if name in self.bits:
-            return from_weights(self.weights(name), mask, self.shared.codebook(name), self.shared.index(name),
-                                self.bits[name], ib, huffman)
-        return from_weights(self.weights(name), mask, index_bits=ib, huffman=huffman)
+            cw = from_weights(self.weights(name), mask, self.shared.codebook(name), self.shared.index(name),
+                              self.bits[name], ib, huffman)
+        else:
+            cw = from_weights(self.weights(name), mask, index_bits=ib, huffman=huffman)
+        fixed = dataclasses.replace(cw, huffman=False)  # tiny layers: the code tables can cost more
+        return fixed if huffman and sum(stream_sizes(fixed)) < sum(stream_sizes(cw)) else cw
 
 
 def compress(model, weights, solver, prune=None, bits=None, output="model.espz", huffman=True, init="linear",
