@@ -26,12 +26,13 @@ def compressible_layers(net):
 def prune_mask(weights, sparsity=None, quality=None, mask=None):
     """Boolean mask of the weights to keep: prune `sparsity` of all weights (the smallest
     magnitudes), or those with |w| <= quality * std(surviving w).  `mask` (previous) is ANDed."""
-    w = np.abs(np.asarray(weights, np.float64))
+    signed = np.asarray(weights, np.float64)
+    w = np.abs(signed)
     keep = np.ones(w.shape, bool) if mask is None else np.asarray(mask, bool).copy()
     if (sparsity is None) == (quality is None):
         raise EspressoError("prune_mask: give a target sparsity or a quality parameter")
     if quality is not None:
-        alive = w[keep]
+        alive = signed[keep]
         threshold = quality * alive.std() if alive.size else 0.0
         return keep & (w > threshold)
     if not 0 <= sparsity < 1:
