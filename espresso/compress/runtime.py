@@ -106,7 +106,7 @@ class CompressedBlob(Blob):
         if self.layer.shared is not None:
             return self.layer.shared
         array = self.layer.dense_weights()
-        if hasattr(array, "flags"):
+        if isinstance(array, np.ndarray):
             array.flags.writeable = False
         return array
 

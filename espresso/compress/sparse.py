@@ -65,6 +65,11 @@ class SparseMatrix:
             self.dense_codes = to(np.ascontiguousarray(codes, self.dtype))
 
     @property
+    def numba(self):
+        """Whether the Numba kernels run this matrix (CPU, sparse, Numba installed, non-empty)."""
+        return numba is not None and not self.gpu and self.dense_codes is None and self.entries.size > 0
+
+    @property
     def nnz(self):
         return self.rows * self.cols if self.dense_codes is not None else int(self.indptr[-1])
 
@@ -80,8 +85,11 @@ class SparseMatrix:
         """y (M, rows) = x (M, cols) @ W^T."""
         if self.cusparse is not None:
             y[...] = (self.cusparse @ x.T).T
-        elif numba is not None and not self.gpu and self.dense_codes is None:
-            _spmm_xt(self.indptr, self.indices, *self._kernel_args(), x, y)
+        elif self.numba:
+            if self.quantized:
+                _xt_codes(self.indptr, self.indices, self.entries, self.codebook, x, y)
+            else:
+                _xt_values(self.indptr, self.indices, self.entries, x, y)
         else:
             for lo, hi, w in self._row_chunks():
                 self.xp.matmul(x, w.T, out=y[:, lo:hi])
@@ -90,18 +98,14 @@ class SparseMatrix:
         """y (rows, P) = W @ b (cols, P)."""
         if self.cusparse is not None:
             y[...] = self.cusparse @ b
-        elif numba is not None and not self.gpu and self.dense_codes is None:
-            _spmm(self.indptr, self.indices, *self._kernel_args(), b, y)
+        elif self.numba:
+            if self.quantized:
+                _rows_codes(self.indptr, self.indices, self.entries, self.codebook, b, y)
+            else:
+                _rows_values(self.indptr, self.indices, self.entries, b, y)
         else:
             for lo, hi, w in self._row_chunks():
                 self.xp.matmul(w, b, out=y[lo:hi])
-
-    def _kernel_args(self):
-        """(values, codes, codebook, quantized): Numba types both branches, so the unused
-        arrays are empty ones of the right types."""
-        if self.quantized:
-            return np.zeros(0, self.dtype), self.entries, self.codebook, True
-        return self.entries, np.zeros(0, np.uint8), np.zeros(0, self.dtype), False
 
     def _row_chunks(self):
         """(lo, hi, dense rows lo..hi) decoded into one reused scratch buffer."""
@@ -145,26 +149,47 @@ def _cusparse(matrix):
 
 
 if numba is not None:
+    # One kernel per (product, entry kind): Numba compiles both sides of a branch, and a
+    # branch in the inner loop keeps it from vectorizing.  fastmath lets it reorder the sums
+    # (results differ from the dense GEMM's by rounding only).
+    _FAST = dict(nogil=True, cache=True, fastmath=True)
 
-    @numba.njit(nogil=True, cache=True)
-    def _spmm_xt(indptr, indices, values, codes, codebook, quantized, x, y):
-        rows = indptr.size - 1
+    @numba.njit(**_FAST)
+    def _xt_codes(indptr, indices, codes, codebook, x, y):
         for m in range(x.shape[0]):
-            for i in range(rows):
-                s = 0.0
+            xm = x[m]
+            for i in range(indptr.size - 1):
+                s = codebook[0] * 0
                 for k in range(indptr[i], indptr[i + 1]):
-                    v = codebook[codes[k]] if quantized else values[k]
-                    s += v * x[m, indices[k]]
+                    s += codebook[codes[k]] * xm[indices[k]]
                 y[m, i] = s
 
-    @numba.njit(nogil=True, cache=True)
-    def _spmm(indptr, indices, values, codes, codebook, quantized, b, y):
-        rows, width = indptr.size - 1, b.shape[1]
-        for i in range(rows):
-            for p in range(width):
-                y[i, p] = 0.0
+    @numba.njit(**_FAST)
+    def _xt_values(indptr, indices, values, x, y):
+        for m in range(x.shape[0]):
+            xm = x[m]
+            for i in range(indptr.size - 1):
+                s = values[0] * 0
+                for k in range(indptr[i], indptr[i + 1]):
+                    s += values[k] * xm[indices[k]]
+                y[m, i] = s
+
+    @numba.njit(**_FAST)
+    def _rows_codes(indptr, indices, codes, codebook, b, y):
+        for i in range(indptr.size - 1):
+            yi = y[i]
+            yi[:] = 0
             for k in range(indptr[i], indptr[i + 1]):
-                v = codebook[codes[k]] if quantized else values[k]
-                c = indices[k]
-                for p in range(width):
-                    y[i, p] += v * b[c, p]
+                v, bc = codebook[codes[k]], b[indices[k]]
+                for p in range(yi.size):
+                    yi[p] += v * bc[p]
+
+    @numba.njit(**_FAST)
+    def _rows_values(indptr, indices, values, b, y):
+        for i in range(indptr.size - 1):
+            yi = y[i]
+            yi[:] = 0
+            for k in range(indptr[i], indptr[i + 1]):
+                v, bc = values[k], b[indices[k]]
+                for p in range(yi.size):
+                    yi[p] += v * bc[p]
