@@ -49,16 +49,37 @@ def build(proto, weights):
     return net, held, weight_bytes
 
 
-def time_forward(net, x, repeats=7, calls=2000):
-    """Median over `repeats` of the mean time of `calls` batch-1 forward passes (seconds)."""
-    net.forward(data=x)
+def test_images(count=1000):
+    """Fashion-MNIST test images scaled as the LeNet Data layer scales them (x / 256): real
+    inputs, about half of whose pixels are zero (the sparse kernels skip zero inputs)."""
+    from espresso.data.fmnist import fashion_mnist_dir
+    from espresso.data.idx import read_idx
+
+    where = fashion_mnist_dir().path
+    path = next(Path(where).glob("t10k-images-idx3-ubyte*"))
+    return (read_idx(str(path))[:count].astype(np.float32) / 256)[:, None]
+
+
+def time_forward(net, images, repeats=7):
+    """Median over `repeats` of the mean batch-1 forward time over `images` (seconds); also the
+    mean time per layer (forward_range(i, i), same images)."""
+    data = net.blobs["data"].data
+    net.forward(data=images[:1])
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(calls):
+        for image in images:
+            data[...] = image
             net.forward_range(0, len(net.layers) - 1)
-        runs.append((time.perf_counter() - start) / calls)
-    return statistics.median(runs)
+        runs.append((time.perf_counter() - start) / len(images))
+    per_layer = np.zeros(len(net.layers))
+    for image in images:
+        data[...] = image
+        for i in range(len(net.layers)):
+            t = time.perf_counter()
+            net.forward_range(i, i)
+            per_layer[i] += time.perf_counter() - t
+    return statistics.median(runs), per_layer / len(images)
 
 
 def main(argv=None):
@@ -76,17 +97,27 @@ def main(argv=None):
         to_caffemodel(args.model, dense_file)
         dense, dense_held, dense_weights = build(proto, dense_file)
         small, small_held, small_weights = build(proto, args.model)
-    x = np.random.default_rng(0).random((1, 1, 28, 28), np.float32)
-    assert np.allclose(dense.forward(data=x)["prob"], small.forward(data=x)["prob"], atol=1e-5)
-    t_dense, t_small = time_forward(dense, x), time_forward(small, x)
+    images = test_images()
+    for image in images[:20]:
+        assert np.allclose(dense.forward(data=image[None])["prob"], small.forward(data=image[None])["prob"], atol=1e-5)
+    (t_dense, dense_layers), (t_small, small_layers) = time_forward(dense, images), time_forward(small, images)
+    compressible = [i for i, layer in enumerate(small.layers) if isinstance(layer, CompressedLayer)]
+    fc_dense, fc_small = dense_layers[compressible].sum(), small_layers[compressible].sum()
     result = {"model": args.model, "dense_ms": t_dense * 1e3, "compressed_ms": t_small * 1e3,
-              "speedup": t_dense / t_small, "dense_weight_bytes": dense_weights,
+              "speedup": t_dense / t_small, "compressed_layers_dense_ms": fc_dense * 1e3,
+              "compressed_layers_ms": fc_small * 1e3, "compressed_layers_speedup": fc_dense / fc_small,
+              "per_layer_ms": {name: [d * 1e3, c * 1e3] for name, d, c in
+                               zip(small.layer_dict, dense_layers, small_layers)},
+              "dense_weight_bytes": dense_weights,
               "compressed_weight_bytes": small_weights, "weight_memory_ratio": dense_weights / small_weights,
               "dense_held_bytes": dense_held, "compressed_held_bytes": small_held,
               "held_ratio": dense_held / small_held, "file_bytes": Path(args.model).stat().st_size,
               "numba": __import__("espresso.compress.sparse", fromlist=["numba"]).numba is not None}
     print(f"batch-1 forward: dense {t_dense * 1e3:.4f} ms, compressed {t_small * 1e3:.4f} ms "
-          f"({result['speedup']:.2f}x faster)")
+          f"({result['speedup']:.2f}x faster); the compressed layers alone: {fc_dense * 1e3:.4f} ms vs "
+          f"{fc_small * 1e3:.4f} ms ({result['compressed_layers_speedup']:.2f}x)")
+    for name, (d, c) in result["per_layer_ms"].items():
+        print(f"  {name:8s} dense {d:.4f} ms  compressed {c:.4f} ms")
     print(f"weight memory: dense {dense_weights} B, compressed {small_weights} B "
           f"({result['weight_memory_ratio']:.1f}x smaller); held by the net (tracemalloc): "
           f"{dense_held} B vs {small_held} B ({result['held_ratio']:.1f}x)")

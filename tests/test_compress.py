@@ -266,12 +266,17 @@ def test_compressed_inference_matches_dense(tmp_path, monkeypatch, quantize, ker
         want = dense.forward(data=x)["ipt"].copy()
         got = small.forward(data=x)["ipt"]
         assert np.allclose(got, want, atol=1e-5, rtol=1e-5)
+    for net in (dense, small):  # one image: the convolution's other column layout
+        net.blobs["data"].reshape(1, 2, 9, 9)
+        net.reshape()
+    assert np.allclose(small.forward(data=x[:1])["ipt"], dense.forward(data=x[:1])["ipt"].copy(), atol=1e-5)
     for name in ("conv", "ip", "ipt"):  # pycaffe's view decodes, read-only
         view = small.params[name][0].data
         assert np.array_equal(view, dense.params[name][0].data) and not view.flags.writeable
     assert small.arena_data.size == 6 + 7  # only the biases stay in the dense arena
     held = sum(layer.nbytes for layer in small.layers if isinstance(layer, CompressedLayer))
-    assert held < 0.7 * 4 * sum(dense.params[n][0].data.size for n in ("conv", "ip", "ipt"))
+    dense_bytes = 4 * sum(dense.params[n][0].data.size for n in ("conv", "ip", "ipt"))
+    assert held < (0.6 if quantize else 0.9) * dense_bytes  # 40% kept: 3 or 6 bytes each, plus pointers
     with pytest.raises(NetError, match="inference-only"):
         small.layer_dict["ip"].backward([], [True], [])
 
@@ -295,3 +300,35 @@ def test_shared_weights_switch_a_compressed_layer_to_dense(tmp_path):
     small.share_with(dense)
     x = np.random.default_rng(4).normal(size=(3, 2, 9, 9)).astype(np.float32)
     assert np.allclose(small.forward(data=x)["ipt"], dense.forward(data=x)["ipt"].copy(), atol=1e-6)
+
+
+def test_a_compressed_inner_product_fuses_its_in_place_relu(tmp_path):
+    proto = tmp_path / "mlp.prototxt"
+    proto.write_text("""
+layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 30 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 20 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
+layer { name: "leaky" type: "InnerProduct" bottom: "ip" top: "out"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu2" type: "ReLU" bottom: "out" top: "out" relu_param { negative_slope: 0.1 } }
+""")
+    net = espresso.Net(str(proto), espresso.TEST)
+    layers = []
+    for name, layer in net.layer_dict.items():
+        if layer.blobs:
+            w = layer.blobs[0].data
+            cw = from_weights(w, prune_mask(w, sparsity=0.5), index_bits=4)
+            layers.append((name, layer.type, [cw, layer.blobs[1].data.copy()]))
+    write_model(tmp_path / "m.espz", layers)
+    model_file.to_caffemodel(tmp_path / "m.espz", tmp_path / "d.caffemodel")
+    dense = espresso.Net(str(proto), str(tmp_path / "d.caffemodel"), espresso.TEST)
+    small = espresso.Net(str(proto), str(tmp_path / "m.espz"), espresso.TEST)
+    assert type(small.layer_dict["relu"]).__name__ == "FusedReLU"
+    assert type(small.layer_dict["relu2"]).__name__ == "ReLULayer"  # a leaky ReLU is not fused
+    x = np.random.default_rng(0).normal(size=(2, 30)).astype(np.float32)
+    assert np.allclose(small.forward(data=x)["out"], dense.forward(data=x)["out"].copy(), atol=1e-5)
+    assert (small.blobs["ip"].data >= 0).all() and (small.blobs["ip"].data == 0).any()
+    small.blobs["ip"].data[...] = -1  # a forward that starts at the ReLU still rectifies
+    small.forward(start="relu")
+    assert (small.blobs["ip"].data == 0).all()

@@ -53,6 +53,39 @@ def load_compressed(net, path):
             blob.data[...] = net.backend.to_device(array.reshape(blob.shape), net.dtype)
     if replaced:
         _release_dense(net, replaced)
+        _fuse_relus(net)
+
+
+def _fuse_relus(net):
+    """A compressed InnerProduct followed by a plain ReLU in place on its top applies the ReLU
+    itself; the ReLU layer then passes (see FusedReLU)."""
+    names, tops, bottoms = list(net.layer_dict), net.top_names, net.bottom_names
+    for i, layer in enumerate(net.layers[:-1]):
+        after = net.layers[i + 1]
+        if not isinstance(layer, CompressedLayer) or layer.type != "InnerProduct" or after.type != "ReLU":
+            continue
+        blob = tops[names[i]]
+        if after.p.negative_slope == 0 and bottoms[names[i + 1]] == blob and tops[names[i + 1]] == blob:
+            net.layers[i + 1] = layer.fused_relu = FusedReLU(after)
+
+
+class FusedReLU:
+    """An in-place ReLU whose work the compressed InnerProduct before it did: it passes when
+    that layer has just run (`pending`), and runs as itself otherwise (a forward started at
+    the ReLU).  NOTE: so a forward that ends at the InnerProduct sees its output rectified."""
+
+    def __init__(self, layer):
+        self.inner, self.pending = layer, False
+        self.loss_weights = layer.loss_weights
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, bottom, top):
+        if self.pending:
+            self.pending = False
+            return
+        self.inner.forward(bottom, top)
 
 
 def _check_blobs(name, layer, blobs):
@@ -138,7 +171,8 @@ class CompressedLayer:
         shape = tuple(weights.shape)
         if layer.type == "InnerProduct":
             rows, cols = layer.N, layer.K
-            self.matrix = SparseMatrix(weights, rows, cols, layer.backend, layer.dtype, layer.p.transpose)
+            self.matrix = SparseMatrix(weights, rows, cols, layer.backend, layer.dtype, layer.p.transpose,
+                                       by_column=True)
             layer.weight_grad = None  # the dense backward workspace
         else:
             rows, cols = shape[0], math.prod(shape[1:])
@@ -146,6 +180,8 @@ class CompressedLayer:
             layer.core, layer.core_shape = None, None  # the dense GEMM's column buffers
         self.blobs = [CompressedBlob(self, shape)] + layer.blobs[1:]
         self.col = self.rows_buffer = self.work = None
+        self.loss_weights = layer.loss_weights  # read by the net every run: skip __getattr__
+        self._views, self._product, self.fused_relu = (None, None), None, None
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -159,7 +195,7 @@ class CompressedLayer:
 
     def dense_weights(self):
         shape = self.blobs[0].shape
-        w = self.matrix.dense()
+        w = self.matrix.dense()  # (num_output, K)
         if self.inner.type == "InnerProduct" and self.inner.p.transpose:
             w = w.T.copy()
         return w.reshape(shape)
@@ -183,7 +219,8 @@ class CompressedLayer:
         xp, k = self.xp, self.k
         self.col = xp.empty((self.matrix.cols, width), self.dtype)
         self.rows_buffer = xp.empty((self.matrix.rows, width), self.dtype)
-        size = k.im2col_workspace_size(tuple(shape), inner.pad, True)
+        self.batch_last = shape[0] > 1  # one image: the two column layouts coincide; the plain one needs no staging
+        size = k.im2col_workspace_size(tuple(shape), inner.pad, self.batch_last)
         self.work = xp.empty(size, self.dtype) if size else None
 
     def forward(self, bottom, top):
@@ -194,11 +231,13 @@ class CompressedLayer:
             return inner.forward(bottom, top)
         bias = inner.blobs[1].data if len(inner.blobs) > 1 else None
         if inner.type == "InnerProduct":
-            x = bottom[0].data.reshape(inner.M, inner.K)
-            y = top[0].data.reshape(inner.M, inner.N)
-            self.matrix.matmul_t(x, y)
-            if bias is not None:
-                y += bias
+            x, y = bottom[0].data, top[0].data
+            if x is not self._views[0] or y is not self._views[1]:  # first run, or reshaped
+                self._views = (x, y, x.reshape(inner.M, inner.K), y.reshape(inner.M, inner.N))
+                self._product = self.matrix.product_t(bias, self.fused_relu is not None)
+            self._product(self._views[2], self._views[3])
+            if self.fused_relu is not None:
+                self.fused_relu.pending = True
             return
         if self.col is None or self.col.shape[1] != math.prod(top[0].shape[2:]) * bottom[0].shape[0]:
             self.reshape(bottom, top)  # the first run after the swap
@@ -207,7 +246,7 @@ class CompressedLayer:
 
     def _conv(self, x, y, bias):
         inner, n = self.inner, x.shape[0]
-        self.k.im2col(x, self.col, inner.kernel, inner.stride, inner.pad, inner.dilation, True, self.work)
+        self.k.im2col(x, self.col, inner.kernel, inner.stride, inner.pad, inner.dilation, self.batch_last, self.work)
         self.matrix.matmul(self.col, self.rows_buffer)
         rows = self.rows_buffer.reshape(self.matrix.rows, -1, n).transpose(2, 0, 1)
         flat = y.reshape(n, self.matrix.rows, -1)

@@ -3,16 +3,22 @@
 `SparseMatrix` holds a (rows, cols) weight matrix in CSR form: int32 row pointers, column
 indices (uint16 when cols < 65536, else int32) and per stored entry either a float32 value or,
 for a weight-shared layer, a uint8 code into a float32 codebook of at most 256 values, so
-the dense matrix never exists in memory.  A layer that is quantized but not pruned keeps a
-dense (rows, cols) uint8 code matrix and its codebook instead.
+the dense matrix never exists in memory.  A layer that is quantized but not pruned, or that
+keeps more than DENSE_ABOVE of its weights (CSR would save little there and run slower than a
+GEMM), keeps a dense (rows, cols) uint8 code matrix and its codebook instead (float32 values
+when it is not quantized).
 
 Products, per backend:
-- CPU with Numba (the `fast` extra): one pass over the stored entries (`_spmm_*` below);
+- CPU with Numba (the `fast` extra): fully connected layers scatter each non-zero input
+  through CSR of W^T (`_scatter_*`), convolutions run CSR rows of W over the im2col columns
+  (`_rows_*`);
 - CPU without Numba, and dense code matrices: rows decoded in chunks of at most
   CHUNK_BYTES into a scratch buffer, then a BLAS GEMM per chunk (bounded extra memory);
 - CUDA: cuSPARSE through cupyx.scipy.sparse (values decoded on the device: 8 bytes per
   stored entry).  NOTE: imported only on that path; untested without a GPU here.
 """
+
+import functools
 
 import numpy as np
 
@@ -22,6 +28,16 @@ except ImportError:  # the `fast` extra is optional
     numba = None
 
 CHUNK_BYTES = 1 << 20
+DENSE_ABOVE = 0.5  # a pruned layer keeping more than this fraction runs from a dense code matrix
+
+
+def _every_symbol(cw):
+    """The symbol (code, or value) of every weight, zero (code 0) where none is stored."""
+    if cw.positions is None:
+        return cw.symbols
+    out = np.zeros(cw.count, cw.symbols.dtype)
+    out[cw.positions] = cw.symbols
+    return out
 
 
 def csr_from_positions(positions, values, rows, cols, transpose=False):
@@ -37,24 +53,35 @@ def csr_from_positions(positions, values, rows, cols, transpose=False):
 
 
 class SparseMatrix:
-    """A compressed (rows, cols) weight matrix on a backend; see the module docstring."""
+    """A compressed (rows, cols) weight matrix W on a backend; see the module docstring.
+
+    Stored as CSR of A = W, or with `by_column` as CSR of A = W^T (one run of entries per
+    input column), which the fully connected product x W^T prefers on the CPU: it scatters
+    each non-zero input into the outputs and skips zero inputs (ReLU outputs, background
+    pixels) altogether, as EIE (Han et al., 2016) does; the row form walks every entry with
+    two gathers and measured 4x slower at batch 1 on LeNet-300-100's ip1."""
 
     cusparse = None  # the cupyx CSR matrix on a CUDA backend
 
-    def __init__(self, cw, rows, cols, backend, dtype=np.float32, transpose=False):
+    def __init__(self, cw, rows, cols, backend, dtype=np.float32, transpose=False, by_column=False):
         self.rows, self.cols, self.backend, self.xp = rows, cols, backend, backend.xp
         self.dtype, self.gpu = np.dtype(dtype), backend.name != "cpu"
+        self.by_column = by_column and not self.gpu  # cuSPARSE gets W itself
+        self._no_bias = np.zeros(0, self.dtype)
         self.quantized = cw.codebook is not None
         self.codebook = None if cw.codebook is None else backend.to_device(cw.codebook, self.dtype)
         self.dense_codes = None
-        if cw.positions is None:  # quantized or plain, but not pruned
-            codes = cw.symbols.reshape((cols, rows) if transpose else (rows, cols))
-            self._set_dense(codes.T if transpose else codes)
-            return
+        # `cw` holds S = W, or W^T when `transpose` (InnerProduct's transpose: true), row-major
+        a_shape = (cols, rows) if self.by_column else (rows, cols)
         live = cw.symbols != 0
-        self.indptr, indices, entries = csr_from_positions(cw.positions[live], cw.symbols[live], rows, cols, transpose)
+        if cw.positions is None or live.sum() > DENSE_ABOVE * rows * cols:
+            stored = _every_symbol(cw).reshape((cols, rows) if transpose else (rows, cols))
+            self._set_dense(stored if transpose == self.by_column else stored.T)
+            return
+        indptr, indices, entries = csr_from_positions(cw.positions[live], cw.symbols[live], *a_shape,
+                                                      transpose != self.by_column)
         to = backend.to_device
-        self.indptr, self.indices, self.entries = to(self.indptr), to(indices), to(entries)
+        self.indptr, self.indices, self.entries = to(indptr), to(indices), to(entries)
         self.cusparse = _cusparse(self) if self.gpu else None
 
     def _set_dense(self, codes):
@@ -81,21 +108,44 @@ class SparseMatrix:
         extra = 8 * self.nnz if self.cusparse is not None and self.dense_codes is None else 0
         return sum(a.nbytes for a in arrays if a is not None) + extra
 
-    def matmul_t(self, x, y):
-        """y (M, rows) = x (M, cols) @ W^T."""
+    def product_t(self, bias=None, relu=False):
+        """A function (x, y) -> None computing y (M, rows) = x (M, cols) @ W^T (+ bias, then
+        max(., 0) with `relu`), with this matrix's arrays bound once (batch-1 inference pays
+        for every Python step)."""
+        if self.numba and self.by_column:
+            b = self._no_bias if bias is None else bias
+            if self.quantized:
+                return functools.partial(_scatter_codes, self.indptr, self.indices, self.entries, self.codebook, b,
+                                         relu)
+            return functools.partial(_scatter_values, self.indptr, self.indices, self.entries, b, relu)
+
+        def product(x, y):
+            self.matmul_t(x, y, bias)
+            if relu:
+                self.xp.maximum(y, 0, out=y)
+
+        return product
+
+    def matmul_t(self, x, y, bias=None):
+        """y (M, rows) = x (M, cols) @ W^T (+ bias)."""
         if self.cusparse is not None:
             y[...] = (self.cusparse @ x.T).T
-        elif self.numba:
-            if self.quantized:
-                _xt_codes(self.indptr, self.indices, self.entries, self.codebook, x, y)
-            else:
-                _xt_values(self.indptr, self.indices, self.entries, x, y)
+        elif self.numba and self.by_column:
+            self.product_t(bias)(x, y)
+            return
+        elif self.by_column:  # A = W^T: y = sum over row chunks of A of x[:, chunk] @ A[chunk]
+            y[...] = 0
+            for lo, hi, a in self._row_chunks():
+                y += x[:, lo:hi] @ a
         else:
             for lo, hi, w in self._row_chunks():
                 self.xp.matmul(x, w.T, out=y[:, lo:hi])
+        if bias is not None:
+            y += bias
 
     def matmul(self, b, y):
         """y (rows, P) = W @ b (cols, P)."""
+        assert not self.by_column
         if self.cusparse is not None:
             y[...] = self.cusparse @ b
         elif self.numba:
@@ -108,16 +158,22 @@ class SparseMatrix:
                 self.xp.matmul(w, b, out=y[lo:hi])
 
     def _row_chunks(self):
-        """(lo, hi, dense rows lo..hi) decoded into one reused scratch buffer."""
-        xp, step = self.xp, max(1, CHUNK_BYTES // (self.cols * self.dtype.itemsize))
-        scratch = xp.empty((min(step, self.rows), self.cols), self.dtype)
-        for lo in range(0, self.rows, step):
-            hi = min(lo + step, self.rows)
-            w = scratch[: hi - lo]
-            self.decode_rows(lo, hi, w)
-            yield lo, hi, w
+        """(lo, hi, dense rows lo..hi of A) decoded into one reused scratch buffer."""
+        xp, (rows, cols) = self.xp, self._a_shape
+        step = max(1, CHUNK_BYTES // (cols * self.dtype.itemsize))
+        scratch = xp.empty((min(step, rows), cols), self.dtype)
+        for lo in range(0, rows, step):
+            hi = min(lo + step, rows)
+            a = scratch[: hi - lo]
+            self.decode_rows(lo, hi, a)
+            yield lo, hi, a
+
+    @property
+    def _a_shape(self):
+        return (self.cols, self.rows) if self.by_column else (self.rows, self.cols)
 
     def decode_rows(self, lo, hi, out):
+        """Rows lo..hi of A (W, or W^T with by_column) into `out`."""
         xp = self.xp
         if self.dense_codes is not None:
             rows = self.dense_codes[lo:hi]
@@ -131,9 +187,10 @@ class SparseMatrix:
         out[row, self.indices[start:stop].astype(np.int64)] = self.codebook[entries] if self.quantized else entries
 
     def dense(self):
-        out = self.xp.empty((self.rows, self.cols), self.dtype)
-        self.decode_rows(0, self.rows, out)
-        return out
+        """W as a new dense array."""
+        out = self.xp.empty(self._a_shape, self.dtype)
+        self.decode_rows(0, self._a_shape[0], out)
+        return out.T.copy() if self.by_column else out
 
 
 def _cusparse(matrix):
@@ -150,37 +207,55 @@ def _cusparse(matrix):
 
 if numba is not None:
     # One kernel per (product, entry kind): Numba compiles both sides of a branch, and a
-    # branch in the inner loop keeps it from vectorizing.  fastmath lets it reorder the sums
-    # (results differ from the dense GEMM's by rounding only).
+    # branch in the inner loop keeps it from vectorizing.  Indices are cast to unsigned so
+    # that Numba drops its negative-index wraparound code (1.5x on LeNet-300-100's ip1).
+    # fastmath lets it reorder sums (results differ from the dense GEMM's by rounding only).
     _FAST = dict(nogil=True, cache=True, fastmath=True)
+    _u = numba.uint32
 
     @numba.njit(**_FAST)
-    def _xt_codes(indptr, indices, codes, codebook, x, y):
+    def _scatter_codes(indptr, indices, codes, codebook, bias, relu, x, y):
+        """y[m] = x[m] W^T + bias from CSR of W^T: each non-zero input scattered into the
+        outputs; then max(y, 0) with `relu` (a fused in-place ReLU)."""
         for m in range(x.shape[0]):
-            xm = x[m]
-            for i in range(indptr.size - 1):
-                s = codebook[0] * 0
-                for k in range(indptr[i], indptr[i + 1]):
-                    s += codebook[codes[k]] * xm[indices[k]]
-                y[m, i] = s
+            xm, ym = x[m], y[m]
+            for r in range(ym.size):
+                ym[r] = bias[r] if bias.size else 0
+            start = _u(indptr[0])
+            for c in range(xm.size):
+                stop, xc = _u(indptr[c + 1]), xm[c]
+                if xc != 0:
+                    for k in range(start, stop):
+                        ym[_u(indices[k])] += codebook[_u(codes[k])] * xc
+                start = stop
+            if relu:
+                for r in range(ym.size):
+                    ym[r] = max(ym[r], 0)
 
     @numba.njit(**_FAST)
-    def _xt_values(indptr, indices, values, x, y):
+    def _scatter_values(indptr, indices, values, bias, relu, x, y):
         for m in range(x.shape[0]):
-            xm = x[m]
-            for i in range(indptr.size - 1):
-                s = values[0] * 0
-                for k in range(indptr[i], indptr[i + 1]):
-                    s += values[k] * xm[indices[k]]
-                y[m, i] = s
+            xm, ym = x[m], y[m]
+            for r in range(ym.size):
+                ym[r] = bias[r] if bias.size else 0
+            start = _u(indptr[0])
+            for c in range(xm.size):
+                stop, xc = _u(indptr[c + 1]), xm[c]
+                if xc != 0:
+                    for k in range(start, stop):
+                        ym[_u(indices[k])] += values[k] * xc
+                start = stop
+            if relu:
+                for r in range(ym.size):
+                    ym[r] = max(ym[r], 0)
 
     @numba.njit(**_FAST)
     def _rows_codes(indptr, indices, codes, codebook, b, y):
         for i in range(indptr.size - 1):
             yi = y[i]
             yi[:] = 0
-            for k in range(indptr[i], indptr[i + 1]):
-                v, bc = codebook[codes[k]], b[indices[k]]
+            for k in range(_u(indptr[i]), _u(indptr[i + 1])):
+                v, bc = codebook[_u(codes[k])], b[_u(indices[k])]
                 for p in range(yi.size):
                     yi[p] += v * bc[p]
 
@@ -189,7 +264,7 @@ if numba is not None:
         for i in range(indptr.size - 1):
             yi = y[i]
             yi[:] = 0
-            for k in range(indptr[i], indptr[i + 1]):
-                v, bc = values[k], b[indices[k]]
+            for k in range(_u(indptr[i]), _u(indptr[i + 1])):
+                v, bc = values[k], b[_u(indices[k])]
                 for p in range(yi.size):
                     yi[p] += v * bc[p]
