@@ -13,12 +13,13 @@ case $name in
   lenet_300_100)
     model=examples/lenet_300_100/lenet_300_100_train_test.prototxt
     solver=examples/lenet_300_100/lenet_300_100_solver.prototxt
-    stages=(--prune "*=0.95,ip3=0.8" --bits "*=5" --prune-steps 3 --retrain-iters 2000 --quant-iters 2000) ;;
+    stages=(--prune "*=0.95,ip3=0.8" --bits "*=5" --prune-steps 3 --retrain-iters 2000 --quant-iters 2000
+            --centroid-grad sum) ;;
   lenet)
     model=examples/lenet/lenet_train_test.prototxt
     solver=examples/lenet/lenet_solver.prototxt
-    stages=(--prune "conv1=0.4,conv2=0.9,ip1=0.95,ip2=0.85" --bits paper --prune-steps 3 --retrain-iters 1500
-            --quant-iters 1500) ;;
+    stages=(--prune "conv1=0.4,conv2=0.92,ip1=0.965,ip2=0.85" --bits paper --prune-steps 3 --retrain-iters 1500
+            --quant-iters 1500 --centroid-grad sum) ;;
   *) echo "usage: $0 lenet_300_100|lenet [OUTDIR]" >&2; exit 2 ;;
 esac
 base=$out/${name}_baseline

@@ -290,7 +290,8 @@ def cmd_compress(args):
     report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
                       output=args.output, huffman=not args.no_huffman, init=args.init, prune_steps=args.prune_steps,
                       retrain_iters=args.retrain_iters, quant_iters=args.quant_iters,
-                      index_bits=args.index_bits or None, report=args.report or None, plot=args.plot or None)
+                      index_bits=args.index_bits or None, report=args.report or None, plot=args.plot or None,
+                      centroid_grad=args.centroid_grad)
     acc = " ".join(f"{k} = {v:.4f}" for k, v in report["accuracy"].items())
     print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
     return 0
@@ -373,6 +374,8 @@ def _parser():
     p.add_argument("--prune-steps", type=int, default=3, help="prune/retrain rounds")
     p.add_argument("--retrain-iters", type=int, default=1000, help="solver iterations after each pruning round")
     p.add_argument("--quant-iters", type=int, default=1000, help="centroid fine-tuning iterations")
+    p.add_argument("--centroid-grad", default="mean", choices=["mean", "sum"],
+                   help="a cluster's summed gradient, its step scaled by 1/size (mean) or not (sum, the paper)")
     p.add_argument("--no-huffman", action="store_true", help="fixed-width codes instead of Huffman codes")
     p.add_argument("--output", "-o", required=True, help="the compressed model file to write")
     p.add_argument("--report", default="", help="write the per-layer report as JSON")

@@ -136,7 +136,7 @@ def test_kmeans_share(init):
 
 def test_centroids_fine_tune_with_the_summed_cluster_gradient():
     solver = tiny_solver(momentum=0.0)
-    net, shared = solver.net, SharedWeights(solver.net)
+    net, shared = solver.net, SharedWeights(solver.net, "sum")
     blob = net.layer_dict["ip1"].blobs[0]
     codebook, index = kmeans_share(blob.data, 3, mask=prune_mask(blob.data, sparsity=0.3))
     shared.set("ip1", codebook, index)
@@ -157,6 +157,18 @@ def test_centroids_fine_tune_with_the_summed_cluster_gradient():
     sums = np.bincount(index.ravel(), g.ravel(), minlength=8).astype(np.float32)
     want = before - np.float32(0.05) * (sums + np.float32(0.01) * before)
     assert np.allclose(shared.codebook("ip1")[1:], want[1:], atol=1e-6) and shared.codebook("ip1")[0] == 0
+    # the default: the summed gradient with the step divided by the cluster's size
+    mean = SharedWeights(net)
+    mean.layers = shared.layers
+    before = mean.codebook("ip1").copy()
+    net.arena_diff[...] = 0
+    blob.diff[...] = g
+    mean.cluster_gradients()
+    solver.updater.apply(0.05, solver.iter)
+    mean.read_codebooks()
+    sizes = np.maximum(np.bincount(index.ravel(), minlength=8), 1).astype(np.float32)
+    want = before - np.float32(0.05) * (sums / sizes + np.float32(0.01) * before)
+    assert np.allclose(mean.codebook("ip1")[1:], want[1:], atol=1e-6)
 
 
 # *** the file ***

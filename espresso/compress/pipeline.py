@@ -111,11 +111,11 @@ class Compressor:
             self.solver.step(retrain_iters)
         self.evaluate("pruned")
 
-    def quantize(self, spec, init="linear", iters=1000):
+    def quantize(self, spec, init="linear", iters=1000, centroid_grad="mean"):
         targets = _per_layer(parse_spec(spec, "bits"), self.layers, "bits")
         if not targets:
             return
-        self.shared = SharedWeights(self.net)
+        self.shared = SharedWeights(self.net, centroid_grad)
         for name, value in targets.items():
             self.bits[name] = _bits(value, self.layers[name])
             codebook, index = kmeans_share(self.weights(name), self.bits[name], init, mask=self.masks.kept(name))
@@ -151,13 +151,14 @@ class Compressor:
 
 
 def compress(model, weights, solver, prune=None, bits=None, output="model.espz", huffman=True, init="linear",
-             prune_steps=3, retrain_iters=1000, quant_iters=1000, index_bits=None, report=None, plot=None):
+             prune_steps=3, retrain_iters=1000, quant_iters=1000, index_bits=None, report=None, plot=None,
+             centroid_grad="mean"):
     """Run the stages given (each alone or together), write the compressed model to `output`
     and return the report dict (also written as JSON to `report`, with a PNG to `plot`)."""
     c = Compressor(solver, weights, model)
     c.evaluate("original")
     c.prune(prune, prune_steps, retrain_iters)
-    c.quantize(bits, init, quant_iters)
+    c.quantize(bits, init, quant_iters, centroid_grad)
     records = c.records(huffman, parse_spec(index_bits, "index-bits"))
     write_model(output, records)
     from espresso.compress.report import make_report, plot_distributions, write_report

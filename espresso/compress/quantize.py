@@ -6,11 +6,14 @@ weights and the filler zeros of the sparse format), the other 2**bits - 1 are ce
 paper's choice), by density (quantiles of the weights) or at random weights.
 
 `SharedWeights.attach(solver)` fine-tunes the centroids with the solver's own update rule:
-before the update every surviving weight's gradient is replaced by the sum of the gradients
-of its cluster (dL/dC_k = sum of dL/dW over the weights whose index is k, the paper's rule),
+before the update every surviving weight's gradient is replaced by its cluster's gradient,
 so the members of a cluster receive identical updates (weight decay and momentum included, as
 they start equal) and move together, exactly as the shared centroid would; after the update
-the codebook is read back and the weights are snapped to it.
+the codebook is read back and the weights are snapped to it.  The cluster's gradient is the
+paper's dL/dC_k = sum of dL/dW over the weights whose index is k; by default ("mean") its
+learning rate is divided by the cluster's size, since the plain sum ("sum") takes steps that
+grow with the cluster: fine-tuning unpruned 4-bit LeNet-300-100 with the LeNet solver fell
+to 10% accuracy with it, and reached 84.6% with the scaled rate (embedded subset).
 """
 
 import numpy as np
@@ -70,8 +73,10 @@ def _nearest(values, sorted_centroids):
 class SharedWeights:
     """Quantized layers of a net whose centroids a solver fine-tunes (module docstring)."""
 
-    def __init__(self, net):
-        self.net, self.xp = net, net.backend.xp
+    def __init__(self, net, gradient="mean"):
+        if gradient not in ("sum", "mean"):
+            raise EspressoError(f"quantize: centroid gradient must be 'sum' or 'mean', got '{gradient}'")
+        self.net, self.xp, self.mean = net, net.backend.xp, gradient == "mean"
         self.layers = {}  # name -> [offset, count, kept flat positions (device), index (device), codebook]
 
     def set(self, name, codebook, index):
@@ -115,6 +120,8 @@ class SharedWeights:
         for offset, count, positions, index, codebook in self.layers.values():
             g = self.net.arena_diff[offset:offset + count]
             sums = xp.bincount(index, weights=g[positions], minlength=len(codebook)).astype(g.dtype)
+            if self.mean:
+                sums /= xp.maximum(xp.bincount(index, minlength=len(codebook)), 1).astype(g.dtype)
             g[...] = 0
             g[positions] = sums[index]
 
