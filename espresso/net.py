@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from espresso.blob import Blob
-from espresso.compress import is_compressed, load_compressed
+from espresso.compress.model_file import is_compressed
 from espresso.errors import EspressoError, ModelFileError, NetError, ShapeError, did_you_mean
 from espresso.hostview import HostSync, HostView
 from espresso.layer import layer_class
@@ -466,6 +466,8 @@ class Net:
         """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped."""
         self.sync()
         if is_compressed(path):  # a Deep Compression file, known by its magic bytes (espresso/compress)
+            from espresso.compress.runtime import load_compressed
+
             return load_compressed(self, path)
         param, layer_blobs = read_weights(path)
         upgrade_net(param, layer_blobs)  # V0/V1 files: the blob lists follow their layers

@@ -12,7 +12,20 @@ See docs/compression.md for the stages, the file format and the measured results
 from espresso.compress.model_file import CompressedWeights, is_compressed, read_model, write_model
 from espresso.compress.prune import Masks, prune_mask
 from espresso.compress.quantize import SharedWeights, kmeans_share
-from espresso.compress.runtime import CompressedLayer, load_compressed
 
-__all__ = ["CompressedLayer", "CompressedWeights", "Masks", "SharedWeights", "is_compressed", "kmeans_share",
-           "load_compressed", "prune_mask", "read_model", "write_model"]
+__all__ = ["CompressedLayer", "CompressedWeights", "Masks", "SharedWeights", "compress", "is_compressed",
+           "kmeans_share", "load_compressed", "prune_mask", "read_model", "write_model"]
+
+
+def __getattr__(name):
+    """The runtime (Numba kernels, layers) and the pipeline (solvers) load on first use, so that
+    `import espresso` (whose Net.copy_from checks for compressed files) stays light."""
+    if name in ("CompressedLayer", "load_compressed"):
+        from espresso.compress import runtime
+
+        return getattr(runtime, name)
+    if name == "compress":
+        from espresso.compress.pipeline import compress
+
+        return compress
+    raise AttributeError(f"module 'espresso.compress' has no attribute '{name}'")
