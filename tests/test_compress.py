@@ -56,6 +56,14 @@ def test_huffman_round_trip_and_near_entropy(alphabet):
     assert entropy <= nbits / len(symbols) < entropy + 1  # Huffman's bound
 
 
+def test_huffman_decodes_across_windows(monkeypatch):
+    monkeypatch.setattr(huffman, "CHUNK_BITS", 37)  # codes straddle every window boundary
+    symbols = np.random.default_rng(9).zipf(1.4, 3000) % 256
+    lengths = huffman.code_lengths(np.bincount(symbols, minlength=256))
+    data, nbits = huffman.encode(symbols, lengths)
+    assert np.array_equal(huffman.decode(data, nbits, lengths, len(symbols)), symbols)
+
+
 def test_huffman_codes_are_canonical_prefix_codes_within_the_length_limit():
     lengths = huffman.code_lengths(2 ** np.arange(40, dtype=np.int64))  # a Fibonacci-like skew: depth 39
     assert lengths.max() == huffman.MAX_LENGTH and (lengths > 0).all()

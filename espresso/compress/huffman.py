@@ -16,6 +16,7 @@ from espresso.errors import ModelFileError
 
 MAX_LENGTH = 16
 _CHUNK = 1 << 20  # symbols per vectorized encoding pass (bounds the temporaries)
+CHUNK_BITS = 1 << 20  # bits per decoding window
 
 
 def code_lengths(frequencies, max_length=MAX_LENGTH):
@@ -90,23 +91,49 @@ def _bits(codes, lengths):
 
 def decode(data, nbits, lengths, count, what="stream"):
     """`count` symbols from the first `nbits` bits of `data`; ModelFileError when they do not
-    decode to exactly that many symbols (a corrupt or crafted stream)."""
+    decode to exactly that many symbols (a corrupt or crafted stream).  Memory: four bytes per
+    bit of the stream and per symbol, and a lookup window over at most CHUNK_BITS bits."""
     lengths = np.asarray(lengths, np.int64)
     check_lengths(lengths, what)
     if nbits > 8 * len(data):
         raise ModelFileError(f"{what}: {nbits} bits declared, {8 * len(data)} present")
     if count > nbits:  # every code is at least one bit long
         raise ModelFileError(f"{what}: {count} symbols cannot fit in {nbits} bits")
+    out = np.zeros(count, np.int32)
     if count == 0:
-        return np.zeros(0, np.int64)
+        return out
     width = int(lengths.max())
     table_symbol, table_length = _table(lengths, width)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8))[:nbits].astype(np.int64)
-    padded = np.concatenate([bits, np.zeros(width, np.int64)])
-    window = np.zeros(nbits, np.int64)  # the next `width` bits at every bit position
-    for j in range(width):
-        window = (window << 1) | padded[j:j + nbits]
-    return _walk(table_symbol[window].tolist(), table_length[window].tolist(), nbits, count, what)
+    bits = np.zeros(nbits + width, np.int32)
+    bits[:nbits] = np.unpackbits(np.frombuffer(data, np.uint8), count=nbits)
+    pos = done = 0
+    while done < count:
+        if pos >= nbits:
+            raise ModelFileError(f"{what}: ends after {done} of {count} symbols")
+        hi = min(nbits, pos + CHUNK_BITS)
+        window = np.zeros(hi - pos, np.int32)  # the next `width` bits at each bit position
+        for j in range(width):
+            window = (window << 1) | bits[pos + j:hi + j]
+        symbols, steps = _walk(table_symbol[window].tolist(), table_length[window].tolist(), count - done, what,
+                               pos)
+        out[done:done + len(symbols)] = symbols
+        done, pos = done + len(symbols), pos + steps
+    if pos != nbits:
+        raise ModelFileError(f"{what}: {count} symbols use {pos} bits, {nbits} declared")
+    return out
+
+
+def _walk(symbol_at, length_at, wanted, what, base):
+    """Decode from the start of a window until it is used up or `wanted` symbols are out;
+    returns (symbols, bits consumed)."""
+    out, p, end = [], 0, len(symbol_at)
+    while p < end and len(out) < wanted:
+        s = symbol_at[p]
+        if s < 0:
+            raise ModelFileError(f"{what}: invalid code at bit {base + p}")
+        out.append(s)
+        p += length_at[p]
+    return out, p
 
 
 def _table(lengths, width):
@@ -118,21 +145,6 @@ def _table(lengths, width):
         hi = (int(codes[s]) + 1) << (width - int(lengths[s]))
         symbol[lo:hi], length[lo:hi] = s, lengths[s]
     return symbol, length
-
-
-def _walk(symbol_at, length_at, nbits, count, what):
-    out, pos = [0] * count, 0
-    for i in range(count):
-        if pos >= nbits:
-            raise ModelFileError(f"{what}: ends after {i} of {count} symbols")
-        s = symbol_at[pos]
-        if s < 0:
-            raise ModelFileError(f"{what}: invalid code at bit {pos}")
-        out[i] = s
-        pos += length_at[pos]
-    if pos != nbits:
-        raise ModelFileError(f"{what}: {count} symbols use {pos} bits, {nbits} declared")
-    return np.array(out, np.int64)
 
 
 def pack_fixed(symbols, width):
