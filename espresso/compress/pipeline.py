@@ -118,6 +118,9 @@ class Compressor:
         self.shared = SharedWeights(self.net, centroid_grad)
         for name, value in targets.items():
             self.bits[name] = _bits(value, self.layers[name])
+            w = self.weights(name)
+            if self.masks.kept(name) is None and (w == 0).mean() > 0.5:  # pruned before (an earlier run)
+                self.masks.set(name, w != 0)
             codebook, index = kmeans_share(self.weights(name), self.bits[name], init, mask=self.masks.kept(name))
             self.shared.set(name, codebook, index)
         self.evaluate("quantized")
