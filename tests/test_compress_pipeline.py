@@ -102,6 +102,18 @@ def test_each_stage_alone(mlp, tmp_path, stage):
     assert r["accuracy_after"] > r["accuracy_before"] - 0.05
 
 
+def test_stages_chain_across_runs(mlp, tmp_path):
+    """Prune in one run, quantize the pruned file in another: its zeros stay pruned."""
+    args = str(mlp / "net.prototxt"), str(tmp_path / "p.espz"), str(mlp / "solver.prototxt")
+    compress(args[0], str(mlp / "trained.caffemodel"), args[2], prune={"*": 0.8}, output=args[1], prune_steps=1,
+             retrain_iters=30)
+    r = compress(*args, bits={"*": 4}, output=tmp_path / "q.espz", quant_iters=30)
+    weights = read_model(tmp_path / "q.espz")[0][2][0]
+    assert weights.codebook is not None and weights.positions is not None
+    assert r["layers"][0]["kept_pct"] == pytest.approx(20, abs=0.01)
+    assert (weights.dense() != 0).mean() <= 0.2
+
+
 def test_lenet_with_convolutions_runs_compressed(tmp_path_factory):
     work = tmp_path_factory.mktemp("lenet")
     assert cli.main(["prepare-fmnist", str(work), "--source", str(SUBSET)]) == 0
