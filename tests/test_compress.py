@@ -248,7 +248,7 @@ layer { name: "ipt" type: "InnerProduct" bottom: "ip" top: "ipt"
 """
 
 
-def compressed_deploy(tmp_path, quantize):
+def compressed_deploy(tmp_path, quantize, sparsity=0.6):
     proto = tmp_path / "deploy.prototxt"
     proto.write_text(DEPLOY)
     net = espresso.Net(str(proto), espresso.TEST)
@@ -257,7 +257,7 @@ def compressed_deploy(tmp_path, quantize):
         if not layer.blobs:
             continue
         w = layer.blobs[0].data.copy()
-        mask = prune_mask(w, sparsity=0.6)
+        mask = prune_mask(w, sparsity=sparsity)
         if quantize:
             codebook, index = kmeans_share(w, 5, mask=mask)
             cw = from_weights(w, mask, codebook, index, 5, 4)
@@ -269,18 +269,20 @@ def compressed_deploy(tmp_path, quantize):
     return proto, path
 
 
+@pytest.mark.parametrize("sparsity", [0.6, 0.3])  # 0.3: over half kept, dense code matrices
 @pytest.mark.parametrize("quantize", [False, True])
 @pytest.mark.parametrize("kernels", ["numba", "numpy"])
-def test_compressed_inference_matches_dense(tmp_path, monkeypatch, quantize, kernels):
+def test_compressed_inference_matches_dense(tmp_path, monkeypatch, quantize, kernels, sparsity):
     if kernels == "numpy":
         monkeypatch.setattr(sparse, "numba", None)
     elif sparse.numba is None:
         pytest.skip("Numba not installed")
-    proto, path = compressed_deploy(tmp_path, quantize)
+    proto, path = compressed_deploy(tmp_path, quantize, sparsity)
     model_file.to_caffemodel(path, tmp_path / "dense.caffemodel")
     dense = espresso.Net(str(proto), str(tmp_path / "dense.caffemodel"), espresso.TEST)
     small = espresso.Net(str(proto), str(path), espresso.TEST)
     assert all(isinstance(small.layer_dict[n], CompressedLayer) for n in ("conv", "ip", "ipt"))
+    assert all((small.layer_dict[n].matrix.dense_codes is None) == (sparsity == 0.6) for n in ("conv", "ip", "ipt"))
     x = np.random.default_rng(2).normal(size=(3, 2, 9, 9)).astype(np.float32)
     for _ in range(2):  # the second run reuses the buffers
         want = dense.forward(data=x)["ipt"].copy()
@@ -296,7 +298,8 @@ def test_compressed_inference_matches_dense(tmp_path, monkeypatch, quantize, ker
     assert small.arena_data.size == 6 + 7  # only the biases stay in the dense arena
     held = sum(layer.nbytes for layer in small.layers if isinstance(layer, CompressedLayer))
     dense_bytes = 4 * sum(dense.params[n][0].data.size for n in ("conv", "ip", "ipt"))
-    assert held < (0.6 if quantize else 0.9) * dense_bytes  # 40% kept: 3 or 6 bytes each, plus pointers
+    if quantize or sparsity == 0.6:  # 40% kept: 3 or 6 bytes each, plus pointers; 70% quantized: 1 byte
+        assert held < (0.6 if quantize else 0.9) * dense_bytes
     with pytest.raises(NetError, match="inference-only"):
         small.layer_dict["ip"].backward([], [True], [])
 
