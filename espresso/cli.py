@@ -310,6 +310,30 @@ def cmd_device_query(args):
     return 0
 
 
+def cmd_compress(args):
+    """Deep Compression: prune (with retraining), quantize and Huffman-code a trained model."""
+    _set_device(args.gpu)
+    from espresso.compress.pipeline import compress
+
+    report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
+                      output=args.output, huffman=not args.no_huffman, init=args.init, prune_steps=args.prune_steps,
+                      retrain_iters=args.retrain_iters, quant_iters=args.quant_iters,
+                      index_bits=args.index_bits or None, report=args.report or None, plot=args.plot or None,
+                      centroid_grad=args.centroid_grad)
+    acc = " ".join(f"{k} = {v:.4f}" for k, v in report["accuracy"].items())
+    print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
+    return 0
+
+
+def cmd_decompress(args):
+    """A compressed model back to a .caffemodel (dense weights, pruned ones zero)."""
+    from espresso.compress.model_file import to_caffemodel
+
+    to_caffemodel(args.input, args.output)
+    log.info("Wrote %s", args.output)
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="espresso", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,6 +392,27 @@ def _parser():
     p.set_defaults(run=cmd_compute_image_mean)
     p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
     p.set_defaults(run=cmd_device_query)
+    p = common(sub.add_parser("compress", help="Deep Compression: prune, quantize, Huffman-code a model"))
+    p.add_argument("--weights", required=True, help=".caffemodel to compress")
+    p.add_argument("--solver", required=True, help="solver prototxt for the retraining")
+    p.add_argument("--prune", default="", help="target sparsity per layer, e.g. '*=0.92,ip3=0.75' (q1.5: 1.5 x std)")
+    p.add_argument("--bits", default="", help="weight bits per layer, e.g. '*=5' or 'paper' (conv 8, fc 5)")
+    p.add_argument("--index-bits", default="", help="relative-index bits per layer (default: conv 8, fc 5)")
+    p.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
+    p.add_argument("--prune-steps", type=int, default=3, help="prune/retrain rounds")
+    p.add_argument("--retrain-iters", type=int, default=1000, help="solver iterations after each pruning round")
+    p.add_argument("--quant-iters", type=int, default=1000, help="centroid fine-tuning iterations")
+    p.add_argument("--centroid-grad", default="mean", choices=["mean", "sum"],
+                   help="a cluster's summed gradient, its step scaled by 1/size (mean) or not (sum, the paper)")
+    p.add_argument("--no-huffman", action="store_true", help="fixed-width codes instead of Huffman codes")
+    p.add_argument("--output", "-o", required=True, help="the compressed model file to write")
+    p.add_argument("--report", default="", help="write the per-layer report as JSON")
+    p.add_argument("--plot", default="", help="write the weight distributions before/after as a PNG")
+    p.set_defaults(run=cmd_compress)
+    p = sub.add_parser("decompress", help="a compressed model -> .caffemodel")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(run=cmd_decompress)
     return parser
 
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from espresso.blob import Blob
+from espresso.compress.model_file import is_compressed
 from espresso.errors import EspressoError, ModelFileError, NetError, ShapeError, did_you_mean
 from espresso.graphs import GraphCache, eager_reason
 from espresso.hostview import HostSync, HostView
@@ -483,6 +484,10 @@ class Net:
     def copy_from(self, path):
         """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped."""
         self.sync()
+        if is_compressed(path):  # a Deep Compression file, known by its magic bytes (espresso/compress)
+            from espresso.compress.runtime import load_compressed
+
+            return load_compressed(self, path)
         param, layer_blobs = read_weights(path)
         upgrade_net(param, layer_blobs)  # V0/V1 files: the blob lists follow their layers
         index = {name: i for i, name in enumerate(self._layer_names)}  # the last of a name wins

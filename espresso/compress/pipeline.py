@@ -1,0 +1,203 @@
+"""The three stages run in order on a trained model, retraining with a given solver, and the
+per-layer report (the paper's Tables 2 and 3) with accuracy before and after each stage.
+
+Specs name layers, `*` standing for every compressible (InnerProduct / Convolution) layer:
+  prune: {"*": 0.9, "ip3": 0.75} target fractions pruned, or "q1.5" for quality 1.5 x std;
+  bits:  {"*": 5} weight bits, or "paper" for the paper's 8 (conv) / 5 (fully connected).
+Pruning runs `prune_steps` rounds: round t of T prunes to sparsity 1 - (1 - s)**(t/T) (or
+quality q*t/T) and retrains `retrain_iters` iterations; quantization then fine-tunes the
+centroids `quant_iters` iterations.  The solver's iteration count and learning-rate policy
+continue across the rounds.
+"""
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+import espresso
+from espresso.compress import model_file
+from espresso.compress.model_file import from_weights, write_model
+from espresso.compress.prune import Masks, compressible_layers, prune_mask
+from espresso.compress.quantize import SharedWeights, kmeans_share
+from espresso.errors import EspressoError
+
+log = logging.getLogger("espresso")
+PAPER_BITS = {"Convolution": 8, "InnerProduct": 5}  # weight bits; also the relative-index bits
+
+
+def parse_spec(text, what):
+    """'*=0.9,ip3=q1.2' -> {'*': 0.9, 'ip3': 'q1.2'}; a bare value means '*'."""
+    if isinstance(text, dict) or text is None:
+        return text
+    spec = {}
+    for item in filter(None, (s.strip() for s in str(text).split(","))):
+        name, _, value = item.rpartition("=")
+        spec[name or "*"] = value if value.startswith("q") or value == "paper" else _number(value, what)
+    return spec
+
+
+def _number(value, what):
+    try:
+        return float(value)
+    except ValueError:
+        raise EspressoError(f"--{what}: cannot read '{value}' (give name=value, comma-separated)") from None
+
+
+def _per_layer(spec, layers, what):
+    if not spec:
+        return {}
+    unknown = set(spec) - set(layers) - {"*"}
+    if unknown:
+        raise EspressoError(f"--{what}: no compressible layer named {', '.join(sorted(unknown))} "
+                            f"(compressible: {', '.join(layers)})")
+    out = {name: spec.get(name, spec.get("*")) for name in layers}
+    return {name: v for name, v in out.items() if v is not None}
+
+
+def _bits(value, layer):
+    if value == "paper":
+        return PAPER_BITS[layer.type]
+    bits = int(value)
+    if not 1 <= bits <= 8 or bits != value:
+        raise EspressoError(f"--bits: layer '{layer.name}': bits must be an integer in 1..8, got {value}")
+    return bits
+
+
+class Compressor:
+    """Runs the stages on a solver's train net (see the module docstring)."""
+
+    def __init__(self, solver, weights, model=None):
+        param = espresso.solver.read_solver_param(solver) if not hasattr(solver, "test_iter") else solver
+        del param.weights[:]
+        param.snapshot, param.snapshot_after_train = 0, False
+        self.solver = espresso.get_solver(param)
+        self.net = self.solver.net
+        self.net.copy_from(weights)
+        self.model, self.test_iter = model, param.test_iter[0] if param.test_iter else 0
+        self.layers = compressible_layers(self.net)
+        self.original = {n: np.array(layer.blobs[0].host_data()) for n, layer in self.layers.items()}
+        self.masks, self.shared = Masks(self.net), None
+        self.bits, self.accuracy = {}, {}
+
+    def weights(self, name):
+        return np.array(self.layers[name].blobs[0].host_data())
+
+    def evaluate(self, stage):
+        if not self.solver.test_nets:
+            return None
+        scores = self.solver.test(0)
+        key = next((k for k in scores if "acc" in k), next(iter(scores)))
+        self.accuracy[stage] = float(np.mean(scores[key]))
+        log.info("Deep Compression: accuracy %s = %.4f", stage, self.accuracy[stage])
+        return self.accuracy[stage]
+
+    def prune(self, spec, steps=3, retrain_iters=1000):
+        targets = _per_layer(parse_spec(spec, "prune"), self.layers, "prune")
+        if not targets:
+            return
+        self.masks.attach(self.solver)
+        for t in range(1, steps + 1):
+            for name, value in targets.items():
+                w = self.weights(name)
+                if isinstance(value, str):
+                    mask = prune_mask(w, quality=float(value[1:]) * t / steps, mask=self.masks.kept(name))
+                else:
+                    mask = prune_mask(w, sparsity=1 - (1 - value) ** (t / steps), mask=self.masks.kept(name))
+                self.masks.set(name, mask)
+            log.info("Deep Compression: pruning round %d/%d: kept %s", t, steps, ", ".join(
+                f"{n} {self.masks.kept(n).mean():.1%}" for n in targets))
+            self.solver.step(retrain_iters)
+        self.evaluate("pruned")
+
+    def quantize(self, spec, init="linear", iters=1000, centroid_grad="mean"):
+        targets = _per_layer(parse_spec(spec, "bits"), self.layers, "bits")
+        if not targets:
+            return
+        self.shared = SharedWeights(self.net, centroid_grad)
+        for name, value in targets.items():
+            self.bits[name] = _bits(value, self.layers[name])
+            w = self.weights(name)
+            if self.masks.kept(name) is None and (w == 0).mean() > 0.5:  # pruned before (an earlier run)
+                self.masks.set(name, w != 0)
+            codebook, index = kmeans_share(self.weights(name), self.bits[name], init, mask=self.masks.kept(name))
+            self.shared.set(name, codebook, index)
+        self.evaluate("quantized")
+        if iters:
+            self.shared.attach(self.solver)
+            self.solver.step(iters)
+            self.evaluate("quantized_finetuned")
+
+    def records(self, huffman=True, index_bits=None):
+        """What write_model writes: compressed weights for pruned/quantized layers, raw else."""
+        records = []
+        for name, layer in self.net.layer_dict.items():
+            if not layer.blobs:
+                continue
+            blobs = [np.array(b.host_data(), np.float32) for b in layer.blobs]
+            if name in self.masks.layers or name in self.bits:
+                blobs[0] = self._compressed(name, layer, huffman, index_bits)
+            records.append((name, layer.type, blobs))
+        return records
+
+    def _compressed(self, name, layer, huffman, index_bits):
+        mask = self.masks.kept(name)
+        ib = 0 if mask is None else int((index_bits or {}).get(name, PAPER_BITS[layer.type]))
+        if name in self.bits:
+            cw = from_weights(self.weights(name), mask, self.shared.codebook(name), self.shared.index(name),
+                              self.bits[name], ib, huffman)
+        else:
+            cw = from_weights(self.weights(name), mask, index_bits=ib, huffman=huffman)
+        fixed = dataclasses.replace(cw, huffman=False)  # tiny layers: the code tables can cost more
+        return fixed if huffman and sum(stream_sizes(fixed)) < sum(stream_sizes(cw)) else cw
+
+
+def compress(model, weights, solver, prune=None, bits=None, output="model.espz", huffman=True, init="linear",
+             prune_steps=3, retrain_iters=1000, quant_iters=1000, index_bits=None, report=None, plot=None,
+             centroid_grad="mean"):
+    """Run the stages given (each alone or together), write the compressed model to `output`
+    and return the report dict (also written as JSON to `report`, with a PNG to `plot`)."""
+    c = Compressor(solver, weights, model)
+    c.evaluate("original")
+    c.prune(prune, prune_steps, retrain_iters)
+    c.quantize(bits, init, quant_iters, centroid_grad)
+    records = c.records(huffman, parse_spec(index_bits, "index-bits"))
+    write_model(output, records)
+    from espresso.compress.report import make_report, plot_distributions, write_report
+
+    result = make_report(c, records, output, model)
+    if report:
+        write_report(result, report)
+    if plot:
+        plot_distributions(c, plot)
+    return result
+
+
+def run_deployed(model, path, iterations):
+    """The accuracy of the compressed file as deployed: a TEST net loading it directly."""
+    if not model or not iterations:
+        return None
+    net = espresso.Net(model, espresso.TEST, weights=os.fspath(path))
+    keys = [k for k in net.outputs if "acc" in k]
+    if not keys:
+        return None
+    total = 0.0
+    for _ in range(iterations):
+        net.forward_range(0, len(net.layers) - 1)
+        total += float(np.mean(net.blobs[keys[0]].host_data()))
+    return total / iterations
+
+
+def stream_sizes(cw):
+    """Bytes of a compressed blob's parts: codebook, weights, index (for the report)."""
+    codebook = 0 if cw.codebook is None else 4 * len(cw.codebook)
+    if cw.codebook is not None:
+        weights = len(model_file._stream(cw.symbols, cw.bits, cw.huffman))
+    else:
+        weights = 4 * len(cw.symbols)
+    index = 0
+    if cw.positions is not None:
+        gaps = np.diff(np.concatenate([[-1], cw.positions])) - 1
+        index = len(model_file._stream(gaps, cw.index_bits, cw.huffman))
+    return codebook, weights, index
