@@ -396,6 +396,34 @@ class Net:
         self._graphs.run(("forward", start, end), lambda: self.forward_loss(start, end, self._loss))
         return self._loss
 
+    def zeroed_output_sums(self):
+        """One zeroed flat array per output, then a 0-d loss sum, for `forward_into_sums`
+        (the same arrays every time, so a graph holding them stays valid)."""
+        xp, counts = self.backend.xp, [self._blobs[name].count for name in self.outputs]
+        if getattr(self, "_sums", None) is None or [s.size for s in self._sums[:-1]] != counts:
+            self._sums = [xp.zeros(c, self.dtype) for c in counts] + [xp.zeros((), self.dtype)]
+        for array in self._sums:
+            array.fill(0)
+        return self._sums
+
+    def forward_into_sums(self, sums):
+        """One whole forward pass whose outputs (and weighted loss, as Caffe's Test sums it in
+        Dtype) are added into `sums` on the device: a test batch without a host round trip,
+        replayed as one CUDA graph where possible."""
+        last = len(self.layers) - 1
+
+        def run():
+            self.forward_loss(0, last, self._loss)
+            for total, name in zip(sums, self.outputs):
+                total += self._blobs[name].data.ravel()
+            sums[-1] += self._loss
+
+        self.sync()
+        if eager_reason(self.backend, self.layers) is None:
+            self._graphs.run("forward+sums", run)
+        else:
+            run()
+
     def forward_layers(self, start, end):
         """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed."""
         terms = []

@@ -409,13 +409,13 @@ def test_test_averages_each_output_over_test_iter(caplog):
                          'test_compute_loss: true', net_text=TWO_PHASE)
     net = solver.test_nets[0]
     batches = [(X[:2], Y[:2]), (X[2:], Y[2:])]
-    original, feed = net.run_forward, iter(batches)
+    original, feed = net.forward_into_sums, iter(batches)
 
-    def run_forward(start, end):
+    def forward_into_sums(sums):
         net.blobs["x"].data[...], net.blobs["y"].data[...] = next(feed)
-        return original(start, end)
+        return original(sums)
 
-    net.run_forward = run_forward
+    net.forward_into_sums = forward_into_sums
     with caplog.at_level(logging.INFO, logger="espresso"):
         means = solver.test(0)
     losses = [((x @ W0.T + B0 - y) ** 2).sum() / 4 for x, y in batches]

@@ -357,22 +357,16 @@ class Solver:
         {output name: mean values} (also kept in self.test_scores) or None when interrupted."""
         p, net = self.param, self.test_nets[test_net_id]
         log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
-        n, loss, sums = p.test_iter[test_net_id], 0.0, None
+        n, sums = p.test_iter[test_net_id], net.zeroed_output_sums()
         for _ in range(n):
             if self._poll_during_test():
                 log.info("Test interrupted.")
                 return None
-            iter_loss = net.run_forward(0, len(net.layers) - 1)  # no host round trip per batch
-            loss += iter_loss if p.test_compute_loss else 0.0
-            values = [net._blobs[name].data.ravel() for name in net.outputs]
-            if sums is None:
-                sums = [v.copy() for v in values]
-            else:
-                sums = [s + v for s, v in zip(sums, values, strict=True)]
+            net.forward_into_sums(sums)  # on the device: no host round trip per batch
+        *sums, loss = [net.backend.to_host(s) for s in sums]
         if p.test_compute_loss:
             log.info("Test loss: %s", _g(loss / n))
-        sums = [net.backend.to_host(s) for s in sums or []]
-        means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums, strict=bool(sums))}
+        means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums, strict=True)}
         _log_outputs("Test", net, means.items())
         self.test_scores[test_net_id] = means
         return means
