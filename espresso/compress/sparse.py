@@ -195,12 +195,12 @@ class SparseMatrix:
 
 def _cusparse(matrix):
     """The matrix as a cupyx.scipy.sparse CSR matrix with decoded float values (GPU only)."""
-    import cupyx.scipy.sparse as cusparse  # noqa: PLC0415 (only on a CUDA backend)
+    from espresso.backend.cuda.kernels import csr_matrix  # noqa: PLC0415 (only on a CUDA backend)
 
     xp = matrix.xp
     values = matrix.codebook[matrix.entries] if matrix.quantized else matrix.entries
-    csr = cusparse.csr_matrix((values.astype(matrix.dtype), matrix.indices.astype(xp.int32), matrix.indptr),
-                              shape=(matrix.rows, matrix.cols))
+    csr = csr_matrix(values.astype(matrix.dtype), matrix.indices.astype(xp.int32), matrix.indptr,
+                     (matrix.rows, matrix.cols))
     matrix.entries = matrix.indices = None  # cuSPARSE holds its own copy
     return csr
 

@@ -102,6 +102,14 @@ def matmul(a, b, out, accumulate=False):
     return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out, accumulate)
 
 
+def csr_matrix(values, indices, indptr, shape):
+    """A cuSPARSE CSR matrix of device arrays (cupyx.scipy.sparse; `@` runs SpMV/SpMM), for the
+    compressed models' sparse layers."""
+    import cupyx.scipy.sparse  # deferred, as CuPy itself
+
+    return cupyx.scipy.sparse.csr_matrix((values, indices, indptr), shape=shape)
+
+
 def relu_forward(x, y, slope):
     """y = max(x, 0) + slope * min(x, 0) in one kernel."""
     _elementwise("relu_forward", "T x, T slope", "T y", "y = (x > 0 ? x : T(0)) + slope * (x < 0 ? x : T(0))")(
