@@ -225,6 +225,26 @@ def test_cuda_primitives_mirror_the_cpu_signatures():
     assert CUDA.FLT_MIN == CPU.FLT_MIN
 
 
+def test_gemm_plan_reads_views_in_place():
+    """The cuBLAS GEMM's layout logic (no GPU needed): transposed views are read as cuBLAS ops,
+    batch axes collapse to one strided-batched call when their strides allow, else the longest
+    axis is batched and the others looped."""
+    from espresso.backend.cuda import blas
+
+    a = np.zeros((6, 4), np.float32)
+    assert blas._layout(a) == "row" and blas._layout(a.T) == "col" and blas._layout(a[:, ::2]) is None
+    assert blas._op_ld(a) == (blas.OP_N, 4) and blas._op_ld(a.T) == (blas.OP_T, 4)
+    assert blas._gemm_operand(a[:, ::2]).flags.c_contiguous
+    weights, cols, out = np.zeros((1, 5, 7)), np.zeros((8, 1, 7, 3)), np.zeros((8, 1, 5, 3))
+    batch = out.shape[:-2]
+    strides = [blas._batch_strides(x, batch) for x in (weights, cols, out)]
+    assert blas._batch_plan(batch, strides) == [({}, (8, (0, 21, 15)))]  # one call, weights broadcast
+    weights, cols, out = np.zeros((2, 5, 7)), np.zeros((8, 2, 7, 3)), np.zeros((8, 2, 5, 3))
+    strides = [blas._batch_strides(x, out.shape[:-2]) for x in (weights, cols, out)]
+    plan = blas._batch_plan(out.shape[:-2], strides)
+    assert [p[0] for p in plan] == [{1: 0}, {1: 1}] and plan[0][1] == (8, (0, 42, 30))  # groups looped
+
+
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
     assert [p.stem for p in sources] == ["fused", "im2col", "lrn", "pooling"]

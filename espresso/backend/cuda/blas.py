@@ -78,7 +78,7 @@ class Blas:
         batch = out.shape[:-2]
         if np.broadcast_shapes(a.shape[:-2], b.shape[:-2], batch) != batch:
             raise ValueError(f"matmul batch shapes {a.shape[:-2]}, {b.shape[:-2]} do not broadcast to {batch}")
-        a, b = (_gemm_operand(x, len(batch)) for x in (a, b))
+        a, b = (_gemm_operand(x) for x in (a, b))
         if _layout(out) != "row":
             raise ValueError(f"matmul out must have unit column stride, got strides {out.strides}")
         m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
@@ -124,7 +124,7 @@ def _layout(x):
     return None
 
 
-def _gemm_operand(x, batch_ndim):
+def _gemm_operand(x):
     """x itself when cuBLAS can read its matrices in place, else a C-contiguous copy."""
     if _layout(x) is None or any(s % x.itemsize or s < 0 for s in x.strides):
         return x.copy()
