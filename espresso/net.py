@@ -173,6 +173,7 @@ class Net:
         self._bottoms = [self._blobs_of(ids) for ids in self._bottom_ids]
         self._tops = [self._blobs_of(ids) for ids in self._top_ids]
         self._reshaped_for = [[b.shape for b in bottom] for bottom in self._bottoms]
+        self._checked_at = [None] * len(self.layers)  # Blob.layout when layer i's bottoms were checked
         self._analyze_backward()
         self._check_inplace()
         self._make_arena()
@@ -391,7 +392,7 @@ class Net:
         """forward_range without reading the loss back: a float on the CPU, a 0-d device array
         on a GPU, where the run is a CUDA graph replay whenever it can be (espresso/graphs.py)."""
         self.sync()
-        if eager_reason(self.backend, self.layers[start:end + 1]) is not None:
+        if self._host_sync is None or eager_reason(self.backend, self.layers[start:end + 1]) is not None:
             return sum(float(term) for term in self.forward_layers(start, end))
         self._graphs.run(("forward", start, end), lambda: self.forward_loss(start, end, self._loss))
         return self._loss
@@ -429,14 +430,15 @@ class Net:
         terms = []
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
-            shapes = [b.shape for b in bottom]
-            if shapes != self._reshaped_for[i]:
-                layer.reshape(bottom, top)
-                self._reshaped_for[i] = shapes
+            if self._checked_at[i] != Blob.layout:  # some blob changed shape since: look
+                shapes = [b.shape for b in bottom]
+                if shapes != self._reshaped_for[i]:
+                    layer.reshape(bottom, top)
+                    self._reshaped_for[i] = shapes
+                self._checked_at[i] = Blob.layout
             layer.forward(bottom, top)
-            for blob, weight in zip(top, layer.loss_weights):
-                if weight:
-                    terms.append((blob.data * blob.diff).sum())
+            if layer.is_loss or any(layer.loss_weights):
+                terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
         return terms
 
     def forward_loss(self, start, end, out):

@@ -86,10 +86,10 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottom, top):
         xp, x, y = self.xp, bottom[0].data.reshape(self.dims), top[0].data.reshape(self.dims)
-        xp.max(x, axis=1, keepdims=True, out=self.scale)
+        x.max(axis=1, keepdims=True, out=self.scale)  # methods: NumPy's wrappers cost 2 us a call
         xp.subtract(x, self.scale, out=y)
         xp.exp(y, out=y)
-        xp.sum(y, axis=1, keepdims=True, out=self.scale)
+        y.sum(axis=1, keepdims=True, out=self.scale)
         xp.divide(y, self.scale, out=y)
 
     def backward(self, top, propagate_down, bottom):
