@@ -173,7 +173,6 @@ class CompressedLayer:
             rows, cols = layer.N, layer.K
             self.matrix = SparseMatrix(weights, rows, cols, layer.backend, layer.dtype, layer.p.transpose,
                                        by_column=True)
-            layer.weight_grad = None  # the dense backward workspace
         else:
             rows, cols = shape[0], math.prod(shape[1:])
             self.matrix = SparseMatrix(weights, rows, cols, layer.backend, layer.dtype)
@@ -208,8 +207,6 @@ class CompressedLayer:
 
     def reshape(self, bottom, top):
         if self.shared is not None or self.inner.type == "InnerProduct":
-            if self.shared is not None and self.inner.type == "InnerProduct" and self.inner.weight_grad is None:
-                self.inner.weight_grad = self.xp.zeros(self.inner.blobs[0].shape, self.dtype)
             return self.inner.reshape(bottom, top)
         inner, shape = self.inner, bottom[0].shape
         out = conv_output_spatial(inner, shape[2:])

@@ -66,9 +66,7 @@ class InnerProductLayer(Layer):
         self.blobs = [self.new_blob(shape, p.weight_filler)]
         if p.bias_term:
             self.blobs.append(self.new_blob((self.N,), p.bias_filler))
-        # param-diff workspaces: NumPy has no GEMM with beta = 1, so compute, then accumulate
-        self.weight_grad = xp.zeros(shape, self.dtype)
-        self.bias_grad = xp.zeros(self.N, self.dtype)
+        self.bias_grad = xp.zeros(self.N, self.dtype)  # the weights' grad accumulates in the GEMM
 
     def reshape(self, bottom, top):
         axis = canonical_axis(self, bottom[0], self.p.axis, "inner_product_param.axis")

@@ -90,10 +90,17 @@ def _unstage(staged, x, lead, pad, batch_last):
 # *** im2col / col2im ***
 def matmul(a, b, out, accumulate=False):
     """out = a @ b (or, accumulating, out += a @ b: Caffe's GEMM with beta = 1) with NumPy's
-    batched-matmul rules: the GEMM every layer calls through `k`."""
-    if accumulate:
-        return np.add(out, np.matmul(a, b), out=out)
-    return np.matmul(a, b, out=out)
+    batched-matmul rules: the GEMM every layer calls through `k`.  Accumulating goes through a
+    product buffer kept per shape, so the hot path allocates nothing after the first call."""
+    if not accumulate:
+        return np.matmul(a, b, out=out)
+    key = (out.shape, out.dtype.str)
+    if key not in _PRODUCTS:
+        _PRODUCTS[key] = np.empty(out.shape, out.dtype)
+    return np.add(out, np.matmul(a, b, out=_PRODUCTS[key]), out=out)
+
+
+_PRODUCTS = {}  # (shape, dtype) -> the buffer of matmul's accumulated products
 
 
 def im2col_workspace_size(x_shape, pad, batch_last):
