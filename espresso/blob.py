@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from espresso.backend import address
 from espresso.errors import ShapeError
 
 
@@ -108,7 +109,7 @@ class Blob:
         """Caffe's ShareData: this blob's data *is* other's data (shapes must hold as many)."""
         if other.count != self.count:
             raise ShapeError(f"cannot share data of {other.shape} with {self._shape}")
-        if self._data is None or _address(self._data) != _address(other.data):
+        if self._data is None or address(self._data) != address(other.data):
             Blob.layout += 1
         self._data_buf, self._data = other.data.reshape(-1), other.data.reshape(self._shape)
 
@@ -127,8 +128,3 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self._shape}, dtype={self.dtype})"
-
-
-def _address(array):
-    data = array.data
-    return data.ptr if hasattr(data, "ptr") else array.ctypes.data

@@ -32,6 +32,12 @@ def get(name="cpu"):
     return _CACHE[name]
 
 
+def address(array):
+    """Where an array's data starts (NumPy or CuPy): equal addresses mean shared storage."""
+    data = array.data
+    return data.ptr if hasattr(data, "ptr") else array.ctypes.data
+
+
 def reseed(seed):
     """Re-seed the device generators of every backend created so far.  The new generators hold
     their state in new memory, so captured CUDA graphs (which baked in the old) are void."""

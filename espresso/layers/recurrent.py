@@ -117,7 +117,8 @@ class _RecurrentLayer(Layer):
         self.Ds = bottom[2].count_range(1) if self.static else 0
         self._check_static(bottom)
         self.blobs = self._make_params()
-        self._pwork = [self.xp.empty(b.shape, self.dtype) for b in self.blobs]  # param-diff scratch
+        self._pwork = [self.xp.empty(b.shape, self.dtype) if b.num_axes == 1 else None  # bias-sum scratch
+                       for b in self.blobs]
         self.N = None
 
     def _make_params(self):
@@ -250,10 +251,9 @@ class _RecurrentLayer(Layer):
                 target[...] = 0
 
     def _accumulate(self, k, a, b):
-        """blobs[k].diff += a @ b (through a scratch array, so nothing is allocated)."""
+        """blobs[k].diff += a @ b, in the GEMM (beta = 1)."""
         if self.param_propagate_down[k]:
-            diff = self.blobs[k].diff
-            diff += self.k.matmul(a, b, out=self._pwork[k])
+            self.k.matmul(a, b, out=self.blobs[k].diff, accumulate=True)
 
     def _accumulate_bias(self, k, d2):
         if self.param_propagate_down[k]:
@@ -378,7 +378,7 @@ class LSTMLayer(_RecurrentLayer):
         w_hc = self.blobs[2 + self.static].data
         for t in range(self.T):
             gates = self.acts[t]
-            gates += self.k.matmul(self._conted(cont, t), w_hc.T, out=self.dpre[t])  # dpre: scratch here
+            self.k.matmul(self._conted(cont, t), w_hc.T, out=gates, accumulate=True)
             _lstm_step_forward(xp, gates, cs[t], cont[t][:, None], cs[t + 1], self.tanh_c[t],
                                hs[t + 1], self.tmp)
         top[0].data[...] = hs[1:]

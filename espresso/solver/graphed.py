@@ -43,27 +43,31 @@ class DeviceLoop:
         self.first, self.queued, self.read = None, 0, 0  # the window's first iteration, counts
         self.host_rates = []
 
-    def run(self):
-        """Queue iteration solver.iter; returns (rate, current_step) it uses."""
+    def run(self, stop_iter):
+        """Queue iteration solver.iter of a step ending before `stop_iter`; returns the (rate,
+        current_step) it uses."""
         if self.first is None or self.queued == len(self.host_rates):
-            self._new_window()
+            self._new_window(stop_iter)
         rate, step = self.host_rates[self.queued]
         self.solver.net.sync()
         self.graphs.run("iteration", self._iteration)
         self.queued += 1
         return rate, step
 
-    def _new_window(self):
-        """Rates for the next WINDOW iterations (Caffe's GetLearningRate, in order); the ring
-        must have been read (callers read at the end of every step)."""
+    def _new_window(self, stop_iter):
+        """Rates for the next iterations up to WINDOW of them, but not past the step's end
+        (pycaffe's step(1) loops must not pay for a thousand); Caffe's GetLearningRate, in
+        order.  The ring must have been read (callers read at the end of every step)."""
         s = self.solver
         if self.read != self.queued:
             raise RuntimeError("DeviceLoop: losses not read before a new window")
         step, self.host_rates = s.current_step, []
-        for it in range(s.iter, s.iter + WINDOW):
+        for it in range(s.iter, min(s.iter + WINDOW, stop_iter)):
             rate, step = learning_rate(s.param, it, step, s.net.dtype)
             self.host_rates.append((rate, step))
-        self.rates.set(np.array([r for r, _ in self.host_rates], s.net.dtype))
+        rates = np.zeros(WINDOW, s.net.dtype)  # the device table keeps its size: the graph holds it
+        rates[:len(self.host_rates)] = [r for r, _ in self.host_rates]
+        self.rates.set(rates)
         self.slot.fill(0)
         self.first, self.queued, self.read = s.iter, 0, 0
 

@@ -208,7 +208,7 @@ class Solver:
                 if loop is None:
                     self._eager_iteration(start_iter)
                 else:
-                    self._device_iteration(loop, start_iter)
+                    self._device_iteration(loop, start_iter, stop_iter)
                 self.iter += 1
                 if self._after_iteration():
                     break
@@ -230,10 +230,10 @@ class Solver:
             on_gradients_ready()
         self.apply_update()
 
-    def _device_iteration(self, loop, start_iter):
+    def _device_iteration(self, loop, start_iter, stop_iter):
         """Queue one iteration; the losses are read back only when displayed (or a window fills)."""
         p = self.param
-        rate, step = loop.run()
+        rate, step = loop.run(stop_iter)
         self._log_rate(rate, step)
         if p.display and self.iter % p.display == 0:
             self._absorb(loop.losses(), start_iter)

@@ -23,6 +23,8 @@ import pathlib
 
 import numpy as np
 
+from espresso.backend import address
+
 FLT_MIN = float(np.finfo(np.float32).tiny)  # as the CPU module (Caffe's FLT_MIN)
 MAX_AXES = 3  # spatial axes the kernels are instantiated for
 BLOCK = 256  # threads per block
@@ -167,11 +169,6 @@ def _output(array, size, what):
     if array.size >= _INT_LIMIT:
         raise ValueError(f"{what} of {array.size} elements: the CUDA kernels index with 32-bit ints")
     return array
-
-
-def _address(array):
-    data = array.data
-    return data.ptr if hasattr(data, "ptr") else array.ctypes.data
 
 
 def _axes(*groups):
@@ -346,7 +343,7 @@ def _lrn_shape(x):
 
 def _unaliased(array, outputs):
     """`array`, copied when it is one of `outputs` (the kernels read neighbours other threads write)."""
-    if any(_address(array) == _address(out) for out in outputs):
+    if any(address(array) == address(out) for out in outputs):
         return array.copy()
     return _input(array)
 
