@@ -762,6 +762,30 @@ def test_layer_cpu_vs_cuda(snippet, bottoms, down, phase, tops, grad, positive_p
         assert_matches(g, w, dtype, f"{name} param {k} diff")
 
 
+CONV_CASES = [c for c in LAYERS if c.id.startswith(("conv", "deconv"))]
+
+
+@pytest.mark.parametrize("snippet, bottoms, down, phase, tops, grad, positive_params", CONV_CASES)
+@gpu_test
+def test_conv_without_cudnn_cpu_vs_cuda(snippet, bottoms, down, phase, tops, grad, positive_params, monkeypatch):
+    """The im2col + GEMM path, which runs where cuDNN is absent (the cases above take cuDNN
+    where the GPU machine has it)."""
+    monkeypatch.setattr(backends.get("cuda:0"), "cudnn", None)
+    test_layer_cpu_vs_cuda(snippet, bottoms, down, phase, tops, grad, positive_params, np.float32)
+
+
+@gpu_test
+def test_2d_convolutions_take_cudnn_where_present():
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    run = LayerRun(conv("num_output: 4 kernel_size: 3 group: 2"), [np.ones((2, 4, 6, 6))], device="cuda:0")
+    assert run.layer.plan is not None and run.layer.engines == [None, None]
+    run.forward()
+    assert run.layer.engines[0] in ("cudnn", "gemm") and run.layer.engines[1] is None
+    assert "cuDNN" in gpu.describe() and gpu.describe()["cuDNN"].startswith("9.")
+
+
 # *** a whole net ***
 def lenet_train_param(batch):
     """Caffe's LeNet train net with its Data layers replaced by one Input layer."""

@@ -40,11 +40,14 @@ SOLVER = ('base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "inv" gam
 
 
 @pytest.fixture
-def gpu():
+def gpu(monkeypatch):
+    """The GPU backend in deterministic mode (bit-for-bit comparisons need it)."""
     from espresso import backend
 
     caffe.set_mode_gpu()
-    yield backend.get("cuda:0")
+    gpu = backend.get("cuda:0")
+    monkeypatch.setattr(gpu, "deterministic", True)
+    yield gpu
     caffe.set_cuda_graphs(True)
     caffe.set_mode_cpu()
 
@@ -113,6 +116,24 @@ def test_graphed_training_equals_eager_bit_for_bit(gpu):
     np.testing.assert_array_equal(history[0], gpu.to_host(eager.updater.rule.history[0]))
 
 
+def test_timed_convolutions_train_in_graphs(gpu, monkeypatch):
+    """The default (not deterministic) mode: each convolution keeps the faster of cuDNN's timed
+    algorithms and im2col + GEMM, and the graphed iteration trains like the eager one."""
+    monkeypatch.setattr(gpu, "deterministic", False)
+    caffe.set_cuda_graphs(False)
+    eager = _solver()
+    caffe.set_cuda_graphs(True)
+    graphed = _solver()
+    graphed.net.arena_data[...] = eager.net.arena_data
+    eager.step(20)
+    graphed.step(20)
+    assert graphed._loop.graphs.graphs["iteration"][1] is not None
+    convs = [layer for layer in graphed.net.layers if layer.type == "Convolution"]
+    assert all(set(layer.engines) <= {"cudnn", "gemm"} for layer in convs)
+    assert gpu.cudnn is None or all(layer.plan is not None for layer in convs)
+    np.testing.assert_allclose(_weights(graphed), _weights(eager), rtol=1e-4, atol=1e-6)
+
+
 def test_graph_replays_draw_new_dropout_masks(gpu):
     solver = _solver(drop=0.5)
     solver.step(3)  # the graph is captured by now
@@ -173,8 +194,10 @@ def test_time_command_reports_gpu_graph_times(gpu, tmp_path):
     assert len(times) == 10 and all(t > 0 for t in times[1:])
 
 
-def test_split_weight_gradient_matches_the_cpu(gpu):
-    """A long batch-last weight-gradient GEMM runs as split partial products on the GPU."""
+def test_split_weight_gradient_matches_the_cpu(gpu, monkeypatch):
+    """A long batch-last weight-gradient GEMM runs as split partial products on the GPU (the
+    im2col + GEMM path, taken without cuDNN)."""
+    monkeypatch.setattr(gpu, "cudnn", None)
     text = """force_backward: true
     layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 128 dim: 4 dim: 12 dim: 12 } } }
     layer { name: "conv" type: "Convolution" bottom: "x" top: "y"

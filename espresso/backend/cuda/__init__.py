@@ -6,13 +6,15 @@ missing CuPy or GPU is reported as a BackendError that says what to install.  Al
 on one stream the backend owns (made CuPy's current stream in the creating thread), so a whole
 iteration can be captured as a CUDA graph (`capture`).  ESPRESSO_TF32=1 (or `set_tf32(True)`)
 lets float32 GEMMs use TF32 tensor cores; the default keeps float32 semantics.
+ESPRESSO_DETERMINISTIC=1 (or `backend.deterministic = True` before building nets) gives the same
+results run after run; the default picks each convolution's fastest kernels by timing them.
 """
 
 import os
 
 import numpy as np
 
-from espresso.backend.cuda import kernels
+from espresso.backend.cuda import cudnn, kernels
 from espresso.backend.cuda.blas import Blas
 from espresso.errors import BackendError, GraphCaptureError
 
@@ -44,13 +46,24 @@ class CUDABackend:
         self.stream.use()
         self.blas = Blas(cupy, self.stream)
         kernels.bind_blas(index, self.blas)
+        library = cudnn.library()
+        self.cudnn = cudnn.Cudnn(library, cupy, self.stream) if library else None  # 2-D convolutions
+        # deterministic: only kernels whose results never vary (im2col + GEMM for convolutions,
+        # never a choice by timing); read by layers when they are set up
+        self.deterministic = os.environ.get("ESPRESSO_DETERMINISTIC", "0") not in ("", "0")
         self.set_tf32(os.environ.get("ESPRESSO_TF32", "0") not in ("", "0"))
         self.rng = cupy.random.default_rng()
         self._graph_pools, self._peak = [], 0
 
     def set_tf32(self, allow):
-        """Let float32 GEMMs use TF32 tensor cores (faster, 10-bit mantissa products), or not."""
+        """Let float32 GEMMs and convolutions use TF32 tensor cores (faster, 10-bit mantissa
+        products), or not.  Graphs captured before are void (they hold the old kernels)."""
+        from espresso.blob import Blob
+
         self.blas.set_tf32(allow)
+        if self.cudnn:
+            self.cudnn.set_tf32(allow)
+        Blob.layout += 1
 
     def capture(self, run):
         """Run `run()` once (a real, eager run that also compiles kernels and creates lazily made
@@ -133,6 +146,7 @@ class CUDABackend:
             "Driver": _version(runtime.driverGetVersion()),
             "Runtime": _version(runtime.runtimeGetVersion()),
             "CuPy": self.xp.__version__,
+            "cuDNN": _version(self.cudnn.lib.cudnnGetVersion() // 10) if self.cudnn else "not found (im2col + GEMM)",
         }
 
 

@@ -1,0 +1,178 @@
+"""2-D convolutions through cuDNN's convolution API (as Caffe's CuDNNConvolutionLayer), called
+through ctypes with the backend's own handle, stream and one shared workspace, so that they can
+be captured in a CUDA graph like the rest of an iteration.
+
+cuDNN is optional: the system's libcudnn.so.9, or the one the `cudnn13` extra installs
+(nvidia-cudnn-cu13's nvidia/cudnn/lib).  Without it, with ESPRESSO_CUDNN=0, or in deterministic
+mode, convolutions run as im2col + GEMM.  A plan lists cuDNN's candidate algorithms per
+direction (its heuristics' order, workspace up to WORKSPACE_LIMIT); the layer times them on its
+own blobs and keeps the fastest (espresso/layers/vision.py).  Unless TF32 is allowed, plans use
+FMA math: float32 products and sums, as PyTorch with allow_tf32 off.
+"""
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
+CROSS_CORRELATION, NCHW = 1, 0
+# CaffeNet's Winograd convolutions need up to 530 MB; larger workspaces bought little there
+WORKSPACE_LIMIT = 640 << 20
+_DATA_TYPE = {np.dtype(np.float32): (0, ctypes.c_float), np.dtype(np.float64): (1, ctypes.c_double)}
+
+
+class _Perf(ctypes.Structure):  # cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (same layout)
+    _fields_ = [("algo", ctypes.c_int), ("status", ctypes.c_int), ("time", ctypes.c_float),
+                ("memory", ctypes.c_size_t), ("determinism", ctypes.c_int), ("math", ctypes.c_int),
+                ("reserved", ctypes.c_int * 3)]
+
+
+def library():
+    """libcudnn.so.9 from the nvidia-cudnn wheel when installed, else from the loader's path;
+    None when neither exists or ESPRESSO_CUDNN=0."""
+    if os.environ.get("ESPRESSO_CUDNN", "1") in ("", "0"):
+        return None
+    spec = importlib.util.find_spec("nvidia")
+    roots = (spec.submodule_search_locations or []) if spec else []
+    for name in [os.path.join(root, "cudnn", "lib", "libcudnn.so.9") for root in roots] + ["libcudnn.so.9"]:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+class Cudnn:
+    """One cuDNN handle on `stream`; `plan(...)` gives the Convolution of one geometry."""
+
+    def __init__(self, lib, xp, stream):
+        self.lib, self.xp = lib, xp
+        handle = ctypes.c_void_p()
+        self.call("cudnnCreate", ctypes.byref(handle))
+        self.call("cudnnSetStream", handle, ctypes.c_void_p(stream.ptr))
+        self.handle, self.tf32, self.workspace, self._plans = handle, False, xp.empty(0, np.uint8), {}
+
+    def call(self, name, *args):
+        status = getattr(self.lib, name)(*args)
+        if status != 0:
+            raise RuntimeError(f"{name} failed with cuDNN status {status}")
+
+    def set_tf32(self, allow):
+        """TF32 tensor-core math allowed or not (FMA math, float32 semantics): every plan
+        chooses its algorithms again."""
+        self.tf32 = bool(allow)
+        for plan in self._plans.values():
+            plan.configure()
+
+    def plan(self, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
+        """The Convolution from image (n, Ci, H, W) to data (n, Cd, H', W') with weights
+        (Cd, Ci/group, kh, kw), made once per geometry (descriptors live as long as the handle)."""
+        key = (image_shape, data_shape, weight_shape, stride, pad, dilation, group, np.dtype(dtype))
+        if key not in self._plans:
+            self._plans[key] = Convolution(self, *key)
+        return self._plans[key]
+
+    def grow_workspace(self, nbytes):
+        """Grow the shared workspace to at least nbytes.  It moves, so graphs captured with the
+        old one are void (Blob.layout)."""
+        if nbytes > self.workspace.nbytes:
+            from espresso.blob import Blob
+
+            self.workspace = self.xp.empty(nbytes, np.uint8)
+            Blob.layout += 1
+
+
+class Convolution:
+    """Descriptors and algorithms of one convolution.  Arrays are C-contiguous, of the planned
+    shapes; work is queued on the handle's stream.  Gradients accumulate (beta = 1), as Caffe's
+    param diffs do.  A bias lies on either side: "data" (Convolution) or "image" (Deconvolution)."""
+
+    def __init__(self, cudnn, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
+        self.cudnn = cudnn
+        type_code, self.scalar = _DATA_TYPE[dtype]
+        self.tensor = {side: self._tensor(type_code, shape) for side, shape in
+                       (("image", image_shape), ("data", data_shape))}
+        self.bias = {side: self._tensor(type_code, (1, shape[1], 1, 1)) for side, shape in
+                     (("image", image_shape), ("data", data_shape))}
+        self.weights = self._descriptor("Filter")
+        cudnn.call("cudnnSetFilter4dDescriptor", self.weights, type_code, NCHW, *weight_shape)
+        self.conv = self._descriptor("Convolution")
+        cudnn.call("cudnnSetConvolution2dDescriptor", self.conv, *pad, *stride, *dilation, CROSS_CORRELATION,
+                   type_code)
+        cudnn.call("cudnnSetConvolutionGroupCount", self.conv, group)
+        self.configure()
+
+    def configure(self):
+        """Set the math type and list the candidate algorithms for it; the first (the
+        heuristics' favourite) is used until the layer has timed them."""
+        self.cudnn.call("cudnnSetConvolutionMathType", self.conv, TENSOR_OP_MATH if self.cudnn.tf32 else FMA_MATH)
+        image, data = self.tensor["image"], self.tensor["data"]
+        self.candidates = {"Forward": self._candidates("Forward", image, self.weights, self.conv, data),
+                           "BackwardData": self._candidates("BackwardData", self.weights, data, self.conv, image),
+                           "BackwardFilter": self._candidates("BackwardFilter", image, data, self.conv,
+                                                              self.weights)}
+        self.algo = {which: options[0] for which, options in self.candidates.items()}
+        self.cudnn.grow_workspace(max(size for options in self.candidates.values() for _, size in options))
+
+    def _descriptor(self, kind):
+        desc = ctypes.c_void_p()
+        self.cudnn.call(f"cudnnCreate{kind}Descriptor", ctypes.byref(desc))
+        return desc
+
+    def _tensor(self, type_code, shape):
+        desc = self._descriptor("Tensor")
+        self.cudnn.call("cudnnSetTensor4dDescriptor", desc, NCHW, type_code, *shape)
+        return desc
+
+    def _candidates(self, which, *descs):
+        """[(algorithm, workspace bytes)] that cuDNN supports here, in its heuristics' order."""
+        perf, count, c, options = (_Perf * 16)(), ctypes.c_int(), self.cudnn, {}
+        c.call(f"cudnnGetConvolution{which}Algorithm_v7", c.handle, *descs, 16, ctypes.byref(count), perf)
+        for p in perf[: count.value]:
+            if p.status == 0 and p.algo not in options:
+                size = ctypes.c_size_t()
+                c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
+                if size.value <= WORKSPACE_LIMIT:
+                    options[p.algo] = size.value
+        if not options:
+            raise RuntimeError(f"cuDNN offers no {which} algorithm for this convolution")
+        return list(options.items())
+
+    def _run(self, which, operands, out, accumulate):
+        c, (algo, size) = self.cudnn, self.algo[which]
+        alpha, beta = self.scalar(1), self.scalar(1 if accumulate else 0)
+        c.call(f"cudnnConvolution{which}", c.handle, ctypes.byref(alpha), *operands, self.conv, algo,
+               _ptr(c.workspace), ctypes.c_size_t(size), ctypes.byref(beta), *out)
+
+    def forward(self, x, w, y):
+        """y (data side) = w * x (image side)."""
+        self._run("Forward", (self.tensor["image"], _ptr(x), self.weights, _ptr(w)),
+                  (self.tensor["data"], _ptr(y)), accumulate=False)
+
+    def backward_data(self, w, dy, dx):
+        """dx (image side) = w^T * dy (data side)."""
+        self._run("BackwardData", (self.weights, _ptr(w), self.tensor["data"], _ptr(dy)),
+                  (self.tensor["image"], _ptr(dx)), accumulate=False)
+
+    def backward_filter(self, x, dy, dw):
+        """dw += x (*) dy, summed over the batch."""
+        self._run("BackwardFilter", (self.tensor["image"], _ptr(x), self.tensor["data"], _ptr(dy)),
+                  (self.weights, _ptr(dw)), accumulate=True)
+
+    def add_bias(self, bias, y, side):
+        """y += bias per channel of `side`."""
+        one, c = self.scalar(1), self.cudnn
+        c.call("cudnnAddTensor", c.handle, ctypes.byref(one), self.bias[side], _ptr(bias), ctypes.byref(one),
+               self.tensor[side], _ptr(y))
+
+    def bias_grad(self, dy, db, side):
+        """db += dy summed over all but the channel axis of `side`."""
+        one, c = self.scalar(1), self.cudnn
+        c.call("cudnnConvolutionBackwardBias", c.handle, ctypes.byref(one), self.tensor[side], _ptr(dy),
+               ctypes.byref(one), self.bias[side], _ptr(db))
+
+
+def _ptr(array):
+    return ctypes.c_void_p(array.data.ptr)
