@@ -18,6 +18,7 @@ from espresso.errors import LayerParamError, NetError, did_you_mean
 from espresso.filler import fill
 
 _REGISTRY = {}
+_ONES = {}  # (backend name, dtype) -> a vector of ones, grown as needed
 
 
 def register(cls):
@@ -154,6 +155,20 @@ class Layer:
         for name in names:
             if _is_set(self.p, name):
                 self.fail(f"{self.param}.{name} is not supported")
+
+    def ones(self, n):
+        """n ones on this layer's backend and dtype, from a vector shared by all layers (it moves
+        when it grows: graphs captured with the old one are void)."""
+        key = (self.backend.name, self.dtype)
+        if key not in _ONES or _ONES[key].size < n:
+            _ONES[key] = self.xp.ones(max(n, 1024), self.dtype)
+            Blob.layout += 1
+        return _ONES[key][:n]
+
+    def add_row_sums(self, rows, out):
+        """out (N,) += rows (M, N) summed over M, as a GEMV with ones (Caffe's bias_multiplier):
+        several times faster than a reduction with few outputs, on the CPU and the GPU."""
+        self.k.matmul(self.ones(rows.shape[0])[None, :], rows, out=out.reshape(1, -1), accumulate=True)
 
     def new_blob(self, shape, filler=None):
         """A parameter or workspace blob on this layer's backend and dtype."""

@@ -57,7 +57,7 @@ class InnerProductLayer(Layer):
     exact_bottoms = exact_tops = 1
 
     def setup(self, bottom, top):
-        p, xp = self.p, self.xp
+        p = self.p
         if p.num_output <= 0:
             self.fail(f"inner_product_param.num_output: must be > 0, got {p.num_output}")
         axis = canonical_axis(self, bottom[0], p.axis, "inner_product_param.axis")
@@ -66,7 +66,6 @@ class InnerProductLayer(Layer):
         self.blobs = [self.new_blob(shape, p.weight_filler)]
         if p.bias_term:
             self.blobs.append(self.new_blob((self.N,), p.bias_filler))
-        self.bias_grad = xp.zeros(self.N, self.dtype)  # the weights' grad accumulates in the GEMM
 
     def reshape(self, bottom, top):
         axis = canonical_axis(self, bottom[0], self.p.axis, "inner_product_param.axis")
@@ -86,7 +85,7 @@ class InnerProductLayer(Layer):
             y += self.blobs[1].data
 
     def backward(self, top, propagate_down, bottom):
-        xp, w = self.xp, self.blobs[0]
+        w = self.blobs[0]
         dy = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
         if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
@@ -95,8 +94,7 @@ class InnerProductLayer(Layer):
             else:
                 self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
         if self.p.bias_term and self.param_propagate_down[1]:
-            xp.sum(dy, axis=0, out=self.bias_grad)
-            accumulate(self.blobs[1], self.bias_grad)
+            self.add_row_sums(dy, self.blobs[1].diff)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
             self.k.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)
@@ -170,7 +168,6 @@ class EmbedLayer(Layer):
         if p.bias_term:
             self.blobs.append(self.new_blob((p.num_output,), p.bias_filler))
         self.index = index_blob(self.backend)
-        self.bias_grad = self.xp.zeros(p.num_output, self.dtype)
 
     def reshape(self, bottom, top):
         top[0].reshape(bottom[0].shape + (self.p.num_output,))
@@ -201,8 +198,7 @@ class EmbedLayer(Layer):
             # repeated indices accumulate: an unbuffered scatter-add
             self.xp.add.at(self.blobs[0].diff, self._indices(bottom[0]), dy)
         if self.p.bias_term and self.param_propagate_down[1]:
-            self.xp.sum(dy, axis=0, out=self.bias_grad)
-            accumulate(self.blobs[1], self.bias_grad)
+            self.add_row_sums(dy, self.blobs[1].diff)
 
 
 @register

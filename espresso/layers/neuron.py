@@ -38,13 +38,14 @@ class NeuronLayer(Layer):
         self.in_place = top[0] is bottom[0]
         if not self.in_place:
             top[0].reshape(shape)
-        for blob in self.work:
-            blob.reshape(shape)
+        self.shape = shape
         if self.in_place and self.saves_bottom:
             self.saved.reshape(shape)
 
     def w(self, k=0):
-        """Workspace k, shaped like the bottom."""
+        """Workspace k, shaped like the bottom: allocated on first use (the GPU's fused kernels
+        need none, and CaffeNet's ReLUs would hold 630 MB of them)."""
+        self.work[k].reshape(self.shape)
         return self.work[k].data
 
     def bottom_data(self, bottom):

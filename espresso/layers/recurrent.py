@@ -117,8 +117,6 @@ class _RecurrentLayer(Layer):
         self.Ds = bottom[2].count_range(1) if self.static else 0
         self._check_static(bottom)
         self.blobs = self._make_params()
-        self._pwork = [self.xp.empty(b.shape, self.dtype) if b.num_axes == 1 else None  # bias-sum scratch
-                       for b in self.blobs]
         self.N = None
 
     def _make_params(self):
@@ -257,8 +255,7 @@ class _RecurrentLayer(Layer):
 
     def _accumulate_bias(self, k, d2):
         if self.param_propagate_down[k]:
-            diff = self.blobs[k].diff
-            diff += self.xp.sum(d2, axis=0, out=self._pwork[k])
+            self.add_row_sums(d2, self.blobs[k].diff)
 
     def _backward_inputs(self, propagate_down, bottom):
         """From dpre (T, N, G): the diffs of W_x, b, W_x_static, W_h, x and x_static."""

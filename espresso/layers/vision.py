@@ -171,10 +171,6 @@ class _ColumnGemm:
         elif bias is not None:
             flat += bias[:, None]
 
-    def data_channel_sum(self, rows):
-        """Per-channel sums of GEMM rows (the bias gradient), shape (Cd,)."""
-        return (rows.sum(axis=-1) if self.batch_last else rows.sum(axis=(0, 3))).reshape(-1)
-
     def _parts(self, columns):
         """Slices of the batch-last weight-gradient GEMM's inner dimension (its K = L * n): a GPU
         keeps a small output (Cd x Kg) busy on all its multiprocessors only when a long K is
@@ -244,7 +240,7 @@ class _BaseConvolution(Layer):
         self.blobs = [self.new_blob((c_out, c_in // p.group, *self.kernel), p.weight_filler)]
         if p.bias_term:
             self.blobs.append(self.new_blob((p.num_output,), p.bias_filler))
-        self.core = self.plan = self.core_shape = self.engines = None
+        self.core = self.plan = self.core_shape = self.engines = self.channel_sums = None
         self.cols_ready = False
 
     def reshape(self, bottom, top):
@@ -256,6 +252,7 @@ class _BaseConvolution(Layer):
             if blob.shape != shape:
                 self.fail(f"bottom {i} shape {blob.shape} differs from bottom 0 shape {shape}", ShapeError)
         out = self.output_spatial(shape[self.axis + 1:])
+        self.top_pixels = math.prod(out)
         for blob in top:
             blob.reshape(shape[: self.axis] + (self.p.num_output,) + out)
         if shape != self.core_shape:
@@ -290,8 +287,8 @@ class _BaseConvolution(Layer):
 
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on
-        this layer's blobs, keep the fastest, then time that against im2col + GEMM and keep the
-        faster engine.  Param diffs are restored after (timing accumulates into them)."""
+        this layer's blobs (as graph replays), keep the fastest, then time that against im2col +
+        GEMM and keep the faster engine.  Param diffs are restored after (timing accumulates)."""
         saved = [blob.diff.copy() for blob in self.blobs] if which else []
         if which == 0:
             directions = ["BackwardData" if self.transposed else "Forward"]
@@ -317,15 +314,8 @@ class _BaseConvolution(Layer):
         self.plan.algo[direction] = option
         run(*args)
 
-    def _time(self, run, *args, repeats=3):
-        """GPU milliseconds of run(*args) (best of `repeats`, after a warm-up run)."""
-        run(*args)
-        best = math.inf
-        for _ in range(repeats):
-            start = self.backend.mark()
-            run(*args)
-            best = min(best, self.backend.elapsed_ms(start, self.backend.mark()))
-        return best
+    def _time(self, run, *args):
+        return self.backend.replay_ms(lambda: run(*args))
 
     def _cudnn_forward(self, bottom, top):
         plan, weights = self.plan, self.blobs[0].data
@@ -343,7 +333,7 @@ class _BaseConvolution(Layer):
         want_weights, want_bias = self._want_params()
         for i, (t, b) in enumerate(zip(top, bottom)):
             if want_bias:
-                plan.bias_grad(t.diff, self.blobs[1].diff, "image" if self.transposed else "data")
+                self._bias_grad(t.diff)
             if want_weights:
                 image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
                 plan.backward_filter(image, data, self.blobs[0].diff)
@@ -358,6 +348,17 @@ class _BaseConvolution(Layer):
     def _batch(self, blob_array, channels):
         """A blob's array as (num, channels, *spatial)."""
         return blob_array.reshape((self.num, channels) + blob_array.shape[self.axis + 1:])
+
+    def _bias_grad(self, dy):
+        """bias diff += top diff dy (n, C, *O) summed over n and space: two GEMVs with ones
+        (Caffe's bias_multiplier); a reduction to C outputs ran 5x slower (LeNet, H100)."""
+        c, pixels = self.p.num_output, self.top_pixels
+        n = dy.size // (c * pixels)
+        if self.channel_sums is None or self.channel_sums.size < n * c:
+            self.channel_sums = self.xp.empty(n * c, self.dtype)
+        sums = self.channel_sums[: n * c].reshape(n, c, 1)
+        self.k.matmul(dy.reshape(n, c, pixels), self.ones(pixels)[:, None], out=sums)
+        self.add_row_sums(sums.reshape(n, c), self.blobs[1].diff)
 
     def _want_params(self):
         down = self.param_propagate_down
@@ -396,8 +397,7 @@ class ConvolutionLayer(_BaseConvolution):
             for lo, hi in core.chunks():
                 rows = core.load_data(dy[lo:hi])
                 if want_bias:
-                    bias_diff = self.blobs[1].diff
-                    bias_diff += core.data_channel_sum(rows)
+                    self._bias_grad(dy[lo:hi])
                 if want_weights:
                     col = core.columns(x[lo:hi], ready=self.cols_ready)
                     core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
@@ -445,8 +445,7 @@ class DeconvolutionLayer(_BaseConvolution):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             if want_bias:
-                bias_diff = self.blobs[1].diff
-                bias_diff += dy.reshape(core.num, self.p.num_output, -1).sum(axis=(0, 2))
+                self._bias_grad(dy)
             for lo, hi in core.chunks():
                 col = core.columns(dy[lo:hi])
                 if want_weights:

@@ -800,11 +800,18 @@ def lenet_train_param(batch):
     return param
 
 
+# cuDNN sums a weight gradient over the batch and the image in its own order: over conv1's
+# 9,216 terms per weight, float32 rounding reaches 1.7e-5 of the largest gradient
+CUDNN_PARAM_DIFF_TOLERANCE = 5e-5
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["im2col", "timed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @gpu_test
-def test_lenet_forward_backward_cpu_vs_cuda(dtype):
+def test_lenet_forward_backward_cpu_vs_cuda(dtype, deterministic, monkeypatch):
     from espresso.net import Net
 
+    monkeypatch.setattr(backends.get("cuda:0"), "deterministic", deterministic)
     param = lenet_train_param(16)
     cpu = Net(param, phase=TRAIN, backend=backends.get("cpu"), dtype=dtype)
     gpu = Net(param, phase=TRAIN, backend=backends.get("cuda:0"), dtype=dtype)
@@ -819,7 +826,11 @@ def test_lenet_forward_backward_cpu_vs_cuda(dtype):
     name = f"lenet {np.dtype(dtype)}"
     assert_matches(loss_gpu, loss_cpu, dtype, f"{name} loss")
     assert 1.0 < loss_cpu < 10.0
-    assert_matches(gpu.backend.to_host(gpu.arena_diff), cpu.arena_diff, dtype, f"{name} all param diffs")
+    param_diffs = gpu.backend.to_host(gpu.arena_diff)
+    if deterministic or dtype != np.float32:
+        assert_matches(param_diffs, cpu.arena_diff, dtype, f"{name} all param diffs")
+    else:
+        assert relative_error(param_diffs, cpu.arena_diff) < CUDNN_PARAM_DIFF_TOLERANCE
     for blob_name, blob in cpu.blobs.items():
         other = gpu.blobs[blob_name]
         assert_matches(other.host_data(), blob.host_data(), dtype, f"{name} blob {blob_name} data")

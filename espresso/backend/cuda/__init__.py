@@ -93,6 +93,19 @@ class CUDABackend:
     def launch(self, graph):
         graph.launch(self.stream)
 
+    def replay_ms(self, run, repeats=3):
+        """GPU milliseconds of run() replayed as a CUDA graph (best of `repeats`): what it will
+        cost inside a captured iteration, without eager launches' gaps between kernels."""
+        graph = self.capture(run)
+        best = float("inf")
+        for _ in range(repeats):
+            start = self.mark()
+            self.launch(graph)
+            best = min(best, self.elapsed_ms(start, self.mark()))
+        del graph
+        self._graph_pools.pop().free_all_blocks()
+        return best
+
     def peak_memory(self):
         """The most device memory CuPy's pools (the default one and the graphs') have held for
         this process: sampled now and around every capture (the pools keep freed blocks for

@@ -167,12 +167,6 @@ class Convolution:
         c.call("cudnnAddTensor", c.handle, ctypes.byref(one), self.bias[side], _ptr(bias), ctypes.byref(one),
                self.tensor[side], _ptr(y))
 
-    def bias_grad(self, dy, db, side):
-        """db += dy summed over all but the channel axis of `side`."""
-        one, c = self.scalar(1), self.cudnn
-        c.call("cudnnConvolutionBackwardBias", c.handle, ctypes.byref(one), self.tensor[side], _ptr(dy),
-               ctypes.byref(one), self.bias[side], _ptr(db))
-
 
 def _ptr(array):
     return ctypes.c_void_p(array.data.ptr)
