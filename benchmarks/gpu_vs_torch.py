@@ -705,20 +705,26 @@ def main():
         print("  " + ", ".join(f"{col} {r[col]['median_ms']:.3f} ms" for col in COLUMNS if col in r)
               + "".join(f"; {col} error: {e}" for col, e in r["errors"].items()), flush=True)
     memory = {}
+    save(env, cfg, cases, memory, args.out)  # the timings survive a memory phase cut short
     if env.cuda and not args.no_memory:
         print("peak memory (a fresh process per column and case) ...", flush=True)
         for case in cases:
             memory[case] = {col: run_child(args, col, case) for col in env.columns}
+            save(env, cfg, cases, memory, args.out)
+    print("\n" + report_text(save(env, cfg, cases, memory, args.out)))
+    print(f"\nwrote {Path(args.out) / 'gpu_vs_torch.json'} and {Path(args.out) / 'gpu_vs_torch.txt'}")
+
+
+def save(env, cfg, cases, memory, out):
+    """Write DIR/gpu_vs_torch.{json,txt} with what has been measured so far; returns the result."""
     result = {"machine": machine_info(env), "settings": {**cfg, "quick": cfg is QUICK, "cases": list(cases)},
               "cases": cases, "memory": memory}
     result["table"] = format_table(cases, memory)
-    text = report_text(result)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_vs_torch.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu_vs_torch.txt").write_text(text + "\n")
-    print("\n" + text)
-    print(f"\nwrote {out / 'gpu_vs_torch.json'} and {out / 'gpu_vs_torch.txt'}")
+    (out / "gpu_vs_torch.txt").write_text(report_text(result) + "\n")
+    return result
 
 
 if __name__ == "__main__":
