@@ -12,7 +12,6 @@ still allocated after building and loading the net (blobs, workspaces and all).
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -60,26 +59,44 @@ def test_images(count=1000):
     return (read_idx(str(path))[:count].astype(np.float32) / 256)[:, None]
 
 
-def time_forward(net, images, repeats=7):
-    """Median over `repeats` of the mean batch-1 forward time over `images` (seconds); also the
-    mean time per layer (forward_range(i, i), same images)."""
-    data = net.blobs["data"].data
-    net.forward(data=images[:1])
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for image in images:
-            data[...] = image
-            net.forward_range(0, len(net.layers) - 1)
-        runs.append((time.perf_counter() - start) / len(images))
-    per_layer = np.zeros(len(net.layers))
+def units(net):
+    """(label, first, last) per timed unit: each layer alone, and a fused run of the compressed
+    runtime as one (a layer of a run timed alone would compute the rest of its run)."""
+    names, out, i = list(net.layer_dict), [], 0
+    while i < len(net.layers):
+        run = getattr(net.layers[i], "run", None)
+        j = i if run is None else i + len(run.layers) - 1
+        out.append((names[i] if i == j else f"{names[i]}..{names[j]}", i, j))
+        i = j + 1
+    return out
+
+
+def time_pass(net, images, spans):
+    """Mean batch-1 time over `images` (seconds) of each (first, last) span of layers, each
+    span run by forward_range as the net runs it; spans [(0, last)] time whole passes."""
+    data, times = net.blobs["data"].data, np.zeros(len(spans))
+    clock = time.perf_counter
     for image in images:
         data[...] = image
-        for i in range(len(net.layers)):
-            t = time.perf_counter()
-            net.forward_range(i, i)
-            per_layer[i] += time.perf_counter() - t
-    return statistics.median(runs), per_layer / len(images)
+        for k, (first, last) in enumerate(spans):
+            t = clock()
+            net.forward_range(first, last)
+            times[k] += clock() - t
+    return times / len(images)
+
+
+def time_forward(dense, small, images, repeats=15):
+    """Interleaved (dense, compressed, then the other way round): per repeat each net's mean
+    batch-1 forward time, then per unit of the compressed net (same spans on the dense one)."""
+    last = len(small.layers) - 1
+    spans = [(first, end) for _, first, end in units(small)]
+    whole, parts = [[], []], [[], []]
+    for r in range(repeats):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            net = (dense, small)[k]
+            whole[k].append(time_pass(net, images, [(0, last)])[0])
+            parts[k].append(time_pass(net, images, spans))
+    return np.array(whole), np.median(parts, axis=1)
 
 
 def main(argv=None):
@@ -100,24 +117,34 @@ def main(argv=None):
     images = test_images()
     for image in images[:20]:
         assert np.allclose(dense.forward(data=image[None])["prob"], small.forward(data=image[None])["prob"], atol=1e-5)
-    (t_dense, dense_layers), (t_small, small_layers) = time_forward(dense, images), time_forward(small, images)
-    compressible = [i for i, layer in enumerate(small.layers) if isinstance(layer, CompressedLayer)]
-    fc_dense, fc_small = dense_layers[compressible].sum(), small_layers[compressible].sum()
+    whole, (dense_units, small_units) = time_forward(dense, small, images)
+    t_dense, t_small = np.median(whole, axis=1)
+    ratios = whole[0] / whole[1]  # per repeat, dense and compressed timed back to back
+    labels = [label for label, _, _ in units(small)]
+    compressed = [k for k, (_, first, end) in enumerate(units(small))
+                  if any(isinstance(layer, CompressedLayer) for layer in small.layers[first:end + 1])]
+    fc_dense, fc_small = dense_units[compressed].sum(), small_units[compressed].sum()
     result = {"model": args.model, "dense_ms": t_dense * 1e3, "compressed_ms": t_small * 1e3,
-              "speedup": t_dense / t_small, "compressed_layers_dense_ms": fc_dense * 1e3,
+              "speedup": t_dense / t_small, "speedup_min": ratios.min(), "speedup_median": np.median(ratios),
+              "speedup_max": ratios.max(), "dense_min_ms": whole[0].min() * 1e3,
+              "compressed_min_ms": whole[1].min() * 1e3, "repeats": len(ratios),
+              "compressed_layers_dense_ms": fc_dense * 1e3,
               "compressed_layers_ms": fc_small * 1e3, "compressed_layers_speedup": fc_dense / fc_small,
-              "per_layer_ms": {name: [d * 1e3, c * 1e3] for name, d, c in
-                               zip(small.layer_dict, dense_layers, small_layers)},
+              "per_layer_ms": {label: [d * 1e3, c * 1e3] for label, d, c in zip(labels, dense_units, small_units)},
               "dense_weight_bytes": dense_weights,
               "compressed_weight_bytes": small_weights, "weight_memory_ratio": dense_weights / small_weights,
               "dense_held_bytes": dense_held, "compressed_held_bytes": small_held,
               "held_ratio": dense_held / small_held, "file_bytes": Path(args.model).stat().st_size,
               "numba": __import__("espresso.compress.sparse", fromlist=["numba"]).numba is not None}
-    print(f"batch-1 forward: dense {t_dense * 1e3:.4f} ms, compressed {t_small * 1e3:.4f} ms "
-          f"({result['speedup']:.2f}x faster); the compressed layers alone: {fc_dense * 1e3:.4f} ms vs "
-          f"{fc_small * 1e3:.4f} ms ({result['compressed_layers_speedup']:.2f}x)")
+    result = {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
+    print(f"batch-1 forward, median of {len(ratios)} interleaved repeats: dense {t_dense * 1e3:.4f} ms, "
+          f"compressed {t_small * 1e3:.4f} ms ({result['speedup']:.2f}x faster; per repeat "
+          f"{ratios.min():.2f}x min, {np.median(ratios):.2f}x median, {ratios.max():.2f}x max; fastest repeats "
+          f"{result['dense_min_ms']:.4f} vs {result['compressed_min_ms']:.4f} ms)")
+    print(f"the units holding compressed layers alone: {fc_dense * 1e3:.4f} ms vs {fc_small * 1e3:.4f} ms "
+          f"({result['compressed_layers_speedup']:.2f}x); per unit (a fused run is one):")
     for name, (d, c) in result["per_layer_ms"].items():
-        print(f"  {name:8s} dense {d:.4f} ms  compressed {c:.4f} ms")
+        print(f"  {name:10s} dense {d:.4f} ms  compressed {c:.4f} ms")
     print(f"weight memory: dense {dense_weights} B, compressed {small_weights} B "
           f"({result['weight_memory_ratio']:.1f}x smaller); held by the net (tracemalloc): "
           f"{dense_held} B vs {small_held} B ({result['held_ratio']:.1f}x)")

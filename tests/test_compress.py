@@ -325,33 +325,78 @@ def test_shared_weights_switch_a_compressed_layer_to_dense(tmp_path):
     assert np.allclose(small.forward(data=x)["ipt"], dense.forward(data=x)["ipt"].copy(), atol=1e-6)
 
 
-def test_a_compressed_inner_product_fuses_its_in_place_relu(tmp_path):
+MLP = """
+layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 3 dim: 30 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param { num_output: 20 weight_filler { type: "gaussian" std: 0.5 }
+                        bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param { num_output: 12 weight_filler { type: "gaussian" std: 0.5 }
+                        bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu2" type: "ReLU" bottom: "ip2" top: "ip2" }
+layer { name: "ip3" type: "InnerProduct" bottom: "ip2" top: "ip3"
+  inner_product_param { num_output: 4 bias_term: false transpose: true weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "leaky" type: "ReLU" bottom: "ip3" top: "ip3" relu_param { negative_slope: 0.1 } }
+layer { name: "prob" type: "Softmax" bottom: "ip3" top: "prob" }
+"""
+
+
+def mlp_pair(tmp_path, quantize):
+    """A dense and a compressed net of MLP with the same weights (`quantize`: which layers)."""
     proto = tmp_path / "mlp.prototxt"
-    proto.write_text("""
-layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 30 } } }
-layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-  inner_product_param { num_output: 20 weight_filler { type: "gaussian" std: 0.5 } } }
-layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
-layer { name: "leaky" type: "InnerProduct" bottom: "ip" top: "out"
-  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 } } }
-layer { name: "relu2" type: "ReLU" bottom: "out" top: "out" relu_param { negative_slope: 0.1 } }
-""")
+    proto.write_text(MLP)
     net = espresso.Net(str(proto), espresso.TEST)
     layers = []
     for name, layer in net.layer_dict.items():
         if layer.blobs:
             w = layer.blobs[0].data
-            cw = from_weights(w, prune_mask(w, sparsity=0.5), index_bits=4)
-            layers.append((name, layer.type, [cw, layer.blobs[1].data.copy()]))
+            mask = prune_mask(w, sparsity=0.6)
+            cw = from_weights(w, mask, *kmeans_share(w, 5, mask=mask), 5, 4) if name in quantize else \
+                from_weights(w, mask, index_bits=4)
+            layers.append((name, layer.type, [cw] + [b.data.copy() for b in layer.blobs[1:]]))
     write_model(tmp_path / "m.espz", layers)
     model_file.to_caffemodel(tmp_path / "m.espz", tmp_path / "d.caffemodel")
     dense = espresso.Net(str(proto), str(tmp_path / "d.caffemodel"), espresso.TEST)
-    small = espresso.Net(str(proto), str(tmp_path / "m.espz"), espresso.TEST)
-    assert type(small.layer_dict["relu"]).__name__ == "FusedReLU"
-    assert type(small.layer_dict["relu2"]).__name__ == "ReLULayer"  # a leaky ReLU is not fused
-    x = np.random.default_rng(0).normal(size=(2, 30)).astype(np.float32)
-    assert np.allclose(small.forward(data=x)["out"], dense.forward(data=x)["out"].copy(), atol=1e-5)
-    assert (small.blobs["ip"].data >= 0).all() and (small.blobs["ip"].data == 0).any()
-    small.blobs["ip"].data[...] = -1  # a forward that starts at the ReLU still rectifies
-    small.forward(start="relu")
-    assert (small.blobs["ip"].data == 0).all()
+    return dense, espresso.Net(str(proto), str(tmp_path / "m.espz"), espresso.TEST)
+
+
+def same_blobs(small, dense, names=("ip1", "ip2", "ip3", "prob")):
+    return all(np.allclose(small.blobs[n].data, dense.blobs[n].data, atol=1e-5) for n in names)
+
+
+@pytest.mark.parametrize("quantize", [(), ("ip1", "ip2", "ip3"), ("ip1",)])  # the last: no common kernel
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_fully_connected_layers_and_their_relus_run_fused(tmp_path, monkeypatch, quantize, kernels):
+    if kernels == "numpy":
+        monkeypatch.setattr(sparse, "numba", None)
+    elif sparse.numba is None:
+        pytest.skip("Numba not installed")
+    dense, small = mlp_pair(tmp_path, quantize)
+    run = small.layer_dict["ip1"].run
+    assert run is not None and run.layers == small.layers[1:6]  # ip1 .. ip3; the leaky ReLU stays out
+    assert type(small.layer_dict["relu1"]).__name__ == "FusedReLU"
+    assert type(small.layer_dict["leaky"]).__name__ == "ReLULayer"
+    assert (run.bind is not None) == (kernels == "numba" and len(quantize) != 1)
+    rng = np.random.default_rng(0)
+    for batch in (3, 1, 5):  # a pycaffe user reads the intermediate blobs: each holds the dense value
+        x = rng.normal(size=(batch, 30)).astype(np.float32)
+        for net in (dense, small):
+            net.blobs["data"].reshape(batch, 30)
+            net.forward(data=x)
+        assert same_blobs(small, dense) and (small.blobs["ip1"].data == 0).any()
+    for i in range(len(small.layers)):  # layer by layer, as per-layer timing runs them
+        small.forward_range(i, i)
+        dense.forward_range(i, i)
+    assert same_blobs(small, dense)
+    small.forward(end="ip1")  # computes the whole run; ip1 comes back rectified
+    assert np.allclose(small.blobs["ip1"].data, np.maximum(dense.blobs["ip1"].data, 0), atol=1e-5)
+    for start in ("relu1", "ip2", "relu2"):  # a pass that starts inside the run, after a write
+        for net in (dense, small):
+            net.blobs["ip1"].data[...] = np.linspace(-1, 1, net.blobs["ip1"].count).reshape(5, 20)
+            net.blobs["ip2"].data[...] = np.linspace(1, -1, net.blobs["ip2"].count).reshape(5, 12)
+            net.forward(start=start)
+        assert same_blobs(small, dense, ("ip2", "ip3", "prob"))
+    for net in (dense, small):
+        net.forward(start="ip3", end="ip3")
+    assert same_blobs(small, dense, ("ip3",))

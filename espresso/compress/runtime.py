@@ -17,12 +17,13 @@ on those shared weights.
 
 import math
 import os
+import sys
 
 import numpy as np
 
 from espresso.blob import Blob
 from espresso.compress.model_file import CompressedWeights, read_model
-from espresso.compress.sparse import SparseMatrix
+from espresso.compress.sparse import SparseMatrix, pack
 from espresso.errors import ModelFileError, NetError, ShapeError
 from espresso.layers.vision import conv_output_spatial
 
@@ -53,38 +54,119 @@ def load_compressed(net, path):
             blob.data[...] = net.backend.to_device(array.reshape(blob.shape), net.dtype)
     if replaced:
         _release_dense(net, replaced)
-        _fuse_relus(net)
+        _fuse_runs(net)
 
 
-def _fuse_relus(net):
-    """A compressed InnerProduct followed by a plain ReLU in place on its top applies the ReLU
-    itself; the ReLU layer then passes (see FusedReLU)."""
-    names, tops, bottoms = list(net.layer_dict), net.top_names, net.bottom_names
-    for i, layer in enumerate(net.layers[:-1]):
-        after = net.layers[i + 1]
-        if not isinstance(layer, CompressedLayer) or layer.type != "InnerProduct" or after.type != "ReLU":
-            continue
-        blob = tops[names[i]]
-        if after.p.negative_slope == 0 and bottoms[names[i + 1]] == blob and tops[names[i + 1]] == blob:
-            net.layers[i + 1] = layer.fused_relu = FusedReLU(after)
+def _fuse_runs(net):
+    """Find the fused runs (see FusedRun): a compressed InnerProduct, then its in-place ReLU
+    if one follows, then the next compressed InnerProduct reading that top, and so on."""
+    i, names = 0, list(net.layer_dict)
+    while i < len(net.layers):
+        end = i
+        head = net.layers[i]
+        if isinstance(head, CompressedLayer) and head.type == "InnerProduct" and head.shared is None:
+            while end + 1 < len(net.layers) and _continues_run(net, names, end):
+                end += 1
+        if end > i:
+            FusedRun(net, i, end + 1)
+        i = end + 1
 
 
-class FusedReLU:
-    """An in-place ReLU whose work the compressed InnerProduct before it did: it passes when
-    that layer has just run (`pending`), and runs as itself otherwise (a forward started at
-    the ReLU).  NOTE: so a forward that ends at the InnerProduct sees its output rectified."""
+def _continues_run(net, names, i):
+    """Whether layer i + 1 reads the top of layer i, the last of a run, and joins the run."""
+    layer, after, top = net.layers[i], net.layers[i + 1], net.top_names[names[i]]
+    if after.type == "ReLU":  # in place, plain, after a compressed InnerProduct
+        return (layer.type == "InnerProduct" and after.p.negative_slope == 0
+                and net.bottom_names[names[i + 1]] == top == net.top_names[names[i + 1]])
+    return (isinstance(after, CompressedLayer) and after.type == "InnerProduct" and after.shared is None
+            and net.bottom_names[names[i + 1]] == top)
 
-    def __init__(self, layer):
-        self.inner, self.pending = layer, False
-        self.loss_weights = layer.loss_weights
+
+class FusedRun:
+    """Layers start..stop-1 of a TEST net found by _fuse_runs, e.g. ip1 -> relu1 -> ip2 ->
+    relu2 -> ip3, run as one: the first of them that a forward pass reaches computes the rest
+    of the run (on the CPU with Numba, one call for all its InnerProducts with the ReLUs
+    applied inside), writing every top as the layers would; the later ones then pass.  A pass
+    is known by the net's loop that calls the layers (its frame, held so that it stays
+    unique): a later pass that starts inside the run (forward(start="relu1"), after writing
+    into blobs["ip1"]) computes from there and never reuses the older values.  NOTE: so a
+    forward that ends inside a run (end="ip1") computes the whole run, and sees ip1 rectified."""
+
+    def __init__(self, net, start, stop):
+        for i in range(start, stop):
+            if net.layers[i].type == "ReLU":
+                net.layers[i] = FusedReLU(net.layers[i])
+        self.layers = net.layers[start:stop]
+        self.bottoms, self.tops = net._bottoms[start:stop], net._tops[start:stop]
+        self.caller, self.next, self.layout, self.calls = None, 0, None, None
+        for k, layer in enumerate(self.layers):
+            layer.run, layer.position = self, k
+        self.fc = [k for k, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+        relus = [k + 1 < len(self.layers) and isinstance(self.layers[k + 1], FusedReLU) for k in self.fc]
+        self.bind = pack([self.layers[k].matrix for k in self.fc], relus)
+
+    def forward_from(self, k, caller):
+        """A pass (the net's loop `caller`) reaches layer k first: compute layers k.. ."""
+        self.caller, self.next = caller, k + 1
+        if self.layout != Blob.layout:  # some blob changed: size the later tops, as the net would
+            for layer, bottom, top in zip(self.layers[k:], self.bottoms[k:], self.tops[k:]):
+                layer.reshape(bottom, top)
+            self.layout, self.calls = Blob.layout, self._bind()
+        if self.calls is None:  # no common kernel: one layer after the other
+            for layer, bottom, top in zip(self.layers[k:], self.bottoms[k:], self.tops[k:]):
+                layer.compute(bottom, top)
+            return
+        if k not in self.fc:  # a pass that starts at a ReLU
+            self.layers[k].compute(self.bottoms[k], self.tops[k])
+        self.calls[k]()
+
+    def _bind(self):
+        """Per layer k, the kernel call for the InnerProducts after it, on the current blobs."""
+        layers = [self.layers[k].inner for k in self.fc]
+        if self.bind is None or any(self.layers[k].shared is not None for k in self.fc) or \
+                len({layer.M for layer in layers}) > 1:
+            return None
+        x = self.bottoms[self.fc[0]][0].data.reshape(layers[0].M, layers[0].K)
+        ys = tuple(self.tops[k][0].data.reshape(layer.M, layer.N) for k, layer in zip(self.fc, layers))
+        no_bias = self.layers[self.fc[0]].matrix._no_bias
+        biases = tuple(layer.blobs[1].data if len(layer.blobs) > 1 else no_bias for layer in layers)
+        firsts = [sum(f < k for f in self.fc) for k in range(len(self.layers))]  # the first after k
+        return [self.bind(first, biases, x, ys) if first < len(ys) else _nothing for first in firsts]
+
+
+def _nothing():
+    pass
+
+
+class _Wrapper:
+    """A layer of a built net standing in for `inner`, whose attributes it shows, and which
+    may belong to a FusedRun."""
+
+    run = None
+
+    def __init__(self, inner):
+        self.inner = inner
+        # read by the net on every run: as attributes, not through __getattr__ (0.5 us a lookup)
+        self.loss_weights, self.is_loss = inner.loss_weights, inner.is_loss
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def forward(self, bottom, top):
-        if self.pending:
-            self.pending = False
-            return
+        run = self.run
+        if run is None:
+            return self.compute(bottom, top)
+        caller = sys._getframe(1)
+        if caller is run.caller and self.position == run.next:  # computed by an earlier layer of this pass
+            run.next += 1
+        else:
+            run.forward_from(self.position, caller)
+
+
+class FusedReLU(_Wrapper):
+    """An in-place ReLU in a FusedRun."""
+
+    def compute(self, bottom, top):
         self.inner.forward(bottom, top)
 
 
@@ -162,12 +244,13 @@ class CompressedBlob(Blob):
         raise NetError(f"{self.layer.where}: compressed weights cannot be rebound")
 
 
-class CompressedLayer:
+class CompressedLayer(_Wrapper):
     """An InnerProduct or Convolution layer of a built net, running from compressed weights.
     Everything but the weights, forward and backward is the original layer's."""
 
     def __init__(self, layer, weights):
-        self.inner, self.shared = layer, None
+        super().__init__(layer)
+        self.shared = None
         shape = tuple(weights.shape)
         if layer.type == "InnerProduct":
             rows, cols = layer.N, layer.K
@@ -179,11 +262,7 @@ class CompressedLayer:
             layer.core, layer.core_shape = None, None  # the dense GEMM's column buffers
         self.blobs = [CompressedBlob(self, shape)] + layer.blobs[1:]
         self.col = self.rows_buffer = self.work = None
-        self.loss_weights = layer.loss_weights  # read by the net every run: skip __getattr__
-        self._views, self._product, self.fused_relu = (None, None), None, None
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        self._views, self._product = (None, None), None
 
     def __repr__(self):
         return f"<CompressedLayer '{self.inner.name}' ({self.inner.type}), {self.matrix.nnz} weights stored>"
@@ -204,6 +283,8 @@ class CompressedLayer:
         self.inner.blobs[0].share_data(_ArrayHolder(array))
         self.shared, self.matrix = array, None
         self.inner.core_shape = None
+        if self.run is not None:
+            self.run.layout = None  # the run now goes one layer after the other
 
     def reshape(self, bottom, top):
         if self.shared is not None or self.inner.type == "InnerProduct":
@@ -220,7 +301,7 @@ class CompressedLayer:
         size = k.im2col_workspace_size(tuple(shape), inner.pad, self.batch_last)
         self.work = xp.empty(size, self.dtype) if size else None
 
-    def forward(self, bottom, top):
+    def compute(self, bottom, top):
         inner = self.inner
         if self.shared is not None:
             if inner.type == "Convolution" and inner.core_shape is None:
@@ -231,10 +312,8 @@ class CompressedLayer:
             x, y = bottom[0].data, top[0].data
             if x is not self._views[0] or y is not self._views[1]:  # first run, or reshaped
                 self._views = (x, y, x.reshape(inner.M, inner.K), y.reshape(inner.M, inner.N))
-                self._product = self.matrix.product_t(bias, self.fused_relu is not None)
+                self._product = self.matrix.product_t(bias)
             self._product(self._views[2], self._views[3])
-            if self.fused_relu is not None:
-                self.fused_relu.pending = True
             return
         if self.col is None or self.col.shape[1] != math.prod(top[0].shape[2:]) * bottom[0].shape[0]:
             self.reshape(bottom, top)  # the first run after the swap

@@ -10,8 +10,8 @@ when it is not quantized).
 
 Products, per backend:
 - CPU with Numba (the `fast` extra): fully connected layers scatter each non-zero input
-  through CSR of W^T (`_scatter_*`), convolutions run CSR rows of W over the im2col columns
-  (`_rows_*`);
+  through CSR of W^T (`_scatter`; a fused run of them in one call, `pack`), convolutions run
+  CSR rows of W over the im2col columns (`_rows_*`);
 - CPU without Numba, and dense code matrices: rows decoded in chunks of at most
   CHUNK_BYTES into a scratch buffer, then a BLAS GEMM per chunk (bounded extra memory);
 - CUDA: cuSPARSE through cupyx.scipy.sparse (values decoded on the device: 8 bytes per
@@ -108,23 +108,13 @@ class SparseMatrix:
         extra = 8 * self.nnz if self.cusparse is not None and self.dense_codes is None else 0
         return sum(a.nbytes for a in arrays if a is not None) + extra
 
-    def product_t(self, bias=None, relu=False):
-        """A function (x, y) -> None computing y (M, rows) = x (M, cols) @ W^T (+ bias, then
-        max(., 0) with `relu`), with this matrix's arrays bound once (batch-1 inference pays
-        for every Python step)."""
+    def product_t(self, bias=None):
+        """A function (x, y) -> None computing y (M, rows) = x (M, cols) @ W^T (+ bias), with
+        this matrix's arrays bound once (batch-1 inference pays for every Python step)."""
         if self.numba and self.by_column:
             b = self._no_bias if bias is None else bias
-            if self.quantized:
-                return functools.partial(_scatter_codes, self.indptr, self.indices, self.entries, self.codebook, b,
-                                         relu)
-            return functools.partial(_scatter_values, self.indptr, self.indices, self.entries, b, relu)
-
-        def product(x, y):
-            self.matmul_t(x, y, bias)
-            if relu:
-                self.xp.maximum(y, 0, out=y)
-
-        return product
+            return functools.partial(_scatter, self.indptr, self.indices, self.entries, self.codebook, b, False)
+        return functools.partial(self.matmul_t, bias=bias)
 
     def matmul_t(self, x, y, bias=None):
         """y (M, rows) = x (M, cols) @ W^T (+ bias)."""
@@ -193,6 +183,40 @@ class SparseMatrix:
         return out.T.copy() if self.by_column else out
 
 
+def pack(matrices, relus):
+    """A function bind(first, biases, x, ys) -> f, f() running the fully connected layers
+    first.. of a fused run in one Numba call (`_scatter_run`): layer j has matrices[j], bias
+    biases[j] and output ys[j], a ReLU after it where relus[j], and reads x (j == 0) or
+    ys[j - 1].  The matrices' arrays are concatenated and each matrix's own become views
+    into them (nothing is stored twice).  None where the matrices do not run the same Numba
+    kernel (dense codes, quantized or not, index widths)."""
+    a = matrices[0]
+    if not all(m.numba and m.by_column and (m.quantized, m.indices.dtype) == (a.quantized, a.indices.dtype)
+               for m in matrices):
+        return None
+    table = np.zeros((len(matrices), 4), np.int64)
+    table[:, 3] = relus
+    packed = {}
+    for name, column in (("indptr", 0), ("indices", 1), ("entries", 1), ("codebook", 2)):
+        if getattr(a, name) is None:  # no codebook: entries are values
+            packed[name] = None
+            continue
+        parts = [getattr(m, name) for m in matrices]
+        offsets = np.cumsum([0] + [part.size for part in parts])
+        packed[name] = np.concatenate(parts)
+        for m, lo, hi in zip(matrices, offsets[:-1], offsets[1:]):
+            setattr(m, name, packed[name][lo:hi])
+        table[:, column] = offsets[:-1]
+
+    def bind(first, biases, x, ys):
+        # the compiled function itself: Numba's per-call dispatch on the argument types costs
+        # ~0.8 us for these tuples, and the arguments keep their types until the next bind
+        args = (table, *packed.values(), first, biases, x, ys)
+        return functools.partial(_scatter_run.compile(tuple(numba.typeof(v) for v in args)), *args)
+
+    return bind
+
+
 def _cusparse(matrix):
     """The matrix as a cupyx.scipy.sparse CSR matrix with decoded float values (GPU only)."""
     from espresso.backend.cuda.kernels import csr_matrix  # noqa: PLC0415 (only on a CUDA backend)
@@ -214,9 +238,10 @@ if numba is not None:
     _u = numba.uint32
 
     @numba.njit(**_FAST)
-    def _scatter_codes(indptr, indices, codes, codebook, bias, relu, x, y):
+    def _scatter(indptr, indices, entries, codebook, bias, relu, x, y):
         """y[m] = x[m] W^T + bias from CSR of W^T: each non-zero input scattered into the
-        outputs; then max(y, 0) with `relu` (a fused in-place ReLU)."""
+        outputs; then max(y, 0) with `relu` (a fused in-place ReLU).  `codebook` None: the
+        entries are the values (Numba compiles only the branch the argument types take)."""
         for m in range(x.shape[0]):
             xm, ym = x[m], y[m]
             for r in range(ym.size):
@@ -225,29 +250,30 @@ if numba is not None:
             for c in range(xm.size):
                 stop, xc = _u(indptr[c + 1]), xm[c]
                 if xc != 0:
-                    for k in range(start, stop):
-                        ym[_u(indices[k])] += codebook[_u(codes[k])] * xc
+                    if codebook is None:
+                        for k in range(start, stop):
+                            ym[_u(indices[k])] += entries[k] * xc
+                    else:
+                        for k in range(start, stop):
+                            ym[_u(indices[k])] += codebook[_u(entries[k])] * xc
                 start = stop
             if relu:
                 for r in range(ym.size):
                     ym[r] = max(ym[r], 0)
 
     @numba.njit(**_FAST)
-    def _scatter_values(indptr, indices, values, bias, relu, x, y):
-        for m in range(x.shape[0]):
-            xm, ym = x[m], y[m]
-            for r in range(ym.size):
-                ym[r] = bias[r] if bias.size else 0
-            start = _u(indptr[0])
-            for c in range(xm.size):
-                stop, xc = _u(indptr[c + 1]), xm[c]
-                if xc != 0:
-                    for k in range(start, stop):
-                        ym[_u(indices[k])] += values[k] * xc
-                start = stop
-            if relu:
-                for r in range(ym.size):
-                    ym[r] = max(ym[r], 0)
+    def _scatter_run(table, indptr, indices, entries, codebooks, first, biases, x, ys):
+        """Fully connected layers first.. of a fused run, packed by `pack`: layer j reads x
+        (j == 0) or ys[j - 1] and writes ys[j]; table[j] = offsets of its indptr, entries and
+        codebook in the packed arrays, and whether a ReLU follows it."""
+        for j in range(first, len(ys)):
+            xj = x if j == 0 else ys[j - 1]
+            io, eo, co, relu = table[j, 0], table[j, 1], table[j, 2], table[j, 3] != 0
+            ip = indptr[io:io + xj.shape[1] + 1]
+            if codebooks is None:
+                _scatter(ip, indices[eo:], entries[eo:], None, biases[j], relu, xj, ys[j])
+            else:
+                _scatter(ip, indices[eo:], entries[eo:], codebooks[co:], biases[j], relu, xj, ys[j])
 
     @numba.njit(**_FAST)
     def _rows_codes(indptr, indices, codes, codebook, b, y):
