@@ -1,0 +1,87 @@
+"""Espresso against real BVLC Caffe, array for array.
+
+tests/data/caffe_reference/*.npz were written by real Caffe (tools/caffe_reference.py, run in
+the chroot of tools/real_caffe.sh; see the README there): small nets with their weights,
+inputs, every blob's data and diff and every param diff after one forward and backward, and
+tiny solvers with the weights after each step.  Here Espresso builds the same net from the
+same text, takes the same weights and inputs, and must give the same arrays.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import espresso as caffe
+from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
+
+DATA = Path(__file__).parent / "data" / "caffe_reference"
+FILES = sorted(DATA.glob("*.npz")) if DATA.is_dir() else []
+NETS = [f for f in FILES if not f.name.startswith("solver_")]
+SOLVERS = [f for f in FILES if f.name.startswith("solver_")]
+TOL = (1e-5, 1e-6)  # rtol, atol: float32 on both sides, sums may run in another order
+
+pytestmark = pytest.mark.skipif(not FILES, reason=f"no real-Caffe reference data in {DATA}")
+
+
+def load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def close(actual, expected, what):
+    np.testing.assert_allclose(np.asarray(actual).reshape(np.shape(expected)), expected, *TOL, err_msg=what)
+
+
+def set_params(net, ref, prefix):
+    for key, value in ref.items():
+        if key.startswith(prefix + "/"):
+            layer, i = key[len(prefix) + 1:].rsplit("/", 1)
+            net.params[layer][int(i)].data[...] = value.reshape(net.params[layer][int(i)].data.shape)
+
+
+def check_params(net, ref, prefix, field="data"):
+    keys = [k for k in ref if k.startswith(prefix + "/")]
+    for key in keys:
+        layer, i = key[len(prefix) + 1:].rsplit("/", 1)
+        close(getattr(net.params[layer][int(i)], field), ref[key], key)
+    return keys
+
+
+@pytest.mark.parametrize("path", NETS, ids=lambda p: p.stem)
+def test_net_matches_real_caffe(path):
+    ref = load(path)
+    phase = caffe.TRAIN if str(ref["phase"]) == "TRAIN" else caffe.TEST
+    net = caffe.Net(parse_text(str(ref["proto"]), caffe_pb2.NetParameter(), path.name), phase)
+    set_params(net, ref, "param")
+    for key, value in ref.items():
+        if key.startswith("in/"):
+            net.blobs[key[3:]].data[...] = value
+    net.forward()
+    if ref["backward"]:
+        for key, value in ref.items():
+            if key.startswith("outdiff/"):
+                net.blobs[key[8:]].diff[...] = value
+        net.backward()
+        check_params(net, ref, "pdiff", "diff")
+    for key in [k for k in ref if k.startswith(("blob/", "diff/"))]:
+        name = key.split("/", 1)[1]
+        assert name in net.blobs, f"{key}: Espresso has no blob {name!r}"
+        close(net.blobs[name].diff if key.startswith("diff/") else net.blobs[name].data, ref[key], key)
+    for key in [k for k in ref if k.startswith("pafter/")]:  # weights a forward changed (BatchNorm)
+        check_params(net, {key.replace("pafter", "p"): ref[key]}, "p")
+
+
+@pytest.mark.parametrize("path", SOLVERS, ids=lambda p: p.stem)
+def test_solver_matches_real_caffe(path, tmp_path):
+    ref = load(path)
+    (tmp_path / "solver.prototxt").write_text(str(ref["solver"]))
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    set_params(solver.net, ref, "w/0")
+    solver.net.blobs["x"].data[...] = ref["in/x"]
+    solver.net.blobs["label"].data[...] = ref["in/label"]
+    for k, loss in enumerate(ref["loss"], 1):
+        solver.step(1)
+        close(solver.net.blobs["loss"].data, loss, f"loss at step {k}")
+        assert check_params(solver.net, ref, f"w/{k}")
