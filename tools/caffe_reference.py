@@ -14,8 +14,12 @@ their loss weights), and save into tests/data/caffe_reference/NAME.npz:
   blob/B, diff/B                  every blob's data and diff after forward and backward
 For each solver: the tiny net, its initial weights, the weights after each of STEPS steps
 (w/K/L/i) and the loss of each step.  Everything float32, as Caffe computes it.
+And, where it exists, the LeNet real Caffe trained (benchmarks/results/real_caffe/) on 16
+test images of the embedded subset: its scores and probabilities, in lenet_iter_10000_outputs.npz
+beside it.
 """
 
+import gzip
 import os
 import sys
 import tempfile
@@ -23,7 +27,9 @@ import tempfile
 import caffe
 import numpy as np
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "caffe_reference")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "data", "caffe_reference")
+LENET = "benchmarks/results/real_caffe/lenet_iter_10000.caffemodel"  # trained by real Caffe
 SEED = 1701
 STEPS = 5
 G = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "uniform" min: -0.5 max: 0.5 }'
@@ -302,17 +308,32 @@ def run_solver(name, rule):
     return out
 
 
+def run_lenet():
+    """Real Caffe's trained LeNet on the first 16 test images of the embedded subset."""
+    with gzip.open(os.path.join(ROOT, "espresso/datasets/fmnist_subset/t10k-images-idx3-ubyte.gz")) as f:
+        images = np.frombuffer(f.read(), np.uint8, 16 * 784, 16).reshape(16, 1, 28, 28)
+    net = caffe.Net(os.path.join(ROOT, "examples/lenet/lenet_deploy.prototxt"), caffe.TEST,
+                    weights=os.path.join(ROOT, LENET))
+    net.blobs["data"].reshape(*images.shape)
+    net.blobs["data"].data[...] = images * np.float32(0.00390625)  # the Data layer's scale
+    net.forward()
+    return {"images": images, "ip2": net.blobs["ip2"].data.copy(), "prob": net.blobs["prob"].data.copy()}
+
+
 def main(names):
     os.makedirs(OUT, exist_ok=True)
     caffe.set_mode_cpu()
-    jobs = [(n, lambda n=n: run_net(n, *NETS[n])) for n in NETS]
-    jobs += [(f"solver_{n}", lambda n=n: run_solver(n, SOLVERS[n])) for n in SOLVERS]
-    for name, job in jobs:
+    jobs = [(os.path.join(OUT, n), lambda n=n: run_net(n, *NETS[n])) for n in NETS]
+    jobs += [(os.path.join(OUT, f"solver_{n}"), lambda n=n: run_solver(n, SOLVERS[n])) for n in SOLVERS]
+    if os.path.exists(os.path.join(ROOT, LENET)):
+        jobs.append((os.path.join(ROOT, LENET.replace(".caffemodel", "_outputs")), run_lenet))
+    for path, job in jobs:
+        name = os.path.basename(path)
         if names and name not in names:
             continue
         out = job()
         out = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in out.items()}
-        np.savez_compressed(os.path.join(OUT, name + ".npz"), **out)
+        np.savez_compressed(path + ".npz", **out)
         print(f"{name}: {len(out)} arrays")
 
 
