@@ -25,6 +25,23 @@ TOL = (1e-5, 1e-6)  # rtol, atol: float32 on both sides, sums may run in another
 needs_data = pytest.mark.skipif(not FILES, reason=f"no real-Caffe reference data in {DATA}")
 
 
+def _gpu_missing():
+    try:
+        import cupy
+        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU visible"
+    except Exception as e:  # ImportError, or CUDA runtime errors on machines without a driver
+        return f"CuPy/GPU unavailable ({type(e).__name__})"
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    _gpu_missing() is not None, reason=f"needs a CUDA GPU: {_gpu_missing()}")])])
+def device(request):
+    """Each check runs on the CPU and, where there is one, on the GPU (conftest resets to CPU)."""
+    if request.param == "gpu":
+        caffe.set_mode_gpu()
+    return request.param
+
+
 def load(path):
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -51,7 +68,7 @@ def check_params(net, ref, prefix, field="data"):
 
 @needs_data
 @pytest.mark.parametrize("path", NETS, ids=lambda p: p.stem)
-def test_net_matches_real_caffe(path):
+def test_net_matches_real_caffe(path, device):
     ref = load(path)
     phase = caffe.TRAIN if str(ref["phase"]) == "TRAIN" else caffe.TEST
     net = caffe.Net(parse_text(str(ref["proto"]), caffe_pb2.NetParameter(), path.name), phase)
@@ -76,7 +93,7 @@ def test_net_matches_real_caffe(path):
 
 @needs_data
 @pytest.mark.parametrize("path", SOLVERS, ids=lambda p: p.stem)
-def test_solver_matches_real_caffe(path, tmp_path):
+def test_solver_matches_real_caffe(path, tmp_path, device):
     ref = load(path)
     (tmp_path / "solver.prototxt").write_text(str(ref["solver"]))
     solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
@@ -94,7 +111,7 @@ LENET = REPO / "benchmarks" / "results" / "real_caffe" / "lenet_iter_10000.caffe
 
 
 @pytest.mark.skipif(not LENET.exists(), reason=f"the LeNet trained by real Caffe is not at {LENET}")
-def test_lenet_trained_by_real_caffe():
+def test_lenet_trained_by_real_caffe(device):
     """Real Caffe's trained LeNet (its own .caffemodel) gives real Caffe's scores in Espresso."""
     ref = load(LENET.with_name("lenet_iter_10000_outputs.npz"))
     net = caffe.Net(str(REPO / "examples" / "lenet" / "lenet_deploy.prototxt"), str(LENET), caffe.TEST)
