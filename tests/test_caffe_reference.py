@@ -18,7 +18,7 @@ from espresso.proto.text import parse_text
 
 DATA = Path(__file__).parent / "data" / "caffe_reference"
 FILES = sorted(DATA.glob("*.npz")) if DATA.is_dir() else []
-NETS = [f for f in FILES if not f.name.startswith("solver_")]
+NETS = [f for f in FILES if not f.name.startswith(("solver_", "data_layer"))]
 SOLVERS = [f for f in FILES if f.name.startswith("solver_")]
 TOL = (1e-5, 1e-6)  # rtol, atol: float32 on both sides, sums may run in another order
 
@@ -104,6 +104,23 @@ def test_solver_matches_real_caffe(path, tmp_path, device):
         solver.step(1)
         close(solver.net.blobs["loss"].data, loss, f"loss at step {k}")
         assert check_params(solver.net, ref, f"w/{k}")
+
+
+@needs_data
+def test_data_layer_matches_real_caffe(tmp_path, device):
+    """Data layers reading an LMDB (wrapping around), with mean values, a mean file and a crop."""
+    lmdb = pytest.importorskip("lmdb")
+    ref = load(DATA / "data_layer.npz")
+    with lmdb.open(str(tmp_path / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(ref["images"], ref["labels"])):
+            txn.put(b"%08d" % i, caffe.io.array_to_datum(image, int(label)).SerializeToString())
+    (tmp_path / "mean.binaryproto").write_bytes(caffe.io.array_to_blobproto(ref["mean"]).SerializeToString())
+    text = str(ref["proto"]).replace("{db}", str(tmp_path / "db")).replace("{mean}", str(tmp_path / "mean.binaryproto"))
+    net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TEST)
+    for k in range(3):
+        net.forward()
+        for key in [key for key in ref if key.startswith("blob/") and key.endswith(f"/{k}")]:
+            close(net.blobs[key.split("/")[1]].data, ref[key], key)
 
 
 REPO = Path(__file__).resolve().parents[1]

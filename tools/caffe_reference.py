@@ -208,6 +208,32 @@ NETS = {
               conv("conv3d", "x5", "num_output: 2 kernel_size: 3 pad: 1 stride: 2") +
               layer("sm_axis", "SoftmaxWithLoss", "x lab", params="softmax_param { axis: 2 }"),
               {"lab": "i4"}, {}),
+    "variants": (inputs(x=(2, 3, 4), y=(2, 3), x4=(2, 4, 5, 5), a=(2, 3), t=(2, 3)) +
+                 layer("lrn_wide", "LRN", "x4", params="lrn_param { local_size: 9 alpha: 0.5 }") +
+                 layer("sm_last", "Softmax", "x", params="softmax_param { axis: -1 }") +
+                 layer("cat_last", "Concat", "x x", params="concat_param { axis: -1 }") +
+                 layer("slice_dim", "Slice", "x", "sl0 sl1", "slice_param { slice_dim: 1 slice_point: 1 }") +
+                 layer("ip_t", "InnerProduct", "x",
+                       params=f"inner_product_param {{ num_output: 2 axis: 2 transpose: true {G} }}") +
+                 layer("scale_bias", "Scale", "x y",
+                       params='scale_param { axis: 0 bias_term: true bias_filler { type: "gaussian" } }') +
+                 layer("bias_all", "Bias", "x", params='bias_param { num_axes: -1 filler { type: "gaussian" } }') +
+                 layer("r_last", "Reduction", "x", params="reduction_param { operation: SUMSQ axis: -1 }") +
+                 conv("depthwise", "x4", "num_output: 4 group: 4 kernel_size: 3 pad: 2", top="x4b") +
+                 layer("prelu_inplace", "PReLU", "x4b", "x4b",
+                       'prelu_param { filler { type: "uniform" min: -0.5 max: 0.5 } }') +
+                 conv("d_gap", "x4", "num_output: 2 kernel_size: 2 stride: 3", "Deconvolution") +
+                 layer("p_gap", "Pooling", "x4", params="pooling_param { pool: MAX kernel_size: 2 stride: 3 }") +
+                 layer("elu1", "ELU", "x") +
+                 layer("sce_ign", "SigmoidCrossEntropyLoss", "a t",
+                       params="loss_param { ignore_label: -1 normalization: VALID }"),
+                 {"t": np.array([[1, 0, -1], [0.5, -1, 1]])}, {}),
+    "forward_only_spatial": (inputs(s=(2, 4, 3, 2), l=(2, 3, 2)) +
+                             layer("acc_sp", "Accuracy", "s l", "acc_sp acc_sp_class",
+                                   "accuracy_param { ignore_label: 3 }") +
+                             layer("acc_sp2", "Accuracy", "s l", params="accuracy_param { top_k: 2 }") +
+                             layer("argmax_last", "ArgMax", "s", params="argmax_param { axis: -1 }"),
+                             {"l": "i4"}, {"backward": False}),
     "indexing": (inputs(idx=(4,), sel=(3,)) +
                  layer("p", "Parameter", "", params="parameter_param { shape { dim: 3 dim: 2 dim: 2 } }") +
                  layer("reindex", "BatchReindex", "p idx") + layer("filter", "Filter", "p sel"),
@@ -308,6 +334,41 @@ def run_solver(name, rule):
     return out
 
 
+DATA = ('layer { name: "d_mean_value" type: "Data" top: "d_mean_value" data_param { source: "{db}" batch_size: 4 '
+        'backend: LMDB } transform_param { crop_size: 6 mean_value: 10 mean_value: 20 mean_value: 30 scale: 0.5 } }\n'
+        'layer { name: "d_mean_file" type: "Data" top: "d_mean_file" top: "label" data_param { source: "{db}" '
+        'batch_size: 3 backend: LMDB } transform_param { mean_file: "{mean}" scale: 0.1 } }\n'
+        'layer { name: "d_crop_mean_file" type: "Data" top: "d_crop_mean_file" data_param { source: "{db}" '
+        'batch_size: 4 backend: LMDB } transform_param { mean_file: "{mean}" crop_size: 5 } }\n')
+
+
+def write_data(directory, images, labels, mean):
+    """The LMDB (keys %08d, uint8 Datum) and mean.binaryproto that DATA reads."""
+    import lmdb
+    from caffe.proto import caffe_pb2
+    with lmdb.open(os.path.join(directory, "db"), map_size=1 << 24).begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            datum = caffe_pb2.Datum(channels=image.shape[0], height=image.shape[1], width=image.shape[2],
+                                    data=image.tobytes(), label=int(label))
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    with open(os.path.join(directory, "mean.binaryproto"), "wb") as f:
+        f.write(caffe.io.array_to_blobproto(mean).SerializeToString())
+    return DATA.replace("{db}", os.path.join(directory, "db")).replace(
+        "{mean}", os.path.join(directory, "mean.binaryproto"))
+
+
+def run_data():
+    """The Data layer's reading order (wrapping around) and transforms, three TEST batches."""
+    rng = np.random.RandomState(SEED)
+    out = {"proto": np.array(DATA), "images": rng.randint(0, 256, (10, 3, 9, 8)).astype(np.uint8),
+           "labels": np.arange(10) * 7 % 10, "mean": rng.uniform(0, 255, (1, 3, 9, 8)).astype(np.float32)}
+    net = caffe.Net(temp_file(write_data(tempfile.mkdtemp(), out["images"], out["labels"], out["mean"])), caffe.TEST)
+    for k in range(3):
+        net.forward()
+        out.update({f"blob/{b}/{k}": blob.data.copy() for b, blob in net.blobs.items()})
+    return out
+
+
 def run_lenet():
     """Real Caffe's trained LeNet on the first 16 test images of the embedded subset."""
     with gzip.open(os.path.join(ROOT, "espresso/datasets/fmnist_subset/t10k-images-idx3-ubyte.gz")) as f:
@@ -325,6 +386,7 @@ def main(names):
     caffe.set_mode_cpu()
     jobs = [(os.path.join(OUT, n), lambda n=n: run_net(n, *NETS[n])) for n in NETS]
     jobs += [(os.path.join(OUT, f"solver_{n}"), lambda n=n: run_solver(n, SOLVERS[n])) for n in SOLVERS]
+    jobs.append((os.path.join(OUT, "data_layer"), run_data))
     if os.path.exists(os.path.join(ROOT, LENET)):
         jobs.append((os.path.join(ROOT, LENET.replace(".caffemodel", "_outputs")), run_lenet))
     for path, job in jobs:
