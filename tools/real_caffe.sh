@@ -9,7 +9,9 @@
 #   - inside it: caffe, python3-caffe (pycaffe, python3.9, numpy 1.19), python3-lmdb and
 #     OpenBLAS (libopenblas0-pthread; run with OPENBLAS_NUM_THREADS=1 on shared machines);
 #   - bind mounts: /proc, /dev, this repository at $CHROOT/work (read-write) and
-#     /usr/share/datasets read-only.
+#     /usr/share/datasets read-only, made in a private mount namespace (unshare) so that they
+#     vanish when the command ends: nothing under $CHROOT stays mounted (an rm -rf of $CHROOT
+#     can never reach the repository).
 # Usage: bash tools/real_caffe.sh [COMMAND...]   runs COMMAND (default: caffe --version) in the
 # chroot, in /work (the repository), e.g.
 #   bash tools/real_caffe.sh caffe train --solver benchmarks/results/real_caffe/lenet_solver.prototxt
@@ -19,6 +21,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 root=${CHROOT:-/opt/bullseye}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 [ "$(id -u)" = 0 ] || { echo "real_caffe.sh: needs root (debootstrap, chroot, mount)" >&2; exit 1; }
+if [ -z "${REAL_CAFFE_NS:-}" ]; then  # again, inside a mount namespace of its own
+  exec env REAL_CAFFE_NS=1 unshare --mount --propagation private bash "$0" "$@"
+fi
 
 if ! command -v debootstrap > /dev/null; then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap
