@@ -72,6 +72,7 @@ def test_net_matches_real_caffe(path, device):
     ref = load(path)
     phase = caffe.TRAIN if str(ref["phase"]) == "TRAIN" else caffe.TEST
     net = caffe.Net(parse_text(str(ref["proto"]), caffe_pb2.NetParameter(), path.name), phase)
+    assert dict(net.blob_loss_weights) == dict(zip(ref["blob_names"], ref["blob_loss_weights"]))
     set_params(net, ref, "param")
     for key, value in ref.items():
         if key.startswith("in/"):

@@ -290,7 +290,9 @@ def run_net(name, text, kinds, opts):
     caffe.set_random_seed(SEED)
     net = caffe.Net(temp_file(proto), getattr(caffe, phase))
     rng = np.random.RandomState(SEED)
-    out = {"proto": np.array(proto), "phase": np.array(phase), "backward": np.array(opts.get("backward", True))}
+    out = {"proto": np.array(proto), "phase": np.array(phase), "backward": np.array(opts.get("backward", True)),
+           "blob_names": np.array(list(net.blob_loss_weights)),
+           "blob_loss_weights": np.array(list(net.blob_loss_weights.values()))}
     for layer_name, arrays in opts.get("init", {}).items():
         for blob, a in zip(net.params[layer_name], arrays):
             blob.data[...] = np.reshape(a, blob.data.shape)
