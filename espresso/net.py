@@ -601,6 +601,14 @@ class Net:
         return list(self._blobs)
 
     @property
+    def blob_loss_weights(self):
+        """pycaffe's: each blob's loss weight, that of the layer writing it (last)."""
+        names, weights = list(self._blobs), dict.fromkeys(self._blobs, 0.0)
+        for layer, ids in zip(self.layers, self._top_ids):
+            weights.update((names[t], float(w)) for t, w in zip(ids, layer.loss_weights))
+        return collections.OrderedDict(weights)
+
+    @property
     def layer_dict(self):
         return collections.OrderedDict(zip(self._layer_names, self.layers))
 

@@ -416,8 +416,9 @@ class ArgMaxLayer(Layer):
 @register
 class ParameterLayer(Layer):
     """Outputs one learned blob of parameter_param.shape (zero-initialised, as Caffe's). Honors
-    parameter_param.shape. The top shares the blob's data; unlike Caffe (which also shares the
-    diff) backward accumulates the top diff into the blob's diff, so iter_size > 1 adds up."""
+    parameter_param.shape. Forward copies the blob into the top (sharing it there would leave a
+    Split or Reshape after this layer holding the top's old storage); unlike Caffe (which shares
+    the diff) backward accumulates the top diff into the blob's diff, so iter_size > 1 adds up."""
 
     type = "Parameter"
     param = "parameter_param"
@@ -434,7 +435,7 @@ class ParameterLayer(Layer):
         top[0].reshape(self.blobs[0].shape)
 
     def forward(self, bottom, top):
-        top[0].share_data(self.blobs[0])  # here, not in setup: the net rebinds params into its arena
+        top[0].data[...] = self.blobs[0].data
 
     def backward(self, top, propagate_down, bottom):
         if self.param_propagate_down[0]:

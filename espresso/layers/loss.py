@@ -480,13 +480,16 @@ class MultinomialLogisticLossLayer(_LossLayer):
 class ContrastiveLossLayer(_LossLayer):
     """sum [y d^2 + (1-y) max(margin - d, 0)^2] / 2N with d = ||a - b||; legacy_version uses
     max(margin - d^2, 0). Bottoms a, b (N, C, 1, 1), y (N, 1, 1, 1). Honors
-    contrastive_loss_param: margin, legacy_version. As Caffe, force_backward does not reach b
-    (LossLayer's rule for bottom 1) and y never gets a gradient."""
+    contrastive_loss_param: margin, legacy_version. As Caffe, force_backward reaches a and b
+    (Caffe's ContrastiveLossLayer overrides LossLayer's rule for bottom 1); y never gets a gradient."""
 
     type = "ContrastiveLoss"
     param = "contrastive_loss_param"
     legacy = "CONTRASTIVE_LOSS"
     exact_bottoms = 3
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index != 2
 
     def reshape(self, bottom, top):
         self.reshape_loss(bottom, top)

@@ -408,8 +408,10 @@ def test_contrastive_loss(legacy, margin):
                f'legacy_version: {str(legacy).lower()} }}')
     run = check_layer(snippet, [a, b, y], top_shapes=[()], check_bottoms=[0, 1],
                       reference=lambda bt, p: [np.array(contrastive_ref(*bt, margin, legacy))])
-    # Caffe's LossLayer rule, kept by ContrastiveLoss: force_backward skips bottom 1
-    assert run.layer.allow_force_backward(0) and not run.layer.allow_force_backward(1)
+    # Caffe's ContrastiveLossLayer::AllowForceBackward: a and b, never y (checked against real
+    # Caffe in tests/test_caffe_reference.py, net "loss")
+    assert run.layer.allow_force_backward(0) and run.layer.allow_force_backward(1)
+    assert not run.layer.allow_force_backward(2)
 
 
 def test_contrastive_loss_gradient_uses_caffe_eps():
