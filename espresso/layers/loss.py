@@ -381,8 +381,7 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
         # x (t - [x >= 0]) - log(1 + exp(-|x|)) is the log-likelihood without overflow
         ll = x * (t - (x >= 0)) - xp.log1p(xp.exp(-xp.abs(x)))
         loss = -(ll * self.labels.valid).sum()
-        self.norm = self.normalizer(self.labels.valid.sum())  # kept for backward, as Caffe
-        top[0].data[...] = loss / self.norm
+        top[0].data[...] = loss / self.normalizer(self.labels.valid.sum())
         xp.tanh(x * 0.5, out=self.sigmoid)  # sigmoid(x) = (1 + tanh(x/2)) / 2, never overflows
         self.sigmoid *= 0.5
         self.sigmoid += 0.5
@@ -394,7 +393,9 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
         dx = bottom[0].diff
         self.xp.subtract(self.sigmoid, bottom[1].data.reshape(dx.shape), out=dx)
         dx *= self.labels.valid
-        dx *= top[0].diff / self.norm
+        # the normalizer again, from forward's mask: an array kept from forward would be one a
+        # CUDA graph capture made but had not yet written (see docs/adding_a_layer.md)
+        dx *= top[0].diff / self.normalizer(self.labels.valid.sum())
 
 
 @register
