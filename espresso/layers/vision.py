@@ -71,6 +71,11 @@ def _axis_values(layer, short, field, default, num_spatial):
 
 
 # *** convolution ***
+def column_bytes(layer, num, image_shape, data_shape):
+    """Bytes of the im2col columns of `num` images: (Ci * prod(kernel)) x (output pixels)."""
+    return image_shape[0] * math.prod(layer.kernel) * math.prod(data_shape[1:]) * num * layer.dtype.itemsize
+
+
 class _ColumnGemm:
     """A (de)convolution's geometry and buffers for one bottom shape.
 
@@ -89,8 +94,7 @@ class _ColumnGemm:
         self.ci, self.cd = image_shape[0], data_shape[0]
         self.length = math.prod(data_shape[1:])  # L: output pixels per image
         self.rows_per_group = self.ci // self.group * math.prod(layer.kernel)  # Kg
-        col_bytes = self.ci * math.prod(layer.kernel) * self.length * dtype.itemsize
-        self.chunk = max(1, min(num, COLUMN_BUDGET // max(col_bytes, 1)))
+        self.chunk = max(1, min(num, COLUMN_BUDGET // max(column_bytes(layer, 1, image_shape, data_shape), 1)))
         tall = self.rows_per_group >= BATCH_LAST_ROWS
         self.batch_last = self.chunk > 1 and (tall or self.length < BATCH_LAST_BELOW)
         unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
@@ -261,8 +265,8 @@ class _BaseConvolution(Layer):
             if self.transposed:
                 image, data = data, image
             self.plan = self._cudnn_plan(image, data)
-            col_bytes = self.channels * math.prod(self.kernel) * math.prod(out) * self.num * self.dtype.itemsize
-            small = col_bytes <= TIMED_COLUMNS  # larger im2col buffers are not even tried where cuDNN is
+            # larger im2col buffers are not even tried where cuDNN is
+            small = column_bytes(self, self.num, image, data) <= TIMED_COLUMNS
             self.core = _ColumnGemm(self, self.num, image, data) if small or not self.plan else None
             self.engines = [None, None] if self.plan else ["gemm", "gemm"]  # forward, backward
             self.core_shape = shape

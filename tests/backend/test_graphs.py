@@ -101,14 +101,20 @@ def test_tf32_switch_changes_float32_gemm_only_slightly(gpu):
 
 
 # *** graphs ***
-def test_graphed_training_equals_eager_bit_for_bit(gpu):
+def _eager_and_graphed(steps=20):
+    """Two solvers from the same weights, one eager and one replaying its graph, after `steps`."""
     caffe.set_cuda_graphs(False)
     eager = _solver()
     caffe.set_cuda_graphs(True)
     graphed = _solver()
     graphed.net.arena_data[...] = eager.net.arena_data
-    eager.step(20)
-    graphed.step(20)
+    eager.step(steps)
+    graphed.step(steps)
+    return eager, graphed
+
+
+def test_graphed_training_equals_eager_bit_for_bit(gpu):
+    eager, graphed = _eager_and_graphed()
     assert graphed._loop is not None and graphed._loop.graphs.graphs["iteration"][1] is not None
     np.testing.assert_array_equal(_weights(graphed), _weights(eager))
     assert graphed.smoothed_loss == pytest.approx(eager.smoothed_loss, rel=1e-6)
@@ -120,13 +126,7 @@ def test_timed_convolutions_train_in_graphs(gpu, monkeypatch):
     """The default (not deterministic) mode: each convolution keeps the faster of cuDNN's timed
     algorithms and im2col + GEMM, and the graphed iteration trains like the eager one."""
     monkeypatch.setattr(gpu, "deterministic", False)
-    caffe.set_cuda_graphs(False)
-    eager = _solver()
-    caffe.set_cuda_graphs(True)
-    graphed = _solver()
-    graphed.net.arena_data[...] = eager.net.arena_data
-    eager.step(20)
-    graphed.step(20)
+    eager, graphed = _eager_and_graphed()
     assert graphed._loop.graphs.graphs["iteration"][1] is not None
     convs = [layer for layer in graphed.net.layers if layer.type == "Convolution"]
     assert all(set(layer.engines) <= {"cudnn", "gemm"} for layer in convs)
