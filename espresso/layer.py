@@ -19,6 +19,7 @@ from espresso.filler import fill
 
 _REGISTRY = {}
 _ONES = {}  # (backend name, dtype) -> a vector of ones, grown as needed
+_RETIRED_ONES = []
 
 
 def register(cls):
@@ -161,6 +162,8 @@ class Layer:
         when it grows: graphs captured with the old one are void)."""
         key = (self.backend.name, self.dtype)
         if key not in _ONES or _ONES[key].size < n:
+            if key in _ONES:  # kept: work queued on a side stream may still read it
+                _RETIRED_ONES.append(_ONES[key])
             _ONES[key] = self.xp.ones(max(n, 1024), self.dtype)
             Blob.layout += 1
         return _ONES[key][:n]

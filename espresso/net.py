@@ -425,8 +425,9 @@ class Net:
         else:
             run()
 
-    def forward_layers(self, start, end):
-        """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed."""
+    def forward_layers(self, start, end, losses=True):
+        """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed
+        (not computed when not `losses`)."""
         terms = []
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
@@ -437,7 +438,7 @@ class Net:
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = Blob.layout
             layer.forward(bottom, top)
-            if layer.is_loss or any(layer.loss_weights):
+            if losses and (layer.is_loss or any(layer.loss_weights)):
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
         return terms
 
@@ -449,9 +450,10 @@ class Net:
     def backward_range(self, start, end):
         """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
         self.sync()
-        for i in range(start, end - 1, -1):
-            if self.layer_need_backward[i]:
-                self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
+        with self.backend.overlapping():  # param grads may run aside, joined at the end
+            for i in range(start, end - 1, -1):
+                if self.layer_need_backward[i]:
+                    self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.forward: set inputs from kwargs, run, return {output name: data}."""

@@ -22,6 +22,7 @@ from espresso.solver import (
     get_solver,
     learning_rate,
 )
+from espresso.solver.lr_policy import learning_rates
 
 # x (N,3), y (N,1) -> p = x W^T + b -> EuclideanLoss = sum (p - y)^2 / (2N)
 LINEAR = """
@@ -199,6 +200,21 @@ def test_lr_policy_values(text, expected):
         rate, _ = learning_rate(param, it, 0)
         assert rate.dtype == np.float32
         assert float(rate) == pytest.approx(expected(it), rel=2e-6), (text, it)
+
+
+@pytest.mark.parametrize("text", ['lr_policy: "fixed"', 'lr_policy: "step" gamma: 0.5 stepsize: 300',
+                                  'lr_policy: "exp" gamma: 0.999', 'lr_policy: "inv" gamma: 0.0001 power: 0.75',
+                                  'lr_policy: "poly" power: 2 max_iter: 5000',
+                                  'lr_policy: "sigmoid" gamma: 0.01 stepsize: 900',
+                                  'lr_policy: "multistep" gamma: 0.1 stepvalue: 20 stepvalue: 2500'])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_learning_rates_of_a_window_equal_the_one_by_one_rates_bit_for_bit(text, dtype):
+    param, step, expected = _param(text), 1, []
+    for it in range(1000, 3000):
+        rate, step = learning_rate(param, it, step, dtype)
+        expected.append((rate, step))
+    window = learning_rates(param, 1000, 3000, 1, dtype)
+    assert [(r.dtype, float(r), s) for r, s in window] == [(r.dtype, float(r), s) for r, s in expected]
 
 
 def test_multistep_advances_one_step_per_call_as_caffe():

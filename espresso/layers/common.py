@@ -1,6 +1,7 @@
 """Common layers that compute: InnerProduct, Dropout, Embed, Eltwise, Reduction, ArgMax,
 Parameter.  The layers that only move or regroup data live in utility.py."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -88,13 +89,16 @@ class InnerProductLayer(Layer):
         w = self.blobs[0]
         dy = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
-        if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
-            if self.p.transpose:
-                self.k.matmul(x.T, dy, out=w.diff, accumulate=True)  # (K, N)
-            else:
-                self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
-        if self.p.bias_term and self.param_propagate_down[1]:
-            self.add_row_sums(dy, self.blobs[1].diff)
+        with self.backend.aside():  # param grads: the rest of the pass does not wait for them
+            if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
+                if self.p.transpose:
+                    self.k.matmul(x.T, dy, out=w.diff, accumulate=True)  # (K, N)
+                else:
+                    self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
+        # with no bottom gradient to compute, the main stream sums the bias meanwhile
+        with self.backend.aside() if propagate_down[0] else contextlib.nullcontext():
+            if self.p.bias_term and self.param_propagate_down[1]:
+                self.add_row_sums(dy, self.blobs[1].diff)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
             self.k.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)

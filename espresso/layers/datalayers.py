@@ -164,6 +164,7 @@ class DataLayer(_DataLayerBase):
             batch = self.p.batch_size
             self.pos = self.xp.full((1,), self.pos, np.int64)
             self.batch_offsets, self.rows = self.xp.arange(batch), self.xp.empty(batch, np.int64)
+            self.flat_mean = None  # the transform's mean, one value per value of an item
 
     @property
     def capturable(self):
@@ -188,7 +189,13 @@ class DataLayer(_DataLayerBase):
 
     def _forward_device_cursor(self, top):
         """The host path's rows (pos, pos+1, ... mod n) from a device cursor, as one gather."""
-        xp, n = self.xp, len(self.cache)
+        xp, n, t = self.xp, len(self.cache), self.transformer
+        if not t.p.crop_size and t.rng is None:  # (x - mean) * scale per value: gathered in one kernel
+            if self.flat_mean is None and t.mean is not None:
+                self.flat_mean = xp.broadcast_to(t.mean, self.cache.shape[1:]).ravel()  # a copy, once
+            self.k.gather_batch(self.cache, self.cache_labels, self.pos, self.flat_mean, t.scale, top[0].data,
+                                top[1].data if len(top) > 1 else None)
+            return
         rows = xp.remainder(xp.add(self.batch_offsets, self.pos, out=self.rows), n, out=self.rows)
         xp.remainder(self.pos + top[0].shape[0], n, out=self.pos)
         self.transformer(self.cache[rows], top[0].data)

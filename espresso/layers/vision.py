@@ -5,6 +5,7 @@ Spatial parameters in either Caffe spelling (repeated kernel_size/stride/pad/dil
 fields (CAFFE, CUDNN) are accepted and ignored: every engine computes the same values here.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,6 +24,9 @@ MAX_PARTS = 16  # at most this many partial products for a long weight-gradient 
 # Where cuDNN is present, im2col + GEMM is timed against it only when its columns take at most
 # this many bytes: larger convolutions ran 1.3-5x faster in cuDNN (CaffeNet on an H100)
 TIMED_COLUMNS = 64 << 20
+# A weight gradient computed aside (a second stream) while the bottom gradient is computed needs
+# a second column buffer for the latter: only up to this size; larger layers keep one stream
+SPARE_COLUMNS = 64 << 20
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -108,6 +112,7 @@ class _ColumnGemm:
         parts = (MAX_PARTS if self.split_k else 1) if self.batch_last else n
         needs_tmp = parts > 1 or not self.batch_last
         self.wtmp = empty(parts * self.cd * self.rows_per_group, dtype) if needs_tmp else None
+        self.spares = None  # (column buffer, workspace) for a bottom gradient beside a weight gradient
 
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
@@ -116,11 +121,21 @@ class _ColumnGemm:
         """W (or its diff) as (G, Cd/G, Kg)."""
         return array.reshape(self.group, self.cd // self.group, self.rows_per_group)
 
+    def can_overlap(self, bottoms):
+        """Whether the weight gradient may run aside (concurrently): one bottom, one chunk (so
+        the rows of the top gradient are loaded once) and spare columns of a modest size."""
+        return bottoms == 1 and self.chunk == self.num and (self.col is None or self.col.nbytes <= SPARE_COLUMNS)
+
+    def _spare(self):
+        if self.spares is None:
+            self.spares = (self.xp.empty_like(self.col), None if self.work is None else self.xp.empty_like(self.work))
+        return self.spares
+
     # image side
-    def _col(self, n):
+    def _col(self, n, spare=False):
         g, kg, length = self.group, self.rows_per_group, self.length
         shape = (g, kg, length * n) if self.batch_last else (n, g, kg, length)
-        return self.col[: math.prod(shape)].reshape(shape)
+        return (self._spare()[0] if spare else self.col)[: math.prod(shape)].reshape(shape)
 
     def columns(self, image, ready=False):
         """Columns of image (n, Ci, *S): (n, G, Kg, L), or (G, Kg, L*n) batch-last.  `ready`:
@@ -133,15 +148,16 @@ class _ColumnGemm:
             self.k.im2col(image, col, *self.geometry, self.batch_last, self.work)
         return col
 
-    def image_target(self, image):
-        """Where column-space results for image (n, Ci, *S) go before `to_image`."""
+    def image_target(self, image, spare=False):
+        """Where column-space results for image (n, Ci, *S) go before `to_image`; `spare`: not
+        the buffer `columns` fills (a weight gradient running aside may still read that)."""
         if self.skip:
             return image.reshape(image.shape[0], self.group, self.rows_per_group, self.length)
-        return self._col(image.shape[0])
+        return self._col(image.shape[0], spare)
 
-    def to_image(self, col, image):
+    def to_image(self, col, image, spare=False):
         if not self.skip:
-            self.k.col2im(col, image, *self.geometry, self.batch_last, self.work)
+            self.k.col2im(col, image, *self.geometry, self.batch_last, self._spare()[1] if spare else self.work)
 
     # data side
     def _rows(self, n):
@@ -335,12 +351,15 @@ class _BaseConvolution(Layer):
     def _cudnn_backward(self, top, propagate_down, bottom):
         plan, weights = self.plan, self.blobs[0].data
         want_weights, want_bias = self._want_params()
+        workspace = plan.algo["BackwardFilter"][1] if want_weights else 0
         for i, (t, b) in enumerate(zip(top, bottom)):
-            if want_bias:
-                self._bias_grad(t.diff)
-            if want_weights:
-                image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
-                plan.backward_filter(image, data, self.blobs[0].diff)
+            with self.backend.aside(workspace):  # param grads: the rest of the pass does not wait for them
+                if want_weights:
+                    image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
+                    plan.backward_filter(image, data, self.blobs[0].diff)
+            with self._bias_aside(propagate_down[i]):
+                if want_bias:
+                    self._bias_grad(t.diff)
             if propagate_down[i] and self.transposed:
                 plan.forward(t.diff, weights, b.diff)
             elif propagate_down[i]:
@@ -363,6 +382,11 @@ class _BaseConvolution(Layer):
         sums = self.channel_sums[: n * c].reshape(n, c, 1)
         self.k.matmul(dy.reshape(n, c, pixels), self.ones(pixels)[:, None], out=sums)
         self.add_row_sums(sums.reshape(n, c), self.blobs[1].diff)
+
+    def _bias_aside(self, bottom_grad):
+        """Where the bias gradient goes: aside behind the weight gradient while the main stream
+        computes a bottom gradient, else on the main stream, concurrent with the weights'."""
+        return self.backend.aside() if bottom_grad else contextlib.nullcontext(False)
 
     def _want_params(self):
         down = self.param_propagate_down
@@ -395,21 +419,24 @@ class ConvolutionLayer(_BaseConvolution):
         core = self.core
         want_weights, want_bias = self._want_params()
         weights = core.weights(self.blobs[0].data)
+        overlap = core.can_overlap(len(bottom))
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             for lo, hi in core.chunks():
                 rows = core.load_data(dy[lo:hi])
-                if want_bias:
-                    self._bias_grad(dy[lo:hi])
-                if want_weights:
-                    col = core.columns(x[lo:hi], ready=self.cols_ready)
-                    core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
+                with self.backend.aside() if overlap else contextlib.nullcontext(False) as aside:
+                    if want_weights:
+                        col = core.columns(x[lo:hi], ready=self.cols_ready)
+                        core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
+                with self._bias_aside(overlap and dx is not None):
+                    if want_bias:
+                        self._bias_grad(dy[lo:hi])
                 if dx is not None:
-                    target = core.image_target(dx[lo:hi])
+                    target = core.image_target(dx[lo:hi], spare=aside)
                     self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)
-                    core.to_image(target, dx[lo:hi])
-                    self.cols_ready = False  # the column buffer now holds the bottom gradient
+                    core.to_image(target, dx[lo:hi], spare=aside)
+                    self.cols_ready = False  # the column buffer may hold the bottom gradient
 
 
 @register

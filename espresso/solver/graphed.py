@@ -12,7 +12,7 @@ per-iteration bias correction or the pycaffe callbacks; solvers using them run e
 import numpy as np
 
 from espresso.graphs import GraphCache, eager_reason
-from espresso.solver.lr_policy import learning_rate
+from espresso.solver.lr_policy import learning_rates
 
 WINDOW = 1000  # iterations per rate upload and, at most, between loss reads
 
@@ -27,6 +27,12 @@ def eager_solver_reason(solver):
     if p.clip_gradients >= 0:
         return "gradient clipping logs the norm it reads back"
     return eager_reason(solver.net.backend, solver.net.layers)
+
+
+def _scalar_loss(net):
+    """The net's loss blob when it has one, of one element (its diff holds the loss weight)."""
+    blobs = [blob for layer, top in zip(net.layers, net._tops) for blob, w in zip(top, layer.loss_weights) if w]
+    return blobs[0] if len(blobs) == 1 and blobs[0].count == 1 else None
 
 
 class DeviceLoop:
@@ -61,10 +67,8 @@ class DeviceLoop:
         s = self.solver
         if self.read != self.queued:
             raise RuntimeError("DeviceLoop: losses not read before a new window")
-        step, self.host_rates = s.current_step, []
-        for it in range(s.iter, min(s.iter + WINDOW, stop_iter)):
-            rate, step = learning_rate(s.param, it, step, s.net.dtype)
-            self.host_rates.append((rate, step))
+        self.host_rates = learning_rates(s.param, s.iter, min(s.iter + WINDOW, stop_iter), s.current_step,
+                                         s.net.dtype)
         rates = np.zeros(WINDOW, s.net.dtype)  # the device table keeps its size: the graph holds it
         rates[:len(self.host_rates)] = [r for r, _ in self.host_rates]
         self.rates.set(rates)
@@ -75,6 +79,14 @@ class DeviceLoop:
         """What the graph holds: Caffe's iteration from ClearParamDiffs to ApplyUpdate."""
         s, xp = self.solver, self.xp
         net, last, size = s.net, len(s.net.layers) - 1, s.param.iter_size
+        loss = _scalar_loss(net)
+        if size == 1 and loss is not None:  # the bookkeeping (rate, loss, slot) in one kernel
+            net.arena_diff.fill(0)
+            net.forward_layers(0, last, losses=False)
+            net.backward_range(last, 0)
+            net.backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
+            s.updater.apply(self.rate, s.iter)
+            return
         xp.take(self.rates, self.slot, out=self.rate)
         net.arena_diff.fill(0)
         total = None

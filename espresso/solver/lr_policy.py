@@ -36,7 +36,7 @@ def _check_stepsize(p):
 def _pow64(base, exponent):
     """C++ pow(float, int): evaluated in double; inf/0 on overflow/underflow as in C."""
     with np.errstate(over="ignore", under="ignore"):
-        return float(np.power(np.float64(base), np.float64(exponent)))
+        return np.power(np.float64(base), np.asarray(exponent, np.float64))
 
 
 def fixed(p, it, step, f):
@@ -96,3 +96,19 @@ def learning_rate(param, it, current_step=0, dtype=np.float32):
         raise EspressoError(f"unknown lr_policy '{param.lr_policy}' (known: {known})")
     rate, step = policy(param, int(it), int(current_step), np.dtype(dtype).type)
     return np.dtype(dtype).type(rate), step
+
+
+def learning_rates(param, start, stop, current_step=0, dtype=np.float32):
+    """[(rate, current_step)] of iterations start..stop-1, as `learning_rate` gives them one by
+    one: computed as arrays (a GPU waits less for the next window of rates), except multistep,
+    whose step advances per call."""
+    if param.lr_policy not in POLICIES or param.lr_policy == "multistep":
+        pairs = []
+        for it in range(start, stop):
+            rate, current_step = learning_rate(param, it, current_step, dtype)
+            pairs.append((rate, current_step))
+        return pairs
+    f, its = np.dtype(dtype).type, np.arange(start, stop)
+    rates, steps = POLICIES[param.lr_policy](param, its, current_step, f)
+    rates, steps = np.broadcast_to(f(rates), its.shape), np.broadcast_to(steps, its.shape)
+    return list(zip(rates, steps.tolist()))

@@ -4,6 +4,8 @@ Needs a CUDA GPU (skipped with the reason otherwise).  Eager and graphed runs la
 kernels in the same order, so they are compared bit for bit.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 from test_gpu_pycaffe import MISSING
@@ -135,6 +137,34 @@ def test_timed_convolutions_train_in_graphs(gpu, monkeypatch):
     # steps amplify the rounding (3.6e-4 of the largest weight seen on an H100)
     difference = np.abs(_weights(graphed) - _weights(eager)).max()
     assert difference < 2e-3 * np.abs(_weights(eager)).max()
+
+
+def test_param_grads_aside_run_on_the_side_stream_with_one_streams_results(gpu, monkeypatch):
+    """Inside Net's backward the four param layers put their gradients aside (a second stream,
+    captured as graph branches); the weights trained so equal those of one stream bit for bit."""
+    forks, aside, overlapping = [], gpu.aside, gpu.overlapping
+
+    @contextlib.contextmanager
+    def counted(*args, **kwargs):
+        with aside(*args, **kwargs) as went_aside:
+            forks.append(went_aside)
+            yield went_aside
+
+    solver, one_stream = _solver(), _solver()
+    one_stream.net.arena_data[...] = solver.net.arena_data
+    monkeypatch.setattr(gpu, "aside", counted)
+    solver.net.forward()
+    solver.net.backward()
+    # weights and biases of ip2, ip1 and conv2, conv1's weights (its bias is summed on the main
+    # stream meanwhile: conv1 has no bottom gradient); joined at the end of the pass
+    assert forks == [True] * 7 and gpu._side_done is None
+    monkeypatch.setattr(gpu, "overlapping", contextlib.nullcontext)
+    one_stream.step(20)
+    monkeypatch.setattr(gpu, "overlapping", overlapping)
+    forks.clear()
+    solver.step(20)
+    assert len(forks) >= 8 and all(forks)  # the eager run and the capture (replays fork nothing here)
+    np.testing.assert_array_equal(_weights(solver), _weights(one_stream))
 
 
 def test_graph_replays_draw_new_dropout_masks(gpu):

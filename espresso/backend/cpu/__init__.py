@@ -1,5 +1,6 @@
 """The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py."""
 
+import contextlib
 import os
 import platform
 import time
@@ -22,6 +23,12 @@ class CPUBackend:
 
     def synchronize(self):
         pass
+
+    def overlapping(self):  # one stream of work here: nothing runs aside (see the CUDA backend)
+        return contextlib.nullcontext()
+
+    def aside(self, cudnn_bytes=0):
+        return contextlib.nullcontext(False)
 
     def mark(self):
         """A point in time for elapsed_ms (on a GPU: an event queued on the stream)."""

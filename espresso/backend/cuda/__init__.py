@@ -8,8 +8,14 @@ iteration can be captured as a CUDA graph (`capture`).  ESPRESSO_TF32=1 (or `set
 lets float32 GEMMs use TF32 tensor cores; the default keeps float32 semantics.
 ESPRESSO_DETERMINISTIC=1 (or `backend.deterministic = True` before building nets) gives the same
 results run after run; the default picks each convolution's fastest kernels by timing them.
+
+Inside Net's backward pass (`overlapping`), layers put their parameter gradients `aside`: onto a
+second stream with its own cuBLAS and cuDNN handles and workspaces, concurrent with the bottom
+gradients that the rest of the pass waits for; the pass ends by joining the two streams.  A
+graph captures the fork and join as branches, so small nets' kernels run two at a time.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -42,12 +48,13 @@ class CUDABackend:
         self.device.use()  # layers call xp.* without naming a device: this one is current
         # blocking (not non_blocking): work another thread puts on the legacy default stream
         # stays ordered with ours
-        self.stream = cupy.cuda.Stream()
+        self.stream, self.side = cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
-        self.blas = Blas(cupy, self.stream)
+        self.blas, self.side_blas = Blas(cupy, self.stream), Blas(cupy, self.side)
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
-        self.cudnn = cudnn.Cudnn(library, cupy, self.stream) if library else None  # 2-D convolutions
+        self.cudnn = cudnn.Cudnn(library, cupy, self.stream, self.side) if library else None  # 2-D convolutions
+        self._overlap, self._side_done = False, None  # inside `overlapping`; the last aside's end event
         # deterministic: only kernels whose results never vary (im2col + GEMM for convolutions,
         # never a choice by timing); read by layers when they are set up
         self.deterministic = os.environ.get("ESPRESSO_DETERMINISTIC", "0") not in ("", "0")
@@ -61,9 +68,49 @@ class CUDABackend:
         from espresso.blob import Blob
 
         self.blas.set_tf32(allow)
+        self.side_blas.set_tf32(allow)
         if self.cudnn:
             self.cudnn.set_tf32(allow)
         Blob.layout += 1
+
+    @contextlib.contextmanager
+    def overlapping(self):
+        """Lets layers put work `aside` (Net's backward pass); joins the side stream at the end."""
+        outer, self._overlap = self._overlap, True
+        try:
+            yield
+        finally:
+            self._overlap = outer
+            if not outer:
+                self.join()
+
+    @contextlib.contextmanager
+    def aside(self, cudnn_bytes=0):
+        """Work (parameter gradients) that nothing else in the pass reads, queued on the side
+        stream after everything queued so far.  Yields whether it went aside: not outside
+        `overlapping`, nor when its cuDNN workspace would be over SIDE_WORKSPACE_LIMIT."""
+        if not self._overlap or (cudnn_bytes and not self.cudnn.grow_side_workspace(cudnn_bytes)):
+            yield False
+            return
+        self.side.wait_event(self.stream.record(self.xp.cuda.Event(disable_timing=True)))
+        kernels.bind_blas(self.index, self.side_blas)
+        if self.cudnn:
+            self.cudnn.use_side(True)
+        self.side.use()  # (not `with side:`, whose exit made the legacy stream current)
+        try:
+            yield True
+        finally:
+            self.stream.use()
+            kernels.bind_blas(self.index, self.blas)
+            if self.cudnn:
+                self.cudnn.use_side(False)
+            self._side_done = self.side.record(self.xp.cuda.Event(disable_timing=True))
+
+    def join(self):
+        """The main stream waits for the work put aside so far."""
+        if self._side_done is not None:
+            self.stream.wait_event(self._side_done)
+            self._side_done = None
 
     def capture(self, run):
         """Run `run()` once (a real, eager run that also compiles kernels and creates lazily made
@@ -75,6 +122,7 @@ class CUDABackend:
         run()
         # the eager run's temporaries sit cached in the default pool; the capture takes its own
         # from a private one: return the cached ones, so the two do not add up at the peak
+        self.join()
         self._sample_peak()
         self.xp.get_default_memory_pool().free_all_blocks()
         pool = self.xp.cuda.MemoryPool()
@@ -83,6 +131,7 @@ class CUDABackend:
             self.stream.begin_capture()
             try:
                 run()
+                self.join()  # a capture ends with every branch joined
             except Exception as e:
                 _end_capture_quietly(self.stream)
                 raise GraphCaptureError(f"cannot capture a CUDA graph: {type(e).__name__}: {e}") from e

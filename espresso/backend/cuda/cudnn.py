@@ -1,6 +1,6 @@
 """2-D convolutions through cuDNN's convolution API (as Caffe's CuDNNConvolutionLayer), called
-through ctypes with the backend's own handle, stream and one shared workspace, so that they can
-be captured in a CUDA graph like the rest of an iteration.
+through ctypes with the backend's own handles, streams and workspaces, so that they can be
+captured in a CUDA graph like the rest of an iteration.
 
 cuDNN is optional: the system's libcudnn.so.9, or the one the `cudnn13` extra installs
 (nvidia-cudnn-cu13's nvidia/cudnn/lib).  Without it, with ESPRESSO_CUDNN=0, or in deterministic
@@ -20,6 +20,9 @@ FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
 CROSS_CORRELATION, NCHW = 1, 0
 # CaffeNet's Winograd convolutions need up to 530 MB; larger workspaces bought little there
 WORKSPACE_LIMIT = 640 << 20
+# the side stream's workspace (filter gradients computed aside, concurrent with the main stream's
+# work): larger needs keep the gradient on the main stream rather than hold a second big buffer
+SIDE_WORKSPACE_LIMIT = 64 << 20
 _DATA_TYPE = {np.dtype(np.float32): (0, ctypes.c_float), np.dtype(np.float64): (1, ctypes.c_double)}
 
 
@@ -45,14 +48,30 @@ def library():
 
 
 class Cudnn:
-    """One cuDNN handle on `stream`; `plan(...)` gives the Convolution of one geometry."""
+    """A cuDNN handle and workspace per stream (the backend's main and side streams; `use_side`
+    switches); `plan(...)` gives the Convolution of one geometry."""
 
-    def __init__(self, lib, xp, stream):
-        self.lib, self.xp = lib, xp
+    def __init__(self, lib, xp, stream, side):
+        self.lib, self.xp, self.tf32, self._plans, self.on_side = lib, xp, False, {}, False
+        self.lanes = {False: [self._handle(stream), xp.empty(0, np.uint8)],
+                      True: [self._handle(side), xp.empty(0, np.uint8)]}
+
+    def _handle(self, stream):
         handle = ctypes.c_void_p()
         self.call("cudnnCreate", ctypes.byref(handle))
         self.call("cudnnSetStream", handle, ctypes.c_void_p(stream.ptr))
-        self.handle, self.tf32, self.workspace, self._plans = handle, False, xp.empty(0, np.uint8), {}
+        return handle
+
+    @property
+    def handle(self):
+        return self.lanes[self.on_side][0]
+
+    @property
+    def workspace(self):
+        return self.lanes[self.on_side][1]
+
+    def use_side(self, on):
+        self.on_side = on
 
     def call(self, name, *args):
         status = getattr(self.lib, name)(*args)
@@ -74,14 +93,21 @@ class Cudnn:
             self._plans[key] = Convolution(self, *key)
         return self._plans[key]
 
-    def grow_workspace(self, nbytes):
-        """Grow the shared workspace to at least nbytes.  It moves, so graphs captured with the
-        old one are void (Blob.layout)."""
-        if nbytes > self.workspace.nbytes:
+    def grow_workspace(self, nbytes, side=False):
+        """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
+        captured with the old one are void (Blob.layout)."""
+        if nbytes > self.lanes[side][1].nbytes:
             from espresso.blob import Blob
 
-            self.workspace = self.xp.empty(nbytes, np.uint8)
+            self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
             Blob.layout += 1
+
+    def grow_side_workspace(self, nbytes):
+        """Whether the side stream may run work that needs nbytes of workspace (grown to fit)."""
+        if nbytes > SIDE_WORKSPACE_LIMIT:
+            return False
+        self.grow_workspace(nbytes, side=True)
+        return True
 
 
 class Convolution:

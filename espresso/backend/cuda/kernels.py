@@ -380,6 +380,28 @@ def sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):
     _launch("fused", f"sgd_update_kernel<{ctype}>", ctype, None, w.size, args)
 
 
+def gather_batch(cache, labels, pos, mean, scale, out, out_labels):
+    """A batch of a dataset held on the device, in two kernels: item b of out (N, ...) =
+    (cache[(pos + b) % n] - mean) * scale (mean: one value per value of an item, or None), its
+    label likewise when out_labels is given; then pos = (pos + N) % n."""
+    n, item = len(cache), cache[0].size
+    _elementwise("gather_batch", "raw S cache, raw T labels, raw int64 pos, raw T mean, int64 n, int64 item, T scale, "
+                 "int32 has_mean, int32 has_labels", "T y, raw T out_labels",
+                 "long long b = i / item, j = i % item, row = (pos[0] + b) % n; T v = T(cache[row * item + j]); "
+                 "if (has_mean) v = v - mean[j]; y = v * scale; if (has_labels && j == 0) out_labels[b] = labels[row]")(
+        cache, labels, pos, labels if mean is None else mean, n, item, out.dtype.type(scale), int(mean is not None),
+        int(out_labels is not None), out, labels if out_labels is None else out_labels)
+    _elementwise("advance_cursor", "int64 step, int64 n", "int64 pos", "pos = (pos + step) % n")(len(out), n, pos)
+
+
+def record_iteration(loss, weight, rates, ring, slot, rate):
+    """A graphed iteration's bookkeeping in one kernel: ring[slot] = loss * weight (one-element
+    arrays), rate = rates[slot], slot += 1."""
+    _elementwise("record_iteration", "raw T loss, raw T weight, raw T rates", "raw T ring, raw int64 slot, raw T rate",
+                 "long long s = slot[0]; ring[s] = loss[0] * weight[0]; rate[0] = rates[s]; slot[0] = s + 1")(
+        loss, weight, rates, ring, slot, rate, size=1)
+
+
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer):
     """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
     loss (0-d) = sum of -log(max(prob[label], FLT_MIN)) over non-ignored positions / normalizer,
