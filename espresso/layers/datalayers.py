@@ -108,8 +108,9 @@ class DataLayer(_DataLayerBase):
 
     A dataset decoding to at most CACHE_LIMIT_BYTES is decoded once at setup and kept on the
     device, each batch then being a slice and a vectorized transform; larger ones stream from a
-    prefetch thread.  Differs from Caffe 1.0: rand_skip is honored (a random 0..rand_skip-1
-    records are skipped at the start, as ImageData does); Caffe 1.0's Data layer ignores it.
+    prefetch thread through pinned host buffers (on a GPU, copied on a side stream).  Differs
+    from Caffe 1.0: rand_skip is honored (a random 0..rand_skip-1 records are skipped at the
+    start, as ImageData does); Caffe 1.0's Data layer ignores it.
     """
 
     type = "Data"
@@ -136,8 +137,10 @@ class DataLayer(_DataLayerBase):
                 self._load_all(reader, skip)
         else:
             self.cache = None
-            buffers = [(np.empty((batch_size,) + first.shape, first.dtype), np.empty(batch_size))
+            pinned = self.backend.pinned_empty  # on a GPU: copied on a side stream (_forward_prefetched)
+            buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
                        for _ in range(max(2, self.p.prefetch))]
+            self.uploader = self.pending = None
             self.start_prefetch(_DatumBatches(reader, skip, self.decode), buffers, reader)
         top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
         if len(top) > 1:
@@ -204,11 +207,22 @@ class DataLayer(_DataLayerBase):
 
     def _forward_prefetched(self, top):
         buffer = self.next_batch()
-        data, labels = buffer
-        self.transformer(self.backend.to_device(data), top[0].data)
+        if self.xp is np:
+            data, labels = buffer
+        else:  # copied from pinned memory on the copy stream, while the GPU works on the last batch
+            if self.uploader is None:
+                self.uploader = self.backend.uploader(buffer)
+            (data, labels), copied = self.uploader(buffer)
+        self.transformer(data, top[0].data)
         if len(top) > 1:
-            top[1].data[...] = self.backend.to_device(labels, self.dtype)
-        self.prefetcher.release(buffer)
+            top[1].data[...] = labels
+        if self.xp is np:
+            return self.prefetcher.release(buffer)
+        self.uploader.done()
+        if self.pending is not None:  # the last batch's host buffer, once its copy is over
+            self.pending[1].synchronize()
+            self.prefetcher.release(self.pending[0])
+        self.pending = (buffer, copied)
 
 
 # *** ImageData: image files listed in a text file ***

@@ -8,7 +8,7 @@ import espresso.layers.datalayers as datalayers
 from espresso.data import DatasetError
 from espresso.data.db import LMDBWriter, encoded_datum, make_datum
 from espresso.data.image import encode_image
-from espresso.errors import LayerParamError, NetError, ShapeError
+from espresso.errors import BackendError, LayerParamError, NetError, ShapeError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 from espresso.testing import assert_close
@@ -51,6 +51,28 @@ def test_data_layer_reads_in_key_order_and_wraps(tmp_path, monkeypatch, prefetch
         assert net.blobs["label"].data.tolist() == records
         assert_close(net.blobs["data"].data, np.broadcast_to(np.array(records)[:, None, None, None] * 0.5,
                                                              (64, 1, 2, 3)))
+
+
+def test_data_layer_streams_through_pinned_buffers_and_a_copy_stream_on_a_gpu(tmp_path, monkeypatch):
+    """A dataset too big for the device: pinned host batches, copied on the copy stream into two
+    device slots in turn; the batches are those of the CPU, wrapping around."""
+    try:
+        backend = espresso.backend.get("cuda:0")
+    except BackendError as e:
+        pytest.skip(f"needs a CUDA GPU: {e}")
+    monkeypatch.setattr(datalayers, "CACHE_LIMIT_BYTES", 0)
+    espresso.set_mode_gpu()
+    net = data_net(write_db(tmp_path / "db"), "batch_size: 64 prefetch: 3", "scale: 0.5")
+    starts = [0, 64, 28, 92, 56]
+    for start in starts:
+        net.forward()
+        records = (start + np.arange(64)) % 100
+        assert net.blobs["label"].data.tolist() == records.tolist()
+        assert_close(net.blobs["data"].data, np.broadcast_to(records[:, None, None, None] * 0.5, (64, 1, 2, 3)))
+    layer = net.layers[0]
+    assert layer.uploader.turn == len(starts) % 2
+    host = layer.pending[0][0]  # the last batch's host buffer: page-locked memory
+    assert backend.xp.cuda.runtime.pointerGetAttributes(host.ctypes.data).type == 1  # cudaMemoryTypeHost
 
 
 def test_data_layer_train_and_test_nets_in_lenet_shape(tmp_path):

@@ -24,6 +24,9 @@ class CPUBackend:
     def synchronize(self):
         pass
 
+    def pinned_empty(self, shape, dtype):  # a GPU's page-locked host memory; plain memory here
+        return np.empty(shape, dtype)
+
     def overlapping(self):  # one stream of work here: nothing runs aside (see the CUDA backend)
         return contextlib.nullcontext()
 
