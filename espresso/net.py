@@ -483,6 +483,46 @@ class Net:
         names = self.bottom_names[self._layer_names[end_i]] if end is not None else self.inputs
         return {name: views[name].diff for name in set(names) | set(diffs or ())}
 
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe's: forward any number of items (kwargs: input name -> array) in batches of
+        the net's batch size, the last padded with zeros; {output (and `blobs`) name: the
+        outputs of every item} (the padding's dropped)."""
+        return self.forward_backward_all(blobs, None, backward=False, **kwargs)[0]
+
+    def forward_backward_all(self, blobs=None, diffs=None, backward=True, **kwargs):
+        """pycaffe's: forward_all plus a backward per batch, from the output diffs given in
+        kwargs (output name -> array) or those the loss layers set; ({output: data}, {input
+        (and `diffs`) name: diff}) of every item."""
+        seeds = {name: value for name, value in kwargs.items() if backward and name in self.outputs}
+        feeds = {name: value for name, value in kwargs.items() if name not in seeds}  # forward checks them
+        outs = {name: [] for name in set(self.outputs) | set(blobs or ())}
+        grads = {name: [] for name in set(self.inputs) | set(diffs or ())} if backward else {}
+        forward, back = self._batches(feeds), self._batches(seeds)
+        for _ in range(max(len(forward), len(back))):
+            batch_outs = self.forward(blobs, **(forward.pop(0) if forward else {}))
+            batch_grads = self.backward(diffs, **(back.pop(0) if back else {})) if backward else {}
+            for store, batch in ((outs, batch_outs), (grads, batch_grads)):
+                for name, value in batch.items():
+                    store[name].extend(np.array(value))
+        count = len(next(iter(kwargs.values()))) if kwargs else None
+        trim = [{name: np.asarray(values[:count]) for name, values in store.items()} for store in (outs, grads)]
+        return trim[0], trim[1]
+
+    def _batches(self, arrays):
+        """arrays (name -> array of items) cut into the net's batches, the last zero-padded."""
+        if not arrays:
+            return []
+        size, count = next(iter(self._blobs.values())).shape[0], len(next(iter(arrays.values())))
+        batches = []
+        for start in range(0, count, size):
+            batch = {}
+            for name, array in arrays.items():
+                part = np.asarray(array[start:start + size])
+                pad = np.zeros((size - len(part),) + part.shape[1:], part.dtype)
+                batch[name] = np.concatenate([part, pad]) if len(pad) else part
+            batches.append(batch)
+        return batches
+
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
         loss = self.forward_range(0, len(self.layers) - 1)

@@ -240,6 +240,24 @@ def test_pycaffe_views_and_forward_backward_ranges():
     assert set(diffs) == {"x", "y", "h"}
 
 
+def test_forward_all_and_forward_backward_all_pad_the_last_batch_and_drop_the_padding():
+    text = ('force_backward: true layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }'
+            + ip("ip1", "x", "h", 2))
+    net = net_from(text, dtype=np.float64)
+    w, b = (blob.data.copy() for blob in net.params["ip1"])
+    rng = np.random.default_rng(5)
+    x, dh = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))  # batches of 4, 4 and 2 + 2 zeros
+    out = net.forward_all(x=x, blobs=["x"])
+    assert set(out) == {"h", "x"} and out["h"].shape == (10, 2)
+    np.testing.assert_allclose(out["h"], x @ w.T + b)
+    np.testing.assert_array_equal(out["x"], x)
+    outs, diffs = net.forward_backward_all(x=x, h=dh)
+    np.testing.assert_allclose(outs["h"], x @ w.T + b)
+    np.testing.assert_allclose(diffs["x"], dh @ w)
+    with pytest.raises(NetError, match="not an input"):
+        net.forward_all(h=dh)
+
+
 def test_save_and_copy_from_round_trip(tmp_path):
     net = net_from(SPLIT)
     path = str(tmp_path / "w.caffemodel")
