@@ -371,6 +371,9 @@ class Net:
                 owner = self.learnable_params[self._param_owner_of[id(blob)]]
                 if owner is not blob:
                     blob.bind(owner.data, owner.diff)
+        users = collections.Counter(self._param_owner_of[id(b)] for layer in self.layers for b in layer.blobs)
+        self._shares_params = [any(users[self._param_owner_of[id(b)]] > 1 for b in layer.blobs)
+                               for layer in self.layers]
 
     # *** running ***
     def _blobs_of(self, ids):
@@ -453,7 +456,9 @@ class Net:
         with self.backend.overlapping():  # param grads may run aside, joined at the end
             for i in range(start, end - 1, -1):
                 if self.layer_need_backward[i]:
-                    self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
+                    # a diff that other layers accumulate into too is never written by two streams
+                    with self.backend.overlapping(not self._shares_params[i]):
+                        self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.forward: set inputs from kwargs, run, return {output name: data}."""

@@ -76,6 +76,7 @@ class InnerProductLayer(Layer):
                       f"but the weights were made for {self.K}", ShapeError)
         self.M = bottom[0].count_range(0, axis)
         top[0].reshape(bottom[0].shape[:axis] + (self.N,))
+        self.ones(self.M)  # sized here: not first made by work put aside (backward)
 
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.M, self.K)

@@ -140,7 +140,7 @@ class DataLayer(_DataLayerBase):
             pinned = self.backend.pinned_empty  # on a GPU: copied on a side stream (_forward_prefetched)
             buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
                        for _ in range(max(2, self.p.prefetch))]
-            self.uploader = self.pending = None
+            self.uploader = None
             self.start_prefetch(_DatumBatches(reader, skip, self.decode), buffers, reader)
         top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
         if len(top) > 1:
@@ -216,13 +216,10 @@ class DataLayer(_DataLayerBase):
         self.transformer(data, top[0].data)
         if len(top) > 1:
             top[1].data[...] = labels
-        if self.xp is np:
-            return self.prefetcher.release(buffer)
-        self.uploader.done()
-        if self.pending is not None:  # the last batch's host buffer, once its copy is over
-            self.pending[1].synchronize()
-            self.prefetcher.release(self.pending[0])
-        self.pending = (buffer, copied)
+        if self.xp is not np:
+            self.uploader.done()
+            copied.synchronize()  # (the copy alone) before the thread refills the host buffer
+        self.prefetcher.release(buffer)
 
 
 # *** ImageData: image files listed in a text file ***

@@ -286,6 +286,7 @@ class _BaseConvolution(Layer):
             self.core = _ColumnGemm(self, self.num, image, data) if small or not self.plan else None
             self.engines = [None, None] if self.plan else ["gemm", "gemm"]  # forward, backward
             self.core_shape = shape
+        self.ones(max(self.top_pixels, self.num))  # sized here: not first made by work put aside
         self.cols_ready = False
 
     def _cudnn_plan(self, image, data):
@@ -357,7 +358,7 @@ class _BaseConvolution(Layer):
                 if want_weights:
                     image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
                     plan.backward_filter(image, data, self.blobs[0].diff)
-            with self._bias_aside(propagate_down[i]):
+            with self._bias_aside(any(propagate_down)):  # one stream for every bottom's bias sums
                 if want_bias:
                     self._bias_grad(t.diff)
             if propagate_down[i] and self.transposed:
@@ -419,7 +420,7 @@ class ConvolutionLayer(_BaseConvolution):
         core = self.core
         want_weights, want_bias = self._want_params()
         weights = core.weights(self.blobs[0].data)
-        overlap = core.can_overlap(len(bottom))
+        overlap = want_weights and core.can_overlap(len(bottom))
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None

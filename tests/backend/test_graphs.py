@@ -167,6 +167,50 @@ def test_param_grads_aside_run_on_the_side_stream_with_one_streams_results(gpu, 
     np.testing.assert_array_equal(_weights(solver), _weights(one_stream))
 
 
+TIED = """
+layer { name: "in" type: "Input" top: "x" top: "ids" input_param { shape { dim: 8 dim: 6 } shape { dim: 8 } } }
+layer { name: "embed" type: "Embed" bottom: "ids" top: "e" param { name: "W" }
+        embed_param { num_output: 6 input_dim: 6 bias_term: false weight_filler { type: "gaussian" } } }
+layer { name: "tied" type: "InnerProduct" bottom: "x" top: "h" param { name: "W" }
+        inner_product_param { num_output: 6 bias_term: false weight_filler { type: "gaussian" } } }
+layer { name: "sum" type: "Eltwise" bottom: "e" bottom: "h" top: "s" }
+layer { name: "ip" type: "InnerProduct" bottom: "s" top: "out"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "loss" type: "Reduction" bottom: "out" top: "loss" loss_weight: 1 reduction_param { operation: SUMSQ } }
+"""
+
+
+def test_layers_sharing_a_param_accumulate_its_gradient_on_one_stream(gpu, monkeypatch):
+    """Embed and InnerProduct tied to one weight: neither puts its gradient aside (the Embed's
+    scatter-add on the main stream would race the other's GEMM), and the sum is the CPU's."""
+    forks, aside = [], gpu.aside
+
+    @contextlib.contextmanager
+    def counted(*args, **kwargs):
+        with aside(*args, **kwargs) as went_aside:
+            forks.append(went_aside)
+            yield went_aside
+
+    monkeypatch.setattr(gpu, "aside", counted)
+    rng = np.random.default_rng(4)
+    x, ids = rng.standard_normal((8, 6)), rng.integers(0, 6, 8)
+    nets = {}
+    for mode in ("cpu", "gpu"):
+        getattr(caffe, f"set_mode_{mode}")()
+        nets[mode] = caffe.Net(parse_text(TIED, caffe_pb2.NetParameter()), caffe.TRAIN, dtype=np.float64)
+        if mode == "gpu":
+            for name, blobs in nets["cpu"].params.items():
+                for target, source in zip(nets["gpu"].params[name], blobs):
+                    target.data[...] = source.data
+        nets[mode].forward(x=x, ids=ids)
+        nets[mode].backward()
+    assert nets["gpu"]._shares_params == [False, True, True, False, False, False]
+    assert forks == [True, True, False]  # ip's weights and bias aside; the tied layer's stays in line
+    for name, blobs in nets["cpu"].params.items():
+        for cpu, gpu_blob in zip(blobs, nets["gpu"].params[name]):
+            np.testing.assert_allclose(gpu_blob.diff, cpu.diff, rtol=1e-12, atol=1e-12)
+
+
 def test_graph_replays_draw_new_dropout_masks(gpu):
     solver = _solver(drop=0.5)
     solver.step(3)  # the graph is captured by now

@@ -27,7 +27,7 @@ class CPUBackend:
     def pinned_empty(self, shape, dtype):  # a GPU's page-locked host memory; plain memory here
         return np.empty(shape, dtype)
 
-    def overlapping(self):  # one stream of work here: nothing runs aside (see the CUDA backend)
+    def overlapping(self, on=True):  # one stream of work here: nothing runs aside (see the CUDA backend)
         return contextlib.nullcontext()
 
     def aside(self, cudnn_bytes=0):

@@ -80,9 +80,12 @@ class CUDABackend:
         Blob.layout += 1
 
     @contextlib.contextmanager
-    def overlapping(self):
-        """Lets layers put work `aside` (Net's backward pass); joins the side stream at the end."""
-        outer, self._overlap = self._overlap, True
+    def overlapping(self, on=True):
+        """Lets layers put work `aside` (Net's backward pass), joined at the end; not `on`: no
+        work goes aside within, and the work put aside before is joined first."""
+        outer, self._overlap = self._overlap, on
+        if not on:
+            self.join()
         try:
             yield
         finally:
@@ -95,9 +98,12 @@ class CUDABackend:
         """Work (parameter gradients) that nothing else in the pass reads, queued on the side
         stream after everything queued so far.  Yields whether it went aside: not outside
         `overlapping`, nor when its cuDNN workspace would be over SIDE_WORKSPACE_LIMIT."""
-        if not self._overlap or (cudnn_bytes and not self.cudnn.grow_side_workspace(cudnn_bytes)):
+        if not self._overlap or cudnn_bytes > cudnn.SIDE_WORKSPACE_LIMIT:
             yield False
             return
+        if cudnn_bytes and cudnn_bytes > self.cudnn.lanes[True][1].nbytes:
+            self.join()  # the side's old workspace goes back to the pool: no work may still use it
+            self.cudnn.grow_workspace(cudnn_bytes, side=True)
         self.side.wait_event(self.stream.record(self.xp.cuda.Event(disable_timing=True)))
         kernels.bind_blas(self.index, self.side_blas)
         if self.cudnn:
@@ -140,6 +146,7 @@ class CUDABackend:
                 self.join()  # a capture ends with every branch joined
             except Exception as e:
                 _end_capture_quietly(self.stream)
+                self._side_done = None  # an event of the aborted capture
                 raise GraphCaptureError(f"cannot capture a CUDA graph: {type(e).__name__}: {e}") from e
             graph = self.stream.end_capture()
         self._sample_peak()

@@ -102,13 +102,6 @@ class Cudnn:
             self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
             Blob.layout += 1
 
-    def grow_side_workspace(self, nbytes):
-        """Whether the side stream may run work that needs nbytes of workspace (grown to fit)."""
-        if nbytes > SIDE_WORKSPACE_LIMIT:
-            return False
-        self.grow_workspace(nbytes, side=True)
-        return True
-
 
 class Convolution:
     """Descriptors and algorithms of one convolution.  Arrays are C-contiguous, of the planned
