@@ -559,7 +559,10 @@ class Net:
 
     # *** weights ***
     def copy_from(self, path):
-        """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped."""
+        """Caffe's CopyTrainedLayersFrom: copy weights by layer name; unknown layers are skipped.
+        A name ending in ".h5" is read as HDF5 (load_hdf5), as Caffe dispatches."""
+        if os.fspath(path).endswith(".h5"):
+            return self.load_hdf5(path)
         self.sync()
         if is_compressed(path):  # a Deep Compression file, known by its magic bytes (espresso/compress)
             from espresso.compress.runtime import load_compressed
@@ -597,6 +600,70 @@ class Net:
             del lp.blobs[:]
             blobs.append([(b.host_data(), b.host_diff() if diff else None) for b in layer.blobs])
         write_weights(path, net, blobs)
+
+    def save_hdf5(self, path, diff=False):
+        """Caffe's Net::ToHDF5 (pycaffe's save_hdf5 writes the data only): group "data" holds a
+        group per layer, named after it, with a dataset "0", "1", ... per param blob; `diff`
+        adds a "diff" group laid out alike.  As in Caffe, every layer gets its group (empty
+        without params) and a param shared from another layer has no data dataset, only a diff."""
+        from espresso import hdf5
+
+        self.sync()
+
+        def fill(f):
+            data, diffs = f.create_group("data"), f.create_group("diff") if diff else None
+            for layer in self.layers:
+                if layer.name in data:
+                    raise ModelFileError(f"{path}: two layers named '{layer.name}'; HDF5 weights are "
+                                         "keyed by layer name (Caffe fails there too)")
+                group = data.create_group(layer.name)
+                diff_group = diffs.create_group(layer.name) if diff else None
+                for k, blob in enumerate(layer.blobs):
+                    if self._owns(blob):
+                        group.create_dataset(str(k), data=blob.host_data())
+                    if diff:
+                        diff_group.create_dataset(str(k), data=blob.host_diff())
+
+        hdf5.write_file(path, fill)
+
+    def load_hdf5(self, path):
+        """Caffe's CopyTrainedLayersFromHDF5: copy "data/<layer>/<k>" by layer name, skipping
+        layers the net lacks.  A layer may hold fewer datasets than the net's layer has blobs
+        only where the missing ones are shared from another layer; shapes must match exactly."""
+        from espresso import hdf5
+
+        self.sync()
+        index = {name: i for i, name in enumerate(self._layer_names)}  # the last of a name wins
+        name = os.path.basename(os.fspath(path))
+        with hdf5.open_file(path) as f:
+            if not isinstance(f.get("data"), hdf5.h5py().Group):
+                raise ModelFileError(f"{path}: no 'data' group; not a Caffe HDF5 weights file")
+            for source, group in f["data"].items():
+                target = index.get(source)
+                if target is not None:
+                    self._copy_layer_hdf5(name, self.layers[target], group)
+
+    def _copy_layer_hdf5(self, path, layer, group):
+        from espresso import hdf5
+
+        where = f"{path}: layer '{layer.name}'"
+        if len(group) > len(layer.blobs):
+            raise ModelFileError(f"{where}: {len(group)} blobs in file, {len(layer.blobs)} in net")
+        for k, blob in enumerate(layer.blobs):
+            if str(k) not in group:
+                if self._owns(blob):
+                    raise ModelFileError(f"{where}: no dataset '{k}' for param {k} "
+                                         f"({len(group)} blobs in file, {len(layer.blobs)} in net)")
+                continue  # shared from another layer, which carries it
+            array = hdf5.load_array(group, str(k), where)
+            if array.shape != blob.shape:
+                raise ShapeError(f"{where}: param {k} shape {tuple(array.shape)} does not match "
+                                 f"net {blob.shape}; rename the layer to learn it from scratch")
+            blob.data[...] = self.backend.to_device(array, self.dtype)
+
+    def _owns(self, blob):
+        """False for a param shared from an earlier layer (Caffe: param_owners_ != -1)."""
+        return self.learnable_params[self._param_owner_of[id(blob)]] is blob
 
     def share_with(self, other):
         """Caffe's ShareTrainedLayersWith: this net's layers use `other`'s weights (by layer name)."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import espresso as caffe
-from espresso.errors import NetError, PrototxtError, ShapeError
+from espresso.errors import ModelFileError, NetError, PrototxtError, ShapeError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 
@@ -285,6 +285,63 @@ def test_copy_from_shape_mismatch_names_layer_and_shapes(tmp_path):
     message = r"w.caffemodel: layer 'ip1': param 0 shape \(2, 3\) does not match net \(5, 3\)"
     with pytest.raises(ShapeError, match=message):
         other.copy_from(path)
+
+
+def test_save_hdf5_and_load_hdf5_round_trip(tmp_path):
+    pytest.importorskip("h5py")
+    net, path = net_from(SPLIT), str(tmp_path / "w.caffemodel.h5")
+    net.save_hdf5(path)
+    for load in ("load_hdf5", "copy_from"):  # copy_from reads a name ending in .h5 as HDF5, as Caffe
+        other = net_from(SPLIT)
+        getattr(other, load)(path)
+        for name in net.params:
+            for a, b in zip(net.params[name], other.params[name], strict=True):
+                assert np.array_equal(a.data, b.data)
+    again = caffe.Net(_write(tmp_path, SPLIT), path, caffe.TEST)
+    assert np.array_equal(again.params["ip3"][1].data, net.params["ip3"][1].data)
+
+
+def test_hdf5_weights_have_caffes_layout(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    net, path = net_from(SHARED, dtype=np.float64), str(tmp_path / "w.h5")
+    net.save_hdf5(path, diff=True)
+    with h5py.File(path, "r") as f:
+        assert set(f) == {"data", "diff"}
+        # Net::ToHDF5: a group for every layer; a shared param has a diff but no data
+        assert set(f["data"]) == set(f["diff"]) == set(net._layer_names)  # splits and losses too
+        assert set(f["data/l1"]) == set(f["data/ip2"]) == set() and set(f["diff/ip2"]) == {"0", "1"}
+        w, b = f["data/ip1/0"], f["data/ip1/1"]
+        assert (w.shape, b.shape, w.dtype, b.dtype) == ((2, 3), (2,), np.float64, np.float64)
+        assert np.array_equal(w[()], net.params["ip1"][0].data)
+        assert np.array_equal(f["diff/ip2/0"][()], net.params["ip2"][0].diff)
+    fresh = net_from(SHARED, dtype=np.float64)
+    fresh.load_hdf5(path)  # ip2's missing datasets are fine: its params come from ip1
+    assert np.array_equal(fresh.params["ip2"][0].data, net.params["ip1"][0].data)
+    net32 = net_from(SPLIT)
+    net32.save_hdf5(path)
+    with h5py.File(path, "r") as f:
+        assert f["data/ip1/0"].dtype == np.float32 and "diff" not in f
+
+
+def test_load_hdf5_mismatches_name_layer_and_shapes(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = str(tmp_path / "w.h5")
+    net_from(SPLIT).save_hdf5(path)
+    other = net_from(SPLIT.replace("num_output: 2", "num_output: 5", 1))
+    with pytest.raises(ShapeError, match=r"w.h5: layer 'ip1': param 0 shape \(2, 3\) does not match net \(5, 3\)"):
+        other.copy_from(path)
+    with h5py.File(path, "r+") as f:
+        del f["data/ip2/1"]
+    with pytest.raises(ModelFileError, match=r"w.h5: layer 'ip2': no dataset '1' for param 1"):
+        net_from(SPLIT).load_hdf5(path)
+    with h5py.File(path, "r+") as f:
+        f["data/ip2/1"], f["data/ip2/2"] = np.zeros(2), np.zeros(2)
+    with pytest.raises(ModelFileError, match="layer 'ip2': 3 blobs in file, 2 in net"):
+        net_from(SPLIT).load_hdf5(path)
+    with h5py.File(path, "w") as f:
+        f["weights"] = np.zeros(2)
+    with pytest.raises(ModelFileError, match="no 'data' group"):
+        net_from(SPLIT).load_hdf5(path)
 
 
 def test_share_with_uses_the_other_nets_weights():
