@@ -348,8 +348,8 @@ def _parser():
 
     p = common(sub.add_parser("train", help="train a model from a solver prototxt"), model=False)
     p.add_argument("--solver", required=True, help="solver prototxt")
-    p.add_argument("--weights", default="", help="comma-separated .caffemodel files to start from")
-    p.add_argument("--snapshot", default="", help=".solverstate to resume from")
+    p.add_argument("--weights", default="", help="comma-separated .caffemodel (or .caffemodel.h5) files to start from")
+    p.add_argument("--snapshot", default="", help=".solverstate (or .solverstate.h5) to resume from")
     p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
     p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
     p.add_argument("--plot", default="", help="write loss/accuracy curves to this PNG")

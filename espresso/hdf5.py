@@ -1,12 +1,15 @@
-"""Caffe's HDF5 building blocks (util/hdf5.cpp) for the .caffemodel.h5 weights
-(Net.save_hdf5/load_hdf5).
+"""Caffe's HDF5 building blocks (util/hdf5.cpp), shared by the .caffemodel.h5 weights
+(Net.save_hdf5/load_hdf5) and the .solverstate.h5 snapshots (espresso/solver/state.py).
 
-As Caffe writes them, a blob is a dataset of the blob's shape in the net's float type.  h5py is
-imported only when used.
+As Caffe writes them: an int is a 1-D dataset of one native int (H5LTmake_dataset_int); a
+string a scalar, null-terminated ASCII string of its length + 1 (H5LTmake_dataset_string); a
+blob a dataset of the blob's shape in the net's float type.  h5py is imported only when used.
 """
 
 import os
 import tempfile
+
+import numpy as np
 
 from espresso.data import require
 from espresso.errors import ModelFileError
@@ -38,6 +41,28 @@ def open_file(path):
         return h5.File(path, "r")
     except OSError as e:
         raise ModelFileError(f"{path}: cannot open as an HDF5 file ({e})") from None
+
+
+def save_int(group, name, value):
+    group.create_dataset(name, data=np.array([value], np.int32))
+
+
+def save_string(group, name, text):
+    h5, raw = h5py(), text.encode() + b"\0"
+    # h5py's own strings are null-padded; Caffe's reader wants its null terminator
+    kind = h5.h5t.C_S1.copy()
+    kind.set_size(len(raw))
+    kind.set_strpad(h5.h5t.STR_NULLTERM)
+    dataset = h5.h5d.create(group.id, name.encode(), kind, h5.h5s.create(h5.h5s.SCALAR))
+    dataset.write(h5.h5s.ALL, h5.h5s.ALL, np.array(raw, f"S{len(raw)}"))
+
+
+def load_int(group, name, where):
+    return int(np.asarray(dataset(group, name, where)).ravel()[0])
+
+
+def load_string(group, name, where):
+    return dataset(group, name, where)[()].split(b"\0")[0].decode()  # h5py gives bytes, fixed or variable
 
 
 def dataset(group, name, where):

@@ -8,9 +8,9 @@ Progress is logged in Caffe's format on the "espresso" logger.
 
 Deliberate differences from Caffe: a NaN or infinite loss stops training with an EspressoError
 before the update (Caffe trains on); `solver_mode`/`device_id` are left to the caller (as in
-pycaffe: espresso.set_mode_gpu()); HDF5 snapshots are not supported; a `net`/`test_net` path
-not found from the working directory is also looked up beside the solver file, and a restored
-state's learned_net beside the state file.
+pycaffe: espresso.set_mode_gpu()); a `net`/`test_net` path not found from the working
+directory is also looked up beside the solver file, and a restored state's learned_net beside
+the state file.  Snapshots are BINARYPROTO or HDF5 (needs h5py), as snapshot_format says.
 """
 
 import logging
@@ -29,7 +29,7 @@ from espresso.proto.upgrade import upgrade_solver
 from espresso.runtime import set_random_seed
 from espresso.solver.graphed import DeviceLoop, eager_solver_reason
 from espresso.solver.lr_policy import learning_rate
-from espresso.solver.state import read_state, resolve_learned_net, write_state
+from espresso.solver.state import read_state, read_state_hdf5, resolve_learned_net, write_state, write_state_hdf5
 from espresso.solver.updates import ArenaUpdater, rule_class
 
 log = logging.getLogger("espresso")
@@ -387,29 +387,32 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self):
-        """Write <prefix>_iter_N.caffemodel and .solverstate; returns their paths."""
-        _check_format(self.param)
-        model = self.snapshot_filename(".caffemodel")
-        log.info("Snapshotting to binary proto file %s", model)
-        self.net.save(model, diff=self.param.snapshot_diff)
-        state = self.snapshot_filename(".solverstate")
-        log.info("Snapshotting solver state to binary proto file %s", state)
+        """Write <prefix>_iter_N.caffemodel and .solverstate (with snapshot_format HDF5,
+        .caffemodel.h5 and .solverstate.h5, as Caffe); returns their paths."""
+        hdf5 = _check_format(self.param)
+        kind, suffix = ("HDF5", ".h5") if hdf5 else ("binary proto", "")
+        model = self.snapshot_filename(".caffemodel" + suffix)
+        log.info("Snapshotting to %s file %s", kind, model)
+        (self.net.save_hdf5 if hdf5 else self.net.save)(model, diff=self.param.snapshot_diff)
+        state = self.snapshot_filename(".solverstate" + suffix)
+        log.info("Snapshotting solver state to %s file %s", kind, state)
         history = [self.net.backend.to_host(view) for view in self.updater.history_views()]
-        write_state(state, self.iter, model, history, self.current_step)
+        (write_state_hdf5 if hdf5 else write_state)(state, self.iter, model, history, self.current_step)
         return model, state
 
     def restore(self, state_file):
-        """Load a .solverstate and its learned_net weights; stepping on continues exactly."""
+        """Load a .solverstate (a name ending in ".h5": HDF5, as Caffe dispatches) and its
+        learned_net weights; stepping on continues exactly."""
         path = os.fspath(state_file)
-        if path.endswith(".h5"):
-            raise EspressoError(f"{path}: HDF5 solver states are not supported; use BINARYPROTO snapshots")
-        iteration, learned_net, history, current_step = read_state(path)
+        hdf5 = path.endswith(".h5")
+        iteration, learned_net, history, current_step = (read_state_hdf5 if hdf5 else read_state)(path)
         views = self.updater.history_views()
         if len(history) != len(views):
             raise ModelFileError(f"{path}: {len(history)} history blobs, but a {self.type} solver on this "
                                  f"net keeps {len(views)}")
         for i, (array, view) in enumerate(zip(history, views, strict=True)):
-            if array.size != view.size:
+            # Blob::FromProto reshapes, so a proto needs the count only; HDF5 loads need the shape
+            if (array.shape != view.shape) if hdf5 else (array.size != view.size):
                 raise ModelFileError(f"{path}: history {i} has shape {array.shape}, "
                                      f"the net's param has {view.shape}")
         if learned_net:
@@ -420,8 +423,13 @@ class Solver:
 
 
 def _check_format(param):
-    if param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-        raise EspressoError("solver: snapshot_format HDF5 is not supported; use BINARYPROTO")
+    """True for snapshot_format HDF5, which needs h5py: say so before training, not at the snapshot."""
+    if param.snapshot_format != caffe_pb2.SolverParameter.HDF5:
+        return False
+    from espresso.hdf5 import h5py
+
+    h5py()
+    return True
 
 
 def output_loss_weights(net):

@@ -1,4 +1,5 @@
-"""`.solverstate` files: Caffe's SolverState (iter, learned_net, history blobs, current_step).
+"""`.solverstate` files: Caffe's SolverState (iter, learned_net, history blobs, current_step),
+as binary protobuf or, for snapshot_format HDF5, as `.solverstate.h5`.
 
 Written as Caffe's SGDSolver::SnapshotSolverStateToBinaryProto writes them: one BlobProto per
 history blob with its shape in `shape.dim` and float32 values in `data` (float64 nets use
@@ -37,6 +38,38 @@ def read_state(path):
     state = read_binary(path, caffe_pb2.SolverState())
     history = [blob_array(blob, f"{path}: history {i}") for i, blob in enumerate(state.history)]
     return state.iter, state.learned_net, history, state.current_step
+
+
+def write_state_hdf5(path, iteration, learned_net, history, current_step):
+    """Write a .solverstate.h5 as SGDSolver::SnapshotSolverStateToHDF5: int datasets "iter" and
+    "current_step", string "learned_net", and group "history" with "0", "1", ... in Caffe's order."""
+    from espresso import hdf5
+
+    def fill(f):
+        hdf5.save_int(f, "iter", iteration)
+        hdf5.save_string(f, "learned_net", learned_net)
+        hdf5.save_int(f, "current_step", current_step)
+        group = f.create_group("history")
+        for i, array in enumerate(history):
+            group.create_dataset(str(i), data=np.asarray(array))
+
+    hdf5.write_file(path, fill)
+
+
+def read_state_hdf5(path):
+    """(iter, learned_net or "", [history arrays], current_step) from a .solverstate.h5."""
+    from espresso import hdf5
+
+    where = os.fspath(path)
+    with hdf5.open_file(path) as f:
+        iteration = hdf5.load_int(f, "iter", where)
+        learned_net = hdf5.load_string(f, "learned_net", where) if "learned_net" in f else ""
+        current_step = hdf5.load_int(f, "current_step", where)
+        if not isinstance(f.get("history"), hdf5.h5py().Group):
+            raise ModelFileError(f"{where}: no 'history' group")
+        group = f["history"]
+        history = [hdf5.load_array(group, str(i), f"{where}: history") for i in range(len(group))]
+    return iteration, learned_net, history, current_step
 
 
 def blob_array(blob, where):
