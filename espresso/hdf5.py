@@ -6,13 +6,11 @@ string a scalar, null-terminated ASCII string of its length + 1 (H5LTmake_datase
 blob a dataset of the blob's shape in the net's float type.  h5py is imported only when used.
 """
 
-import os
-import tempfile
-
 import numpy as np
 
 from espresso.data import require
 from espresso.errors import ModelFileError
+from espresso.proto.text import atomic_write
 
 
 def h5py():
@@ -23,16 +21,12 @@ def write_file(path, fill):
     """Create an HDF5 file with `fill(file)`, through a temporary beside it and a rename, as
     every Espresso file is written: a crash never leaves half a snapshot."""
     h5 = h5py()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        with h5.File(tmp, "w") as f:
+
+    def write(stream):
+        with h5.File(stream, "w") as f:
             fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def open_file(path):
