@@ -14,7 +14,6 @@ import numpy as np
 
 import espresso
 from espresso.errors import EspressoError
-from espresso.graphs import eager_reason
 
 log = logging.getLogger("espresso")
 
@@ -208,7 +207,7 @@ def cmd_time(args):
     net = _net(args, _phase(args.phase))
     n, backend = len(net.layers), net.backend
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
-    if eager_reason(backend, net.layers) is None:
+    if net.eager_reason() is None:
         return _time_graphs(net, args.iterations)
     forward_ms, backward_ms = np.zeros(n), np.zeros(n)
     start = time.perf_counter()

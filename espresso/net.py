@@ -24,6 +24,8 @@ from espresso.proto.upgrade import upgrade_net
 from espresso.proto.weights import read_weights, release, write_weights
 from espresso.runtime import current_backend
 
+CALLBACKS = ("before_forward", "after_forward", "before_backward", "after_backward")
+
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
 
@@ -151,6 +153,7 @@ class Net:
         self.dtype, self.allow_python = np.dtype(dtype), allow_python
         self._host_sync = None if self.backend.name == "cpu" else HostSync()
         self._graphs, self._loss = GraphCache(self.backend), self.backend.xp.zeros((), dtype)
+        self._callbacks = {when: [] for when in CALLBACKS}  # pycaffe's before_forward(...) etc.
         self._build(insert_splits(filter_layers(param, lines, self.source)))
         if weights:
             self.copy_from(weights)
@@ -395,7 +398,7 @@ class Net:
         """forward_range without reading the loss back: a float on the CPU, a 0-d device array
         on a GPU, where the run is a CUDA graph replay whenever it can be (espresso/graphs.py)."""
         self.sync()
-        if self._host_sync is None or eager_reason(self.backend, self.layers[start:end + 1]) is not None:
+        if self._host_sync is None or self.eager_reason(start, end) is not None:
             return sum(float(term) for term in self.forward_layers(start, end))
         self._graphs.run(("forward", start, end), lambda: self.forward_loss(start, end, self._loss))
         return self._loss
@@ -423,7 +426,7 @@ class Net:
             sums[-1] += self._loss
 
         self.sync()
-        if eager_reason(self.backend, self.layers) is None:
+        if self.eager_reason() is None:
             self._graphs.run("forward+sums", run)
         else:
             run()
@@ -434,6 +437,7 @@ class Net:
         terms = []
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self._bottoms[i], self._tops[i]
+            self._call("before_forward", i)
             if self._checked_at[i] != Blob.layout:  # some blob changed shape since: look
                 shapes = [b.shape for b in bottom]
                 if shapes != self._reshaped_for[i]:
@@ -441,6 +445,7 @@ class Net:
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = Blob.layout
             layer.forward(bottom, top)
+            self._call("after_forward", i)
             if losses and (layer.is_loss or any(layer.loss_weights)):
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
         return terms
@@ -453,12 +458,39 @@ class Net:
     def backward_range(self, start, end):
         """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
         self.sync()
-        with self.backend.overlapping():  # param grads may run aside, joined at the end
+        # param grads may run aside, joined at the end (not when callbacks may read them between)
+        with self.backend.overlapping(not any(self._callbacks.values())):
             for i in range(start, end - 1, -1):
+                self._call("before_backward", i)
                 if self.layer_need_backward[i]:
                     # a diff that other layers accumulate into too is never written by two streams
                     with self.backend.overlapping(not self._shares_params[i]):
                         self.layers[i].backward(self._tops[i], self.bottom_need_backward[i], self._bottoms[i])
+                self._call("after_backward", i)
+
+    def eager_reason(self, start=0, end=None):
+        """Why layers start..end cannot run as a CUDA graph, or None when they can."""
+        if any(self._callbacks.values()):
+            return "pycaffe callbacks (before_forward etc.) run between the layers"
+        return eager_reason(self.backend, self.layers[start:None if end is None else end + 1])
+
+    def _add_callback(when):
+        def add(self, callback):
+            self._callbacks[when].append(callback)
+
+        add.__doc__ = f"pycaffe's: call callback(layer index) {when.replace('_', ' ')} of each layer"
+        add.__name__ = when
+        return add
+
+    before_forward, after_forward, before_backward, after_backward = map(_add_callback, CALLBACKS)
+    del _add_callback
+
+    def _call(self, when, i):
+        """Run the `when` callbacks for layer i; what they wrote through the views reaches the
+        device before the next layer runs."""
+        for callback in self._callbacks[when]:
+            callback(i)
+            self.sync()
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's Net.forward: set inputs from kwargs, run, return {output name: data}."""

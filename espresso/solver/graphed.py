@@ -11,7 +11,7 @@ per-iteration bias correction or the pycaffe callbacks; solvers using them run e
 
 import numpy as np
 
-from espresso.graphs import GraphCache, eager_reason
+from espresso.graphs import GraphCache
 from espresso.solver.lr_policy import learning_rates
 
 WINDOW = 1000  # iterations per rate upload and, at most, between loss reads
@@ -26,7 +26,7 @@ def eager_solver_reason(solver):
         return "Adam's bias correction changes every iteration"
     if p.clip_gradients >= 0:
         return "gradient clipping logs the norm it reads back"
-    return eager_reason(solver.net.backend, solver.net.layers)
+    return solver.net.eager_reason()
 
 
 def _scalar_loss(net):

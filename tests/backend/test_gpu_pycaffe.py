@@ -65,3 +65,34 @@ def test_gpu_views_are_host_arrays_and_writes_reach_the_device():
     gpu.blobs["y"].reshape(6, 2)
     gpu.reshape()
     assert gpu.forward(blobs=["h"])["h"].shape == (6, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")])])
+def test_net_callbacks_run_around_every_layer_and_their_writes_count(device):
+    """pycaffe's before_/after_forward and before_/after_backward: callback(layer index) around
+    each layer (Caffe's NetCallback); what a callback writes through the views is what the next
+    layer reads, and the param diffs it reads are final."""
+    from espresso import backend
+
+    net = build(backend.get("cuda:0") if device == "gpu" else None)
+    rng = np.random.default_rng(1)
+    net.blobs["x"].data[...], net.blobs["y"].data[...] = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    calls, seen = [], {}
+    for when in ("before_forward", "after_forward", "before_backward", "after_backward"):
+        getattr(net, when)(lambda i, when=when: calls.append((when, i)))
+
+    def zero_h(i):
+        if net._layer_names[i] == "ip":
+            net.blobs["h"].data[...] = 0  # the loss layer then sees h = 0
+
+    net.after_forward(zero_h)
+    net.after_backward(lambda i: seen.setdefault(i, np.array(net.params["ip"][1].diff)))
+    loss = net.forward()["loss"]
+    assert np.isclose(loss, (net.blobs["y"].data ** 2).sum() / 8)  # EuclideanLoss of 0 vs y
+    net.backward()
+    n = len(net.layers)
+    assert calls == ([(w, i) for i in range(n) for w in ("before_forward", "after_forward")]
+                     + [(w, i) for i in reversed(range(n)) for w in ("before_backward", "after_backward")])
+    np.testing.assert_allclose(seen[1], -net.blobs["y"].data.sum(axis=0) / 4)  # d loss / d bias at h = 0
+    assert net.eager_reason() is not None
