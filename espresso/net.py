@@ -445,9 +445,9 @@ class Net:
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = Blob.layout
             layer.forward(bottom, top)
-            self._call("after_forward", i)
-            if losses and (layer.is_loss or any(layer.loss_weights)):
+            if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
+            self._call("after_forward", i)
         return terms
 
     def forward_loss(self, start, end, out):
@@ -524,12 +524,17 @@ class Net:
         """pycaffe's: forward any number of items (kwargs: input name -> array) in batches of
         the net's batch size, the last padded with zeros; {output (and `blobs`) name: the
         outputs of every item} (the padding's dropped)."""
-        return self.forward_backward_all(blobs, None, backward=False, **kwargs)[0]
+        return self._run_all(blobs, None, kwargs, backward=False)[0]
 
-    def forward_backward_all(self, blobs=None, diffs=None, backward=True, **kwargs):
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
         """pycaffe's: forward_all plus a backward per batch, from the output diffs given in
         kwargs (output name -> array) or those the loss layers set; ({output: data}, {input
         (and `diffs`) name: diff}) of every item."""
+        return self._run_all(blobs, diffs, kwargs, backward=True)
+
+    def _run_all(self, blobs, diffs, kwargs, backward):
+        if not kwargs:
+            raise NetError("forward_all/forward_backward_all: give the items as input=array (and output=diffs)")
         seeds = {name: value for name, value in kwargs.items() if backward and name in self.outputs}
         feeds = {name: value for name, value in kwargs.items() if name not in seeds}  # forward checks them
         outs = {name: [] for name in set(self.outputs) | set(blobs or ())}
@@ -541,7 +546,7 @@ class Net:
             for store, batch in ((outs, batch_outs), (grads, batch_grads)):
                 for name, value in batch.items():
                     store[name].extend(np.array(value))
-        count = len(next(iter(kwargs.values()))) if kwargs else None
+        count = len(next(iter(kwargs.values())))
         trim = [{name: np.asarray(values[:count]) for name, values in store.items()} for store in (outs, grads)]
         return trim[0], trim[1]
 
@@ -656,7 +661,16 @@ class Net:
                     if diff:
                         diff_group.create_dataset(str(k), data=blob.host_diff())
 
+        self.check_hdf5_names(path)
         hdf5.write_file(path, fill)
+
+    def check_hdf5_names(self, path):
+        """HDF5 weights are keyed by layer name, and h5py reads "/" as a path (Caffe's ToHDF5
+        fails there): such a name would be lost without a word on loading, so it is refused."""
+        for layer in self.layers:
+            if not layer.name or "/" in layer.name:
+                raise ModelFileError(f"{path}: layer name {layer.name!r} cannot key HDF5 weights (empty or "
+                                     "holding '/'); rename the layer or use snapshot_format: BINARYPROTO")
 
     def load_hdf5(self, path):
         """Caffe's CopyTrainedLayersFromHDF5: copy "data/<layer>/<k>" by layer name, skipping

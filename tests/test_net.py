@@ -256,6 +256,8 @@ def test_forward_all_and_forward_backward_all_pad_the_last_batch_and_drop_the_pa
     np.testing.assert_allclose(diffs["x"], dh @ w)
     with pytest.raises(NetError, match="not an input"):
         net.forward_all(h=dh)
+    with pytest.raises(NetError, match="give the items"):
+        net.forward_all()
 
 
 def test_save_and_copy_from_round_trip(tmp_path):
@@ -342,6 +344,21 @@ def test_load_hdf5_mismatches_name_layer_and_shapes(tmp_path):
         f["weights"] = np.zeros(2)
     with pytest.raises(ModelFileError, match="no 'data' group"):
         net_from(SPLIT).load_hdf5(path)
+
+
+def test_hdf5_refuses_layer_names_it_would_lose_and_writes_big_files(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from espresso import hdf5
+
+    net = net_from(SPLIT.replace('name: "ip1"', 'name: "conv1/7x7"'))
+    with pytest.raises(ModelFileError, match=r"'conv1/7x7' cannot key HDF5 weights"):
+        net.save_hdf5(str(tmp_path / "w.h5"))  # h5py would make a group conv1 holding 7x7
+    assert list(tmp_path.iterdir()) == []
+    path = str(tmp_path / "big.h5")  # enough groups that HDF5 reads back its own metadata
+    hdf5.write_file(path, lambda f: [f.create_group(f"data/layer{i}").create_dataset("0", data=np.ones(3))
+                                     for i in range(3000)])
+    with h5py.File(path, "r") as f:
+        assert len(f["data"]) == 3000 and f["data/layer2999/0"][1] == 1
 
 
 def test_share_with_uses_the_other_nets_weights():

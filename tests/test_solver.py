@@ -445,6 +445,14 @@ def test_hdf5_snapshots_need_h5py_and_say_which_extra(tmp_path, monkeypatch):
                     f'snapshot_prefix: "{tmp_path}/x"')
 
 
+def test_hdf5_snapshots_refuse_a_layer_name_with_a_slash_at_construction(tmp_path):
+    pytest.importorskip("h5py")
+    with pytest.raises(ModelFileError, match=r"layer name 'ip/a' cannot key HDF5 weights"):
+        make_solver(f'base_lr: 0.1 lr_policy: "fixed" snapshot: 5 snapshot_format: HDF5 '
+                    f'snapshot_prefix: "{tmp_path}/x"', net_text=LINEAR.format(n=4, params="").replace(
+                        'name: "ip"', 'name: "ip/a"'))
+
+
 def test_unwritable_snapshot_prefix_fails_at_construction(tmp_path):
     with pytest.raises(EspressoError, match="cannot write to snapshot prefix"):
         make_solver(f'base_lr: 0.1 lr_policy: "fixed" snapshot: 5 snapshot_prefix: "{tmp_path}/missing/x"')

@@ -79,6 +79,8 @@ class Solver:
         self.test_nets = self._test_nets(dtype)
         self.updater = ArenaUpdater(self.net, self.param)
         learning_rate(self.param, 0, 0, self.net.dtype)  # a bad lr_policy fails here, not mid-run
+        if self.param.snapshot and _check_format(self.param):
+            self.net.check_hdf5_names(f"{self.param.snapshot_prefix}_iter_N.caffemodel.h5")  # not at the first snapshot
         log.info("Solver scaffolding done.")
         self.iter, self.current_step = 0, 0
         self.smoothed_loss, self._losses = 0.0, []

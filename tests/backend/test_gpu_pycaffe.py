@@ -88,7 +88,7 @@ def test_net_callbacks_run_around_every_layer_and_their_writes_count(device):
 
     net.after_forward(zero_h)
     net.after_backward(lambda i: seen.setdefault(i, np.array(net.params["ip"][1].diff)))
-    loss = net.forward()["loss"]
+    loss = float(net.forward()["loss"])
     assert np.isclose(loss, (net.blobs["y"].data ** 2).sum() / 8)  # EuclideanLoss of 0 vs y
     net.backward()
     n = len(net.layers)
@@ -96,3 +96,5 @@ def test_net_callbacks_run_around_every_layer_and_their_writes_count(device):
                      + [(w, i) for i in reversed(range(n)) for w in ("before_backward", "after_backward")])
     np.testing.assert_allclose(seen[1], -net.blobs["y"].data.sum(axis=0) / 4)  # d loss / d bias at h = 0
     assert net.eager_reason() is not None
+    net.after_forward(lambda i: i == n - 1 and net.blobs["loss"].data.fill(7))
+    assert np.isclose(net.forward_backward(), loss)  # the layer's loss, taken before its callbacks
