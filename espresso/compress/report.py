@@ -11,6 +11,7 @@ import numpy as np
 from espresso.compress.model_file import CompressedWeights
 from espresso.compress.pipeline import run_deployed, stream_sizes
 from espresso.errors import EspressoError
+from espresso.proto.text import atomic_write
 
 log = logging.getLogger("espresso")
 
@@ -74,10 +75,7 @@ def format_table(report):
 
 
 def write_report(report, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
 
 
 def plot_distributions(c, path):

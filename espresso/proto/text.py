@@ -111,6 +111,8 @@ def atomic_write(path, write):
     try:
         with os.fdopen(fd, "w+b") as f:  # readable too: HDF5 reads back what it wrote
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename: a power cut leaves the old file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
