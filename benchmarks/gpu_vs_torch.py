@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lenet_cpu import load_batch, source_digest
+from lenet_cpu import load_batch, source_digest, torch_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET, MLP, NETS = ROOT / "examples" / "lenet", ROOT / "examples" / "lenet_300_100", ROOT / "benchmarks" / "nets"
@@ -293,26 +293,12 @@ def torch_static(env, x, labels):
 
 
 def eager_trainer(env, model, net, x, labels):
-    """run(n): n SGD steps as Caffe's solver takes them; returns the last loss (a tensor)."""
-    from torch.nn import functional as F
-
+    """run(n): n SGD steps as Caffe's solver takes them; returns the last loss (a tensor, never
+    read back per step)."""
     torch, sp = env.torch, solver_param(net)
     opt = torch.optim.SGD(torch_groups(model, net, sp), lr=sp.base_lr, momentum=sp.momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(sp, it))
-    xt, yt = torch_static(env, x, labels)
-    model.train()
-
-    def run(n):
-        loss = None
-        for _ in range(n):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(xt), yt)
-            loss.backward()
-            opt.step()
-            sched.step()
-        return loss
-
-    return run
+    return torch_steps(model, opt, sched, *torch_static(env, x, labels), read_loss=False)
 
 
 def graph_trainer(env, model, net, x, labels, tensor_lr=True):

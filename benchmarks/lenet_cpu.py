@@ -196,7 +196,6 @@ def torch_trainer(torch, model, x, labels):
     decay_mult 1, momentum, lr = base_lr * (1 + gamma * iter)^-power.  Returns the last loss.
     (torch.optim.SGD keeps lr outside its momentum buffer, Caffe inside: equal while lr is fixed,
     and the "inv" rate changes by < 0.04% over the agreement check's 5 steps.)"""
-    from torch.nn import functional as F
 
     s = SOLVER
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
@@ -204,7 +203,15 @@ def torch_trainer(torch, model, x, labels):
     groups = [{"params": weights, "lr": s["base_lr"]}, {"params": biases, "lr": 2 * s["base_lr"]}]
     opt = torch.optim.SGD(groups, lr=s["base_lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 + s["gamma"] * it) ** -s["power"])
-    xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
+    # Espresso's forward_backward returns the loss as a float too: read back at every step
+    return torch_steps(model, opt, sched, torch.from_numpy(x), torch.from_numpy(labels), read_loss=True)
+
+
+def torch_steps(model, opt, sched, xt, yt, read_loss):
+    """step(n): n steps of `opt` and `sched` on the batch (xt, yt) with cross-entropy; returns
+    the last loss (a float when `read_loss`, which reads it back at every step)."""
+    from torch.nn import functional as F
+
     model.train()
 
     def step(n):
@@ -215,7 +222,8 @@ def torch_trainer(torch, model, x, labels):
             loss.backward()
             opt.step()
             sched.step()
-            loss = loss.item()  # Espresso's forward_backward returns the loss as a float too
+            if read_loss:
+                loss = loss.item()
         return loss
 
     return step
