@@ -156,27 +156,28 @@ def test_centroids_fine_tune_with_the_summed_cluster_gradient():
     assert not np.allclose(shared.codebook("ip1"), codebook)
     # one update by hand: centroid -= rate * (sum of its members' gradients + decay * centroid)
     g = np.random.default_rng(0).normal(size=blob.shape).astype(np.float32)
-    before = shared.codebook("ip1").copy()
-    net.arena_diff[...] = 0
-    blob.diff[...] = g
-    shared.cluster_gradients()
-    solver.updater.apply(0.05, solver.iter)
-    shared.read_codebooks()
+
+    def update(weights):
+        """(codebook before, after) one update by `weights` from the gradient g."""
+        before = weights.codebook("ip1").copy()
+        net.arena_diff[...] = 0
+        blob.diff[...] = g
+        weights.cluster_gradients()
+        solver.updater.apply(0.05, solver.iter)
+        weights.read_codebooks()
+        return before, weights.codebook("ip1")
+
+    before, after = update(shared)
     sums = np.bincount(index.ravel(), g.ravel(), minlength=8).astype(np.float32)
     want = before - np.float32(0.05) * (sums + np.float32(0.01) * before)
-    assert np.allclose(shared.codebook("ip1")[1:], want[1:], atol=1e-6) and shared.codebook("ip1")[0] == 0
+    assert np.allclose(after[1:], want[1:], atol=1e-6) and after[0] == 0
     # the default: the summed gradient with the step divided by the cluster's size
     mean = SharedWeights(net)
     mean.layers = shared.layers
-    before = mean.codebook("ip1").copy()
-    net.arena_diff[...] = 0
-    blob.diff[...] = g
-    mean.cluster_gradients()
-    solver.updater.apply(0.05, solver.iter)
-    mean.read_codebooks()
+    before, after = update(mean)
     sizes = np.maximum(np.bincount(index.ravel(), minlength=8), 1).astype(np.float32)
     want = before - np.float32(0.05) * (sums / sizes + np.float32(0.01) * before)
-    assert np.allclose(mean.codebook("ip1")[1:], want[1:], atol=1e-6)
+    assert np.allclose(after[1:], want[1:], atol=1e-6)
 
 
 # *** the file ***
