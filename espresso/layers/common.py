@@ -1,7 +1,6 @@
 """Common layers that compute: InnerProduct, Dropout, Embed, Eltwise, Reduction, ArgMax,
 Parameter.  The layers that only move or regroup data live in utility.py."""
 
-import contextlib
 import math
 
 import numpy as np
@@ -97,7 +96,7 @@ class InnerProductLayer(Layer):
                 else:
                     self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
         # with no bottom gradient to compute, the main stream sums the bias meanwhile
-        with self.backend.aside() if propagate_down[0] else contextlib.nullcontext():
+        with self.backend.aside(when=propagate_down[0]):
             if self.p.bias_term and self.param_propagate_down[1]:
                 self.add_row_sums(dy, self.blobs[1].diff)
         if propagate_down[0]:

@@ -5,7 +5,6 @@ Spatial parameters in either Caffe spelling (repeated kernel_size/stride/pad/dil
 fields (CAFFE, CUDNN) are accepted and ignored: every engine computes the same values here.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -358,7 +357,9 @@ class _BaseConvolution(Layer):
                 if want_weights:
                     image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
                     plan.backward_filter(image, data, self.blobs[0].diff)
-            with self._bias_aside(any(propagate_down)):  # one stream for every bottom's bias sums
+            # the bias sums go behind the weights' while the main stream computes a bottom gradient,
+            # else on the main stream, beside them (one stream for every bottom's)
+            with self.backend.aside(when=any(propagate_down)):
                 if want_bias:
                     self._bias_grad(t.diff)
             if propagate_down[i] and self.transposed:
@@ -383,11 +384,6 @@ class _BaseConvolution(Layer):
         sums = self.channel_sums[: n * c].reshape(n, c, 1)
         self.k.matmul(dy.reshape(n, c, pixels), self.ones(pixels)[:, None], out=sums)
         self.add_row_sums(sums.reshape(n, c), self.blobs[1].diff)
-
-    def _bias_aside(self, bottom_grad):
-        """Where the bias gradient goes: aside behind the weight gradient while the main stream
-        computes a bottom gradient, else on the main stream, concurrent with the weights'."""
-        return self.backend.aside() if bottom_grad else contextlib.nullcontext(False)
 
     def _want_params(self):
         down = self.param_propagate_down
@@ -426,11 +422,11 @@ class ConvolutionLayer(_BaseConvolution):
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             for lo, hi in core.chunks():
                 rows = core.load_data(dy[lo:hi])
-                with self.backend.aside() if overlap else contextlib.nullcontext(False) as aside:
+                with self.backend.aside(when=overlap) as aside:
                     if want_weights:
                         col = core.columns(x[lo:hi], ready=self.cols_ready)
                         core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
-                with self._bias_aside(overlap and dx is not None):
+                with self.backend.aside(when=overlap and dx is not None):  # as in _cudnn_backward
                     if want_bias:
                         self._bias_grad(dy[lo:hi])
                 if dx is not None:

@@ -30,7 +30,7 @@ class CPUBackend:
     def overlapping(self, on=True):  # one stream of work here: nothing runs aside (see the CUDA backend)
         return contextlib.nullcontext()
 
-    def aside(self, cudnn_bytes=0):
+    def aside(self, cudnn_bytes=0, when=True):
         return contextlib.nullcontext(False)
 
     def mark(self):

@@ -94,11 +94,12 @@ class CUDABackend:
                 self.join()
 
     @contextlib.contextmanager
-    def aside(self, cudnn_bytes=0):
+    def aside(self, cudnn_bytes=0, when=True):
         """Work (parameter gradients) that nothing else in the pass reads, queued on the side
-        stream after everything queued so far.  Yields whether it went aside: not outside
-        `overlapping`, nor when its cuDNN workspace would be over SIDE_WORKSPACE_LIMIT."""
-        if not self._overlap or cudnn_bytes > cudnn.SIDE_WORKSPACE_LIMIT:
+        stream after everything queued so far.  Yields whether it went aside: not unless
+        `when`, not outside `overlapping`, nor when its cuDNN workspace would be over
+        SIDE_WORKSPACE_LIMIT."""
+        if not (when and self._overlap) or cudnn_bytes > cudnn.SIDE_WORKSPACE_LIMIT:
             yield False
             return
         if cudnn_bytes and cudnn_bytes > self.cudnn.lanes[True][1].nbytes:
