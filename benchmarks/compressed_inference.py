@@ -73,14 +73,14 @@ def units(net):
 
 def time_pass(net, images, spans):
     """Mean batch-1 time over `images` (seconds) of each (first, last) span of layers, each
-    span run by forward_range as the net runs it; spans [(0, last)] time whole passes."""
+    span run by run_forward as the net runs it; spans [(0, last)] time whole passes."""
     data, times = net.blobs["data"].data, np.zeros(len(spans))
     clock = time.perf_counter
     for image in images:
         data[...] = image
         for k, (first, last) in enumerate(spans):
             t = clock()
-            net.forward_range(first, last)
+            net.run_forward(first, last)
             times[k] += clock() - t
     return times / len(images)
 

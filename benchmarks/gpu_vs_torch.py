@@ -127,9 +127,7 @@ class Env:
         self.torch.backends.cudnn.allow_tf32 = on
 
     def espresso_tf32(self, on):
-        """Switch Espresso's TF32 in this process; False when the backend has no switch."""
-        if not hasattr(self.backend, "set_tf32"):
-            return False
+        """Switch Espresso's TF32 in this process (a no-op on the CPU)."""
         self.backend.set_tf32(on)
         return True
 
@@ -153,10 +151,7 @@ class Env:
             cuda = self.torch.cuda
             return {"peak_mib": cuda.max_memory_reserved() / 2**20, "reserved_mib": cuda.max_memory_reserved() / 2**20,
                     "allocated_mib": cuda.max_memory_allocated() / 2**20}
-        if hasattr(self.backend, "peak_memory"):
-            return {"peak_mib": self.backend.peak_memory() / 2**20, "source": "backend.peak_memory()"}
-        pool = self.backend.xp.get_default_memory_pool()
-        return {"peak_mib": pool.total_bytes() / 2**20, "source": "cupy pool total_bytes at the end (no peak API)"}
+        return {"peak_mib": self.backend.peak_memory() / 2**20, "source": "backend.peak_memory()"}
 
 
 # *** Espresso ***
@@ -594,8 +589,6 @@ def machine_info(env):
             **info, "torch": torch.__version__, "espresso": env.espresso.__version__,
             "espresso_source_sha256": source_digest(), "numpy": np.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "espresso_backend": env.backend.describe(),
-            "espresso_has_set_tf32": hasattr(env.backend, "set_tf32"),
-            "espresso_has_peak_memory": hasattr(env.backend, "peak_memory"),
             "torch_cudnn_benchmark": env.cuda}
 
 

@@ -4,6 +4,7 @@
 """
 
 from espresso import (
+    compress,  # registers its model files with Net.copy_from
     io,
     layers,  # also pycaffe's NetSpec `L` (see espresso/layers/__init__.py)
 )
@@ -17,10 +18,11 @@ from espresso.errors import (
     PrototxtError,
     ShapeError,
 )
+from espresso.graphs import set_cuda_graphs
 from espresso.layer import Layer, register
 from espresso.net import TEST, TRAIN, Net
 from espresso.netspec import NetSpec, params, to_proto
-from espresso.runtime import set_cuda_graphs, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from espresso.runtime import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from espresso.solver import (
     AdaDeltaSolver,
     AdaGradSolver,
@@ -35,7 +37,7 @@ from espresso.solver import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Blob", "Net", "Layer", "register", "TRAIN", "TEST", "io", "NetSpec", "layers", "params", "to_proto",
+    "Blob", "Net", "Layer", "register", "TRAIN", "TEST", "io", "compress", "NetSpec", "layers", "params", "to_proto",
     "Solver", "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
     "AdaDeltaSolver", "AdamSolver",
     "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "set_cuda_graphs",

@@ -10,14 +10,14 @@ import math
 
 import numpy as np
 
+from espresso import graphs
 from espresso.backend import address
 from espresso.errors import ShapeError
 
 
 class Blob:
-    # bumped whenever any blob changes shape or storage: a CUDA graph captured at one layout
-    # (which bakes in every address and shape it touched) is replayed only at that layout
-    layout = 0
+    """Changing a blob's shape or storage voids the graphs captured on its backend, which baked
+    in every address and shape they touched (espresso/graphs.py)."""
 
     def __init__(self, shape=(), dtype=np.float32, backend=None, name=""):
         if backend is None:
@@ -53,16 +53,13 @@ class Blob:
         if any(s < 0 for s in shape):
             raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
         self._shape = shape
-        Blob.layout += 1
+        graphs.invalidate(self.backend)
         n = math.prod(shape)
         if self._data_buf is None or n > self._data_buf.size:
             self._data_buf = self.backend.xp.zeros(n, dtype=self.dtype)
             self._diff_buf = None
         self._data = self._data_buf[:n].reshape(shape)
         self._diff = None
-
-    def shape_string(self):
-        return " ".join(str(s) for s in self._shape) + f" ({self.count})"
 
     def canonical_axis(self, axis):
         """Caffe's CanonicalAxisIndex: negative axes count from the end."""
@@ -93,14 +90,14 @@ class Blob:
             n = self.count
             if self._diff_buf is None or n > self._diff_buf.size:
                 self._diff_buf = self.backend.xp.zeros(max(n, self._data_buf.size), self.dtype)
-                Blob.layout += 1
+                graphs.invalidate(self.backend)
             self._diff = self._diff_buf[:n].reshape(self._shape)
         return self._diff
 
     def bind(self, data, diff=None):
         """Make this blob a view of existing storage (parameter arena, shared weights)."""
         assert data.size == self.count, (data.shape, self._shape)
-        Blob.layout += 1
+        graphs.invalidate(self.backend)
         self._data_buf, self._data = data.reshape(-1), data.reshape(self._shape)
         if diff is not None:
             self._diff_buf, self._diff = diff.reshape(-1), diff.reshape(self._shape)
@@ -110,14 +107,22 @@ class Blob:
         if other.count != self.count:
             raise ShapeError(f"cannot share data of {other.shape} with {self._shape}")
         if self._data is None or address(self._data) != address(other.data):
-            Blob.layout += 1
+            graphs.invalidate(self.backend)
         self._data_buf, self._data = other.data.reshape(-1), other.data.reshape(self._shape)
 
     def share_diff(self, other):
         if other.count != self.count:
             raise ShapeError(f"cannot share diff of {other.shape} with {self._shape}")
-        Blob.layout += 1
+        graphs.invalidate(self.backend)
         self._diff_buf, self._diff = other.diff.reshape(-1), other.diff.reshape(self._shape)
+
+    def release(self):
+        """Keep the shape, give up the storage: the data reads as zeros held in no memory (a
+        param kept in another form by an add-on, see Net.release_params)."""
+        xp = self.backend.xp
+        graphs.invalidate(self.backend)
+        self._data_buf = self._data = xp.broadcast_to(xp.zeros((), self.dtype), self._shape)
+        self._diff_buf = self._diff = None
 
     def host_data(self):
         """The data as a NumPy array (a copy from the device when not on the CPU)."""

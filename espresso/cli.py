@@ -180,7 +180,7 @@ def cmd_test(args):
     net = _net(args, espresso.TEST)
     totals, loss = {}, 0.0
     for i in range(args.iterations):
-        loss += net.forward_range(0, len(net.layers) - 1)
+        loss += float(net.run_forward())
         for name in net.outputs:
             values = np.atleast_1d(net.blobs[name].host_data()).ravel()
             for k, v in enumerate(values):

@@ -4,15 +4,24 @@ Layers work on device arrays (`Blob.data` is an array of the backend's `xp`).  P
 uses pycaffe's surface (`net.blobs[...]`, `net.params[...]`) gets these views instead, which
 behave like Caffe's SyncedMemory as pycaffe sees it: reading `.data` hands out a host copy
 (kept until the net next runs, so repeated accesses see one array), and whatever the user
-changed in it reaches the device before the net's next use.  On the CPU backend nets hand out
-their Blobs directly and none of this runs.
+changed in it reaches the device before the net's next use.  One HostSync serves every net on
+a backend, so a write through one net's view of weights shared with another (the solver's test
+nets share the train net's) reaches the device before either runs.  On the CPU backend nets
+hand out their Blobs directly and none of this runs.
 """
 
 import numpy as np
 
+_SYNCS = {}  # backend -> its HostSync
+
+
+def host_sync(backend):
+    """The HostSync of every net on `backend`."""
+    return _SYNCS.setdefault(backend, HostSync())
+
 
 class HostSync:
-    """The host copies handed out since the net last ran; changed ones are written back."""
+    """The host copies handed out since a net last ran; changed ones are written back."""
 
     def __init__(self):
         self.pending = {}  # (id(blob), "data"/"diff") -> (blob, which, host array, original)

@@ -13,13 +13,13 @@ import copy
 
 import numpy as np
 
+from espresso import graphs
 from espresso.blob import Blob
 from espresso.errors import LayerParamError, NetError, did_you_mean
 from espresso.filler import fill
 
 _REGISTRY = {}
-_ONES = {}  # (backend name, dtype) -> a vector of ones, grown as needed
-_RETIRED_ONES = []
+_ONES = {}  # (backend, dtype) -> a vector of ones, grown as needed
 
 
 def register(cls):
@@ -52,14 +52,6 @@ def legacy_types():
     import espresso.layers  # noqa: F401
 
     return {cls.legacy: cls.type for cls in _REGISTRY.values() if cls.legacy}
-
-
-def _is_set(message, name):
-    """HasField for singular fields, non-empty for repeated ones (HasField refuses those)."""
-    try:
-        return message.HasField(name)
-    except ValueError:
-        return len(getattr(message, name)) > 0
 
 
 class Layer:
@@ -151,21 +143,23 @@ class Layer:
             if weight:
                 blob.diff[...] = weight
 
-    def reject_fields(self, *names):
-        """Refuse parameter fields this layer does not implement (nothing is silently ignored)."""
+    def reject_fields(self, message, path, names):
+        """Refuse the (singular) fields `names` of `message`, found at `path`, where set: this
+        layer does not implement them, and nothing is silently ignored."""
         for name in names:
-            if _is_set(self.p, name):
-                self.fail(f"{self.param}.{name} is not supported")
+            if message.HasField(name):
+                self.fail(f"{path}.{name} is not supported by {self.type}")
 
     def ones(self, n):
-        """n ones on this layer's backend and dtype, from a vector shared by all layers (it moves
-        when it grows: graphs captured with the old one are void)."""
-        key = (self.backend.name, self.dtype)
+        """n ones on this layer's backend and dtype, from a vector shared by all layers (sized
+        in reshape).  It moves when it grows: graphs captured with the old one are void, and the
+        old one goes only once no queued work (on either stream) can still read it."""
+        key = (self.backend, self.dtype)
         if key not in _ONES or _ONES[key].size < n:
-            if key in _ONES:  # kept: work queued on a side stream may still read it
-                _RETIRED_ONES.append(_ONES[key])
+            if key in _ONES:
+                self.backend.synchronize()
             _ONES[key] = self.xp.ones(max(n, 1024), self.dtype)
-            Blob.layout += 1
+            graphs.invalidate(self.backend)
         return _ONES[key][:n]
 
     def add_row_sums(self, rows, out):

@@ -1,23 +1,11 @@
-"""Process-wide settings, as Caffe's `Caffe` singleton holds them: mode, device, random seed;
-and whether GPU nets and solvers replay CUDA graphs (ESPRESSO_CUDA_GRAPHS=0 or
-set_cuda_graphs(False) turns them off, for debugging: every layer then runs eagerly)."""
-
-import os
+"""Process-wide settings, as Caffe's `Caffe` singleton holds them: mode, device, random seed.
+(Whether GPU nets replay CUDA graphs is espresso.graphs.set_cuda_graphs.)"""
 
 import numpy as np
 
 from espresso import backend
 
-_state = {"device": "cpu", "gpu_id": 0, "host_rng": np.random.default_rng(),
-          "graphs": os.environ.get("ESPRESSO_CUDA_GRAPHS", "1") not in ("", "0")}
-
-
-def set_cuda_graphs(enabled):
-    _state["graphs"] = bool(enabled)
-
-
-def cuda_graphs():
-    return _state["graphs"]
+_state = {"device": "cpu", "gpu_id": 0, "host_rng": np.random.default_rng()}
 
 
 def set_mode_cpu():

@@ -387,8 +387,8 @@ def test_fully_connected_layers_and_their_relus_run_fused(tmp_path, monkeypatch,
             net.forward(data=x)
         assert same_blobs(small, dense) and (small.blobs["ip1"].data == 0).any()
     for i in range(len(small.layers)):  # layer by layer, as per-layer timing runs them
-        small.forward_range(i, i)
-        dense.forward_range(i, i)
+        small.run_forward(i, i)
+        dense.run_forward(i, i)
     assert same_blobs(small, dense)
     small.forward(end="ip1")  # computes the whole run; ip1 comes back rectified
     assert np.allclose(small.blobs["ip1"].data, np.maximum(dense.blobs["ip1"].data, 0), atol=1e-5)

@@ -479,13 +479,13 @@ def test_test_averages_each_output_over_test_iter(caplog):
                          'test_compute_loss: true', net_text=TWO_PHASE)
     net = solver.test_nets[0]
     batches = [(X[:2], Y[:2]), (X[2:], Y[2:])]
-    original, feed = net.forward_into_sums, iter(batches)
+    original, feed = net.run_forward, iter(batches)
 
-    def forward_into_sums(sums):
+    def run_forward(sums):
         net.blobs["x"].data[...], net.blobs["y"].data[...] = next(feed)
-        return original(sums)
+        return original(sums=sums)
 
-    net.forward_into_sums = forward_into_sums
+    net.run_forward = run_forward
     with caplog.at_level(logging.INFO, logger="espresso"):
         means = solver.test(0)
     losses = [((x @ W0.T + B0 - y) ** 2).sum() / 4 for x, y in batches]
@@ -568,10 +568,10 @@ def test_training_on_a_separable_problem_lowers_the_loss(tmp_path, caplog):
     for net in [solver.net, *solver.test_nets]:
         net.blobs["x"].data[...] = x
         net.blobs["label"].data[...] = label
-    first = solver.net.forward_range(0, len(solver.net.layers) - 1)
+    first = float(solver.net.run_forward())
     with caplog.at_level(logging.INFO, logger="espresso"):
         solver.solve()
-    last = solver.net.forward_range(0, len(solver.net.layers) - 1)
+    last = float(solver.net.run_forward())
     assert last < 0.3 * first
     assert solver.test_scores[0]["accuracy"][0] >= 0.95
     assert sorted(os.listdir(tmp_path)) == ["mlp_iter_20.caffemodel", "mlp_iter_20.solverstate",

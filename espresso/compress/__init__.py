@@ -9,17 +9,27 @@ quantization, Huffman coding, a compressed model file and compressed inference.
 See docs/compression.md for the stages, the file format and the measured results.
 """
 
-from espresso.compress.model_file import CompressedWeights, is_compressed, read_model, write_model
+from espresso.compress.model_file import MAGIC, CompressedWeights, is_compressed, read_model, write_model
 from espresso.compress.prune import Masks, prune_mask
 from espresso.compress.quantize import SharedWeights, kmeans_share
+from espresso.net.files import register_format
 
 __all__ = ["CompressedLayer", "CompressedWeights", "Masks", "SharedWeights", "compress", "is_compressed",
            "kmeans_share", "load_compressed", "prune_mask", "read_model", "write_model"]
 
 
+def _load_compressed(net, path):
+    from espresso.compress.runtime import load_compressed
+
+    load_compressed(net, path)
+
+
+register_format(MAGIC, _load_compressed)  # Net.copy_from reads compressed models: Net(proto, "w.espz", TEST)
+
+
 def __getattr__(name):
     """The runtime (Numba kernels, layers) and the pipeline (solvers) load on first use, so that
-    `import espresso` (whose Net.copy_from checks for compressed files) stays light."""
+    `import espresso` (which imports this package, registering its model files) stays light."""
     if name in ("CompressedLayer", "load_compressed"):
         from espresso.compress import runtime
 

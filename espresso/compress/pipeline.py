@@ -184,7 +184,7 @@ def run_deployed(model, path, iterations):
         return None
     total = 0.0
     for _ in range(iterations):
-        net.forward_range(0, len(net.layers) - 1)
+        net.run_forward()
         total += float(np.mean(net.blobs[keys[0]].host_data()))
     return total / iterations
 

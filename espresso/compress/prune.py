@@ -13,6 +13,7 @@ AdaGrad/RMSProp/Adam accumulators), so neither momentum nor weight decay can rev
 
 import numpy as np
 
+from espresso.backend import address
 from espresso.errors import EspressoError
 
 COMPRESSIBLE = ("InnerProduct", "Convolution")
@@ -55,11 +56,7 @@ def arena_offset(net, blob):
 
 
 def _same_memory(a, b):
-    return a.shape == b.shape and _pointer(a) == _pointer(b)
-
-
-def _pointer(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+    return a.shape == b.shape and address(a) == address(b)
 
 
 class Masks:

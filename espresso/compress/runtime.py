@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from espresso.blob import Blob
+from espresso import graphs
 from espresso.compress.model_file import CompressedWeights, read_model
 from espresso.compress.sparse import SparseMatrix, pack
 from espresso.errors import ModelFileError, NetError, ShapeError
@@ -43,7 +43,7 @@ def load_compressed(net, path):
         layer = net.layers[i]
         _check_blobs(name, layer, blobs)
         if swap and isinstance(blobs[0], CompressedWeights) and _can_run_compressed(layer):
-            net.layers[i] = CompressedLayer(layer, blobs[0])
+            net.replace_layer(i, CompressedLayer(layer, blobs[0]))
             replaced.append(layer.blobs[0])
             blobs = blobs[1:]
             targets = layer.blobs[1:]
@@ -53,7 +53,7 @@ def load_compressed(net, path):
             array = value.dense() if isinstance(value, CompressedWeights) else value
             blob.data[...] = net.backend.to_device(array.reshape(blob.shape), net.dtype)
     if replaced:
-        _release_dense(net, replaced)
+        net.release_params(replaced)  # the dense copies go (unless the net shares params)
         _fuse_runs(net)
 
 
@@ -95,10 +95,10 @@ class FusedRun:
     def __init__(self, net, start, stop):
         for i in range(start, stop):
             if net.layers[i].type == "ReLU":
-                net.layers[i] = FusedReLU(net.layers[i])
-        self.layers = net.layers[start:stop]
-        self.bottoms, self.tops = net._bottoms[start:stop], net._tops[start:stop]
-        self.caller, self.next, self.layout, self.calls = None, 0, None, None
+                net.replace_layer(i, FusedReLU(net.layers[i]))
+        self.layers, self.backend = net.layers[start:stop], net.backend
+        self.bottoms, self.tops = net.bottom_vecs[start:stop], net.top_vecs[start:stop]
+        self.caller, self.next, self.version, self.calls = None, 0, None, None
         for k, layer in enumerate(self.layers):
             layer.run, layer.position = self, k
         self.fc = [k for k, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
@@ -108,10 +108,10 @@ class FusedRun:
     def forward_from(self, k, caller):
         """A pass (the net's loop `caller`) reaches layer k first: compute layers k.. ."""
         self.caller, self.next = caller, k + 1
-        if self.layout != Blob.layout:  # some blob changed: size the later tops, as the net would
+        if self.version != graphs.version(self.backend):  # some blob changed: size the later tops, as the net would
             for layer, bottom, top in zip(self.layers[k:], self.bottoms[k:], self.tops[k:]):
                 layer.reshape(bottom, top)
-            self.layout, self.calls = Blob.layout, self._bind()
+            self.version, self.calls = graphs.version(self.backend), self._bind()
         if self.calls is None:  # no common kernel: one layer after the other
             for layer, bottom, top in zip(self.layers[k:], self.bottoms[k:], self.tops[k:]):
                 layer.compute(bottom, top)
@@ -185,33 +185,21 @@ def _can_run_compressed(layer):
     return layer.type == "Convolution" and layer.p.group == 1 and layer.axis == 1
 
 
-def _release_dense(net, replaced):
-    """Rebuild the parameter arena without the replaced weights, so their memory is freed.
-    Nets with shared params (a layer blob that is not a learnable param) keep the arena."""
-    learnable = {id(b) for b in net.learnable_params}
-    if any(id(b) not in learnable for layer in net.layers for b in layer.blobs if not isinstance(b, CompressedBlob)):
-        return
-    xp, gone = net.backend.xp, {id(b) for b in replaced}
-    live = [b for b in net.learnable_params if id(b) not in gone]
-    total = sum(b.count for b in live)
-    data, diff = xp.zeros(total, net.dtype), xp.zeros(total, net.dtype)
-    offset = 0
-    for blob in live:
-        data[offset:offset + blob.count] = blob.data.ravel()
-        blob.bind(data[offset:offset + blob.count], diff[offset:offset + blob.count])
-        offset += blob.count
-    for blob in replaced:  # NOTE: a zero-stride view holds no memory; Blob.bind would copy it
-        blob._data_buf = blob._data = xp.broadcast_to(xp.zeros((), net.dtype), blob.shape)
-        blob._diff_buf = blob._diff = None
-    net.arena_data, net.arena_diff = data, diff
-
-
-class CompressedBlob(Blob):
-    """The weight blob of a CompressedLayer: decoded on each read, never stored dense."""
+class CompressedBlob:
+    """The weight blob of a CompressedLayer: a Blob's read-only surface, decoded on each read,
+    never stored dense."""
 
     def __init__(self, layer, shape):
         self.layer, self.backend, self.dtype, self.name = layer, layer.backend, layer.dtype, ""
-        self._shape = tuple(shape)
+        self.shape = tuple(shape)
+
+    @property
+    def count(self):
+        return math.prod(self.shape)
+
+    @property
+    def num_axes(self):
+        return len(self.shape)
 
     def reshape(self, *shape):
         raise NetError(f"{self.layer.where}: compressed weights cannot be reshaped")
@@ -233,15 +221,18 @@ class CompressedBlob(Blob):
         return self.backend.to_host(self.data)
 
     def host_diff(self):
-        return np.zeros(self._shape, self.dtype)
+        return np.zeros(self.shape, self.dtype)
 
     def share_data(self, other):
         if other.count != self.count:
-            raise ShapeError(f"cannot share data of {other.shape} with {self._shape}")
-        self.layer.run_dense(other.data.reshape(self._shape))
+            raise ShapeError(f"cannot share data of {other.shape} with {self.shape}")
+        self.layer.run_dense(other.data.reshape(self.shape))
 
     def bind(self, data, diff=None):
         raise NetError(f"{self.layer.where}: compressed weights cannot be rebound")
+
+    def __repr__(self):
+        return f"CompressedBlob({self.layer.inner.name!r}, shape={self.shape})"
 
 
 class CompressedLayer(_Wrapper):
@@ -284,7 +275,7 @@ class CompressedLayer(_Wrapper):
         self.shared, self.matrix = array, None
         self.inner.core_shape = None
         if self.run is not None:
-            self.run.layout = None  # the run now goes one layer after the other
+            self.run.version = None  # the run now goes one layer after the other
 
     def reshape(self, bottom, top):
         if self.shared is not None or self.inner.type == "InnerProduct":

@@ -65,7 +65,7 @@ class SparseMatrix:
 
     def __init__(self, cw, rows, cols, backend, dtype=np.float32, transpose=False, by_column=False):
         self.rows, self.cols, self.backend, self.xp = rows, cols, backend, backend.xp
-        self.dtype, self.gpu = np.dtype(dtype), backend.name != "cpu"
+        self.dtype, self.gpu = np.dtype(dtype), not backend.host_arrays
         self.by_column = by_column and not self.gpu  # cuSPARSE gets W itself
         self._no_bias = np.zeros(0, self.dtype)
         self.quantized = cw.codebook is not None
@@ -219,9 +219,7 @@ def pack(matrices, relus):
 
 def _cusparse(matrix):
     """The matrix as a cupyx.scipy.sparse CSR matrix with decoded float values (GPU only)."""
-    from espresso.backend.cuda.kernels import csr_matrix  # noqa: PLC0415 (only on a CUDA backend)
-
-    xp = matrix.xp
+    xp, csr_matrix = matrix.xp, matrix.backend.k.csr_matrix
     values = matrix.codebook[matrix.entries] if matrix.quantized else matrix.entries
     csr = csr_matrix(values.astype(matrix.dtype), matrix.indices.astype(xp.int32), matrix.indptr,
                      (matrix.rows, matrix.cols))

@@ -9,7 +9,7 @@ spelling, and a subpackage of that name would otherwise replace NetSpec's object
 from espresso.layers import (  # noqa: F401
     common,
     data,
-    datalayers,
+    inputs,
     loss,
     neuron,
     normalization,

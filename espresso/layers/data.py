@@ -1,81 +1,512 @@
-"""Data layers that need no dataset: Input and DummyData."""
+"""The layers that read datasets: Data (LMDB), ImageData, MemoryData, HDF5Data, HDF5Output.
 
-from espresso.filler import fill
+Caffe's prefetching data layers reshape and fill their tops in forward; reshape() does nothing.
+Random choices (crops, mirrors, shuffles, rand_skip) use generators seeded from
+espresso.runtime.host_rng() at setup, so set_random_seed reproduces a run.
+"""
+
+import os
+import warnings
+import weakref
+
+import numpy as np
+
+from espresso.data import DatasetError, require
+from espresso.data.db import LMDBReader, decode_datum
+from espresso.data.image import read_image, read_image_list
+from espresso.data.prefetch import Prefetcher
+from espresso.data.transformer import DataTransformer
+from espresso.errors import NetError, ShapeError
 from espresso.layer import Layer, register
 from espresso.proto import caffe_pb2
+from espresso.runtime import host_rng
+
+CACHE_LIMIT_BYTES = 2 << 30  # a Data layer decodes datasets up to this size once, at setup
+# old fields of the data params, moved to transform_param long ago: field -> its replacement
+_DEPRECATED = {name: name for name in ("scale", "mean_file", "crop_size", "mirror")}
 
 
-def blob_shape(shape_param):
-    """A BlobShape message as a tuple of ints."""
-    return tuple(int(d) for d in shape_param.dim)
+def _seeded_rng():
+    return np.random.default_rng(int(host_rng().integers(2**63)))
 
 
-@register
-class InputLayer(Layer):
-    """Net input blobs of fixed shapes, filled by the user. Honors input_param.shape."""
+class _DataLayerBase(Layer):
+    """Shared by the layers that read a dataset: no bottoms, no backward, tops set in forward."""
 
-    type = "Input"
-    param = "input_param"
     exact_bottoms = 0
-    min_tops = 1
+    capturable = False  # reads host data per batch (Data overrides this when it can)
 
-    def setup(self, bottom, top):
-        shapes = self.p.shape
-        if len(shapes) not in (1, len(top)):
-            self.fail(f"input_param.shape must be given once or once per top ({len(top)}), "
-                      f"got {len(shapes)}")
-        for k, blob in enumerate(top):
-            blob.reshape(blob_shape(shapes[0] if len(shapes) == 1 else shapes[k]))
+    def reject_deprecated(self, fields=_DEPRECATED):
+        for name, replacement in fields.items():
+            if self.p.HasField(name):
+                self.fail(f"{self.param}.{name} is deprecated and unused by Caffe; use transform_param.{replacement}")
+
+    def positive_batch_size(self):
+        if self.p.batch_size <= 0:
+            self.fail(f"{self.param}.batch_size: must be > 0, got {self.p.batch_size}")
+        return self.p.batch_size
+
+    def make_transformer(self):
+        return DataTransformer(self.lp.transform_param, self.phase, self.backend, self.dtype, self.fail)
+
+    def start_prefetch(self, fill, buffers, *closing):
+        """Run `fill` in a thread; stop it (and close `closing`) when this layer is collected."""
+        self.prefetcher = Prefetcher(fill, buffers, name=f"espresso-{self.type}-{self.name}")
+        weakref.finalize(self, _shutdown, self.prefetcher, *closing)
+
+    def next_batch(self):
+        try:
+            return self.prefetcher.get()
+        except DatasetError as e:
+            self.fail(str(e), DatasetError)
 
     def reshape(self, bottom, top):
-        pass  # the user reshapes input blobs directly
-
-    def forward(self, bottom, top):
         pass
 
 
-@register
-class DummyDataLayer(Layer):
-    """Tops filled by fillers (constant by default). Honors dummy_data_param: shape or legacy
-    num/channels/height/width, data_filler (once or per top)."""
+def _shutdown(prefetcher, *closing):
+    prefetcher.close()
+    for thing in closing:
+        thing.close()
 
-    type = "DummyData"
-    capturable = False  # refills from the host generator
-    param = "dummy_data_param"
-    legacy = "DUMMY_DATA"
-    exact_bottoms = 0
-    min_tops = 1
+
+# *** Data: Datum records from an LMDB ***
+class _DatumDecoder:
+    """(item, label) of one record; every item must have the first one's shape and type."""
+
+    def __init__(self, source, color):
+        self.source, self.color, self.expected = source, color, None
+
+    def __call__(self, key, value):
+        what = f"{self.source}: record {key.decode(errors='replace')}"
+        array, label = decode_datum(value, self.color, what)
+        if self.expected is None:
+            self.expected = (array.shape, array.dtype)
+        elif (array.shape, array.dtype) != self.expected:
+            raise DatasetError(f"{what}: shape {array.shape} {array.dtype}, but the first record is "
+                               f"{self.expected[0]} {self.expected[1]}; every record must have the same shape")
+        return array, label
+
+
+class _DatumBatches:
+    """Fills (data, labels) host buffers with consecutive records, wrapping around (in the thread)."""
+
+    def __init__(self, reader, skip, decode):
+        self.records, self.decode = reader.cycle(skip), decode
+
+    def __call__(self, buffer):
+        data, labels = buffer
+        for i in range(len(data)):
+            data[i], labels[i] = self.decode(*next(self.records))
+
+
+@register
+class DataLayer(_DataLayerBase):
+    """Datum records of an LMDB in key order, wrapping around at the end.  Honors data_param:
+    source, batch_size, backend (LMDB; LEVELDB is refused), rand_skip, prefetch; and
+    transform_param.  Tops: data (batch_size, C, H, W after the crop) and optionally label.
+
+    A dataset decoding to at most CACHE_LIMIT_BYTES is decoded once at setup and kept on the
+    device, each batch then being a slice and a vectorized transform; larger ones stream from a
+    prefetch thread through pinned host buffers (on a GPU, copied on a side stream).  Differs
+    from Caffe 1.0: rand_skip is honored (a random 0..rand_skip-1 records are skipped at the
+    start, as ImageData does); Caffe 1.0's Data layer ignores it.
+    """
+
+    type = "Data"
+    param = "data_param"
+    legacy = "DATA"
+    min_tops, max_tops = 1, 2
 
     def setup(self, bottom, top):
-        p, n = self.p, len(top)
-        legacy = [len(p.num), len(p.channels), len(p.height), len(p.width)]
-        if p.shape and any(legacy):
-            self.fail("give dummy_data_param.shape or num/channels/height/width, not both")
-        counts = [len(p.shape)] if p.shape else legacy
-        if any(c not in (1, n) for c in counts) or len(p.data_filler) not in (0, 1, n):
-            self.fail(f"each shape field (and data_filler, if any) must be given once or {n} times")
-        fillers = list(p.data_filler) or [caffe_pb2.FillerParameter(type="constant", value=0)]
-        self.fillers = [fillers[0] if len(fillers) == 1 else fillers[k] for k in range(n)]
-        for k, blob in enumerate(top):
-            blob.reshape(self._shape(k))
-        # Caffe refills each forward only when some filler is not constant
-        self.refill = any(f.type != "constant" for f in self.fillers)
-        self._fill(top)
+        self.reject_deprecated({**_DEPRECATED, "force_encoded_color": "force_color"})
+        batch_size = self.positive_batch_size()
+        if self.p.backend != caffe_pb2.DataParameter.LMDB:
+            self.fail("data_param.backend: LEVELDB (the default when backend is not given) is not "
+                      "supported; convert the database to LMDB and set `backend: LMDB`")
+        self.transformer = self.make_transformer()
+        reader = self._open()
+        self.decode = _DatumDecoder(self.p.source, self.transformer.color)
+        try:
+            first, _ = self.decode(*reader.first())
+        except DatasetError as e:
+            self.fail(str(e), DatasetError)
+        skip = int(host_rng().integers(self.p.rand_skip)) if self.p.rand_skip else 0
+        if len(reader) * first.nbytes <= CACHE_LIMIT_BYTES:
+            with reader:
+                self._load_all(reader, skip)
+        else:
+            self.cache = None
+            pinned = self.backend.pinned_empty  # on a GPU: copied on a side stream (_forward_prefetched)
+            buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
+                       for _ in range(max(2, self.p.prefetch))]
+            self.uploader = self.backend.uploader(buffers[0])
+            self.start_prefetch(_DatumBatches(reader, skip, self.decode), buffers, reader)
+        top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
+        if len(top) > 1:
+            top[1].reshape(batch_size)
 
-    def _shape(self, k):
+    def _open(self):
+        try:
+            return LMDBReader(self.p.source)
+        except DatasetError as e:
+            self.fail(f"data_param.source: {e}", DatasetError)
+
+    def _load_all(self, reader, skip):
+        shape, dtype = self.decode.expected
+        data, labels = np.empty((len(reader),) + shape, dtype), np.empty(len(reader))
+        try:
+            for i, (key, value) in enumerate(reader.items()):
+                data[i], labels[i] = self.decode(key, value)
+        except DatasetError as e:
+            self.fail(str(e), DatasetError)
+        self.cache = self.backend.to_device(data)  # uint8 stays uint8: 1 byte per pixel on the device
+        self.cache_labels = self.backend.to_device(labels, self.dtype)
+        self.pos = skip % len(data)
+        if not self.backend.host_arrays:  # on a GPU the cursor lives on the device, so a graph can advance it
+            batch = self.p.batch_size
+            self.pos = self.xp.full((1,), self.pos, np.int64)
+            self.batch_offsets, self.rows = self.xp.arange(batch), self.xp.empty(batch, np.int64)
+            self.flat_mean = None  # the transform's mean, one value per value of an item
+
+    @property
+    def capturable(self):
+        """On a GPU with the dataset on the device and no random crop/mirror: a batch is then a
+        few kernels with no host input."""
+        return self.cache is not None and not self.backend.host_arrays and self.transformer.rng is None
+
+    def forward(self, bottom, top):
+        if self.cache is None:
+            return self._forward_prefetched(top)
+        if not self.backend.host_arrays:
+            return self._forward_device_cursor(top)
+        n, batch_size = len(self.cache), top[0].shape[0]
+        if self.pos + batch_size <= n:  # a view: no gather needed
+            rows = slice(self.pos, self.pos + batch_size)
+        else:
+            rows = self.xp.asarray((self.pos + np.arange(batch_size)) % n)
+        self.pos = (self.pos + batch_size) % n
+        self.transformer(self.cache[rows], top[0].data)
+        if len(top) > 1:
+            top[1].data[...] = self.cache_labels[rows]
+
+    def _forward_device_cursor(self, top):
+        """The host path's rows (pos, pos+1, ... mod n) from a device cursor, as one gather."""
+        xp, n, t = self.xp, len(self.cache), self.transformer
+        if not t.p.crop_size and t.rng is None:  # (x - mean) * scale per value: gathered in one kernel
+            if self.flat_mean is None and t.mean is not None:
+                self.flat_mean = xp.broadcast_to(t.mean, self.cache.shape[1:]).ravel()  # a copy, once
+            self.k.gather_batch(self.cache, self.cache_labels, self.pos, self.flat_mean, t.scale, top[0].data,
+                                top[1].data if len(top) > 1 else None)
+            return
+        rows = xp.remainder(xp.add(self.batch_offsets, self.pos, out=self.rows), n, out=self.rows)
+        xp.remainder(self.pos + top[0].shape[0], n, out=self.pos)
+        self.transformer(self.cache[rows], top[0].data)
+        if len(top) > 1:
+            xp.take(self.cache_labels, rows, out=top[1].data)
+
+    def _forward_prefetched(self, top):
+        buffer = self.next_batch()
+        # on a GPU: copied from pinned memory on the copy stream, while the GPU works on the last batch
+        data, labels = self.uploader(buffer)
+        self.transformer(data, top[0].data)
+        if len(top) > 1:
+            top[1].data[...] = labels
+        self.uploader.done()  # (on a GPU: once the copy is done) the thread may refill the host buffer
+        self.prefetcher.release(buffer)
+
+
+# *** ImageData: image files listed in a text file ***
+class _ImageBatches:
+    """Reads batches of listed images (in the thread), reshuffling at each epoch's end."""
+
+    def __init__(self, entries, skip, p, rng):
+        self.entries, self.pos, self.p, self.rng = entries, skip, p, rng
+
+    def read(self, index):
+        name = self.entries[index][0]
+        return read_image(self.p.root_folder + name, self.p.new_height, self.p.new_width, self.p.is_color)
+
+    def __call__(self, buffer):
+        labels, images = buffer[1], []
+        for i in range(len(labels)):
+            images.append(self.read(self.pos))
+            labels[i] = self.entries[self.pos][1]
+            self.pos += 1
+            if self.pos == len(self.entries):
+                self.pos = 0
+                if self.p.shuffle:
+                    self.rng.shuffle(self.entries)
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise DatasetError(f"{self.p.source}: images of one batch differ in size {sorted(shapes)}; "
+                               "set image_data_param.new_height and new_width")
+        buffer[0] = np.stack(images)
+
+
+@register
+class ImageDataLayer(_DataLayerBase):
+    """Images listed as "<file> <label>" lines, read by a prefetch thread in list order
+    (shuffled at setup and every epoch with shuffle).  Honors image_data_param: source,
+    root_folder (prefixed to each name), batch_size, rand_skip, shuffle, new_height, new_width,
+    is_color; and transform_param.  Colour images are BGR, as OpenCV reads them.  Tops: data
+    (reshaped to each batch's images) and label.  Differs from Caffe: images of one batch must
+    share a size (Caffe also accepts differing sizes when the crop makes outputs equal).
+    """
+
+    type = "ImageData"
+    param = "image_data_param"
+    legacy = "IMAGE_DATA"
+    exact_tops = 2
+
+    def setup(self, bottom, top):
+        self.reject_deprecated()
+        batch_size = self.positive_batch_size()
+        if (self.p.new_height == 0) != (self.p.new_width == 0):
+            self.fail("image_data_param: new_height and new_width must be set together")
+        self.transformer = self.make_transformer()
+        try:
+            entries = read_image_list(self.p.source)
+        except DatasetError as e:
+            self.fail(f"image_data_param.source: {e}", DatasetError)
+        rng = _seeded_rng()
+        if self.p.shuffle:
+            rng.shuffle(entries)
+        skip = int(host_rng().integers(self.p.rand_skip)) if self.p.rand_skip else 0
+        if skip >= len(entries):
+            self.fail(f"image_data_param.rand_skip: skipping {skip} of only {len(entries)} images")
+        lister = _ImageBatches(entries, skip, self.p, rng)
+        try:
+            first = lister.read(skip)
+        except DatasetError as e:
+            self.fail(str(e), DatasetError)
+        top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
+        top[1].reshape(batch_size)
+        self.start_prefetch(lister, [[None, np.empty(batch_size)] for _ in range(2)])
+
+    def forward(self, bottom, top):
+        buffer = self.next_batch()
+        data, labels = buffer
+        top[0].reshape((len(data),) + self.transformer.out_shape(data.shape[1:]))
+        self.transformer(self.backend.to_device(data), top[0].data)
+        top[1].data[...] = self.backend.to_device(labels, self.dtype)
+        self.prefetcher.release(buffer)
+
+
+# *** MemoryData: arrays handed over by the user ***
+@register
+class MemoryDataLayer(_DataLayerBase):
+    """Batches taken in order, wrapping around, from arrays given to set_input_arrays(data, labels)
+    (pycaffe's net.set_input_arrays).  Honors memory_data_param: batch_size, channels, height,
+    width.  Tops: data (batch_size, channels, height, width) and label (batch_size,).
+    Differs from pycaffe: arrays of any float type are accepted (converted to the net's dtype)."""
+
+    type = "MemoryData"
+    param = "memory_data_param"
+    legacy = "MEMORY_DATA"
+    exact_tops = 2
+
+    def setup(self, bottom, top):
+        for field in ("batch_size", "channels", "height", "width"):
+            if getattr(self.p, field) <= 0:
+                self.fail(f"memory_data_param.{field}: must be specified and > 0, got {getattr(self.p, field)}")
         p = self.p
-        if p.shape:
-            return blob_shape(p.shape[0] if len(p.shape) == 1 else p.shape[k])
-        pick = lambda field: field[0] if len(field) == 1 else field[k]  # noqa: E731
-        return (pick(p.num), pick(p.channels), pick(p.height), pick(p.width))
+        top[0].reshape(p.batch_size, p.channels, p.height, p.width)
+        top[1].reshape(p.batch_size)
+        self.data = self.labels = None
+        self.pos = 0
 
-    def _fill(self, top):
-        for blob, filler in zip(top, self.fillers):
-            fill(blob, filler)
-
-    def reshape(self, bottom, top):
-        pass
+    def set_input_arrays(self, data, labels):
+        """Caffe's MemoryDataLayer::Reset: data (N, channels, height, width), labels (N,) or
+        (N, 1, 1, 1), N a positive multiple of batch_size."""
+        data, labels = np.asarray(data), np.asarray(labels)
+        p, n = self.p, len(data)
+        if data.shape[1:] != (p.channels, p.height, p.width) or data.ndim != 4:
+            self.fail(f"data array must be N x {p.channels} x {p.height} x {p.width}, got {data.shape}", ShapeError)
+        if labels.reshape(len(labels), -1).shape[1:] != (1,) or labels.ndim not in (1, 4):
+            self.fail(f"labels array must be N or N x 1 x 1 x 1, got {labels.shape}", ShapeError)
+        if len(labels) != n:
+            self.fail(f"data and labels must have the same first dimension, got {n} and {len(labels)}", ShapeError)
+        if n == 0 or n % p.batch_size:
+            self.fail(f"the first dimension of the input arrays ({n}) must be a positive multiple of "
+                      f"batch_size ({p.batch_size})", ShapeError)
+        if self.lp.HasField("transform_param"):  # Caffe warns likewise
+            warnings.warn(f"{self.where}: MemoryData does not transform arrays given to set_input_arrays",
+                          stacklevel=2)
+        self.data = self.backend.to_device(data, self.dtype)
+        self.labels = self.backend.to_device(labels.reshape(n), self.dtype)
+        self.pos = 0
 
     def forward(self, bottom, top):
-        if self.refill:
-            self._fill(top)
+        if self.data is None:
+            self.fail("no input arrays: call set_input_arrays(data, labels) first", NetError)
+        rows = slice(self.pos, self.pos + self.p.batch_size)
+        top[0].data[...] = self.data[rows]
+        top[1].data[...] = self.labels[rows]
+        self.pos = (self.pos + self.p.batch_size) % len(self.data)
+
+
+def set_input_arrays(net, data, labels):
+    """pycaffe's Net.set_input_arrays: feed the net's first MemoryData layer."""
+    for layer in net.layers:
+        if isinstance(layer, MemoryDataLayer):
+            return layer.set_input_arrays(data, labels)
+    raise NetError("set_input_arrays may only be called on a net with a MemoryData layer")
+
+
+# *** HDF5 ***
+def _h5py():
+    return require("h5py", "HDF5Data and HDF5Output")
+
+
+def _hdf5_file_list(source):
+    """The HDF5 files named in `source` (whitespace-separated, as Caffe reads them); a relative
+    name missing from the working directory is looked up beside the list file."""
+    try:
+        with open(source) as f:
+            names = f.read().split()
+    except OSError as e:
+        raise DatasetError(f"{source}: cannot read the HDF5 file list: {e.strerror}") from None
+    if not names:
+        raise DatasetError(f"{source}: must list at least 1 HDF5 file")
+    beside = os.path.dirname(os.path.abspath(source))
+    return [n if os.path.isabs(n) or os.path.exists(n) else os.path.join(beside, n) for n in names]
+
+
+@register
+class HDF5DataLayer(_DataLayerBase):
+    """Rows of HDF5 datasets, one top per dataset (named after it), file after file, wrapping
+    around.  Honors hdf5_data_param: source (a text file listing .h5 files), batch_size, shuffle
+    (file order each epoch and rows within each file).  Tops: (batch_size, *dataset.shape[1:])."""
+
+    type = "HDF5Data"
+    param = "hdf5_data_param"
+    legacy = "HDF5_DATA"
+    min_tops = 1
+
+    def setup(self, bottom, top):
+        batch_size = self.positive_batch_size()
+        try:
+            self.files = _hdf5_file_list(self.p.source)
+        except DatasetError as e:
+            self.fail(f"hdf5_data_param.source: {e}", DatasetError)
+        self.rng = _seeded_rng()
+        self.file_order = np.arange(len(self.files))
+        if self.p.shuffle:
+            self.rng.shuffle(self.file_order)
+        self.current_file, self.row_shapes = 0, None
+        self._load(self.files[self.file_order[0]])
+        self.row_shapes = [a.shape[1:] for a in self.arrays]
+        for blob, shape in zip(top, self.row_shapes):
+            blob.reshape((batch_size,) + shape)
+
+    def _load(self, path):
+        """Caffe's LoadHDF5FileData: every top's dataset, converted to the net's dtype."""
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as f:
+                arrays = [self._dataset(f, path, name) for name in self.lp.top]
+        except OSError as e:
+            self.fail(f"cannot open HDF5 file {path}: {e}", DatasetError)
+        rows = {len(a) for a in arrays}
+        if len(rows) != 1 or 0 in rows:
+            self.fail(f"{path}: datasets {list(self.lp.top)} must have the same, non-zero number of rows, "
+                      f"got {[len(a) for a in arrays]}", DatasetError)
+        if self.row_shapes is not None and [a.shape[1:] for a in arrays] != self.row_shapes:
+            self.fail(f"{path}: row shapes {[a.shape[1:] for a in arrays]} differ from the first "
+                      f"file's {self.row_shapes}", DatasetError)
+        self.arrays = [self.backend.to_device(a, self.dtype) for a in arrays]
+        self.perm, self.row = np.arange(len(arrays[0])), 0
+        if self.p.shuffle:
+            self.rng.shuffle(self.perm)
+
+    def _dataset(self, f, path, name):
+        if name not in f:
+            self.fail(f"{path}: no dataset '{name}' for top '{name}' (datasets: {sorted(f)})", DatasetError)
+        ds = f[name]
+        if ds.ndim < 1 or ds.dtype.kind not in "fiu":
+            self.fail(f"{path}: dataset '{name}' must be numeric with at least 1 axis, got "
+                      f"{ds.dtype} of shape {ds.shape}", DatasetError)
+        return np.asarray(ds[()], dtype=self.dtype)
+
+    def _next_rows(self):
+        """Caffe's HDF5DataLayer::Next at the end of a file: the next file (or a wrap), reshuffled."""
+        if len(self.files) > 1:
+            self.current_file += 1
+            if self.current_file == len(self.files):
+                self.current_file = 0
+                if self.p.shuffle:
+                    self.rng.shuffle(self.file_order)
+            self._load(self.files[self.file_order[self.current_file]])
+        self.row = 0
+        if self.p.shuffle:
+            self.rng.shuffle(self.perm)
+
+    def forward(self, bottom, top):
+        filled, batch_size = 0, top[0].shape[0]
+        while filled < batch_size:  # one gather per file (or epoch) the batch spans
+            n = min(batch_size - filled, len(self.perm) - self.row)
+            rows = self.xp.asarray(self.perm[self.row:self.row + n])
+            for blob, array in zip(top, self.arrays):
+                blob.data[filled:filled + n] = array[rows]
+            filled, self.row = filled + n, self.row + n
+            if self.row == len(self.perm):
+                self._next_rows()
+
+
+@register
+class HDF5OutputLayer(Layer):
+    """Writes its bottoms to hdf5_output_param.file_name as datasets "data" and "label", in the
+    net's float type and Caffe's 4-D (num, channels, height, width) shapes; the file is created
+    at setup.  Differs from Caffe: each forward rewrites the file with the current batch (Caffe
+    fails on a second forward, the datasets already existing)."""
+
+    type = "HDF5Output"
+    capturable = False
+    param = "hdf5_output_param"
+    legacy = "HDF5_OUTPUT"
+    exact_bottoms = 2
+    exact_tops = 0
+
+    def setup(self, bottom, top):
+        if not self.p.file_name:
+            self.fail("hdf5_output_param.file_name: must be given")
+        self._write({})
+
+    def _write(self, datasets):
+        h5py = _h5py()
+        try:
+            with h5py.File(self.p.file_name, "w") as f:
+                for name, array in datasets.items():
+                    f.create_dataset(name, data=array)
+        except OSError as e:
+            self.fail(f"cannot write HDF5 file {self.p.file_name}: {e}", DatasetError)
+
+    def reshape(self, bottom, top):
+        if bottom[0].num != bottom[1].num:
+            self.fail(f"data and label must have the same batch size, got {bottom[0].num} and "
+                      f"{bottom[1].num}", ShapeError)
+        for blob in bottom:
+            if blob.num_axes > 4:
+                self.fail(f"bottoms must have at most 4 axes, got shape {blob.shape}", ShapeError)
+
+    def forward(self, bottom, top):
+        legacy = [(b.num, b.channels, b.height, b.width) for b in bottom]
+        self._write({name: blob.host_data().reshape(shape)
+                     for name, blob, shape in zip(("data", "label"), bottom, legacy)})
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # Caffe's HDF5OutputLayer::Backward does nothing
+
+
+@register
+class WindowDataLayer(_DataLayerBase):
+    """R-CNN window files: not supported."""
+
+    type = "WindowData"
+    param = "window_data_param"
+    legacy = "WINDOW_DATA"
+
+    def setup(self, bottom, top):
+        self.fail("WindowData (R-CNN window files) is not supported; crop the windows into images "
+                  "and use ImageData or Data instead")

@@ -111,9 +111,7 @@ class _LossLayer(Layer):
     loss_fields = ()  # the loss_param fields this layer honors; the others are refused
 
     def setup(self, bottom, top):
-        for name in _LOSS_FIELDS:
-            if name not in self.loss_fields and self.lp.loss_param.HasField(name):
-                self.fail(f"loss_param.{name} is not supported by {self.type}")
+        self.reject_fields(self.lp.loss_param, "loss_param", [n for n in _LOSS_FIELDS if n not in self.loss_fields])
 
     def allow_force_backward(self, bottom_index):
         return bottom_index != 1  # as Caffe: force_backward never reaches the labels
@@ -201,7 +199,7 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         self.reshape_softmax(bottom, top)
         # the fused kernels give each position one thread: right for launch-bound small nets,
         # while many classes (ImageNet's 1000) are faster through the parallel xp reductions
-        self.fused = getattr(self.k, "softmax_loss_forward", None) is not None and self.classes <= FUSED_CLASSES
+        self.fused = self.k.softmax_loss_forward is not None and self.classes <= FUSED_CLASSES
         if self.fused:  # per-position scratch and the normalizer, for the fused CUDA kernels
             positions = self.outer * self.inner
             _workspace(self, "position_loss", (2, positions), self.dtype)

@@ -101,9 +101,9 @@ class ReLULayer(NeuronLayer):
         super().setup(bottom, top)
 
     def forward_values(self, x, y):
-        xp, fused = self.xp, getattr(self.k, "relu_forward", None)
-        if fused is not None:
-            return fused(x, y, self.slope)
+        xp = self.xp
+        if self.k.relu_forward is not None:  # the backend's fused kernel
+            return self.k.relu_forward(x, y, self.slope)
         if self.slope == 0:
             xp.maximum(x, 0, out=y)
             return
@@ -115,9 +115,8 @@ class ReLULayer(NeuronLayer):
 
     def backward_values(self, x, y, dy, dx):
         # dx = dy * (1 if x > 0 else negative_slope), as Caffe (x == 0 takes the slope)
-        fused = getattr(self.k, "relu_backward", None)
-        if fused is not None:
-            return fused(x, dy, dx, self.slope)
+        if self.k.relu_backward is not None:
+            return self.k.relu_backward(x, dy, dx, self.slope)
         xp, w = self.xp, self.w()
         xp.less_equal(x, 0, out=w)
         w *= self.slope - 1

@@ -107,7 +107,7 @@ class _ColumnGemm:
         work = self.k.im2col_workspace_size((n, self.ci, *image_shape[1:]), layer.pad, self.batch_last)
         self.work = empty(work, dtype) if work and not self.skip else None
         self.rows = empty(self.cd * self.length * n, dtype) if self.batch_last else None
-        self.split_k = self.batch_last and getattr(layer.backend, "splits_long_gemms", False)
+        self.split_k = self.batch_last and layer.backend.splits_long_gemms
         parts = (MAX_PARTS if self.split_k else 1) if self.batch_last else n
         needs_tmp = parts > 1 or not self.batch_last
         self.wtmp = empty(parts * self.cd * self.rows_per_group, dtype) if needs_tmp else None
@@ -291,7 +291,7 @@ class _BaseConvolution(Layer):
     def _cudnn_plan(self, image, data):
         """cuDNN's plan for a 2-D convolution where the backend has cuDNN (and is not in
         deterministic mode), else None."""
-        cudnn = getattr(self.backend, "cudnn", None)
+        cudnn = self.backend.cudnn
         if cudnn is None or self.backend.deterministic or len(self.kernel) != 2:
             return None
         return cudnn.plan((self.num, *image), (self.num, *data), self.blobs[0].shape, self.stride, self.pad,
@@ -496,9 +496,8 @@ class Im2colLayer(Layer):
     exact_bottoms = exact_tops = 1
 
     def setup(self, bottom, top):
-        for name in ("num_output", "bias_term", "group", "weight_filler", "bias_filler"):
-            if self.p.HasField(name):  # (Layer.reject_fields reads FieldDescriptor.label, gone in protobuf 7)
-                self.fail(f"convolution_param.{name} is not supported by Im2col")
+        self.reject_fields(self.p, "convolution_param",
+                           ("num_output", "bias_term", "group", "weight_filler", "bias_filler"))
         axes = bottom[0].num_axes
         if not -axes <= self.p.axis < axes:
             self.fail(f"convolution_param.axis: {self.p.axis} out of range for {axes} axes")

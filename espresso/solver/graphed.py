@@ -31,7 +31,7 @@ def eager_solver_reason(solver):
 
 def _scalar_loss(net):
     """The net's loss blob when it has one, of one element (its diff holds the loss weight)."""
-    blobs = [blob for layer, top in zip(net.layers, net._tops) for blob, w in zip(top, layer.loss_weights) if w]
+    blobs = [blob for layer, top in zip(net.layers, net.top_vecs) for blob, w in zip(top, layer.loss_weights) if w]
     return blobs[0] if len(blobs) == 1 and blobs[0].count == 1 else None
 
 
@@ -71,7 +71,7 @@ class DeviceLoop:
                                          s.net.dtype)
         rates = np.zeros(WINDOW, s.net.dtype)  # the device table keeps its size: the graph holds it
         rates[:len(self.host_rates)] = [r for r, _ in self.host_rates]
-        self.rates.set(rates)
+        self.rates[...] = s.net.backend.to_device(rates)
         self.slot.fill(0)
         self.first, self.queued, self.read = s.iter, 0, 0
 
@@ -104,7 +104,7 @@ class DeviceLoop:
         closed so that the next run starts a new one."""
         if self.read == self.queued:
             return []
-        values = self.xp.asnumpy(self.ring[self.read:self.queued])
+        values = self.solver.net.backend.to_host(self.ring[self.read:self.queued])
         pairs = [(self.first + self.read + i, float(v)) for i, v in enumerate(values)]
         self.read = self.queued
         if self.queued == len(self.host_rates):

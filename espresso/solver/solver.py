@@ -23,6 +23,7 @@ import numpy as np
 
 from espresso.errors import EspressoError, ModelFileError
 from espresso.net import TEST, TRAIN, Net, load_net_param
+from espresso.net.files import check_hdf5_names
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_text, to_text
 from espresso.proto.upgrade import upgrade_solver
@@ -79,8 +80,8 @@ class Solver:
         self.test_nets = self._test_nets(dtype)
         self.updater = ArenaUpdater(self.net, self.param)
         learning_rate(self.param, 0, 0, self.net.dtype)  # a bad lr_policy fails here, not mid-run
-        if self.param.snapshot and _check_format(self.param):
-            self.net.check_hdf5_names(f"{self.param.snapshot_prefix}_iter_N.caffemodel.h5")  # not at the first snapshot
+        if self.param.snapshot and _check_format(self.param):  # refused now, not at the first snapshot
+            check_hdf5_names(self.net, f"{self.param.snapshot_prefix}_iter_N.caffemodel.h5")
         log.info("Solver scaffolding done.")
         self.iter, self.current_step = 0, 0
         self.smoothed_loss, self._losses = 0.0, []
@@ -248,7 +249,7 @@ class Solver:
         """The graph runner for this solver, or None (with the reason logged once) for eager."""
         reason = eager_solver_reason(self)
         if reason is not None:
-            if self.net.backend.name != "cpu" and reason != self._eager_logged:
+            if self.net.backend.can_capture and reason != self._eager_logged:
                 log.info("Training eagerly: %s", reason)
                 self._eager_logged = reason
             return None
@@ -338,7 +339,7 @@ class Solver:
             log.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            loss = self.net.forward_range(0, len(self.net.layers) - 1)  # forward only: already updated
+            loss = float(self.net.run_forward())  # forward only: already updated
             self._update_smoothed_loss(loss, start_iter)
             log.info("Iteration %d, loss = %s", self.iter, _g(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
@@ -359,12 +360,12 @@ class Solver:
         {output name: mean values} (also kept in self.test_scores) or None when interrupted."""
         p, net = self.param, self.test_nets[test_net_id]
         log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
-        n, sums = p.test_iter[test_net_id], net.zeroed_output_sums()
+        n, sums = p.test_iter[test_net_id], net.output_sums()
         for _ in range(n):
             if self._poll_during_test():
                 log.info("Test interrupted.")
                 return None
-            net.forward_into_sums(sums)  # on the device: no host round trip per batch
+            net.run_forward(sums=sums)  # on the device: no host round trip per batch
         *sums, loss = [net.backend.to_host(s) for s in sums]
         if p.test_compute_loss:
             log.info("Test loss: %s", _g(loss / n))

@@ -225,7 +225,7 @@ class ArenaUpdater:
     def _fused_sgd(self, net, param, lr_mult, decay):
         """(kernel, per-param segments) when the backend has the one-pass SGD kernel, else None.
         It needs no arena-sized multipliers or workspaces (CaffeNet: 1 GB less)."""
-        kernel = getattr(net.backend.k, "sgd_update", None)
+        kernel = net.backend.k.sgd_update
         if kernel is None or param.type != "SGD" or not self.counts:
             return None
         backend, f = net.backend, self.f

@@ -1,16 +1,17 @@
-"""The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py."""
+"""The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py.
+Everything the contract leaves optional keeps its default (espresso/backend/__init__.py)."""
 
-import contextlib
 import os
 import platform
 import time
 
 import numpy as np
 
+from espresso.backend import Backend
 from espresso.backend.cpu import kernels
 
 
-class CPUBackend:
+class CPUBackend(Backend):
     name = "cpu"
     xp = np
     k = kernels
@@ -23,15 +24,6 @@ class CPUBackend:
 
     def synchronize(self):
         pass
-
-    def pinned_empty(self, shape, dtype):  # a GPU's page-locked host memory; plain memory here
-        return np.empty(shape, dtype)
-
-    def overlapping(self, on=True):  # one stream of work here: nothing runs aside (see the CUDA backend)
-        return contextlib.nullcontext()
-
-    def aside(self, cudnn_bytes=0, when=True):
-        return contextlib.nullcontext(False)
 
     def mark(self):
         """A point in time for elapsed_ms (on a GPU: an event queued on the stream)."""

@@ -31,6 +31,10 @@ except ImportError:
     fast = None
 
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
+# the contract's fused fast paths (espresso/backend/__init__.py): none here, layers use xp code
+relu_forward = relu_backward = softmax_loss_forward = softmax_loss_backward = None
+sgd_update = gather_batch = record_iteration = csr_matrix = None
+
 # *** geometry helpers ***
 def _view(array, shape):
     """`array` reshaped without a copy (raises if that is impossible): outputs must stay views."""

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from espresso import graphs
+from espresso.backend import Backend
 from espresso.backend.cuda import cudnn, kernels
 from espresso.backend.cuda.blas import Blas
 from espresso.errors import BackendError, GraphCaptureError
@@ -42,8 +44,10 @@ def _import_cupy(name):
     return cupy
 
 
-class CUDABackend:
+class CUDABackend(Backend):
     k = kernels
+    host_arrays = False
+    can_capture = True
     # batch-last convolutions split their long weight-gradient GEMMs (espresso/layers/vision.py)
     splits_long_gemms = True
 
@@ -59,7 +63,7 @@ class CUDABackend:
         self.blas, self.side_blas = Blas(cupy, self.stream), Blas(cupy, self.side)
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
-        self.cudnn = cudnn.Cudnn(library, cupy, self.stream, self.side) if library else None  # 2-D convolutions
+        self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
         self._overlap, self._side_done = False, None  # inside `overlapping`; the last aside's end event
         # deterministic: only kernels whose results never vary (im2col + GEMM for convolutions,
         # never a choice by timing); read by layers when they are set up
@@ -71,13 +75,11 @@ class CUDABackend:
     def set_tf32(self, allow):
         """Let float32 GEMMs and convolutions use TF32 tensor cores (faster, 10-bit mantissa
         products), or not.  Graphs captured before are void (they hold the old kernels)."""
-        from espresso.blob import Blob
-
         self.blas.set_tf32(allow)
         self.side_blas.set_tf32(allow)
         if self.cudnn:
             self.cudnn.set_tf32(allow)
-        Blob.layout += 1
+        graphs.invalidate(self)
 
     @contextlib.contextmanager
     def overlapping(self, on=True):
@@ -243,27 +245,28 @@ class Uploader:
     copy waits until the main stream is done with the slot it overwrites."""
 
     def __init__(self, backend, arrays):
-        self.backend, self.turn = backend, 0
+        self.backend, self.turn, self.copied = backend, 0, None
         self.slots = [[backend.xp.empty(a.shape, a.dtype) for a in arrays] for _ in range(2)]
         self.released = [None, None]  # per slot: the main stream's event after its last use
 
     def __call__(self, arrays):
-        """Device copies of `arrays` for work queued next on the main stream, and the copy's
-        event (the host arrays may be refilled once it has completed)."""
+        """Device copies of `arrays` for work queued next on the main stream."""
         b, copy = self.backend, self.backend.copy_stream
         if self.released[self.turn] is not None:
             copy.wait_event(self.released[self.turn])
         slot = self.slots[self.turn]
         for device, host in zip(slot, arrays):
             device.set(host, stream=copy)
-        copied = copy.record(b.xp.cuda.Event(disable_timing=True))
-        b.stream.wait_event(copied)
-        return slot, copied
+        self.copied = copy.record(b.xp.cuda.Event(disable_timing=True))
+        b.stream.wait_event(self.copied)
+        return slot
 
     def done(self):
-        """The main stream's work on the current slot is queued: the next call takes the other."""
+        """The main stream's work on the current slot is queued: the next call takes the other.
+        Returns once the copy (alone) has completed, so the host arrays may be refilled."""
         self.released[self.turn] = self.backend.stream.record(self.backend.xp.cuda.Event(disable_timing=True))
         self.turn ^= 1
+        self.copied.synchronize()
 
 
 def _end_capture_quietly(stream):

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from espresso import graphs
+
 FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
 CROSS_CORRELATION, NCHW = 1, 0
 # CaffeNet's Winograd convolutions need up to 530 MB; larger workspaces bought little there
@@ -51,10 +53,11 @@ class Cudnn:
     """A cuDNN handle and workspace per stream (the backend's main and side streams; `use_side`
     switches); `plan(...)` gives the Convolution of one geometry."""
 
-    def __init__(self, lib, xp, stream, side):
-        self.lib, self.xp, self.tf32, self._plans, self.on_side = lib, xp, False, {}, False
-        self.lanes = {False: [self._handle(stream), xp.empty(0, np.uint8)],
-                      True: [self._handle(side), xp.empty(0, np.uint8)]}
+    def __init__(self, lib, backend):
+        self.lib, self.backend, self.xp = lib, backend, backend.xp
+        self.tf32, self._plans, self.on_side = False, {}, False
+        self.lanes = {False: [self._handle(backend.stream), self.xp.empty(0, np.uint8)],
+                      True: [self._handle(backend.side), self.xp.empty(0, np.uint8)]}
 
     def _handle(self, stream):
         handle = ctypes.c_void_p()
@@ -95,12 +98,10 @@ class Cudnn:
 
     def grow_workspace(self, nbytes, side=False):
         """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
-        captured with the old one are void (Blob.layout)."""
+        captured with the old one are void."""
         if nbytes > self.lanes[side][1].nbytes:
-            from espresso.blob import Blob
-
             self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
-            Blob.layout += 1
+            graphs.invalidate(self.backend)
 
 
 class Convolution:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import espresso
-import espresso.layers.datalayers as datalayers
+import espresso.layers.data as data_layers
 from espresso.data import DatasetError
 from espresso.data.db import LMDBWriter, encoded_datum, make_datum
 from espresso.data.image import encode_image
@@ -41,7 +41,7 @@ def data_net(source, extra="", transform="", phase=TRAIN, tops=("data", "label")
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_data_layer_reads_in_key_order_and_wraps(tmp_path, monkeypatch, prefetch):
     if prefetch:  # force the background-thread path
-        monkeypatch.setattr(datalayers, "CACHE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(data_layers, "CACHE_LIMIT_BYTES", 0)
     net = data_net(write_db(tmp_path / "db"), "batch_size: 64", "scale: 0.5")
     assert net.blobs["data"].shape == (64, 1, 2, 3) and net.blobs["label"].shape == (64,)
     assert (net.layers[0].cache is None) == prefetch
@@ -60,7 +60,7 @@ def test_data_layer_streams_through_pinned_buffers_and_a_copy_stream_on_a_gpu(tm
         backend = espresso.backend.get("cuda:0")
     except BackendError as e:
         pytest.skip(f"needs a CUDA GPU: {e}")
-    monkeypatch.setattr(datalayers, "CACHE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(data_layers, "CACHE_LIMIT_BYTES", 0)
     made, pinned_empty = [], backend.pinned_empty
     monkeypatch.setattr(backend, "pinned_empty", lambda *args: made.append(pinned_empty(*args)) or made[-1])
     espresso.set_mode_gpu()
@@ -142,7 +142,7 @@ def test_data_layer_errors(tmp_path):
 
 
 def test_data_layer_mixed_shapes_fail_in_forward_when_prefetching(tmp_path, monkeypatch):
-    monkeypatch.setattr(datalayers, "CACHE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(data_layers, "CACHE_LIMIT_BYTES", 0)
     mixed = write_db(tmp_path / "mixed", 3, datum=lambda i: make_datum(np.zeros((1, 2, 2 + (i == 2)), np.uint8)))
     net = data_net(mixed, "batch_size: 2")
     net.forward()
@@ -155,7 +155,7 @@ def test_legacy_v1_data_layer_upgrades(tmp_path):
     net = make_net(f"""layers {{ name: "d" type: DATA top: "data" top: "label"
         data_param {{ source: "{source}" batch_size: 2 backend: LMDB scale: 0.5 }} }}""")
     net.forward()
-    assert isinstance(net.layers[0], datalayers.DataLayer)
+    assert isinstance(net.layers[0], data_layers.DataLayer)
     assert_close(net.blobs["data"].data[:, 0, 0, 0], [0.0, 0.5])  # V1 scale moved to transform_param
 
 
@@ -226,7 +226,7 @@ def test_memory_data_serves_batches_and_wraps(rng):
     assert net.blobs["data"].shape == (2, 1, 2, 3) and net.blobs["label"].shape == (2,)
     data = rng.standard_normal((4, 1, 2, 3)).astype(np.float32)
     labels = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)  # pycaffe's 4-D labels work too
-    datalayers.set_input_arrays(net, data, labels)
+    data_layers.set_input_arrays(net, data, labels)
     for rows in ([0, 1], [2, 3], [0, 1]):
         net.forward()
         assert_close(net.blobs["data"].data, data[rows])
@@ -247,7 +247,7 @@ def test_memory_data_errors(rng):
     with pytest.raises(LayerParamError, match="channels: must be specified"):
         make_net(MEMORY.replace("channels: 1", ""))
     with pytest.raises(NetError, match="MemoryData"):
-        datalayers.set_input_arrays(make_net('layer { name: "i" type: "Input" top: "x" '
+        data_layers.set_input_arrays(make_net('layer { name: "i" type: "Input" top: "x" '
                                              'input_param { shape { dim: 1 } } }'), np.zeros(1), np.zeros(1))
 
 

@@ -1,0 +1,239 @@
+"""Net: a DAG of layers built from a NetParameter (espresso/net/build.py), and the engine that
+runs it on the net's backend.
+
+Every learnable param is a view of one flat data buffer and one flat diff buffer, the arena
+(DESIGN rule 2).  Two levels of entry points run the net:
+- pycaffe's (espresso/net/pycaffe.py): forward / backward by blob name, forward_all,
+  forward_backward_all, with host (NumPy) values, plus Caffe's forward_backward();
+- the engine's, on device values: run_forward(start, end, sums) (a CUDA graph replay where the
+  backend and layers allow) and backward_range(start, end); forward_layers(start, end) is the
+  eager layer loop that graphs capture.
+Add-ons come in through `replace_layer` (a stand-in for a built layer, e.g. one running
+compressed weights) and `release_params` (the arena without params held in another form);
+weight-file formats through espresso.net.files.register_format.
+"""
+
+import collections
+import os
+
+import numpy as np
+
+from espresso import graphs
+from espresso.errors import EspressoError, NetError, ShapeError, did_you_mean
+from espresso.hostview import host_sync
+from espresso.net.build import TEST, TRAIN, Builder, filter_layers, insert_splits, load_net_param
+from espresso.net.pycaffe import CALLBACKS, PycaffeNet
+from espresso.runtime import current_backend
+
+__all__ = ["Net", "TRAIN", "TEST"]
+
+
+class Net(PycaffeNet):
+    """A Caffe network.  pycaffe's surface: blobs, params, layers, inputs, outputs, forward, ..."""
+
+    def __init__(self, network, *args, weights=None, phase=None, level=0, stages=(), state=None,
+                 backend=None, dtype=np.float32, allow_python=False):
+        phase, weights = _pycaffe_args(args, phase, weights)
+        param, lines, self.source = load_net_param(network)
+        if state is not None:
+            param.state.CopyFrom(state)
+        else:
+            param.state.phase = TEST if phase is None else phase
+            param.state.level = level
+            param.state.stage.extend(stages)
+        self.param, self.name, self.phase = param, param.name, param.state.phase
+        self.backend, self.dtype = backend or current_backend(), np.dtype(dtype)
+        # pycaffe's views of device blobs write back through the backend's one HostSync
+        self._host_sync = None if self.backend.host_arrays else host_sync(self.backend)
+        self._graphs, self._loss = graphs.GraphCache(self.backend), self.backend.xp.zeros((), dtype)
+        self._callbacks = {when: [] for when in CALLBACKS}  # pycaffe's before_forward(...) etc.
+        self._sums = None  # output_sums()
+        builder = Builder(self.phase, param.force_backward, self.backend, self.dtype, allow_python)
+        vars(self).update(builder.build(insert_splits(filter_layers(param, lines, self.source)), self.source))
+        self._reshaped_for = [[b.shape for b in bottom] for bottom in self.bottom_vecs]
+        self._checked_at = [None] * len(self.layers)  # the graphs version when layer i's bottoms were checked
+        self._make_arena()
+        if weights:
+            self.copy_from(weights)
+
+    # *** the parameter arena ***
+    def _make_arena(self):
+        """Make every learnable param a view of the arena, and every shared param a view of its
+        owner."""
+        self._bind_arena(self.learnable_params)
+        for layer in self.layers:
+            for blob in layer.blobs:
+                owner = self._owner(blob)
+                if owner is not blob:
+                    blob.bind(owner.data, owner.diff)
+        users = collections.Counter(self._param_owner_of[id(b)] for layer in self.layers for b in layer.blobs)
+        self._shares_params = [any(users[self._param_owner_of[id(b)]] > 1 for b in layer.blobs)
+                               for layer in self.layers]
+
+    def _bind_arena(self, params):
+        xp, total = self.backend.xp, sum(b.count for b in params)
+        data, diff = xp.zeros(total, self.dtype), xp.zeros(total, self.dtype)
+        offset = 0
+        for blob in params:
+            n = blob.count
+            data[offset:offset + n] = blob.data.ravel()
+            blob.bind(data[offset:offset + n], diff[offset:offset + n])
+            offset += n
+        self.arena_data, self.arena_diff = data, diff
+
+    def _owner(self, blob):
+        return self.learnable_params[self._param_owner_of[id(blob)]]
+
+    def release_params(self, blobs):
+        """Rebuild the arena without these learnable params, for an add-on that holds them in
+        another form (compressed layers, in TEST nets): their blobs keep their shapes and hold
+        no memory.  Nets sharing params keep the arena (False), as a dropped param may be
+        another layer's too."""
+        if any(self._shares_params):
+            return False
+        gone = {id(b) for b in blobs}
+        self._bind_arena([b for b in self.learnable_params if id(b) not in gone])
+        for blob in blobs:
+            blob.release()
+        return True
+
+    def replace_layer(self, index, layer):
+        """Run `layer` in place of layer `index`, on the same bottoms and tops (an add-on's
+        stand-in for a built layer); graphs captured before are void."""
+        self.layers[index] = layer
+        graphs.invalidate(self.backend)
+
+    # *** running ***
+    def _layer_index(self, name, default):
+        if name is None:
+            return default
+        if name not in self._layer_names:
+            raise NetError(f"no layer named '{name}'{did_you_mean(name, self._layer_names)}")
+        return self._layer_names.index(name)
+
+    def run_forward(self, start=0, end=None, sums=None):
+        """Run layers start..end (inclusive; end defaults to the last) forward, as one CUDA graph
+        replay where it can (espresso/graphs.py).  With `sums` (output_sums()), add each output
+        and the loss into them on the device: a test batch with no host round trip.  Returns the
+        weighted loss (Caffe's ForwardFromTo, summed in the net's dtype) as a 0-d device array,
+        valid until the next run."""
+        end = len(self.layers) - 1 if end is None else end
+
+        def run():
+            self._loss[...] = sum(self.forward_layers(start, end), self.dtype.type(0))
+            if sums is not None:
+                for total, name in zip(sums, self.outputs):
+                    total += self._blobs[name].data.ravel()
+                sums[-1] += self._loss
+
+        self.sync()
+        if self.eager_reason(start, end) is None:
+            self._graphs.run(("forward", start, end, sums is not None), run)
+        else:
+            run()
+        return self._loss
+
+    def output_sums(self):
+        """One zeroed flat array per output, then a 0-d loss sum, for run_forward's `sums` (the
+        same arrays every time, so a graph holding them stays valid)."""
+        xp, counts = self.backend.xp, [self._blobs[name].count for name in self.outputs]
+        if self._sums is None or [s.size for s in self._sums[:-1]] != counts:
+            self._sums = [xp.zeros(c, self.dtype) for c in counts] + [xp.zeros((), self.dtype)]
+        for array in self._sums:
+            array.fill(0)
+        return self._sums
+
+    def forward_layers(self, start, end, losses=True):
+        """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed
+        (not computed when not `losses`)."""
+        terms = []
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            self._call("before_forward", i)
+            if self._checked_at[i] != graphs.version(self.backend):  # some blob changed shape since: look
+                shapes = [b.shape for b in bottom]
+                if shapes != self._reshaped_for[i]:
+                    layer.reshape(bottom, top)
+                    self._reshaped_for[i] = shapes
+                self._checked_at[i] = graphs.version(self.backend)
+            layer.forward(bottom, top)
+            if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
+                terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
+            self._call("after_forward", i)
+        return terms
+
+    def backward_range(self, start, end):
+        """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
+        self.sync()
+        # param grads may run aside, joined at the end (not when callbacks may read them between)
+        with self.backend.overlapping(not any(self._callbacks.values())):
+            for i in range(start, end - 1, -1):
+                self._call("before_backward", i)
+                if self.layer_need_backward[i]:
+                    # a diff that other layers accumulate into too is never written by two streams
+                    with self.backend.overlapping(not self._shares_params[i]):
+                        self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                self._call("after_backward", i)
+
+    def forward_backward(self):
+        """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
+        loss = float(self.run_forward())
+        self.backward_range(len(self.layers) - 1, 0)
+        return loss
+
+    def eager_reason(self, start=0, end=None):
+        """Why layers start..end cannot run as a CUDA graph, or None when they can."""
+        if any(self._callbacks.values()):
+            return "pycaffe callbacks (before_forward etc.) run between the layers"
+        return graphs.eager_reason(self.backend, self.layers[start:None if end is None else end + 1])
+
+    def _call(self, when, i):
+        """Run the `when` callbacks for layer i; what they wrote through the views reaches the
+        device before the next layer runs."""
+        for callback in self._callbacks[when]:
+            callback(i)
+            self.sync()
+
+    def reshape(self):
+        """Propagate input shape changes through every layer (Caffe's Net::Reshape)."""
+        self.sync()
+        for i, layer in enumerate(self.layers):
+            layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
+            self._reshaped_for[i] = [b.shape for b in self.bottom_vecs[i]]
+
+    def clear_param_diffs(self):
+        self.sync()
+        self.arena_diff[...] = 0
+
+    def sync(self):
+        """Write host-side changes made through pycaffe's views (of this net or any other on
+        the backend, such as nets sharing its weights) to the device (GPU nets only).  Every
+        method that runs or changes the net calls it first."""
+        if self._host_sync is not None:
+            self._host_sync.flush()
+
+    def share_with(self, other):
+        """Caffe's ShareTrainedLayersWith: this net's layers use `other`'s weights (by layer name)."""
+        self.sync()
+        index = {name: i for i, name in enumerate(self._layer_names)}
+        for source in other.layers:
+            target = index.get(source.name)
+            if target is None:
+                continue
+            for mine, theirs in zip(self.layers[target].blobs, source.blobs):
+                if mine.shape != theirs.shape:
+                    raise ShapeError(f"layer '{source.name}': cannot share {theirs.shape} with {mine.shape}")
+                mine.share_data(theirs)
+
+
+def _pycaffe_args(args, phase, weights):
+    """Accept pycaffe's Net(file, phase) and Net(file, weights, phase) positional forms."""
+    if len(args) > 2:
+        raise EspressoError(f"Net takes (network, [weights,] phase), got {len(args) + 1} arguments")
+    if args and isinstance(args[0], (str, os.PathLike)):
+        weights, args = args[0], args[1:]
+    if args:
+        phase = args[0]
+    if phase not in (None, TRAIN, TEST):
+        raise EspressoError(f"phase must be espresso.TRAIN or espresso.TEST, got {phase!r}")
+    return phase, weights
