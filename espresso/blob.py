@@ -61,12 +61,6 @@ class Blob:
         self._data = self._data_buf[:n].reshape(shape)
         self._diff = None
 
-    def canonical_axis(self, axis):
-        """Caffe's CanonicalAxisIndex: negative axes count from the end."""
-        if not -self.num_axes <= axis < max(self.num_axes, 1):
-            raise ShapeError(f"axis {axis} out of range for blob '{self.name}' of shape {self._shape}")
-        return axis % max(self.num_axes, 1)
-
     def count_range(self, start, end=None):
         return math.prod(self._shape[start:end])
 

@@ -150,6 +150,14 @@ class Layer:
             if message.HasField(name):
                 self.fail(f"{path}.{name} is not supported by {self.type}")
 
+    def canonical_axis(self, blob, axis, field):
+        """Caffe's CanonicalAxisIndex (negative axes count from the end), failing with the
+        layer's name and the parameter field."""
+        n = blob.num_axes
+        if not -n <= axis < n:
+            self.fail(f"{field}: axis {axis} out of range for a bottom of shape {blob.shape}")
+        return axis % n
+
     def ones(self, n):
         """n ones on this layer's backend and dtype, from a vector shared by all layers (sized
         in reshape).  It moves when it grows: graphs captured with the old one are void, and the

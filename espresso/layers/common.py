@@ -14,14 +14,6 @@ ELTWISE = caffe_pb2.EltwiseParameter
 REDUCTION = caffe_pb2.ReductionParameter
 
 
-def canonical_axis(layer, blob, axis, field):
-    """Caffe's CanonicalAxisIndex, failing with the layer's name and the parameter field."""
-    n = blob.num_axes
-    if not -n <= axis < n:
-        layer.fail(f"{field}: axis {axis} out of range for a bottom of shape {blob.shape}")
-    return axis % n
-
-
 def share(top, bottom, shape):
     """Caffe's ShareData + ShareDiff: `top` becomes a `shape`-shaped view of `bottom`."""
     top.reshape(shape)
@@ -60,7 +52,7 @@ class InnerProductLayer(Layer):
         p = self.p
         if p.num_output <= 0:
             self.fail(f"inner_product_param.num_output: must be > 0, got {p.num_output}")
-        axis = canonical_axis(self, bottom[0], p.axis, "inner_product_param.axis")
+        axis = self.canonical_axis(bottom[0], p.axis, "inner_product_param.axis")
         self.N, self.K = p.num_output, bottom[0].count_range(axis)
         shape = (self.K, self.N) if p.transpose else (self.N, self.K)
         self.blobs = [self.new_blob(shape, p.weight_filler)]
@@ -68,7 +60,7 @@ class InnerProductLayer(Layer):
             self.blobs.append(self.new_blob((self.N,), p.bias_filler))
 
     def reshape(self, bottom, top):
-        axis = canonical_axis(self, bottom[0], self.p.axis, "inner_product_param.axis")
+        axis = self.canonical_axis(bottom[0], self.p.axis, "inner_product_param.axis")
         K = bottom[0].count_range(axis)
         if K != self.K:
             self.fail(f"bottom shape {bottom[0].shape} gives {K} inputs from axis {axis}, "
@@ -317,7 +309,7 @@ class ReductionLayer(Layer):
         self.work = self.new_blob(())  # ASUM |x|, SUMSQ x*x
 
     def reshape(self, bottom, top):
-        axis = canonical_axis(self, bottom[0], self.p.axis, "reduction_param.axis")
+        axis = self.canonical_axis(bottom[0], self.p.axis, "reduction_param.axis")
         top[0].reshape(bottom[0].shape[:axis])  # 0-d when axis is 0
         self.num, self.dim = bottom[0].count_range(0, axis), bottom[0].count_range(axis)
         self.scale = self.p.coeff / self.dim if self.op == REDUCTION.MEAN else self.p.coeff
@@ -375,7 +367,7 @@ class ArgMaxLayer(Layer):
     def reshape(self, bottom, top):
         b, k = bottom[0], self.p.top_k
         if self.p.HasField("axis"):
-            axis = canonical_axis(self, b, self.p.axis, "argmax_param.axis")
+            axis = self.canonical_axis(b, self.p.axis, "argmax_param.axis")
             self.outer, self.dim, self.inner = b.count_range(0, axis), b.shape[axis], b.count_range(axis + 1)
             shape = list(b.shape)
             shape[axis] = k

@@ -79,7 +79,7 @@ class SoftmaxLayer(Layer):
 
     def reshape(self, bottom, top):
         top[0].reshape(bottom[0].shape)
-        self.axis = bottom[0].canonical_axis(self.p.axis)
+        self.axis = self.canonical_axis(bottom[0], self.p.axis, "softmax_param.axis")
         self.dims = _split_axis(bottom[0], self.axis)
         outer, _, inner = self.dims
         _workspace(self, "scale", (outer, 1, inner), self.dtype)  # per-position max, then sum
@@ -550,7 +550,7 @@ class AccuracyLayer(Layer):
         if not bottom[1].count or self.p.top_k > bottom[0].count // bottom[1].count:
             self.fail(f"accuracy_param.top_k must be <= the number of classes, got top_k "
                       f"{self.p.top_k} for predictions {bottom[0].shape} and labels {bottom[1].shape}")
-        axis = bottom[0].canonical_axis(self.p.axis)
+        axis = self.canonical_axis(bottom[0], self.p.axis, "accuracy_param.axis")
         self.dims = _split_axis(bottom[0], axis)
         outer, classes, inner = self.dims
         if outer * inner != bottom[1].count:

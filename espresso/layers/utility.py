@@ -9,7 +9,7 @@ import math
 
 from espresso.errors import NetError, ShapeError
 from espresso.layer import Layer, register
-from espresso.layers.common import canonical_axis, index_blob, share, split3
+from espresso.layers.common import index_blob, share, split3
 
 
 @register
@@ -53,8 +53,8 @@ class FlattenLayer(Layer):
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
-        start = canonical_axis(self, bottom[0], self.p.axis, "flatten_param.axis")
-        end = canonical_axis(self, bottom[0], self.p.end_axis, "flatten_param.end_axis")
+        start = self.canonical_axis(bottom[0], self.p.axis, "flatten_param.axis")
+        end = self.canonical_axis(bottom[0], self.p.end_axis, "flatten_param.end_axis")
         if end < start:
             self.fail(f"flatten_param.end_axis ({end}) comes before axis ({start}) for shape {shape}")
         share(top[0], bottom[0], shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:])
@@ -145,7 +145,7 @@ class ConcatLayer(Layer):
             if self.axis >= b0.num_axes:
                 self.fail(f"concat_param.concat_dim {self.axis} out of range for shape {b0.shape}")
         else:
-            self.axis = canonical_axis(self, b0, self.p.axis, "concat_param.axis")
+            self.axis = self.canonical_axis(b0, self.p.axis, "concat_param.axis")
         shape = list(b0.shape)
         for k, b in enumerate(bottom[1:], 1):
             rest = [d for j, d in enumerate(b.shape) if j != self.axis]
@@ -204,7 +204,7 @@ class SliceLayer(Layer):
             if self.p.slice_dim >= blob.num_axes:
                 self.fail(f"slice_param.slice_dim {self.p.slice_dim} out of range for shape {blob.shape}")
             return self.p.slice_dim
-        return canonical_axis(self, blob, self.p.axis, "slice_param.axis")
+        return self.canonical_axis(blob, self.p.axis, "slice_param.axis")
 
     def _sizes(self, dim, n_tops):
         points = list(self.p.slice_point)
@@ -258,7 +258,7 @@ class TileLayer(Layer):
             self.fail(f"tile_param.tiles: must be given and > 0, got {self.p.tiles}")
 
     def reshape(self, bottom, top):
-        axis = canonical_axis(self, bottom[0], self.p.axis, "tile_param.axis")
+        axis = self.canonical_axis(bottom[0], self.p.axis, "tile_param.axis")
         shape = list(bottom[0].shape)
         shape[axis] *= self.p.tiles
         top[0].reshape(shape)

@@ -31,7 +31,7 @@ from espresso.runtime import set_random_seed
 from espresso.solver.graphed import DeviceLoop, eager_solver_reason
 from espresso.solver.lr_policy import learning_rate
 from espresso.solver.state import read_state, read_state_hdf5, resolve_learned_net, write_state, write_state_hdf5
-from espresso.solver.updates import ArenaUpdater, rule_class
+from espresso.solver.updates import ArenaUpdater, format_g, rule_class
 
 log = logging.getLogger("espresso")
 
@@ -241,7 +241,7 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             self._absorb(loop.losses(), start_iter)
             self._display()
-            log.info("Iteration %d, lr = %s", self.iter, _g(rate))
+            log.info("Iteration %d, lr = %s", self.iter, format_g(rate))
         elif loop.queued == len(loop.host_rates):
             self._absorb(loop.losses(), start_iter)
 
@@ -296,8 +296,8 @@ class Solver:
         now = time.perf_counter()
         lapse = now - self._timer
         per_s = (self.iter - self._iters_last) / (lapse or 1)
-        log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, _g(per_s), _g(lapse),
-                 self.param.display, _g(self.smoothed_loss))
+        log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, format_g(per_s), format_g(lapse),
+                 self.param.display, format_g(self.smoothed_loss))
         self._timer, self._iters_last = now, self.iter
         outputs = [(name, self.net.blobs[name].host_data().ravel()) for name in self.net.outputs]
         _log_outputs("Train", self.net, outputs)
@@ -314,7 +314,7 @@ class Solver:
         rate, step = learning_rate(p, self.iter, self.current_step, self.net.dtype)
         self._log_rate(rate, step)
         if p.display and self.iter % p.display == 0:
-            log.info("Iteration %d, lr = %s", self.iter, _g(rate))
+            log.info("Iteration %d, lr = %s", self.iter, format_g(rate))
         self.updater.apply(rate, self.iter)
 
     def _log_rate(self, rate, step):
@@ -341,7 +341,7 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             loss = float(self.net.run_forward())  # forward only: already updated
             self._update_smoothed_loss(loss, start_iter)
-            log.info("Iteration %d, loss = %s", self.iter, _g(self.smoothed_loss))
+            log.info("Iteration %d, loss = %s", self.iter, format_g(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         log.info("Optimization Done.")
@@ -368,7 +368,7 @@ class Solver:
             net.run_forward(sums=sums)  # on the device: no host round trip per batch
         *sums, loss = [net.backend.to_host(s) for s in sums]
         if p.test_compute_loss:
-            log.info("Test loss: %s", _g(loss / n))
+            log.info("Test loss: %s", format_g(loss / n))
         means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums, strict=True)}
         _log_outputs("Test", net, means.items())
         self.test_scores[test_net_id] = means
@@ -451,14 +451,10 @@ def _log_outputs(kind, net, outputs):
     for name, values in outputs:
         weight = weights.get(name, 0)
         for value in values:
-            note = f" (* {_g(weight)} = {_g(weight * value)} loss)" if weight else ""
-            log.info("    %s net output #%d: %s = %s%s", kind, index, name, _g(value), note)
+            note = f" (* {format_g(weight)} = {format_g(weight * value)} loss)" if weight else ""
+            log.info("    %s net output #%d: %s = %s%s", kind, index, name, format_g(value), note)
             index += 1
 
-
-def _g(value):
-    """C++ ostream formatting of a number (%g, 6 significant digits)."""
-    return f"{float(value):g}"
 
 
 # *** signals ***

@@ -274,7 +274,7 @@ class ArenaUpdater:
             scale = xp.where(norm > clip, clip / norm, self.f(1)).astype(g.dtype)
         if log.isEnabledFor(logging.INFO) and float(norm) > clip:
             log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
-                     _g(norm), _g(clip), _g(scale))
+                     format_g(norm), format_g(clip), format_g(scale))
         xp.multiply(g, scale, out=g)
 
     def add_decay(self, g, w):
@@ -307,10 +307,6 @@ def _is_device_scalar(value):
         and not isinstance(value, np.ndarray)
 
 
-def _any_nonzero(value):
-    return bool((value != 0).any()) if _is_array(value) else bool(value != 0)
-
-
-def _g(value):
-    """C++ ostream formatting of a float (%g, 6 significant digits)."""
+def format_g(value):
+    """C++ ostream formatting of a number, as Caffe's logs print them (%g, 6 significant digits)."""
     return f"{float(value):g}"

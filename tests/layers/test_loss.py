@@ -89,7 +89,7 @@ def test_softmax_float32_and_axis_error(rng):
     (y,) = LayerRun('type: "Softmax"', [x], dtype=np.float32).forward()
     assert y.dtype == np.float32
     assert_close(y, softmax_ref(x, 1), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ShapeError):
+    with pytest.raises(LayerParamError, match=r"softmax_param.axis: axis 2 out of range .* \(2, 5\)"):
         LayerRun('type: "Softmax" softmax_param { axis: 2 }', [x])
 
 
