@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import ON_GPU
 
 import espresso as caffe
 from espresso.proto import caffe_pb2
@@ -25,16 +26,7 @@ TOL = (1e-5, 1e-6)  # rtol, atol: float32 on both sides, sums may run in another
 needs_data = pytest.mark.skipif(not FILES, reason=f"no real-Caffe reference data in {DATA}")
 
 
-def _gpu_missing():
-    try:
-        import cupy
-        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU visible"
-    except Exception as e:  # ImportError, or CUDA runtime errors on machines without a driver
-        return f"CuPy/GPU unavailable ({type(e).__name__})"
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    _gpu_missing() is not None, reason=f"needs a CUDA GPU: {_gpu_missing()}")])])
+@pytest.fixture(params=["cpu", ON_GPU])
 def device(request):
     """Each check runs on the CPU and, where there is one, on the GPU (conftest resets to CPU)."""
     if request.param == "gpu":

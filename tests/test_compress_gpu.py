@@ -4,24 +4,13 @@ CPU one, from the same compressed file.  Skipped without CuPy and a GPU; passes 
 
 import numpy as np
 import pytest
+from devices import needs_gpu
 from test_compress import compressed_deploy
 
 import espresso
 from espresso.compress.runtime import CompressedLayer
 
-
-def _gpu_missing():
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed"
-    try:
-        return None if cupy.cuda.runtime.getDeviceCount() else "no CUDA GPU visible"
-    except Exception as e:  # CUDARuntimeError without a driver
-        return f"no usable CUDA driver ({e})"
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))]
+pytestmark = needs_gpu
 
 
 @pytest.mark.parametrize("quantize", [False, True])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import GPU_MISSING, gpu_test, needs_gpu
 
 import espresso
 from espresso import backend as backends
@@ -40,28 +41,6 @@ from espresso.testing import TEST, TRAIN, LayerRun
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 DTYPES = [np.float32, np.float64]
-
-
-def _gpu_missing():
-    """Why the GPU tests cannot run here, or None."""
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda13x)"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError without a driver
-        return f"no usable CUDA driver ({e})"
-    return None if count else "no CUDA GPU visible"
-
-
-MISSING = _gpu_missing()
-
-
-def gpu_test(function):
-    """Marked `gpu`, and skipped (saying why) where CuPy or a GPU is missing."""
-    skip = pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")
-    return pytest.mark.gpu(skip(function))
 
 
 class Device:
@@ -164,8 +143,7 @@ NO_GPP = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on P
 
 
 @pytest.fixture(params=[
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(MISSING is not None,
-                                                                  reason=f"needs a CUDA GPU: {MISSING}")]),
+    pytest.param("cuda", marks=needs_gpu),
     pytest.param("emulated", marks=NO_GPP),
 ])
 def dev(request, monkeypatch):
@@ -272,13 +250,13 @@ def test_importing_espresso_does_not_import_cupy():
     assert result.returncode == 0, result.stderr or "cupy was imported"
 
 
-@pytest.mark.skipif(MISSING is None, reason="a GPU is present")
+@pytest.mark.skipif(GPU_MISSING is None, reason="a GPU is present")
 def test_set_mode_gpu_without_a_gpu_says_why():
     with pytest.raises(BackendError) as info:
         espresso.set_mode_gpu()
     message = str(info.value)
     assert "cuda:0" in message
-    if "CuPy is not installed" in MISSING:
+    if "CuPy, which is not installed" in GPU_MISSING:
         assert "pip install cupy-cuda13x" in message
     espresso.set_mode_cpu()
 

@@ -3,22 +3,12 @@ Python writes into them reaches the device before the net next runs (Caffe's Syn
 
 import numpy as np
 import pytest
+from devices import ON_GPU, gpu_test
 
 import espresso as caffe
 from espresso.blob import Blob
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
-
-
-def _gpu_missing():
-    try:
-        import cupy
-        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU visible"
-    except Exception as e:  # ImportError, or CUDA runtime errors on machines without a driver
-        return f"CuPy/GPU unavailable ({type(e).__name__})"
-
-
-MISSING = _gpu_missing()
 
 NET = """
 layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }
@@ -37,8 +27,7 @@ def test_cpu_nets_hand_out_their_blobs():
     assert isinstance(net.blobs["x"], Blob) and net.params["ip"][0] is net.layers[1].blobs[0]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")
+@gpu_test
 def test_gpu_views_are_host_arrays_and_writes_reach_the_device():
     from espresso import backend
 
@@ -67,8 +56,7 @@ def test_gpu_views_are_host_arrays_and_writes_reach_the_device():
     assert gpu.forward(blobs=["h"])["h"].shape == (6, 2)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")])])
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 def test_net_callbacks_run_around_every_layer_and_their_writes_count(device):
     """pycaffe's before_/after_forward and before_/after_backward: callback(layer index) around
     each layer (Caffe's NetCallback); what a callback writes through the views is what the next

@@ -8,14 +8,14 @@ import contextlib
 
 import numpy as np
 import pytest
-from test_gpu_pycaffe import MISSING
+from devices import needs_gpu
 
 import espresso as caffe
 from espresso import graphs
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=f"needs a CUDA GPU: {MISSING}")]
+pytestmark = needs_gpu
 
 LENET = """
 name: "LeNet"

@@ -2,19 +2,19 @@
 
 import numpy as np
 import pytest
+from devices import gpu_test
 
 import espresso
 import espresso.layers.data as data_layers
 from espresso.data import DatasetError
 from espresso.data.db import LMDBWriter, encoded_datum, make_datum
 from espresso.data.image import encode_image
-from espresso.errors import BackendError, LayerParamError, NetError, ShapeError
+from espresso.errors import LayerParamError, NetError, ShapeError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 from espresso.testing import assert_close
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
-h5py = pytest.importorskip("h5py")
 
 
 def make_net(text, phase=TRAIN):
@@ -53,13 +53,11 @@ def test_data_layer_reads_in_key_order_and_wraps(tmp_path, monkeypatch, prefetch
                                                              (64, 1, 2, 3)))
 
 
+@gpu_test
 def test_data_layer_streams_through_pinned_buffers_and_a_copy_stream_on_a_gpu(tmp_path, monkeypatch):
     """A dataset too big for the device: pinned host batches, copied on the copy stream into two
     device slots in turn; the batches are those of the CPU, wrapping around."""
-    try:
-        backend = espresso.backend.get("cuda:0")
-    except BackendError as e:
-        pytest.skip(f"needs a CUDA GPU: {e}")
+    backend = espresso.backend.get("cuda:0")
     monkeypatch.setattr(data_layers, "CACHE_LIMIT_BYTES", 0)
     made, pinned_empty = [], backend.pinned_empty
     monkeypatch.setattr(backend, "pinned_empty", lambda *args: made.append(pinned_empty(*args)) or made[-1])
@@ -251,8 +249,13 @@ def test_memory_data_errors(rng):
                                              'input_param { shape { dim: 1 } } }'), np.zeros(1), np.zeros(1))
 
 
-# *** HDF5 ***
-def _h5(path, **datasets):
+# *** HDF5 (the tests below need h5py, the `hdf5` extra; the others do not) ***
+@pytest.fixture
+def h5py():
+    return pytest.importorskip("h5py")
+
+
+def _h5(h5py, path, **datasets):
     with h5py.File(path, "w") as f:
         for name, value in datasets.items():
             f.create_dataset(name, data=value)
@@ -264,10 +267,10 @@ def hdf5_net(tmp_path, params, names=("data", "label")):
         hdf5_data_param {{ source: "{tmp_path / 'files.txt'}" {params} }} }}""")
 
 
-def test_hdf5_data_reads_files_in_turn_and_wraps(tmp_path, rng):
+def test_hdf5_data_reads_files_in_turn_and_wraps(tmp_path, rng, h5py):
     x = rng.standard_normal((5, 2, 3))
-    _h5(tmp_path / "a.h5", data=x[:3], label=np.arange(3))
-    _h5(tmp_path / "b.h5", data=x[3:], label=np.arange(3, 5))
+    _h5(h5py, tmp_path / "a.h5", data=x[:3], label=np.arange(3))
+    _h5(h5py, tmp_path / "b.h5", data=x[3:], label=np.arange(3, 5))
     (tmp_path / "files.txt").write_text("a.h5\nb.h5\n")  # relative to the list file
     net = hdf5_net(tmp_path, "batch_size: 4")
     assert net.blobs["data"].shape == (4, 2, 3) and net.blobs["label"].shape == (4,)
@@ -277,8 +280,8 @@ def test_hdf5_data_reads_files_in_turn_and_wraps(tmp_path, rng):
         assert_close(net.blobs["data"].data, x[rows].astype(np.float32).astype(np.float64))
 
 
-def test_hdf5_data_shuffle_is_seeded_and_covers_every_row(tmp_path, rng):
-    _h5(tmp_path / "a.h5", data=np.zeros((8, 1)), label=np.arange(8))
+def test_hdf5_data_shuffle_is_seeded_and_covers_every_row(tmp_path, rng, h5py):
+    _h5(h5py, tmp_path / "a.h5", data=np.zeros((8, 1)), label=np.arange(8))
     (tmp_path / "files.txt").write_text(str(tmp_path / "a.h5"))
     runs = []
     for _ in range(2):
@@ -289,8 +292,8 @@ def test_hdf5_data_shuffle_is_seeded_and_covers_every_row(tmp_path, rng):
     assert runs[0] == runs[1] and sorted(runs[0]) == list(range(8)) and runs[0] != list(range(8))
 
 
-def test_hdf5_data_errors(tmp_path):
-    _h5(tmp_path / "a.h5", data=np.zeros((2, 1)), label=np.zeros(3))
+def test_hdf5_data_errors(tmp_path, h5py):
+    _h5(h5py, tmp_path / "a.h5", data=np.zeros((2, 1)), label=np.zeros(3))
     (tmp_path / "files.txt").write_text("a.h5")
     with pytest.raises(DatasetError, match="same, non-zero number of rows"):
         hdf5_net(tmp_path, "batch_size: 1")
@@ -301,9 +304,9 @@ def test_hdf5_data_errors(tmp_path):
         hdf5_net(tmp_path, "batch_size: 1")
 
 
-def test_hdf5_output_round_trip(tmp_path, rng):
+def test_hdf5_output_round_trip(tmp_path, rng, h5py):
     x = rng.standard_normal((4, 3))
-    _h5(tmp_path / "in.h5", data=x, label=np.arange(4.0))
+    _h5(h5py, tmp_path / "in.h5", data=x, label=np.arange(4.0))
     (tmp_path / "files.txt").write_text(str(tmp_path / "in.h5"))
     out = tmp_path / "out.h5"
     net = make_net(f"""

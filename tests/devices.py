@@ -1,0 +1,28 @@
+"""Where the GPU tests can run: one check for every test module.  GPU tests are marked `gpu`
+and skipped, saying why, where CuPy or a GPU is missing."""
+
+import pytest
+
+from espresso import backend
+from espresso.errors import BackendError
+
+
+def _gpu_missing():
+    """Why no CUDA backend can be made here, or None."""
+    try:
+        backend.get("cuda:0")
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+GPU_MISSING = _gpu_missing()
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU_MISSING is not None, reason=f"needs a CUDA GPU: {GPU_MISSING}")]
+ON_GPU = pytest.param("gpu", marks=needs_gpu)  # parametrize("device", ["cpu", ON_GPU])
+
+
+def gpu_test(function):
+    """A test that needs a GPU (marked and skipped as above)."""
+    for mark in needs_gpu:
+        function = mark(function)
+    return function
