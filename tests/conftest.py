@@ -6,14 +6,18 @@ import pytest
 
 import espresso
 
+# the prototxt files that ship with Caffe: ../shared/caffe-zoo beside the checkout, or $ESPRESSO_CAFFE_ZOO
 ZOO = Path(os.environ.get("ESPRESSO_CAFFE_ZOO", Path(__file__).resolve().parents[2] / "shared" / "caffe-zoo"))
 
 
 @pytest.fixture
 def zoo():
-    """The prototxt files that ship with Caffe (../shared/caffe-zoo); skipped where absent."""
+    """Caffe's prototxt files (ZOO): a failure under CI=true when absent, else a visible skip."""
     if not ZOO.is_dir():
-        pytest.skip(f"Caffe's prototxt files not found at {ZOO} (set ESPRESSO_CAFFE_ZOO)")
+        message = f"Caffe's prototxt files not found at {ZOO} (set ESPRESSO_CAFFE_ZOO)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must have them")
+        pytest.skip(message)
     return ZOO
 
 

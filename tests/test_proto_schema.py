@@ -3,33 +3,11 @@
 Field numbers, enum values and defaults below are Caffe 1.0 master's; a wrong
 number or default in our schema would silently misread real Caffe files.
 """
-import os
 import struct
-import sys
-from pathlib import Path
 
-import pytest
 from google.protobuf import text_format
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from espresso.proto import caffe_pb2  # noqa: E402
-
-
-def _find_zoo():
-    if os.environ.get("ESPRESSO_CAFFE_ZOO"):
-        return Path(os.environ["ESPRESSO_CAFFE_ZOO"])
-    for candidate in (REPO.parent / "shared" / "caffe-zoo",
-                      REPO / "shared" / "caffe-zoo",
-                      Path("/work/shared/caffe-zoo")):
-        if candidate.is_dir():
-            return candidate
-    return Path("/work/shared/caffe-zoo")
-
-
-ZOO = _find_zoo()
+from espresso.proto import caffe_pb2
 
 
 def f32(x):
@@ -300,20 +278,13 @@ def test_text_round_trip():
 
 # --- real Caffe files ------------------------------------------------------
 
-def _zoo_files():
-    if not ZOO.is_dir():
-        return []
-    return sorted(ZOO.rglob("*.prototxt"))
-
-
 def _is_solver(path):
     return "solver" in path.name.lower()
 
 
-def test_zoo_prototxts_parse():
-    files = _zoo_files()
-    if not files:
-        pytest.skip(f"no Caffe model zoo at {ZOO}")
+def test_zoo_prototxts_parse(zoo):
+    files = sorted(zoo.rglob("*.prototxt"))
+    assert len(files) > 20, f"only {len(files)} prototxt files under {zoo}"
     failures = []
     for path in files:
         message = caffe_pb2.SolverParameter() if _is_solver(path) else caffe_pb2.NetParameter()
