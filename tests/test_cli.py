@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from espresso import cli
+from espresso.solver.state import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT / "espresso" / "datasets" / "fmnist_subset"
@@ -54,10 +55,16 @@ def test_train_lenet_end_to_end(lenet, tmp_path):
     assert scored.returncode == 0, scored.stderr
     assert float(re.search(r"\] accuracy = ([\d.]+)", scored.stderr).group(1)) > 0.7
 
+    first = (lenet / "lenet_iter_200.caffemodel").read_bytes()
     resumed = run("train", "--solver", str(lenet / "solver.prototxt"),
                   "--snapshot", str(lenet / "lenet_iter_100.solverstate"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "Restoring previous solver status" in resumed.stderr
+    # it went on from iteration 100: its first rate is inv's at 100, and it ran 100 iterations to 200
+    rates = re.findall(r"Iteration (\d+), lr = ([\d.e-]+)", resumed.stderr)
+    assert rates == [("100", f"{0.01 * (1 + 0.0001 * 100) ** -0.75:g}")]
+    assert re.findall(r"Iteration (\d+), Testing", resumed.stderr) == ["100", "200"]  # none at 0
+    assert read_state(lenet / "lenet_iter_200.solverstate")[0] == 200
+    assert (lenet / "lenet_iter_200.caffemodel").read_bytes() != first  # written again, by the resumed run
 
 
 def test_time_prints_per_layer_and_totals(lenet):

@@ -55,14 +55,22 @@ def test_sparse_gaussian_keeps_about_sparse_over_num_outputs():
     assert abs((blob.data != 0).mean() - 5 / 20) < 0.02
 
 
+def _assert_uniform(values, bound):
+    """18,432 draws of U(-bound, bound): their extremes reach within 0.1% of the bound, their
+    mean is near 0 and their standard deviation near bound / sqrt(3)."""
+    assert -bound <= values.min() < -0.999 * bound and 0.999 * bound < values.max() <= bound
+    assert abs(values.mean()) < 0.02 * bound
+    assert values.std() == pytest.approx(bound / np.sqrt(3), rel=0.02)
+
+
 def test_xavier_and_msra_scale_by_fan():
     blob = Blob((64, 32, 3, 3), np.float64)  # fan_in 288, fan_out 576
-    fill(blob, filler(type="xavier"))
-    assert blob.data.max() <= np.sqrt(3 / 288) and blob.data.min() >= -np.sqrt(3 / 288)
-    fill(blob, filler(type="msra", variance_norm=caffe_pb2.FillerParameter.FAN_OUT))
-    assert abs(blob.data.std() - np.sqrt(2 / 576)) < 0.003
+    fill(blob, filler(type="xavier"))  # Caffe: U(-a, a) with a = sqrt(3 / fan_in)
+    _assert_uniform(blob.data, np.sqrt(3 / 288))
+    fill(blob, filler(type="msra", variance_norm=caffe_pb2.FillerParameter.FAN_OUT))  # N(0, 2 / fan_out)
+    assert abs(blob.data.mean()) < 0.002 and abs(blob.data.std() - np.sqrt(2 / 576)) < 0.003
     fill(blob, filler(type="xavier", variance_norm=caffe_pb2.FillerParameter.AVERAGE))
-    assert blob.data.max() <= np.sqrt(3 / 432)
+    _assert_uniform(blob.data, np.sqrt(3 / 432))
 
 
 def test_positive_unitball_rows_sum_to_one():

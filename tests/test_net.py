@@ -122,7 +122,11 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "s" bottom: "y" top: "loss" }
 """
     with pytest.raises(NetError, match=r"layer 'drop'.*layer 'sig' \(Sigmoid\) needs"):
         net_from(text)
-    assert net_from(text, caffe.TEST)  # a forward-only TEST net may keep the layout
+    net = net_from(text, caffe.TEST)  # a forward-only TEST net may keep the layout, and runs it
+    net.blobs["x"].data[...] = np.arange(12.0).reshape(net.blobs["x"].shape) / 10
+    net.forward()
+    h = net.blobs["h"].data
+    np.testing.assert_allclose(net.blobs["s"].data, 1 / (1 + np.exp(-h)), rtol=1e-6)  # Dropout: identity in TEST
 
 
 def test_duplicate_top_is_an_error():
