@@ -166,7 +166,7 @@ def check_layer(snippet, bottoms, reference=None, top_shapes=None, grad=True, ch
             assert_close(got, want, rtol, atol, f"{run.layer.type} top {k}")
     if grad:
         check_gradient(run, check_bottoms, eps=eps, tol=tol)
-        _check_accumulation(run, check_bottoms)
+        check_accumulation(run, check_bottoms)
     if inplace if inplace is not None else run.layer.inplace:
         _check_inplace(snippet, bottoms, run, phase)
     if reshape_batch is not None and reference is not None:
@@ -174,7 +174,7 @@ def check_layer(snippet, bottoms, reference=None, top_shapes=None, grad=True, ch
     return run
 
 
-def _check_accumulation(run, check_bottoms):
+def check_accumulation(run, check_bottoms):
     """Param diffs add up over two backward calls; bottom diffs are overwritten."""
     tops = run.forward()
     weights = [np.ones_like(t) for t in tops]
