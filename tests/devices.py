@@ -4,7 +4,8 @@ and skipped, saying why, where CuPy or a GPU is missing."""
 import pytest
 
 from espresso import backend
-from espresso.errors import BackendError
+from espresso.backend.cpu import CPUBackend
+from espresso.errors import BackendError, GraphCaptureError
 
 
 def _gpu_missing():
@@ -26,3 +27,25 @@ def gpu_test(function):
     for mark in needs_gpu:
         function = mark(function)
     return function
+
+
+class FakeGraphs(CPUBackend):
+    """The CPU backend with graphs: a capture runs `run` once (as the contract says) and keeps
+    it; a launch calls it again.  Records what it did."""
+
+    can_capture = True
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail, self.captures, self.launches = fail, 0, 0
+
+    def capture(self, run):
+        run()
+        if self.fail:
+            raise GraphCaptureError("this fake refuses")
+        self.captures += 1
+        return run
+
+    def launch(self, graph):
+        self.launches += 1
+        graph()

@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from devices import FakeGraphs
 
 import espresso
+import espresso.net.core
 from espresso.errors import EspressoError, ModelFileError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text, read_binary
@@ -627,3 +629,18 @@ def test_random_seed_makes_fillers_repeatable():
     text = 'base_lr: 0.1 lr_policy: "fixed" random_seed: 7'
     a, b = (make_solver(text, net_text=MLP) for _ in range(2))
     np.testing.assert_array_equal(a.net.arena_data, b.net.arena_data)
+
+
+def test_a_nan_loss_queued_on_the_device_is_caught_before_the_next_snapshot(tmp_path, monkeypatch):
+    """On a device that queues iterations as graphs (here a fake one on the CPU), losses are read
+    back in batches; a snapshot reads them first, so a NaN at iteration 3 stops training before
+    _iter_4 is written with the weights it spoiled, and _iter_2 stays the last snapshot."""
+    fake = FakeGraphs()
+    monkeypatch.setattr(espresso.net.core, "current_backend", lambda: fake)
+    solver = make_solver(f'base_lr: 0.01 lr_policy: "fixed" snapshot: 2 snapshot_prefix: "{tmp_path}/s"')
+    solver.step(3)
+    assert solver._loop is not None and fake.captures == 1 and fake.launches == 2  # graphed
+    solver.net.blobs["x"].data[0, 0] = np.nan
+    with pytest.raises(EspressoError, match="iteration 3: the loss is nan"):
+        solver.step(4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_iter_2.caffemodel", "s_iter_2.solverstate"]

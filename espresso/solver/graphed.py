@@ -80,7 +80,8 @@ class DeviceLoop:
         s, xp = self.solver, self.xp
         net, last, size = s.net, len(s.net.layers) - 1, s.param.iter_size
         loss = _scalar_loss(net)
-        if size == 1 and loss is not None:  # the bookkeeping (rate, loss, slot) in one kernel
+        if size == 1 and loss is not None and net.backend.k.record_iteration is not None:
+            # the bookkeeping (rate, loss, slot) in one kernel
             net.arena_diff.fill(0)
             net.forward_layers(0, last, losses=False)
             net.backward_range(last, 0)

@@ -84,7 +84,7 @@ class Solver:
             check_hdf5_names(self.net, f"{self.param.snapshot_prefix}_iter_N.caffemodel.h5")
         log.info("Solver scaffolding done.")
         self.iter, self.current_step = 0, 0
-        self.smoothed_loss, self._losses = 0.0, []
+        self.smoothed_loss, self._losses, self._start_iter = 0.0, [], 0
         self.requested_early_exit = False
         self.test_scores = [None] * len(self.test_nets)
         self._callbacks, self._action = [], None
@@ -199,7 +199,7 @@ class Solver:
         """Run `iters` iterations (Caffe's Solver::Step): each a replay of one CUDA graph on a
         GPU when the net and solver allow it (espresso/solver/graphed.py), else eagerly."""
         start_iter, stop_iter = self.iter, self.iter + int(iters)
-        self._losses, self.smoothed_loss = [], 0.0
+        self._start_iter, self._losses, self.smoothed_loss = start_iter, [], 0.0
         self._timer, self._iters_last = time.perf_counter(), self.iter
         loop = self._device_loop()
         try:
@@ -262,7 +262,8 @@ class Solver:
         for it, loss in pairs:
             if not math.isfinite(loss):
                 when = "before the update" if before_update else \
-                    "(the GPU reads losses back in batches: updates queued after it have run)"
+                    "(the GPU reads losses back in batches and before each snapshot: the updates " \
+                    "queued after it have run, no snapshot holds them)"
                 raise EspressoError(f"iteration {it}: the loss is {loss}; training stopped {when} "
                                     f"(lower base_lr, or check the data)")
             self._update_smoothed_loss(loss, start_iter, it)
@@ -392,6 +393,8 @@ class Solver:
     def snapshot(self):
         """Write <prefix>_iter_N.caffemodel and .solverstate (with snapshot_format HDF5,
         .caffemodel.h5 and .solverstate.h5, as Caffe); returns their paths."""
+        if self._loop is not None:  # a loss the device queued may be NaN: stop before saving its weights
+            self._absorb(self._loop.losses(), self._start_iter)
         hdf5 = _check_format(self.param)
         kind, suffix = ("HDF5", ".h5") if hdf5 else ("binary proto", "")
         model = self.snapshot_filename(".caffemodel" + suffix)

@@ -5,7 +5,7 @@ on it, checked on the CPU with fake backends: when a captured graph may be repla
 
 import numpy as np
 import pytest
-from devices import ON_GPU
+from devices import ON_GPU, FakeGraphs
 
 import espresso as caffe
 from espresso import backend as backends
@@ -13,7 +13,7 @@ from espresso import graphs
 from espresso.backend import FUSED_KERNELS, KERNELS, Backend
 from espresso.backend.cpu import CPUBackend
 from espresso.blob import Blob
-from espresso.errors import BackendError, GraphCaptureError
+from espresso.errors import BackendError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 
@@ -84,28 +84,6 @@ def test_the_capabilities_behave(backend):
 
 
 # *** graph validity, on a fake backend whose "graphs" are the captured functions ***
-class FakeGraphs(CPUBackend):
-    """The CPU backend with graphs: a capture runs `run` once (as the contract says) and keeps
-    it; a launch calls it again.  Records what it did."""
-
-    can_capture = True
-
-    def __init__(self, fail=False):
-        super().__init__()
-        self.fail, self.captures, self.launches = fail, 0, 0
-
-    def capture(self, run):
-        run()
-        if self.fail:
-            raise GraphCaptureError("this fake refuses")
-        self.captures += 1
-        return run
-
-    def launch(self, graph):
-        self.launches += 1
-        graph()
-
-
 def test_a_graph_is_captured_once_and_replayed_until_invalidated():
     fake, calls = FakeGraphs(), []
     cache = graphs.GraphCache(fake)
