@@ -255,8 +255,6 @@ def _read_weights(r, what, shape, count):
         positions = np.cumsum(gaps + 1) - 1
         if entries and (positions[-1] >= count or count - 1 - positions[-1] >= 1 << index_bits):
             raise ModelFileError(f"{r.name}: corrupt: {what}: positions do not cover shape {shape}")
-        if not entries and count > 1 << index_bits:
-            raise ModelFileError(f"{r.name}: corrupt: {what}: no entries for shape {shape}")
     return CompressedWeights(shape, symbols, positions, codebook, bits if quantized else 32, index_bits, coded)
 
 

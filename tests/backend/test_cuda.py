@@ -814,3 +814,41 @@ def test_lenet_forward_backward_cpu_vs_cuda(dtype, deterministic, monkeypatch):
         assert_matches(other.host_data(), blob.host_data(), dtype, f"{name} blob {blob_name} data")
         if blob_name not in ("data", "label"):
             assert_matches(other.host_diff(), blob.host_diff(), dtype, f"{name} blob {blob_name} diff")
+
+
+class _FailingLibrary:
+    """A stand-in for libcublas / libcudnn whose calls fail: status 7 / 3, with the texts the
+    real libraries give for them."""
+
+    @staticmethod  # (plain functions: the code under test sets their ctypes restype)
+    def cublasSgemm_v2(*args):
+        return 7
+
+    @staticmethod
+    def cublasGetStatusName(status):
+        return b"CUBLAS_STATUS_INVALID_VALUE"
+
+    @staticmethod
+    def cublasGetStatusString(status):
+        return b"an invalid value was used as an argument"
+
+    @staticmethod
+    def cudnnConvolutionForward(*args):
+        return 3
+
+    @staticmethod
+    def cudnnGetErrorString(status):
+        return b"CUDNN_STATUS_BAD_PARAM"
+
+
+def test_library_failures_name_the_call_and_the_status_text():
+    from espresso.backend.cuda.blas import Blas
+    from espresso.backend.cuda.cudnn import Cudnn
+
+    blas, cudnn = Blas.__new__(Blas), Cudnn.__new__(Cudnn)
+    blas.lib = cudnn.lib = _FailingLibrary()
+    with pytest.raises(BackendError, match="cublasSgemm_v2 failed with status 7: CUBLAS_STATUS_INVALID_VALUE, "
+                                           "an invalid value was used as an argument"):
+        blas._check(blas.lib.cublasSgemm_v2(), "cublasSgemm_v2")
+    with pytest.raises(BackendError, match="cudnnConvolutionForward failed with status 3: CUDNN_STATUS_BAD_PARAM"):
+        cudnn.call("cudnnConvolutionForward")

@@ -16,11 +16,25 @@ import math
 
 import numpy as np
 
+from espresso.errors import BackendError
+
 OP_N, OP_T = 0, 1
 DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
 WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
 _GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
          np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
+
+
+def call_failed(lib, call, status, text_functions):
+    """The BackendError for a library call that returned `status`: the call's name, the status
+    and the library's own name and text for it (from `text_functions`, those this version has)."""
+    texts = []
+    for name in text_functions:
+        function = getattr(lib, name, None)  # (older libraries lack some)
+        if function is not None:
+            function.restype = ctypes.c_char_p
+            texts.append(function(status).decode(errors="replace"))
+    return BackendError(f"{call} failed with status {status}" + (f": {', '.join(texts)}" if texts else ""))
 
 
 def _library():
@@ -62,10 +76,9 @@ class Blas:
         self._check(self.lib.cublasSetMathMode(self.handle, TF32_MATH if allow else DEFAULT_MATH),
                     "cublasSetMathMode")
 
-    @staticmethod
-    def _check(status, what):
+    def _check(self, status, what):
         if status != 0:
-            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+            raise call_failed(self.lib, what, status, ("cublasGetStatusName", "cublasGetStatusString"))
 
     def matmul(self, a, b, out, accumulate=False):
         """out = a @ b (or out += a @ b), NumPy's batched-matmul rules; out is never broadcast."""

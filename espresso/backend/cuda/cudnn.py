@@ -17,6 +17,8 @@ import os
 import numpy as np
 
 from espresso import graphs
+from espresso.backend.cuda.blas import call_failed
+from espresso.errors import BackendError
 
 FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
 CROSS_CORRELATION, NCHW = 1, 0
@@ -79,7 +81,7 @@ class Cudnn:
     def call(self, name, *args):
         status = getattr(self.lib, name)(*args)
         if status != 0:
-            raise RuntimeError(f"{name} failed with cuDNN status {status}")
+            raise call_failed(self.lib, name, status, ("cudnnGetErrorString",))
 
     def set_tf32(self, allow):
         """TF32 tensor-core math allowed or not (FMA math, float32 semantics): every plan
@@ -157,7 +159,7 @@ class Convolution:
                 if size.value <= WORKSPACE_LIMIT:
                     options[p.algo] = size.value
         if not options:
-            raise RuntimeError(f"cuDNN offers no {which} algorithm for this convolution")
+            raise BackendError(f"cuDNN offers no {which} algorithm for this convolution")
         return list(options.items())
 
     def _run(self, which, operands, out, accumulate):
