@@ -8,7 +8,10 @@ import tokenize
 from collections import Counter
 from pathlib import Path
 
-BUDGET = 9260
+# 9260 -> 9400 with the explicit backend contract (its members and capability defaults written out),
+# espresso/net/ as four modules (their headers, imports and the pycaffe file-method wrappers) and
+# cuBLAS/cuDNN status texts
+BUDGET = 9400
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 
