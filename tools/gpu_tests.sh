@@ -3,14 +3,15 @@
 # its log headed by what ran where: the command, the commit, the date, the GPU and the
 # versions of the driver, CUDA, cuDNN and the Python packages.
 #   bash tools/gpu_tests.sh LOG [pytest arguments]
-# Where the checkout has no .git (a copy of the working tree), ESPRESSO_COMMIT names the commit.
+# ESPRESSO_COMMIT names the commit (a copy of the working tree on a device machine may carry a
+# stale .git, or none); without it, git is asked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$1
 shift
 {
     echo "# command: bash tools/gpu_tests.sh $log $*"
-    echo "# commit: $(git rev-parse HEAD 2>/dev/null || echo "${ESPRESSO_COMMIT:-unknown}")"
+    echo "# commit: ${ESPRESSO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
     echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     PYTHONPATH=.:${PYTHONPATH:-} python3 - <<'PY'
 import platform
