@@ -6,6 +6,7 @@ run unchanged.  Bad input ends with one line on stderr and exit status 1, never 
 
 import argparse
 import logging
+import os
 import re
 import sys
 import time
@@ -23,13 +24,49 @@ def _gflags_to_argparse(argv):
     return ["-" + a if re.match(r"^-[a-z_]{2,}(=|$)", a) else a for a in argv]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors end as one line and exit status 1, as every other error."""
+
+    def error(self, message):
+        raise EspressoError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text):
+    value = int(text)  # argparse reports a ValueError as "invalid _positive_int value"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _gpus(text):
+    """Caffe's --gpu: 'all' or comma-separated device ids (the first is used)."""
+    if text == "all" or re.fullmatch(r"\d+(,\d+)*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"give a GPU id (0), ids (0,1) or 'all', got '{text}'")
+
+
+def _output(path):
+    """A path to write, checked before any work: its folder must exist and be writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path}: folder {folder} is not writable")
+    return path
+
+
+def _input(path):
+    """A file to read, checked before any work."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    return path
+
+
 def _set_device(gpu):
-    if gpu is None or gpu == "":
+    if gpu is None:
         espresso.set_mode_cpu()
         return
-    if gpu == "all":
-        gpu = "0"
-    espresso.set_device(int(gpu.split(",")[0]))
+    espresso.set_device(0 if gpu == "all" else int(gpu.split(",")[0]))
     espresso.set_mode_gpu()
 
 
@@ -334,99 +371,112 @@ def cmd_decompress(args):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="espresso", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="espresso", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"espresso {espresso.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, model=True):
         if model:
             p.add_argument("--model", required=True, help="net prototxt")
-        p.add_argument("--gpu", default=None, help="GPU id (CPU when omitted)")
-        p.add_argument("--level", type=int, default=0)
-        p.add_argument("--stage", action="append", help="net stage (repeatable)")
+        p.add_argument("--gpu", type=_gpus, default=None, help="GPU id, ids (the first is used) or 'all'; "
+                                                               "the CPU when omitted")
+        p.add_argument("--level", type=int, default=0, help="the net state's level (NetState.level)")
+        p.add_argument("--stage", action="append", help="a net state stage (repeatable)")
         return p
+
+    def iterations(p, what):
+        p.add_argument("--iterations", type=_positive_int, default=50, help=f"{what} (default 50)")
 
     p = common(sub.add_parser("train", help="train a model from a solver prototxt"), model=False)
     p.add_argument("--solver", required=True, help="solver prototxt")
     p.add_argument("--weights", default="", help="comma-separated .caffemodel (or .caffemodel.h5) files to start from")
     p.add_argument("--snapshot", default="", help=".solverstate (or .solverstate.h5) to resume from")
-    p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
-    p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
-    p.add_argument("--plot", default="", help="write loss/accuracy curves to this PNG")
+    p.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"],
+                   help="what Ctrl-C does (stop: snapshot if snapshots are on, then stop)")
+    p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"],
+                   help="what SIGHUP does")
+    p.add_argument("--plot", type=_output, default="", help="write loss/accuracy curves to this PNG")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("plot", help="draw loss/accuracy curves from a training log")
-    p.add_argument("log")
-    p.add_argument("--output", "-o", default="curves.png")
+    p.add_argument("log", help="a Caffe or Espresso training log")
+    p.add_argument("--output", "-o", type=_output, default="curves.png", help="the PNG to write")
     p.set_defaults(run=cmd_plot)
     p = common(sub.add_parser("test", help="score a model"))
-    p.add_argument("--weights", default="", help=".caffemodel to load")
-    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--weights", required=True, help=".caffemodel (.h5, .espz) to score")
+    iterations(p, "test batches")
     p.set_defaults(run=cmd_test)
     p = common(sub.add_parser("time", help="per-layer timing"))
-    p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"])
+    iterations(p, "timed forward-backward passes")
+    p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"], help="the net's phase")
     p.set_defaults(run=cmd_time)
     p = sub.add_parser("prepare-fmnist", help="Fashion-MNIST -> the LMDBs the LeNet examples read")
     p.add_argument("output", nargs="?", default="examples/lenet", help="folder for the two LMDBs")
     p.add_argument("--source", default="", help="folder with the IDX files (default: best available)")
     p.set_defaults(run=cmd_prepare_fmnist)
     p = sub.add_parser("convert-mnist", aliases=["convert_mnist_data"], help="IDX files -> LMDB")
-    p.add_argument("images")
-    p.add_argument("labels")
-    p.add_argument("db")
+    p.add_argument("images", help="IDX images file (may be .gz)")
+    p.add_argument("labels", help="IDX labels file (may be .gz)")
+    p.add_argument("db", help="the LMDB folder to write")
     p.set_defaults(run=cmd_convert_mnist)
     p = sub.add_parser("convert-imageset", aliases=["convert_imageset"], help="image list -> LMDB")
-    p.add_argument("root_folder")
-    p.add_argument("listfile")
-    p.add_argument("db")
-    p.add_argument("--resize_height", type=int, default=0)
-    p.add_argument("--resize_width", type=int, default=0)
-    p.add_argument("--gray", action="store_true")
-    p.add_argument("--shuffle", action="store_true")
-    p.add_argument("--encoded", action="store_true")
-    p.add_argument("--encode_type", default="")
+    p.add_argument("root_folder", help="folder the listed image paths are relative to")
+    p.add_argument("listfile", help="text file of 'path label' lines")
+    p.add_argument("db", help="the LMDB folder to write")
+    p.add_argument("--resize_height", type=int, default=0, help="resize images to this height (0: keep)")
+    p.add_argument("--resize_width", type=int, default=0, help="resize images to this width (0: keep)")
+    p.add_argument("--gray", action="store_true", help="read images as one grey channel")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the list's order")
+    p.add_argument("--encoded", action="store_true", help="store the encoded image bytes (decoded when read)")
+    p.add_argument("--encode_type", default="", help="re-encode as this format (png, jpg) with --encoded")
     p.set_defaults(run=cmd_convert_imageset)
     p = sub.add_parser("compute-image-mean", aliases=["compute_image_mean"], help="mean image of an LMDB")
-    p.add_argument("db")
-    p.add_argument("output", nargs="?", default="")
+    p.add_argument("db", help="the LMDB of Datums")
+    p.add_argument("output", nargs="?", type=_output, default="", help="the .binaryproto to write")
     p.set_defaults(run=cmd_compute_image_mean)
     p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
     p.set_defaults(run=cmd_device_query)
     p = common(sub.add_parser("compress", help="Deep Compression: prune, quantize, Huffman-code a model"))
-    p.add_argument("--weights", required=True, help=".caffemodel to compress")
-    p.add_argument("--solver", required=True, help="solver prototxt for the retraining")
-    p.add_argument("--prune", default="", help="target sparsity per layer, e.g. '*=0.92,ip3=0.75' (q1.5: 1.5 x std)")
+    p.add_argument("--weights", type=_input, required=True, help=".caffemodel to compress")
+    p.add_argument("--solver", type=_input, required=True, help="solver prototxt for the retraining")
+    p.add_argument("--prune", default="", help="target sparsity per layer, e.g. '*=0.92,ip3=0.75' (q1.5: 1.5 x std); "
+                                               "with neither --prune nor --bits, the paper's recipe")
     p.add_argument("--bits", default="", help="weight bits per layer, e.g. '*=5' or 'paper' (conv 8, fc 5)")
     p.add_argument("--index-bits", default="", help="relative-index bits per layer (default: conv 8, fc 5)")
     p.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
-    p.add_argument("--prune-steps", type=int, default=3, help="prune/retrain rounds")
+    p.add_argument("--prune-steps", type=_positive_int, default=3, help="prune/retrain rounds")
     p.add_argument("--retrain-iters", type=int, default=1000, help="solver iterations after each pruning round")
     p.add_argument("--quant-iters", type=int, default=1000, help="centroid fine-tuning iterations")
     p.add_argument("--centroid-grad", default="mean", choices=["mean", "sum"],
                    help="a cluster's summed gradient, its step scaled by 1/size (mean) or not (sum, the paper)")
     p.add_argument("--no-huffman", action="store_true", help="fixed-width codes instead of Huffman codes")
-    p.add_argument("--output", "-o", required=True, help="the compressed model file to write")
-    p.add_argument("--report", default="", help="write the per-layer report as JSON")
-    p.add_argument("--plot", default="", help="write the weight distributions before/after as a PNG")
+    p.add_argument("--output", "-o", type=_output, required=True, help="the compressed model file to write")
+    p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")
+    p.add_argument("--plot", type=_output, default="", help="write the weight distributions before/after as a PNG")
     p.set_defaults(run=cmd_compress)
     p = sub.add_parser("decompress", help="a compressed model -> .caffemodel")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", type=_input, help="the compressed model (.espz)")
+    p.add_argument("output", type=_output, help="the .caffemodel to write")
     p.set_defaults(run=cmd_decompress)
     return parser
 
 
 def main(argv=None):
+    """Run one verb; every failure ends as one line on stderr and exit status 1 (Ctrl-C: 130)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
-    args = _parser().parse_args(_gflags_to_argparse(sys.argv[1:] if argv is None else argv))
+    argv = _gflags_to_argparse(sys.argv[1:] if argv is None else argv)
+    prog = " ".join(["espresso"] + [a for a in argv if not a.startswith("-")][:1])
     try:
+        args = _parser().parse_args(argv)
         return args.run(args)
     except EspressoError as e:
-        print(f"espresso {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a file the verb writes or reads outside the checks
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"espresso {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import espresso
 from espresso import cli
 from espresso.solver.state import read_state
 
@@ -74,16 +75,60 @@ def test_time_prints_per_layer_and_totals(lenet):
     assert "Average Forward-Backward" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
+LENET_NET = "examples/lenet/lenet_train_test.prototxt"
+NONSENSE = [  # (arguments, what the one line must say), for every verb
+    ([], "the following arguments are required: command"),
+    (["bogus"], "invalid choice: 'bogus'"),
     (["train", "--solver", "missing.prototxt"], "missing.prototxt: cannot read"),
-    (["test", "--model", "missing.prototxt"], "missing.prototxt: cannot read"),
     (["train", "--solver", "README.md"], "README.md:"),
-])
-def test_bad_input_is_one_line_and_nonzero(args, message):
-    result = run(*args)
-    assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    (["train", "--solver", "x", "--gpu", "abc"], "--gpu: give a GPU id (0), ids (0,1) or 'all', got 'abc'"),
+    (["train", "--solver", "x", "--plot", "/missing/dir/x.png"], "/missing/dir/x.png: folder /missing/dir does not"),
+    (["train", "--solver", "x", "--weights", "a", "--snapshot", "b"], "--snapshot or --weights, not both"),
+    (["test", "--model", LENET_NET], "the following arguments are required: --weights"),
+    (["test", "--model", "missing.prototxt", "--weights", "w"], "missing.prototxt: cannot read"),
+    (["test", "--model", LENET_NET, "--weights", "w", "--iterations", "0"], "must be a positive integer, got 0"),
+    (["test", "--model", LENET_NET, "--weights", "w", "--iterations", "-3"], "must be a positive integer, got -3"),
+    (["test", "--model", LENET_NET, "--weights", "w", "--iterations", "x"], "invalid _positive_int value: 'x'"),
+    (["test", "--model", "examples/lenet/lenet_deploy.prototxt", "--weights", LENET_NET],
+     "looks like text (a prototxt?)"),
+    (["time", "--model", LENET_NET, "--iterations", "0"], "must be a positive integer, got 0"),
+    (["time", "--model", "missing.prototxt"], "missing.prototxt: cannot read"),
+    (["plot", "missing.log"], "missing.log: cannot read"),
+    (["plot", "README.md", "-o", "/missing/x.png"], "/missing/x.png: folder /missing does not exist"),
+    (["prepare-fmnist", "/missing/out", "--source", "/missing/src"], "/missing/src"),
+    (["convert-mnist", "missing-images", "missing-labels", "db"], "missing-images"),
+    (["convert-imageset", ".", "missing-list.txt", "db"], "missing-list.txt"),
+    (["compute-image-mean", "missing_lmdb"], "missing_lmdb"),
+    (["compute-image-mean", "db", "/missing/mean.binaryproto"], "folder /missing does not exist"),
+    (["device-query", "--gpu", "-1"], "--gpu: give a GPU id"),
+    (["compress", "--model", LENET_NET, "--weights", "README.md", "--solver", "README.md", "-o", "/missing/m.espz"],
+     "/missing/m.espz: folder /missing does not exist"),
+    (["compress", "--model", LENET_NET, "--weights", "missing.caffemodel", "--solver",
+      "examples/lenet/lenet_solver.prototxt", "-o", "m.espz"], "--weights: missing.caffemodel: no such file"),
+    (["decompress", "missing.espz", "out.caffemodel"], "missing.espz: no such file"),
+    (["decompress", "README.md", "/missing/out.caffemodel"], "folder /missing does not exist"),
+]
+
+
+@pytest.mark.parametrize("args, message", NONSENSE, ids=[" ".join(a[:3]) or "nothing" for a, _ in NONSENSE])
+def test_nonsense_is_one_line_and_nonzero(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [str(tmp_path / a) if a in ("db", "m.espz", "out.caffemodel") else a for a in args]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_version_and_help_for_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"espresso {espresso.__version__}"
+    parser = cli._parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    for name, verb in verbs.items():
+        for action in verb._actions:
+            assert action.help, f"espresso {name}: {'/'.join(action.option_strings) or action.dest} has no help"
 
 
 def test_nan_loss_stops_with_the_iteration(lenet, tmp_path):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import espresso
@@ -97,8 +96,9 @@ def test_each_stage_alone(mlp, tmp_path, stage):
     elif stage == "quantize":
         assert weights.codebook is not None and weights.positions is None and len(weights.codebook) == 16
         assert 6 < r["ratio"] < 10  # about 4 bits a weight with Huffman, before pruning
-    else:
-        assert isinstance(weights, np.ndarray) and r["ratio"] == pytest.approx(1, abs=0.01)
+    else:  # no stage given: the paper's recipe (fc 8% kept, the classifier 25%; 5 bits)
+        assert [row["kept_pct"] for row in r["layers"]] == pytest.approx([8, 8, 25], abs=0.01)
+        assert [row["bits"] for row in r["layers"]] == [5, 5, 5] and r["ratio"] > 25
     assert r["accuracy_after"] > r["accuracy_before"] - 0.05
 
 

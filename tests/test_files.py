@@ -588,3 +588,28 @@ def test_bad_escape_in_a_string_is_a_prototxt_error(escape):
                    caffe_pb2.NetParameter(), "e.prototxt")
     good = parse_text(r'name: "\x41\101\n\"\\" layer { name: "\u00e9" }', caffe_pb2.NetParameter())
     assert good.name == 'AA\n"\\' and good.layer[0].name == "é"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    """Everything goes through one atomic write (temporary + rename): the file ends with the
+    umask's mode, as Caffe's files, not the temporary's 0600."""
+    from espresso.compress.model_file import write_model
+    from espresso.proto.text import write_binary
+
+    old = os.umask(umask)
+    try:
+        write_weights(tmp_path / "w.caffemodel", caffe_pb2.NetParameter(name="n"), [])
+        write_binary(tmp_path / "mean.binaryproto", caffe_pb2.BlobProto())
+        write_model(tmp_path / "m.espz", [("fc", "InnerProduct", [np.ones((2, 2), np.float32)])])
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
+        dict.fromkeys(["w.caffemodel", "mean.binaryproto", "m.espz"], oct(mode))
+
+
+def test_a_text_file_given_as_weights_says_so(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('name: "LeNet"\nlayer { name: "data" type: "Input" top: "data" }\n')
+    with pytest.raises(ModelFileError, match="net.prototxt: looks like text \\(a prototxt\\?\\), not a binary"):
+        read_weights(path)

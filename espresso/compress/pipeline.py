@@ -27,6 +27,20 @@ log = logging.getLogger("espresso")
 PAPER_BITS = {"Convolution": 8, "InnerProduct": 5}  # weight bits; also the relative-index bits
 
 
+def paper_recipe(layers):
+    """The paper's recipe where none is given: its 8 / 5 weight bits, and pruning at its rates
+    for LeNet-300-100, LeNet-5 and AlexNet (Tables 1, 4, 5): the first convolution keeps about
+    65%, later ones 35%, fully connected layers 8%, the last (the classifier) 25%."""
+    names = list(layers)
+    prune = {}
+    for name, layer in layers.items():
+        if layer.type == "Convolution":
+            prune[name] = 0.35 if name == names[0] else 0.65
+        else:
+            prune[name] = 0.75 if name == names[-1] else 0.92
+    return prune, "paper"
+
+
 def parse_spec(text, what):
     """'*=0.9,ip3=q1.2' -> {'*': 0.9, 'ip3': 'q1.2'}; a bare value means '*'."""
     if isinstance(text, dict) or text is None:
@@ -159,6 +173,10 @@ def compress(model, weights, solver, prune=None, bits=None, output="model.espz",
     """Run the stages given (each alone or together), write the compressed model to `output`
     and return the report dict (also written as JSON to `report`, with a PNG to `plot`)."""
     c = Compressor(solver, weights, model)
+    if prune is None and bits is None:
+        prune, bits = paper_recipe(c.layers)
+        log.info("Deep Compression: no stages given: the paper's recipe, --prune %s --bits paper",
+                 ",".join(f"{n}={v}" for n, v in prune.items()))
     c.evaluate("original")
     c.prune(prune, prune_steps, retrain_iters)
     c.quantize(bits, init, quant_iters, centroid_grad)

@@ -105,10 +105,13 @@ def read_binary(path, message):
 
 
 def atomic_write(path, write):
-    """Write a file through a temporary beside it and a rename, so a crash never leaves half a file."""
+    """Write a file through a temporary beside it and a rename, so a crash never leaves half a
+    file.  It gets the mode a plain open() would give it (0644 under the usual umask: others
+    may read it, as Caffe's files), not the temporary's 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w+b") as f:  # readable too: HDF5 reads back what it wrote
             write(f)
             f.flush()
@@ -117,6 +120,12 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_binary(path, message):

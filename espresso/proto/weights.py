@@ -175,6 +175,8 @@ def read_weights(path):
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if _size(f) else b""
     except (OSError, ValueError) as e:
         raise ModelFileError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if _looks_like_text(buf):
+        raise ModelFileError(f"{path}: looks like text (a prototxt?), not a binary .caffemodel")
     try:
         return _read_net(buf)
     except _Truncated:
@@ -183,6 +185,13 @@ def read_weights(path):
         raise ModelFileError(f"{path}: corrupt .caffemodel: {e}") from None
     except Exception as e:  # protobuf's DecodeError and friends on a damaged layer
         raise ModelFileError(f"{path}: corrupt .caffemodel ({type(e).__name__}: {e})") from None
+
+
+def _looks_like_text(buf):
+    """A binary NetParameter starts with a field key byte (0x0a name, 0x12/0x1a/... layers) and
+    soon holds bytes outside printable text; a prototxt's first 512 bytes are all text."""
+    head = bytes(buf[:512])
+    return bool(head) and all(32 <= b < 127 or b in b"\t\n\r" for b in head)
 
 
 def release(arrays):
