@@ -80,17 +80,26 @@ def _net(args, phase):
 
 
 class Progress:
-    """A one-line progress bar on a terminal (iteration, loss, last test score, ETA); on a
-    pipe it stays silent and Caffe's log lines tell the story.  Also records the curves, at the
-    solver's display and test iterations (an observer, not a pycaffe callback, so a GPU solver
-    keeps replaying its CUDA graph between them)."""
+    """A one-line progress display on a terminal: iterations done of the total, the smoothed
+    train loss, the last test scores with their iteration, an ETA from the recent rate.  It is
+    redrawn at the solver's display and test events and cleared before each log line, so the
+    log reads as without it; on a pipe it stays silent and the log tells the story.  It also
+    records the curves (an observer, not a pycaffe callback, so a GPU solver keeps replaying its
+    CUDA graph between events)."""
 
-    def __init__(self, solver, stream=sys.stderr):
+    RECENT = 4  # the ETA's rate: over the last RECENT events, never the first (compiling, a first test)
+
+    def __init__(self, solver, stream=sys.stderr, live=None):
         self.solver, self.stream = solver, stream
-        self.live = stream.isatty()
-        self.start, self.first_iter = time.perf_counter(), solver.iter
+        self.live = stream.isatty() if live is None else live
+        self.total = max(solver.param.max_iter, 1)
+        self.samples = [(time.perf_counter(), solver.iter)]  # (time, iteration) at each event
         self.losses, self.tests = [], []  # (iteration, smoothed loss), (iteration, {name: value})
+        self.shown = False
         solver.observers.append(self.notify)
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "stream", None) is stream:
+                handler.addFilter(self._clear)
 
     def notify(self, event):
         s = self.solver
@@ -101,25 +110,62 @@ class Progress:
             self.tests.append((s.iter, scores))
         else:
             self.losses.append((s.iter, float(s.smoothed_loss)))
+        self.samples.append((time.perf_counter(), s.iter))
         if self.live:
             self.draw()
 
-    def draw(self):
-        s, total = self.solver, max(self.solver.param.max_iter, 1)
-        done = s.iter + 1 - self.first_iter
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (total - s.iter - 1)
-        filled = int(30 * (s.iter + 1) / total)
-        score = ""
+    def eta(self):
+        """Seconds left at the rate of the last RECENT events (None before there is a rate)."""
+        (t0, i0), (t1, i1) = self.samples[max(1, len(self.samples) - self.RECENT - 1)], self.samples[-1]
+        return None if i1 <= i0 else (t1 - t0) / (i1 - i0) * (self.total - i1)
+
+    def line(self):
+        s = self.solver
+        filled = 30 * min(s.iter, self.total) // self.total
+        parts = [f"[{'#' * filled}{'.' * (30 - filled)}] {s.iter}/{self.total}"]
+        if self.losses:
+            parts.append(f"train loss {self.losses[-1][1]:.4f}")
         if self.tests:
-            score = " " + " ".join(f"{k}={v:.4f}" for k, v in self.tests[-1][1].items())
-        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {s.iter + 1}/{total} "
-                          f"loss={s.smoothed_loss:.4f}{score} ETA {eta:5.0f}s ")
+            it, scores = self.tests[-1]
+            parts.append(f"test @{it}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        eta = self.eta()
+        parts.append("ETA --" if eta is None else f"ETA {_duration(eta)}")
+        return " | ".join(parts)
+
+    def draw(self):
+        self.stream.write("\r\x1b[K" + self.line())
         self.stream.flush()
+        self.shown = True
+
+    def _clear(self, record):
+        """(A logging filter on the stream's handlers) the bar goes before a log line is written."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.shown = False
+        return True
 
     def close(self):
+        """The last state stays on the terminal, on its own line."""
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._clear)
         if self.live:
+            self.draw()
             self.stream.write("\n")
+
+    def summary(self):
+        """The run's last line: where it ended and the last test, with its iteration."""
+        s = self.solver
+        ended = "interrupted" if s.requested_early_exit else "finished"
+        if not self.tests:
+            return f"{ended} at iteration {s.iter}; no test ran"
+        it, scores = self.tests[-1]
+        return f"{ended} at iteration {s.iter}; test at iteration {it}: " + \
+            " ".join(f"{k} = {v:.4f}" for k, v in scores.items())
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def cmd_train(args):
@@ -148,8 +194,7 @@ def cmd_train(args):
             progress.close()
             if args.plot:
                 plot_curves(progress.losses, progress.tests, args.plot)
-    for scores in progress.tests[-1:]:
-        print(" ".join(f"{k} = {v:.4f}" for k, v in scores[1].items()))
+    print(progress.summary())
     return 0
 
 
@@ -300,7 +345,7 @@ def cmd_prepare_fmnist(args):
     from espresso.data.fmnist import make_fmnist_lmdbs
 
     train, test, source = make_fmnist_lmdbs(args.output, args.source or None, overwrite=True)
-    log.info("Fashion-MNIST from %s", source.description)
+    log.info("Data: %s", source.description)
     log.info("Wrote %s and %s", train, test)
     return 0
 

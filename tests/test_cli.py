@@ -143,3 +143,67 @@ def test_nan_loss_stops_with_the_iteration(lenet, tmp_path):
 def test_device_query_describes_the_cpu():
     result = run("device-query")
     assert result.returncode == 0 and "Device: CPU" in result.stderr
+
+
+NET = """
+layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "p" inner_product_param { num_output: 1 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "loss" }
+"""
+
+
+def _small_solver():
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import parse_text
+
+    param = parse_text('base_lr: 0.01 lr_policy: "fixed" display: 10 max_iter: 100 test_iter: 1 test_interval: 50',
+                       caffe_pb2.SolverParameter())
+    param.net_param.CopyFrom(parse_text(NET, caffe_pb2.NetParameter()))
+    return espresso.get_solver(param)
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """A stream the espresso log writes into, as a terminal's stderr."""
+    import io
+    import logging
+
+    stream, handler = io.StringIO(), None
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    monkeypatch.setattr(logging.getLogger("espresso"), "level", logging.INFO)
+    yield stream
+    logging.getLogger().removeHandler(handler)
+
+
+def test_progress_has_its_own_line_labelled_fields_and_the_last_test(logged):
+    solver = _small_solver()
+    progress = cli.Progress(solver, logged, live=True)
+    solver.solve()
+    progress.close()
+    raw = logged.getvalue()
+    assert set(re.findall(r"\| ETA (?:--|\w+)(.)", raw, re.S)) == {"\r", "\n"}  # a log line clears the bar first
+    visible = [line.split("\r\x1b[K")[-1] for line in raw.split("\n")]  # what a terminal shows of each line
+    assert sum("Iteration" in v for v in visible) >= 10  # the log lines are all there
+    assert visible[-2].startswith("[" + "#" * 30 + "] 100/100 | train loss ")  # the last state stays
+    assert "| test @100: loss " in visible[-2] and visible[-2].endswith("| ETA 0s") and visible[-1] == ""
+    assert progress.summary().startswith("finished at iteration 100; test at iteration 100: loss = ")
+
+
+def test_progress_summary_says_where_an_interrupted_run_stopped():
+    solver = _small_solver()
+    progress = cli.Progress(solver, live=False)
+    solver.set_action_function(lambda: espresso.solver.SolverAction.STOP if solver.iter == 30 else "none")
+    solver.solve()
+    assert progress.summary().startswith("interrupted at iteration 30; test at iteration 0: loss = ")
+
+
+def test_progress_eta_follows_the_recent_rate():
+    """A first stretch that was slow (kernels compiling, a first test) no longer counts once
+    the recent events show the steady rate: after 5% of the run the ETA is within 20%."""
+    progress = cli.Progress(_small_solver(), live=False)
+    progress.total = 10000
+    progress.samples = [(0.0, 0), (20.0, 100)]  # 0.2 s per iteration at first
+    for it in range(200, 600, 100):  # then 0.01 s per iteration
+        progress.samples.append((progress.samples[-1][0] + 1.0, it))
+    assert progress.eta() == pytest.approx(0.01 * (10000 - 500), rel=0.2)

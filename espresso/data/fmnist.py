@@ -45,17 +45,17 @@ def fashion_mnist_dir(explicit=None):
     if explicit is not None:
         if idx_files(explicit) is None:
             raise DatasetError(f"{explicit}: no Fashion-MNIST files there (expected {wanted})")
-        return DataSource(Path(explicit), f"{explicit} (given)")
+        return DataSource(Path(explicit), f"Fashion-MNIST in {explicit} (given)")
     env = os.environ.get("ESPRESSO_DATA")
     if env:
         for candidate in (Path(env), Path(env) / "fashion-mnist"):
             if idx_files(candidate) is not None:
-                return DataSource(candidate, f"{candidate} (from $ESPRESSO_DATA)")
+                return DataSource(candidate, f"Fashion-MNIST in {candidate} (from $ESPRESSO_DATA)")
         raise DatasetError(f"$ESPRESSO_DATA={env}: no Fashion-MNIST files in it or in its fashion-mnist/ "
                            f"subdirectory (expected {wanted})")
     if idx_files(SYSTEM_DIR) is not None:
-        return DataSource(SYSTEM_DIR, f"full Fashion-MNIST from {SYSTEM_DIR}")
-    return DataSource(EMBEDDED_DIR, f"embedded Fashion-MNIST subset, 5000 train / 1000 test ({EMBEDDED_DIR})")
+        return DataSource(SYSTEM_DIR, f"the full Fashion-MNIST in {SYSTEM_DIR}")
+    return DataSource(EMBEDDED_DIR, f"the embedded Fashion-MNIST subset, 5000 train / 1000 test, in {EMBEDDED_DIR}")
 
 
 def make_fmnist_lmdbs(out_dir, source=None, overwrite=False, progress=None):
