@@ -163,16 +163,17 @@ def _small_solver():
 
 
 @pytest.fixture
-def logged(monkeypatch):
+def logged():
     """A stream the espresso log writes into, as a terminal's stderr."""
     import io
     import logging
 
-    stream, handler = io.StringIO(), None
-    handler = logging.StreamHandler(stream)
+    stream, logger = io.StringIO(), logging.getLogger("espresso")
+    handler, level = logging.StreamHandler(stream), logger.level
     logging.getLogger().addHandler(handler)
-    monkeypatch.setattr(logging.getLogger("espresso"), "level", logging.INFO)
+    logger.setLevel(logging.INFO)  # (setLevel, not the attribute: the logger caches its decisions)
     yield stream
+    logger.setLevel(level)
     logging.getLogger().removeHandler(handler)
 
 
