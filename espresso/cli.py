@@ -15,6 +15,7 @@ import numpy as np
 
 import espresso
 from espresso.errors import EspressoError
+from espresso.plot import plot_curves
 
 log = logging.getLogger("espresso")
 
@@ -193,38 +194,9 @@ def cmd_train(args):
         finally:
             progress.close()
             if args.plot:
-                plot_curves(progress.losses, progress.tests, args.plot)
+                plot_curves(progress.losses, progress.tests, args.plot, f"{solver.net.name or 'Net'}: training curves")
     print(progress.summary())
     return 0
-
-
-def plot_curves(losses, tests, path):
-    """Training loss and test scores against iterations, as a PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise EspressoError("plotting needs matplotlib: pip install espresso-nn[plot]") from None
-    fig, loss_axis = plt.subplots(figsize=(8, 4.5))
-    if losses:
-        loss_axis.plot(*zip(*losses), color="C0", lw=0.8, alpha=0.8, label="train loss")
-    loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel("loss")
-    score_axis = loss_axis.twinx() if tests else None
-    for k, name in enumerate(tests[-1][1] if tests else ()):
-        points = [(i, scores[name]) for i, scores in tests if name in scores]
-        axis = loss_axis if "loss" in name else score_axis  # losses share the loss scale
-        axis.plot(*zip(*points), marker="o", ms=3, color=f"C{k + 1}", label=f"test {name}")
-    if score_axis is not None:
-        score_axis.set_ylabel("test score")
-        score_axis.legend(loc="center right")
-    loss_axis.legend(loc="upper center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    log.info("Wrote %s", path)
 
 
 _TRAIN_LOSS = re.compile(r"Iteration (\d+).*?, loss = ([-+\w.]+)")
@@ -252,7 +224,7 @@ def cmd_plot(args):
             losses, tests = parse_log(f)
     except OSError as e:
         raise EspressoError(f"{args.log}: cannot read: {e.strerror}") from None
-    plot_curves(losses, tests, args.output)
+    plot_curves(losses, tests, args.output, f"Training curves ({os.path.basename(args.log)})")
     return 0
 
 

@@ -208,3 +208,20 @@ def test_progress_eta_follows_the_recent_rate():
     for it in range(200, 600, 100):  # then 0.01 s per iteration
         progress.samples.append((progress.samples[-1][0] + 1.0, it))
     assert progress.eta() == pytest.approx(0.01 * (10000 - 500), rel=0.2)
+
+
+def test_curves_have_a_title_labelled_axes_and_a_legend_off_the_lines():
+    pytest.importorskip("matplotlib")
+    from espresso.plot import curves_figure
+
+    losses = [(i, 2.3 * 0.99 ** i) for i in range(0, 1000, 100)]
+    tests = [(i, {"accuracy": 0.5 + i / 2500, "loss": 1.5 - i / 1000}) for i in range(0, 1000, 500)]
+    fig = curves_figure(losses, tests, "LeNet: training curves")
+    loss_axis, score_axis = fig.axes
+    assert loss_axis.get_title() == "LeNet: training curves"
+    assert (loss_axis.get_xlabel(), loss_axis.get_ylabel(), score_axis.get_ylabel()) == ("iteration", "loss",
+                                                                                         "test score")
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["train loss (smoothed)", "test accuracy", "test loss"]
+    renderer = fig.canvas.get_renderer()
+    assert not legend.get_window_extent(renderer).overlaps(loss_axis.get_window_extent(renderer))

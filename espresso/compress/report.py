@@ -10,7 +10,7 @@ import numpy as np
 
 from espresso.compress.model_file import CompressedWeights
 from espresso.compress.pipeline import run_deployed, stream_sizes
-from espresso.errors import EspressoError
+from espresso.plot import pyplot, save
 from espresso.proto.text import atomic_write
 
 log = logging.getLogger("espresso")
@@ -80,15 +80,12 @@ def write_report(report, path):
 
 def plot_distributions(c, path):
     """Histograms of each compressed layer's weights before (dense) and after (non-zero)."""
-    try:
-        import matplotlib
+    save(distributions_figure(c), path, dpi=90)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise EspressoError("plotting needs matplotlib: pip install espresso-nn[plot]") from None
+
+def distributions_figure(c):
     names = [n for n in c.layers if n in c.masks.layers or n in c.bits] or list(c.layers)
-    fig, axes = plt.subplots(len(names), 2, figsize=(9, 2.2 * len(names)), squeeze=False)
+    fig, axes = pyplot().subplots(len(names), 2, figsize=(9, 2.4 * len(names) + 0.6), squeeze=False)
     for row, name in zip(axes, names):
         before, after = c.original[name].ravel(), c.weights(name).ravel()
         row[0].hist(before, bins=100, color="C0")
@@ -96,7 +93,8 @@ def plot_distributions(c, path):
         nz = after[after != 0]
         row[1].hist(nz, bins=200, color="C1")
         row[1].set_title(f"{name}: after ({nz.size} non-zero, {len(np.unique(nz))} distinct)", fontsize=9)
+        for axis in row:
+            axis.set(xlabel="weight value", ylabel="weights")
+    fig.suptitle("Weight distributions before and after compression")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    log.info("Wrote %s", path)
+    return fig
