@@ -63,7 +63,10 @@ def _input(path):
     return path
 
 
-def _set_device(gpu):
+def _set_device(args):
+    if args.threads:
+        espresso.set_num_threads(args.threads)
+    gpu = args.gpu
     if gpu is None:
         espresso.set_mode_cpu()
         return
@@ -173,7 +176,7 @@ def cmd_train(args):
     """Train from a solver prototxt, optionally fine-tuning from weights or resuming a snapshot."""
     if args.snapshot and args.weights:
         raise EspressoError("give --snapshot or --weights, not both (as Caffe)")
-    _set_device(args.gpu)
+    _set_device(args)
     param = espresso.solver.read_solver_param(args.solver)
     if args.level or args.stage:
         param.train_state.level = args.level
@@ -230,7 +233,7 @@ def cmd_plot(args):
 
 def cmd_test(args):
     """Score a model: run `iterations` forward passes and average every net output."""
-    _set_device(args.gpu)
+    _set_device(args)
     net = _net(args, espresso.TEST)
     totals, loss = {}, 0.0
     for i in range(args.iterations):
@@ -257,7 +260,7 @@ def _loss_weight(net, blob_name):
 
 def cmd_time(args):
     """Per-layer forward and backward milliseconds, averaged over `iterations` (Caffe's `caffe time`)."""
-    _set_device(args.gpu)
+    _set_device(args)
     net = _net(args, _phase(args.phase))
     n, backend = len(net.layers), net.backend
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
@@ -356,7 +359,7 @@ def cmd_compute_image_mean(args):
 
 def cmd_device_query(args):
     """Print what the chosen device is: the CPU's BLAS, or the GPU's name, memory and driver."""
-    _set_device(args.gpu)
+    _set_device(args)
     backend = espresso.runtime.current_backend()
     for key, value in backend.describe().items():
         log.info("%s: %s", key, value)
@@ -365,7 +368,7 @@ def cmd_device_query(args):
 
 def cmd_compress(args):
     """Deep Compression: prune (with retraining), quantize and Huffman-code a trained model."""
-    _set_device(args.gpu)
+    _set_device(args)
     from espresso.compress.pipeline import compress
 
     report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
@@ -397,6 +400,8 @@ def _parser():
             p.add_argument("--model", required=True, help="net prototxt")
         p.add_argument("--gpu", type=_gpus, default=None, help="GPU id, ids (the first is used) or 'all'; "
                                                                "the CPU when omitted")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU (BLAS) threads; default ESPRESSO_NUM_THREADS, else the physical cores")
         p.add_argument("--level", type=int, default=0, help="the net state's level (NetState.level)")
         p.add_argument("--stage", action="append", help="a net state stage (repeatable)")
         return p

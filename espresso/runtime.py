@@ -28,6 +28,15 @@ def current_backend():
     return backend.get(f"cuda:{_state['gpu_id']}")
 
 
+def set_num_threads(count):
+    """The threads the CPU backend's BLAS may use (default: ESPRESSO_NUM_THREADS, else the
+    physical cores this process may run on; see espresso/backend/cpu/__init__.py)."""
+    from espresso.backend.cpu import set_threads
+
+    backend.get("cpu")  # (its creation sets the default: this call comes after)
+    set_threads(int(count))
+
+
 def set_random_seed(seed):
     """Seed the host generator (fillers) and every device generator (dropout)."""
     _state["host_rng"] = np.random.default_rng(seed)

@@ -1,11 +1,14 @@
 """Blob, fillers, the layer registry and prototxt helpers."""
 
+import os
+
 import numpy as np
 import pytest
 
 import espresso as caffe
+from espresso import backend
 from espresso.blob import Blob
-from espresso.errors import LayerParamError, ShapeError
+from espresso.errors import BackendError, LayerParamError, ShapeError
 from espresso.filler import fill
 from espresso.layer import known_types, legacy_types
 from espresso.proto import caffe_pb2
@@ -132,3 +135,26 @@ def test_shared_blob_shrinks_within_the_shared_memory():
     view.share_data(owner)
     owner.data[...] = 3
     assert view.shape == (1, 10) and (view.data == 3).all()
+
+
+def test_blas_threads_follow_the_setting(monkeypatch):
+    from espresso.backend import cpu
+
+    monkeypatch.setenv("ESPRESSO_NUM_THREADS", "1")
+    assert cpu.default_threads() == 1
+    monkeypatch.setenv("ESPRESSO_NUM_THREADS", "x")
+    with pytest.raises(BackendError, match="ESPRESSO_NUM_THREADS must be a positive integer, got 'x'"):
+        cpu.default_threads()
+    monkeypatch.delenv("ESPRESSO_NUM_THREADS")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert cpu.default_threads() is None  # the user's BLAS setting is left to work
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert 1 <= cpu.default_threads() == cpu.physical_cores() <= len(os.sched_getaffinity(0))
+    before = cpu.blas_threads()
+    try:
+        caffe.set_num_threads(1)
+        assert cpu.blas_threads() == 1 and backend.get("cpu").describe()["BLAS threads"] == 1
+    finally:
+        caffe.set_num_threads(before)

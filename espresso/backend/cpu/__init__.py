@@ -1,14 +1,62 @@
 """The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py.
-Everything the contract leaves optional keeps its default (espresso/backend/__init__.py)."""
+Everything the contract leaves optional keeps its default (espresso/backend/__init__.py).
+
+BLAS threads are set deliberately (threadpoolctl), not left to the BLAS's default of one per
+logical CPU: ESPRESSO_NUM_THREADS (or espresso.set_num_threads), else the physical cores this
+process may run on (its CPU affinity), unless the user set the BLAS's own variable
+(OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, OMP_NUM_THREADS), which is then left to work.  On a
+machine shared with other busy processes one thread can be many times faster: OpenBLAS's
+threads wait for each other spinning (benchmarks/threads.py measures it).
+"""
 
 import os
 import platform
 import time
 
 import numpy as np
+import threadpoolctl
 
 from espresso.backend import Backend
 from espresso.backend.cpu import kernels
+from espresso.errors import BackendError
+
+BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def physical_cores():
+    """Physical cores among the CPUs this process may run on (hyperthreads counted once)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", cpu))  # no topology: count the CPU
+    return max(len(cores), 1)
+
+
+def default_threads():
+    """ESPRESSO_NUM_THREADS, else None where a BLAS variable is set, else the physical cores."""
+    value = os.environ.get("ESPRESSO_NUM_THREADS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise BackendError(f"ESPRESSO_NUM_THREADS must be a positive integer, got '{value}'")
+        return int(value)
+    if any(os.environ.get(name) for name in BLAS_VARIABLES):
+        return None
+    return physical_cores()
+
+
+def set_threads(count):
+    """Let the BLAS's GEMMs use `count` threads."""
+    threadpoolctl.threadpool_limits(count, user_api="blas")
+
+
+def blas_threads():
+    return max((pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"),
+               default=1)
 
 
 class CPUBackend(Backend):
@@ -18,6 +66,9 @@ class CPUBackend(Backend):
 
     def __init__(self):
         self.rng = np.random.default_rng()
+        threads = default_threads()
+        if threads is not None:
+            set_threads(threads)
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -42,8 +93,8 @@ class CPUBackend(Backend):
     def describe(self):
         blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
         return {"Device": "CPU", "Processor": platform.processor() or platform.machine(),
-                "Cores": os.cpu_count(), "NumPy": np.__version__,
-                "BLAS": f"{blas.get('name', '?')} {blas.get('version', '')}".strip()}
+                "Cores": f"{physical_cores()} physical, {os.cpu_count()} logical", "NumPy": np.__version__,
+                "BLAS": f"{blas.get('name', '?')} {blas.get('version', '')}".strip(), "BLAS threads": blas_threads()}
 
 
 def create(index):
