@@ -4,6 +4,7 @@
 # else the subset embedded in the repo.  Extra arguments go to `espresso train` (e.g. --gpu 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source tools/venv.sh
 python3 -m pip install -q -e ".[data,plot,fast]"
 python3 -m espresso.cli prepare-fmnist examples/lenet
 python3 -m espresso.cli train --solver examples/lenet/lenet_solver.prototxt --plot examples/lenet/curves.png "$@"
