@@ -23,12 +23,13 @@ case $name in
   *) echo "usage: $0 lenet_300_100|lenet [OUTDIR]" >&2; exit 2 ;;
 esac
 base=$out/${name}_baseline
-if [ ! -f "${base}_iter_10000.caffemodel" ]; then
-  sed -e "s#snapshot_prefix: .*#snapshot_prefix: \"$base\"#" -e "s#snapshot: .*#snapshot: 10000#" "$solver" \
+iters=$(sed -n 's/^max_iter: *//p' "$solver")
+if [ ! -f "${base}_iter_${iters}.caffemodel" ]; then
+  sed -e "s#snapshot_prefix: .*#snapshot_prefix: \"$base\"#" -e "s#snapshot: .*#snapshot: $iters#" "$solver" \
     > "${base}_solver.prototxt"
   python3 -m espresso.cli train --solver "${base}_solver.prototxt" 2> "${base}_train.log"
 fi
-python3 -m espresso.cli compress --model "$model" --weights "${base}_iter_10000.caffemodel" --solver "$solver" \
+python3 -m espresso.cli compress --model "$model" --weights "${base}_iter_${iters}.caffemodel" --solver "$solver" \
   "${stages[@]}" --output "$out/$name.espz" --report "$out/${name}_report.json" --plot "$out/${name}_weights.png" \
   2> "$out/${name}_compress.log"
 tail -1 "$out/${name}_compress.log"
