@@ -15,7 +15,7 @@ import numpy as np
 
 import espresso
 from espresso.errors import EspressoError
-from espresso.plot import plot_curves
+from espresso.plot import plot_curves, pyplot
 
 log = logging.getLogger("espresso")
 
@@ -176,6 +176,8 @@ def cmd_train(args):
     """Train from a solver prototxt, optionally fine-tuning from weights or resuming a snapshot."""
     if args.snapshot and args.weights:
         raise EspressoError("give --snapshot or --weights, not both (as Caffe)")
+    if args.plot:
+        pyplot()  # matplotlib's absence said now, not after the training
     _set_device(args)
     param = espresso.solver.read_solver_param(args.solver)
     if args.level or args.stage:
