@@ -22,7 +22,14 @@ from espresso.graphs import set_cuda_graphs
 from espresso.layer import Layer, register
 from espresso.net import TEST, TRAIN, Net
 from espresso.netspec import NetSpec, params, to_proto
-from espresso.runtime import set_device, set_mode_cpu, set_mode_gpu, set_num_threads, set_random_seed
+from espresso.runtime import (
+    set_device,
+    set_memory_limit,
+    set_mode_cpu,
+    set_mode_gpu,
+    set_num_threads,
+    set_random_seed,
+)
 from espresso.solver import (
     AdaDeltaSolver,
     AdaGradSolver,
@@ -41,6 +48,7 @@ __all__ = [
     "Solver", "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
     "AdaDeltaSolver", "AdamSolver",
     "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "set_cuda_graphs", "set_num_threads",
+    "set_memory_limit",
     "EspressoError", "PrototxtError", "NetError", "LayerParamError", "ShapeError",
     "ModelFileError", "BackendError",
 ]

@@ -12,7 +12,8 @@ import numpy as np
 
 from espresso import graphs
 from espresso.backend import address
-from espresso.errors import ShapeError
+from espresso.errors import MemoryLimitError, ShapeError
+from espresso.runtime import current_backend, format_bytes, memory_limit
 
 
 class Blob:
@@ -21,8 +22,6 @@ class Blob:
 
     def __init__(self, shape=(), dtype=np.float32, backend=None, name=""):
         if backend is None:
-            from espresso.runtime import current_backend
-
             backend = current_backend()
         self.backend, self.dtype, self.name = backend, np.dtype(dtype), name
         self._shape = None
@@ -52,10 +51,13 @@ class Blob:
             return
         if any(s < 0 for s in shape):
             raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
+        n = math.prod(shape)  # a Python integer: an absurd shape cannot overflow here
+        grows = self._data_buf is None or n > self._data_buf.size
+        if grows:
+            self._check_size(shape, n * self.dtype.itemsize)
         self._shape = shape
         graphs.invalidate(self.backend)
-        n = math.prod(shape)
-        if self._data_buf is None or n > self._data_buf.size:
+        if grows:
             self._data_buf = self.backend.xp.zeros(n, dtype=self.dtype)
             self._diff_buf = None
         self._data = self._data_buf[:n].reshape(shape)
@@ -63,6 +65,15 @@ class Blob:
 
     def count_range(self, start, end=None):
         return math.prod(self._shape[start:end])
+
+    def _check_size(self, shape, nbytes):
+        """Refuse, before allocating, a blob larger than the memory limit (runtime.memory_limit)."""
+        limit = memory_limit(self.backend)
+        if nbytes > limit:
+            what = f"blob '{self.name}'" if self.name else "a param or workspace blob"
+            raise MemoryLimitError(f"{what} of shape {shape} needs {format_bytes(nbytes)}, more than the "
+                                   f"{format_bytes(limit)} limit (the memory available; espresso.set_memory_limit "
+                                   "or ESPRESSO_MEMORY_LIMIT sets another)")
 
     # legacy 4-D accessors (num, channels, height, width), 1 where the axis is missing
     def _legacy(self, i):

@@ -27,6 +27,10 @@ class ShapeError(NetError):
     """Blob shapes do not fit together."""
 
 
+class MemoryLimitError(ShapeError):
+    """Blobs would need more memory than the limit (espresso.set_memory_limit)."""
+
+
 class ModelFileError(EspressoError):
     """A .caffemodel / .binaryproto / .solverstate is missing, truncated or corrupt."""
 

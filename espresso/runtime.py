@@ -1,11 +1,40 @@
-"""Process-wide settings, as Caffe's `Caffe` singleton holds them: mode, device, random seed.
-(Whether GPU nets replay CUDA graphs is espresso.graphs.set_cuda_graphs.)"""
+"""Process-wide settings, as Caffe's `Caffe` singleton holds them: mode, device, random seed;
+and the memory limit that blob allocations are checked against.  (Whether GPU nets replay CUDA
+graphs is espresso.graphs.set_cuda_graphs.)"""
+
+import os
+import re
 
 import numpy as np
 
 from espresso import backend
+from espresso.errors import EspressoError
 
-_state = {"device": "cpu", "gpu_id": 0, "host_rng": np.random.default_rng()}
+_state = {"device": "cpu", "gpu_id": 0, "host_rng": np.random.default_rng(), "memory_limit": None}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def set_memory_limit(nbytes):
+    """Refuse blobs and nets needing more than `nbytes` (None: the device's available memory,
+    the default; ESPRESSO_MEMORY_LIMIT, e.g. 8G, sets it for a process)."""
+    _state["memory_limit"] = None if nbytes is None else int(nbytes)
+
+
+def memory_limit(device):
+    """The bytes that blobs on `device` may take: the setting, else what the device has free."""
+    if _state["memory_limit"] is not None:
+        return _state["memory_limit"]
+    text = os.environ.get("ESPRESSO_MEMORY_LIMIT", "").strip().upper()
+    if not text:
+        return device.available_memory()
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)I?B?", text)
+    if not match:
+        raise EspressoError(f"ESPRESSO_MEMORY_LIMIT: give bytes, optionally with K, M, G or T, got '{text}'")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def format_bytes(n):
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 def set_mode_cpu():

@@ -1,12 +1,16 @@
 """Net construction and execution, checked against Caffe's Net::Init rules."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import espresso as caffe
-from espresso.errors import ModelFileError, NetError, PrototxtError, ShapeError
+from espresso import backend
+from espresso.errors import EspressoError, MemoryLimitError, ModelFileError, NetError, PrototxtError, ShapeError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
+from espresso.runtime import memory_limit
 
 
 def net_from(text, phase=caffe.TRAIN, tmp_path=None, **kw):
@@ -388,3 +392,39 @@ def test_a_loss_without_a_top_gets_an_anonymous_one():
     net.blobs["x"].data[...] = 1.0
     assert net.outputs == [] and net.forward_backward() > 0
     assert np.abs(net.params["ip1"][0].diff).sum() > 0
+
+
+# *** sizes checked before allocating ***
+DEPLOY = Path(__file__).resolve().parents[1] / "examples" / "lenet" / "lenet_deploy.prototxt"
+
+
+@pytest.mark.parametrize("change, message", [
+    (("kernel_size: 5", "kernel_size: 100000"), r"layer 'conv1' \(Convolution\): a param or workspace blob of shape "
+                                                r"\(20, 1, 100000, 100000\) needs 745 GiB, more than"),
+    (("kernel_size: 5", "kernel_size: 5 pad: 100000"), r"layer 'conv1' \(Convolution\): blob 'conv1' of shape "
+                                                       r"\(1, 20, 200024, 200024\) needs"),
+    (("num_output: 500", "num_output: 1000000000"), r"layer 'ip1' \(InnerProduct\): .* shape \(1000000000, 800\)"),
+    (("dim: 1 dim: 1", "dim: 1000000000 dim: 1"), r"layer 'data' \(Input\): blob 'data' of shape \(1000000000, "),
+    (("dim: 1 dim: 1", "dim: 9223372036854775000 dim: 1"), r"blob 'data' of shape \(9223372036854775000, 1, 28, 28\)"),
+])
+def test_absurd_sizes_are_refused_before_allocating(change, message):
+    text = DEPLOY.read_text().replace(*change, 1)
+    with pytest.raises(MemoryLimitError, match=message + ".*limit"):
+        net_from(text, caffe.TEST)
+
+
+def test_a_net_over_the_memory_limit_is_refused_naming_the_layer(monkeypatch):
+    caffe.set_memory_limit(1_700_000)  # LeNet deploy at batch 1: 1.78 MB of blobs and weights, ip1 1.6 MB of it
+    try:
+        with pytest.raises(MemoryLimitError, match=r"layer 'ip1' \(InnerProduct\): the net's blobs need .* with this "
+                                                   r"layer's \(the largest of shape \(500, 800\)\), more than"):
+            net_from(DEPLOY.read_text(), caffe.TEST)
+    finally:
+        caffe.set_memory_limit(None)
+    monkeypatch.setenv("ESPRESSO_MEMORY_LIMIT", "2M")
+    assert memory_limit(backend.get("cpu")) == 2 << 20
+    monkeypatch.setenv("ESPRESSO_MEMORY_LIMIT", "lots")
+    with pytest.raises(EspressoError, match="ESPRESSO_MEMORY_LIMIT: give bytes"):
+        net_from(DEPLOY.read_text(), caffe.TEST)
+    monkeypatch.delenv("ESPRESSO_MEMORY_LIMIT")
+    assert net_from(DEPLOY.read_text(), caffe.TEST).blobs["prob"].shape == (1, 10)

@@ -29,10 +29,12 @@ Capabilities, with their defaults:
   pinned_empty(shape, dtype) host memory a device copies from asynchronously (plain here)
   uploader(arrays)          moves host batches to the device (here: hands them through)
   peak_memory()             the most device memory held so far, in bytes (host RSS here)
+  available_memory()        bytes the device can still give (the host's MemAvailable here)
 """
 
 import contextlib
 import importlib
+import os
 import resource
 
 import numpy as np
@@ -113,6 +115,14 @@ class Backend:
 
     def peak_memory(self):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def available_memory(self):
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):  # not Linux: the physical memory
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class HostUploader:

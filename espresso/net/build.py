@@ -12,11 +12,12 @@ import collections
 import os
 
 from espresso.blob import Blob
-from espresso.errors import NetError, ShapeError, did_you_mean
+from espresso.errors import MemoryLimitError, NetError, ShapeError, did_you_mean
 from espresso.layer import layer_class
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_net_text
 from espresso.proto.upgrade import upgrade_net
+from espresso.runtime import format_bytes, memory_limit
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 # what a Builder hands the Net: Caffe's layers_, layer_names_, blobs_ (by name), bottom_id_vecs_,
@@ -149,6 +150,7 @@ class Builder:
         self._lr_given, self._decay_given = [], []
         self._writers = {}  # blob id -> ids of the layers writing it (its producer, then in-place layers)
         self._input_names = []
+        self.limit, self.nbytes, self._counted = memory_limit(backend), 0, set()
 
     def build(self, layers, source):
         """Set up the (layer, line) pairs; {name: value} of BUILT."""
@@ -161,6 +163,25 @@ class Builder:
         self._analyze_backward()
         self._check_inplace()
         return {name: getattr(self, name) for name in BUILT}
+
+    def _setup(self, layer, bottom, top):
+        """Caffe's SetUp, its memory counted: the net is refused, naming the layer and its largest
+        blob, once its blobs need more than the memory limit (the one it had when the build began)."""
+        try:
+            layer.setup_all(bottom, top)
+        except MemoryLimitError as e:
+            raise MemoryLimitError(f"{layer.where}: {e}") from None
+        except MemoryError as e:  # a buffer of its own, beyond what the machine can give
+            raise MemoryLimitError(f"{layer.where}: cannot allocate its buffers ({e})") from None
+        blobs = [b for b in top + layer.blobs if id(b) not in self._counted]
+        self._counted.update(id(b) for b in blobs)
+        self.nbytes += sum(b.count * b.dtype.itemsize for b in blobs)
+        if self.nbytes > self.limit:
+            largest = max(blobs, key=lambda b: b.count)
+            raise MemoryLimitError(f"{layer.where}: the net's blobs need {format_bytes(self.nbytes)} with this "
+                                   f"layer's (the largest of shape {largest.shape}), more than the "
+                                   f"{format_bytes(self.limit)} limit (the memory available; "
+                                   "espresso.set_memory_limit or ESPRESSO_MEMORY_LIMIT sets another)")
 
     def blobs_of(self, ids):
         blobs = list(self._blobs.values())
@@ -182,7 +203,7 @@ class Builder:
         self._layer_names.append(layer_param.name)
         need_backward = self._append_bottoms(layer, layer_param, available)
         self._append_tops(layer_id, layer, layer_param, available)
-        layer.setup_all(self.blobs_of(self._bottom_ids[-1]), self.blobs_of(self._top_ids[-1]))
+        self._setup(layer, self.blobs_of(self._bottom_ids[-1]), self.blobs_of(self._top_ids[-1]))
         need_backward |= self._append_params(layer_id, layer, layer_param)
         self.layer_need_backward.append(need_backward)
         if need_backward:

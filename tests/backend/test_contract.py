@@ -55,7 +55,7 @@ def test_the_members_behave(backend):
     backend.seed(3)
     np.testing.assert_array_equal(backend.to_host(backend.rng.random(4)), first)
     backend.synchronize()
-    assert backend.peak_memory() > 0
+    assert backend.peak_memory() > 0 and backend.available_memory() > 2**20
 
 
 def test_the_capabilities_behave(backend):

@@ -177,6 +177,11 @@ class CUDABackend(Backend):
         reuse, so between samples the reserved memory only grows)."""
         return self._sample_peak()
 
+    def available_memory(self):
+        """The device's free memory and what CuPy's default pool holds unused."""
+        with self.device:
+            return self.device.mem_info[0] + self.xp.get_default_memory_pool().free_bytes()
+
     def _sample_peak(self):
         with self.device:
             pools = [self.xp.get_default_memory_pool(), *self._graph_pools]
