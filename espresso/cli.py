@@ -16,6 +16,7 @@ import numpy as np
 import espresso
 from espresso.errors import EspressoError
 from espresso.plot import plot_curves, pyplot
+from espresso.proto.text import require_regular
 
 log = logging.getLogger("espresso")
 
@@ -224,11 +225,14 @@ def parse_log(lines):
 
 
 def cmd_plot(args):
+    require_regular(args.log, EspressoError)
     try:
-        with open(args.log) as f:
+        with open(args.log, encoding="utf-8") as f:
             losses, tests = parse_log(f)
     except OSError as e:
         raise EspressoError(f"{args.log}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise EspressoError(f"{args.log}: not a text log (binary data)") from None
     plot_curves(losses, tests, args.output, f"Training curves ({os.path.basename(args.log)})")
     return 0
 

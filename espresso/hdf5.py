@@ -10,7 +10,7 @@ import numpy as np
 
 from espresso.data import require
 from espresso.errors import ModelFileError
-from espresso.proto.text import atomic_write
+from espresso.proto.text import atomic_write, require_regular
 
 
 def h5py():
@@ -31,6 +31,7 @@ def write_file(path, fill):
 
 def open_file(path):
     h5 = h5py()
+    require_regular(path)
     try:
         return h5.File(path, "r")
     except OSError as e:

@@ -10,9 +10,10 @@ writes into the caller's array.
 
 import numpy as np
 
-from espresso.errors import EspressoError
+from espresso.errors import EspressoError, ModelFileError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_binary
+from espresso.proto.weights import blob_array
 
 
 class ArrayShapeError(EspressoError, ValueError):
@@ -24,19 +25,15 @@ class TransformerError(EspressoError, ValueError):
 
 
 # *** proto / datum / ndarray conversion ***
-def _has_legacy_dims(blob):
-    return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
-
-
 def blobproto_to_array(blob, return_diff=False):
     """The data (or diff) of a BlobProto as a float64 array of the blob's shape.
 
     Old files carry num/channels/height/width instead of `shape`; as in Caffe, those win.
     """
-    values = np.array(blob.diff if return_diff else blob.data, dtype=np.float64)
-    if _has_legacy_dims(blob):
-        return values.reshape(blob.num, blob.channels, blob.height, blob.width)
-    return values.reshape(tuple(blob.shape.dim))
+    try:
+        return blob_array(blob, "BlobProto", return_diff).astype(np.float64)
+    except ModelFileError as e:  # pycaffe's callers catch ValueError
+        raise ArrayShapeError(str(e)) from None
 
 
 def array_to_blobproto(arr, diff=None):
@@ -97,7 +94,7 @@ def datum_to_array(datum):
 
 def read_blobproto(path, return_diff=False):
     """The array stored in a .binaryproto file (e.g. a mean image), of the blob's own shape."""
-    return blobproto_to_array(read_binary(path, caffe_pb2.BlobProto()), return_diff)
+    return blob_array(read_binary(path, caffe_pb2.BlobProto()), path, return_diff).astype(np.float64)
 
 
 def load_mean(path):

@@ -94,6 +94,8 @@ NONSENSE = [  # (arguments, what the one line must say), for every verb
     (["time", "--model", LENET_NET, "--iterations", "0"], "must be a positive integer, got 0"),
     (["time", "--model", "missing.prototxt"], "missing.prototxt: cannot read"),
     (["plot", "missing.log"], "missing.log: cannot read"),
+    (["plot", sys.executable], "not a text log (binary data)"),
+    (["plot", "/dev/zero"], "/dev/zero: not a regular file"),
     (["plot", "README.md", "-o", "/missing/x.png"], "/missing/x.png: folder /missing does not exist"),
     (["prepare-fmnist", "/missing/out", "--source", "/missing/src"], "/missing/src"),
     (["convert-mnist", "missing-images", "missing-labels", "db"], "missing-images"),

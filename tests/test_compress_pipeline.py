@@ -16,6 +16,7 @@ from espresso import cli
 from espresso.compress import read_model
 from espresso.compress.pipeline import compress
 from espresso.compress.runtime import CompressedLayer
+from espresso.errors import EspressoError
 from espresso.proto import caffe_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +179,11 @@ def test_full_fashion_mnist_targets(name, tmp_path):
     r = json.loads((tmp_path / f"{name}_report.json").read_text())
     ratio, _, _ = TARGETS[name]
     assert r["ratio"] >= ratio and r["accuracy_after"] >= r["accuracy_before"] - 0.005, (r["ratio"], r["accuracy"])
+
+
+@pytest.mark.parametrize("prune, message", [({"*": 1.5}, r"fraction pruned must be in \[0, 1\), got 1.5"),
+                                            ({"ip1": "q-1"}, "quality after 'q' must be positive")])
+def test_impossible_pruning_is_refused(mlp, tmp_path, prune, message):
+    with pytest.raises(EspressoError, match=message):
+        compress(str(mlp / "net.prototxt"), str(mlp / "trained.caffemodel"), str(mlp / "solver.prototxt"),
+                 prune=prune, output=tmp_path / "m.espz")

@@ -613,3 +613,71 @@ def test_a_text_file_given_as_weights_says_so(tmp_path):
     path.write_text('name: "LeNet"\nlayer { name: "data" type: "Input" top: "data" }\n')
     with pytest.raises(ModelFileError, match="net.prototxt: looks like text \\(a prototxt\\?\\), not a binary"):
         read_weights(path)
+
+
+# *** every reader bounded and typed ***
+def _blobproto(**fields):
+    blob = caffe_pb2.BlobProto()
+    for name, value in fields.items():
+        if name == "dims":
+            blob.shape.dim.extend(value)
+        elif isinstance(value, list):
+            getattr(blob, name).extend(value)
+        else:
+            setattr(blob, name, value)
+    return blob
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(dims=[2, 3], data=[1.0] * 5), r"5 values for shape \(2, 3\)"),
+    (dict(num=1, channels=1, height=-2, width=3, data=[1.0] * 6), "negative dimension"),
+    (dict(dims=[2], data=[1.0, 2.0], double_data=[1.0, 2.0]), "holds both float and double data"),
+])
+def test_a_malformed_binaryproto_is_refused(tmp_path, fields, message):
+    from espresso.io import ArrayShapeError, blobproto_to_array, read_blobproto
+    from espresso.proto.text import write_binary
+
+    blob = _blobproto(**fields)
+    write_binary(tmp_path / "mean.binaryproto", blob)
+    with pytest.raises(ModelFileError, match=f"mean.binaryproto: {message}"):
+        read_blobproto(tmp_path / "mean.binaryproto")
+    with pytest.raises(ArrayShapeError, match=message):  # pycaffe's ValueError
+        blobproto_to_array(blob)
+
+
+def test_a_solverstate_with_a_negative_iter_or_a_binary_name_is_refused(tmp_path):
+    from espresso.solver.state import read_state
+
+    path = tmp_path / "s.solverstate"
+    path.write_bytes(caffe_pb2.SolverState(iter=-5, learned_net="x.caffemodel").SerializeToString())
+    with pytest.raises(ModelFileError, match="iter -5 and current_step 0 must not be negative"):
+        read_state(path)
+    path.write_bytes(b"\x08\x05\x12\x02\xff\xfe")  # iter 5, learned_net b"\xff\xfe"
+    with pytest.raises(ModelFileError, match="learned_net is not UTF-8 text"):
+        read_state(path)
+
+
+def test_a_compressed_model_declaring_an_endless_payload_is_refused(tmp_path):
+    from espresso.compress import model_file
+
+    path = tmp_path / "m.espz"
+    path.write_bytes(model_file._HEADER.pack(model_file.MAGIC, model_file.VERSION, 0, 2**64 - 1, 0) + b"\0" * 10)
+    with pytest.raises(ModelFileError, match="truncated or padded: the header declares 18446744073709551615"):
+        model_file.read_model(path)
+
+
+@pytest.mark.parametrize("read", ["weights", "solverstate", "espz", "binaryproto", "prototxt", "hdf5", "idx"])
+def test_an_endless_device_is_refused_by_every_reader(read):
+    """/dev/zero has no end: every reader refuses what is not a regular file before reading."""
+    import espresso
+    from espresso.compress.model_file import read_model
+    from espresso.data import DatasetError
+    from espresso.data.idx import read_idx
+    from espresso.io import read_blobproto
+    from espresso.solver.state import read_state
+
+    readers = {"weights": read_weights, "solverstate": read_state, "espz": read_model, "binaryproto": read_blobproto,
+               "prototxt": lambda p: espresso.Net(p, espresso.TEST), "idx": read_idx,
+               "hdf5": lambda p: pytest.importorskip("h5py") and __import__("espresso.hdf5").hdf5.open_file(p)}
+    with pytest.raises((ModelFileError, DatasetError), match="/dev/zero: not a regular file"):
+        readers[read]("/dev/zero")

@@ -20,6 +20,7 @@ allocate beyond a fixed multiple of the file's size.
 
 import dataclasses
 import math
+import os
 import struct
 import zlib
 
@@ -28,7 +29,7 @@ import numpy as np
 from espresso.compress import huffman
 from espresso.errors import ModelFileError
 from espresso.proto import caffe_pb2
-from espresso.proto.text import atomic_write
+from espresso.proto.text import atomic_write, require_regular
 from espresso.proto.weights import write_weights
 
 MAGIC = b"\x89ESPZ\r\n\x1a"
@@ -188,8 +189,10 @@ class _Reader:
 def read_model(path, max_elements=MAX_ELEMENTS):
     """[(name, type, [np.ndarray | CompressedWeights, ...]), ...] from a compressed model file."""
     name = str(path)
+    require_regular(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(_HEADER.size)
             if len(head) < _HEADER.size or head[:8] != MAGIC:
                 raise ModelFileError(f"{name}: not an Espresso compressed model (bad magic bytes or too short)")
@@ -197,7 +200,7 @@ def read_model(path, max_elements=MAX_ELEMENTS):
             if version != VERSION:
                 raise ModelFileError(f"{name}: compressed-model format version {version}; this Espresso reads "
                                      f"version {VERSION}")
-            payload = f.read(length + 1)
+            payload = f.read(min(length, size) + 1)  # never more than the file holds (a crafted length)
     except OSError as e:
         raise ModelFileError(f"{name}: cannot read: {e.strerror}") from None
     if len(payload) != length:

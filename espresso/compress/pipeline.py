@@ -70,6 +70,15 @@ def _per_layer(spec, layers, what):
     return {name: v for name, v in out.items() if v is not None}
 
 
+def _check_prune(name, value):
+    """A fraction to prune in [0, 1), or 'q' and a positive quality (times the weights' std)."""
+    if isinstance(value, str):
+        if _number(value[1:], "prune") <= 0:
+            raise EspressoError(f"--prune: layer '{name}': the quality after 'q' must be positive, got {value}")
+    elif not 0 <= value < 1:
+        raise EspressoError(f"--prune: layer '{name}': the fraction pruned must be in [0, 1), got {value:g}")
+
+
 def _bits(value, layer):
     if value == "paper":
         return PAPER_BITS[layer.type]
@@ -111,6 +120,8 @@ class Compressor:
         targets = _per_layer(parse_spec(spec, "prune"), self.layers, "prune")
         if not targets:
             return
+        for name, value in targets.items():
+            _check_prune(name, value)
         self.masks.attach(self.solver)
         for t in range(1, steps + 1):
             for name, value in targets.items():

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from espresso.data import DatasetError
+from espresso.proto.text import require_regular
 
 # IDX type byte -> big-endian NumPy dtype
 _TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -20,6 +21,7 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
 
 def _read_bytes(path):
+    require_regular(path, DatasetError)
     try:
         with open(path, "rb") as f:
             raw = f.read()

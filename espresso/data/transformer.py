@@ -25,10 +25,10 @@ def _raise(message, error=LayerParamError):
 
 def load_mean_file(path, fail=_raise):
     """A .binaryproto mean image (compute_image_mean's 1 x C x H x W blob) as float32 C x H x W."""
-    from espresso.io import blobproto_to_array
     from espresso.proto.text import read_binary
+    from espresso.proto.weights import blob_array
 
-    mean = blobproto_to_array(read_binary(path, caffe_pb2.BlobProto())).astype(np.float32)
+    mean = blob_array(read_binary(path, caffe_pb2.BlobProto()), path).astype(np.float32)
     while mean.ndim > 3 and mean.shape[0] == 1:
         mean = mean[0]
     if mean.ndim != 3:

@@ -7,6 +7,7 @@ import os
 
 from espresso.errors import ModelFileError, ShapeError
 from espresso.proto import caffe_pb2
+from espresso.proto.text import require_regular
 from espresso.proto.upgrade import upgrade_net
 from espresso.proto.weights import read_weights, release, write_weights
 
@@ -33,6 +34,7 @@ def _registered_loader(path):
 def copy_from(net, path):
     """Caffe's CopyTrainedLayersFrom; a name ending in ".h5" is read as HDF5 (load_hdf5), as
     Caffe dispatches, and a registered format by its magic bytes."""
+    require_regular(path)
     if os.fspath(path).endswith(".h5"):
         return load_hdf5(net, path)
     net.sync()

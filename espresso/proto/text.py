@@ -6,6 +6,7 @@ Parsing goes through protobuf only: loading a file never runs code.  Large weigh
 
 import os
 import re
+import stat
 import tempfile
 import warnings
 
@@ -56,7 +57,19 @@ def read_text(path, message):
     return parse_text(_read(path, "r"), message, str(path))
 
 
+def require_regular(path, error=ModelFileError):
+    """Refuse what is not a regular file (a device such as /dev/zero, a pipe): reading it has no
+    size to end at.  A missing path is left to the open() that follows, which says so."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not a regular file ({'a folder' if stat.S_ISDIR(mode) else 'a device or a pipe'})")
+
+
 def _read(path, mode):
+    require_regular(path)
     try:
         with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             return f.read()

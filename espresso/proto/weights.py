@@ -23,7 +23,7 @@ import numpy as np
 
 from espresso.errors import ModelFileError
 from espresso.proto import caffe_pb2
-from espresso.proto.text import atomic_write
+from espresso.proto.text import atomic_write, require_regular
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 # field number in the parent -> (message type, its blobs field, its nested-layer field or None)
@@ -170,6 +170,7 @@ def read_weights(path):
     Old nets come back as they are (`layers` entries, V0 layers inside them); the caller
     upgrades them with `upgrade_net(net, layer_blobs)`, which keeps the arrays aligned.
     """
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if _size(f) else b""
@@ -192,6 +193,25 @@ def _looks_like_text(buf):
     soon holds bytes outside printable text; a prototxt's first 512 bytes are all text."""
     head = bytes(buf[:512])
     return bool(head) and all(32 <= b < 127 or b in b"\t\n\r" for b in head)
+
+
+def blob_array(blob, where, diff=False):
+    """A BlobProto message's data (or diff) as a NumPy array of its shape, float32 or float64 as
+    stored; as Caffe's Blob::FromProto, legacy num/channels/height/width win over shape.dim.
+    Refused: negative dimensions, both float and double values, a count that does not fit."""
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(blob.shape.dim)
+    if any(d < 0 for d in shape):
+        raise ModelFileError(f"{where}: negative dimension in shape {shape}")
+    single, double = (blob.diff, blob.double_diff) if diff else (blob.data, blob.double_data)
+    if len(single) and len(double):
+        raise ModelFileError(f"{where}: holds both float and double {'diff' if diff else 'data'}")
+    values = np.asarray(double, np.float64) if len(double) else np.asarray(single, np.float32)
+    if values.size != math.prod(shape):
+        raise ModelFileError(f"{where}: {values.size} values for shape {shape}")
+    return values.reshape(shape)
 
 
 def release(arrays):

@@ -14,7 +14,7 @@ import numpy as np
 from espresso.errors import ModelFileError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import atomic_write, read_binary
-from espresso.proto.weights import encode_blob
+from espresso.proto.weights import blob_array, encode_blob
 
 _HISTORY_FIELD = 3  # SolverState.history
 
@@ -37,7 +37,16 @@ def read_state(path):
     """(iter, learned_net, [history arrays], current_step) from a .solverstate file."""
     state = read_binary(path, caffe_pb2.SolverState())
     history = [blob_array(blob, f"{path}: history {i}") for i, blob in enumerate(state.history)]
-    return state.iter, state.learned_net, history, state.current_step
+    return _checked(path, state.iter, state.learned_net, history, state.current_step)
+
+
+def _checked(path, iteration, learned_net, history, current_step):
+    """A state's fields as the solver may take them: counts not negative, the name a text."""
+    if iteration < 0 or current_step < 0:
+        raise ModelFileError(f"{path}: iter {iteration} and current_step {current_step} must not be negative")
+    if not isinstance(learned_net, str):  # protobuf hands over a string field that is not UTF-8 as bytes
+        raise ModelFileError(f"{path}: learned_net is not UTF-8 text ({learned_net[:40]!r})")
+    return iteration, learned_net, history, current_step
 
 
 def write_state_hdf5(path, iteration, learned_net, history, current_step):
@@ -69,21 +78,7 @@ def read_state_hdf5(path):
             raise ModelFileError(f"{where}: no 'history' group")
         group = f["history"]
         history = [hdf5.load_array(group, str(i), f"{where}: history") for i in range(len(group))]
-    return iteration, learned_net, history, current_step
-
-
-def blob_array(blob, where):
-    """A BlobProto's values as a NumPy array of its shape; as Caffe's Blob::FromProto, legacy
-    num/channels/height/width win over shape.dim and double_data over data."""
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        shape = (blob.num, blob.channels, blob.height, blob.width)
-    else:
-        shape = tuple(blob.shape.dim)
-    values = np.asarray(blob.double_data if len(blob.double_data) else blob.data,
-                        np.float64 if len(blob.double_data) else np.float32)
-    if values.size != int(np.prod(shape)):
-        raise ModelFileError(f"{where}: {values.size} values for shape {shape}")
-    return values.reshape(shape)
+    return _checked(where, iteration, learned_net, history, current_step)
 
 
 def resolve_learned_net(state_path, learned_net):
