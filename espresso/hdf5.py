@@ -6,11 +6,15 @@ string a scalar, null-terminated ASCII string of its length + 1 (H5LTmake_datase
 blob a dataset of the blob's shape in the net's float type.  h5py is imported only when used.
 """
 
+import math
+
 import numpy as np
 
+from espresso import backend
 from espresso.data import require
-from espresso.errors import ModelFileError
+from espresso.errors import MemoryLimitError, ModelFileError
 from espresso.proto.text import atomic_write, require_regular
+from espresso.runtime import format_bytes, memory_limit
 
 
 def h5py():
@@ -60,15 +64,37 @@ def load_string(group, name, where):
     return dataset(group, name, where)[()].split(b"\0")[0].decode()  # h5py gives bytes, fixed or variable
 
 
+def member(group, name, kind, where):
+    """group[name] where it is a `kind` ("group" or "dataset") of this file: an external link is
+    not followed, a link that resolves nowhere (or loops) is refused, as is the other kind."""
+    h5 = h5py()
+    link = group.get(name, getlink=True)
+    if link is None:
+        raise ModelFileError(f"{where}: no {kind} '{name}'")
+    if isinstance(link, h5.ExternalLink):
+        raise ModelFileError(f"{where}: '{name}' links to another file ({link.filename}); not followed")
+    try:
+        found = group[name]
+    except (KeyError, RuntimeError, OSError) as e:  # a dangling or looping soft link
+        raise ModelFileError(f"{where}: '{name}' cannot be resolved ({e})") from None
+    if not isinstance(found, h5.Group if kind == "group" else h5.Dataset):
+        raise ModelFileError(f"{where}: '{name}' is not a {kind}")
+    return found
+
+
 def dataset(group, name, where):
-    if not isinstance(group.get(name), h5py().Dataset):
-        raise ModelFileError(f"{where}: no dataset '{name}'")
-    return group[name]
+    return member(group, name, "dataset", where)
 
 
 def load_array(group, name, where):
-    """A float or integer dataset as a NumPy array (Caffe's hdf5_load_nd_dataset refuses the rest)."""
+    """A float or integer dataset as a NumPy array (Caffe's hdf5_load_nd_dataset refuses the rest),
+    refused before reading when it would not fit the memory limit (a small file may declare a
+    huge dataset)."""
     data = dataset(group, name, where)
     if data.dtype.kind not in "fiu":
         raise ModelFileError(f"{where}: dataset '{name}' holds {data.dtype}, not numbers")
+    nbytes, limit = math.prod(data.shape) * data.dtype.itemsize, memory_limit(backend.get("cpu"))
+    if nbytes > limit:
+        raise MemoryLimitError(f"{where}: dataset '{name}' of shape {data.shape} needs {format_bytes(nbytes)}, "
+                               f"more than the {format_bytes(limit)} limit")
     return data[()]

@@ -428,3 +428,30 @@ def test_a_net_over_the_memory_limit_is_refused_naming_the_layer(monkeypatch):
         net_from(DEPLOY.read_text(), caffe.TEST)
     monkeypatch.delenv("ESPRESSO_MEMORY_LIMIT")
     assert net_from(DEPLOY.read_text(), caffe.TEST).blobs["prob"].shape == (1, 10)
+
+
+def _hdf5_file(tmp_path, build):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "w.caffemodel.h5"
+    with h5py.File(path, "w") as f:
+        build(f, h5py)
+    return path
+
+
+@pytest.mark.parametrize("case, build, message", [
+    ("no data group", lambda f, h5: f.create_group("other"), "no 'data' group"),
+    ("a dataset for a layer", lambda f, h5: f.create_dataset("data/ip1", data=np.ones(3)), "'ip1' is not a group"),
+    ("a dataset for the data group", lambda f, h5: f.create_dataset("data", data=np.ones(3)), "'data' is not a group"),
+    ("a soft-link loop", lambda f, h5: (f.create_group("data"), f["data"].__setitem__("ip1", h5.SoftLink("/data/ip1"))),
+     "'ip1' cannot be resolved"),
+    ("an external link", lambda f, h5: (f.create_group("data"), f["data"].__setitem__("ip1", h5.ExternalLink(
+        "/etc/other.h5", "/x"))), r"'ip1' links to another file \(/etc/other.h5\); not followed"),
+    ("a huge declared dataset", lambda f, h5: f.create_group("data/ip1").create_dataset("0", (2**40,), "f4",
+                                                                                          chunks=(1024,)),
+     r"dataset '0' of shape \(1099511627776,\) needs 4.1e\+03 GiB, more than"),
+])
+def test_a_malformed_hdf5_weights_file_is_refused(tmp_path, case, build, message):
+    path = _hdf5_file(tmp_path, build)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ModelFileError if "huge" not in case else MemoryLimitError, match=message):
+        net_from(SPLIT).load_hdf5(str(path))

@@ -136,12 +136,13 @@ def load_hdf5(net, path):
     index = _layer_index(net)
     name = os.path.basename(os.fspath(path))
     with hdf5.open_file(path) as f:
-        if not isinstance(f.get("data"), hdf5.h5py().Group):
+        if f.get("data", getlink=True) is None:
             raise ModelFileError(f"{path}: no 'data' group; not a Caffe HDF5 weights file")
-        for source, group in f["data"].items():
+        data = hdf5.member(f, "data", "group", path)
+        for source in data:
             target = index.get(source)
             if target is not None:
-                _copy_layer_hdf5(net, name, net.layers[target], group)
+                _copy_layer_hdf5(net, name, net.layers[target], hdf5.member(data, source, "group", f"{path}: data"))
 
 
 def _copy_layer_hdf5(net, path, layer, group):

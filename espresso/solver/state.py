@@ -74,9 +74,7 @@ def read_state_hdf5(path):
         iteration = hdf5.load_int(f, "iter", where)
         learned_net = hdf5.load_string(f, "learned_net", where) if "learned_net" in f else ""
         current_step = hdf5.load_int(f, "current_step", where)
-        if not isinstance(f.get("history"), hdf5.h5py().Group):
-            raise ModelFileError(f"{where}: no 'history' group")
-        group = f["history"]
+        group = hdf5.member(f, "history", "group", where)
         history = [hdf5.load_array(group, str(i), f"{where}: history") for i in range(len(group))]
     return _checked(where, iteration, learned_net, history, current_step)
 
