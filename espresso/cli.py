@@ -244,6 +244,7 @@ def cmd_test(args):
     totals, loss = {}, 0.0
     for i in range(args.iterations):
         loss += float(net.run_forward())
+        net.check_problems()
         for name in net.outputs:
             values = np.atleast_1d(net.blobs[name].host_data()).ravel()
             for k, v in enumerate(values):

@@ -27,6 +27,10 @@ class ShapeError(NetError):
     """Blob shapes do not fit together."""
 
 
+class LabelError(NetError):
+    """A label is not a class of the layer that reads it."""
+
+
 class MemoryLimitError(ShapeError):
     """Blobs would need more memory than the limit (espresso.set_memory_limit)."""
 

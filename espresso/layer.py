@@ -113,6 +113,11 @@ class Layer:
     def allow_force_backward(self, bottom_index):
         return True
 
+    def device_problem(self):
+        """(device array, error(*values)) of a check a device recorded instead of raising (a
+        row whose first value is not 0 is a problem; see Net.check_problems), or None."""
+        return None
+
     # *** checks and helpers ***
     def check_blob_counts(self, bottom, top):
         nb, nt = len(bottom), len(top)

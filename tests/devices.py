@@ -1,6 +1,7 @@
 """Where the GPU tests can run: one check for every test module.  GPU tests are marked `gpu`
 and skipped, saying why, where CuPy or a GPU is missing."""
 
+import numpy as np
 import pytest
 
 from espresso import backend
@@ -49,3 +50,13 @@ class FakeGraphs(CPUBackend):
     def launch(self, graph):
         self.launches += 1
         graph()
+
+
+class FakeDevice(CPUBackend):
+    """The CPU backend posing as a device: its arrays are not handed to pycaffe code directly,
+    so nets give out host copies through espresso/hostview.py."""
+
+    host_arrays = False
+
+    def to_host(self, array):
+        return np.array(array)

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from devices import FakeGraphs
+from devices import FakeDevice, FakeGraphs
 
 import espresso
 import espresso.net.core
-from espresso.errors import EspressoError, ModelFileError
+from espresso.errors import EspressoError, LabelError, ModelFileError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text, read_binary
 from espresso.solver import (
@@ -644,3 +644,25 @@ def test_a_nan_loss_queued_on_the_device_is_caught_before_the_next_snapshot(tmp_
     with pytest.raises(EspressoError, match="iteration 3: the loss is nan"):
         solver.step(4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s_iter_2.caffemodel", "s_iter_2.solverstate"]
+
+
+def test_a_label_that_is_no_class_stops_graphed_training_when_the_losses_are_read(monkeypatch):
+    """On a device that queues iterations as graphs (a fake one on the CPU), the label check
+    is a flag on the device, read with the losses: no host sync per iteration."""
+    class FakeGraphDevice(FakeGraphs, FakeDevice):
+        pass
+
+    fake = FakeGraphDevice()
+    monkeypatch.setattr(espresso.net.core, "current_backend", lambda: fake)
+    text = """layer { name: "in" type: "Input" top: "x" top: "y"
+                      input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+              layer { name: "ip" type: "InnerProduct" bottom: "x" top: "p" inner_product_param { num_output: 3 } }
+              layer { name: "loss" type: "SoftmaxWithLoss" bottom: "p" bottom: "y" top: "loss" }"""
+    solver = make_solver('base_lr: 0.01 lr_policy: "fixed" display: 0', net_text=text)
+    solver.net.blobs["y"].data[...] = [0, 1, 2, 1]
+    solver.step(3)
+    assert fake.captures == 1 and fake.launches == 2
+    solver.net.blobs["y"].data[...] = [0, 1, 3, 1]
+    with pytest.raises(LabelError, match=r"layer 'loss' \(SoftmaxWithLoss\): label 3 at batch item 2 is not a class"):
+        solver.step(3)
+    assert fake.launches == 5  # the three iterations ran; the check came with the losses

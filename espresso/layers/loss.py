@@ -8,10 +8,11 @@ range-checked (Caffe only DCHECKs them; a check here would need a host sync).
 
 import numpy as np
 
-from espresso.errors import ModelFileError, NetError, ShapeError
+from espresso.errors import LabelError, NetError, ShapeError
 from espresso.layer import Layer, register
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_binary
+from espresso.proto.weights import blob_array
 
 FULL, VALID, BATCH_SIZE, NONE = (caffe_pb2.LossParameter.FULL, caffe_pb2.LossParameter.VALID,
                                  caffe_pb2.LossParameter.BATCH_SIZE, caffe_pb2.LossParameter.NONE)
@@ -43,26 +44,60 @@ def _split_axis(blob, axis):
 
 
 class _Labels:
-    """Integer labels of one shape, a mask of those != ignore_label, and ignored ones set to 0
-    (`safe`) so they can index; workspaces sized in reshape, filled in forward."""
+    """Integer labels of one shape (outer, inner), a mask of those != ignore_label, and ignored
+    ones set to 0 (`safe`) so they can index; workspaces sized in reshape, filled in forward.
 
-    def __init__(self, xp, ignore_label=None):
-        self.xp, self.ignore = xp, ignore_label
-        self.shape = None
+    A label outside [0, classes) that is not ignored is refused (Caffe reads out of bounds): at
+    once where the arrays are host memory; on a device it is recorded in `problem` (position + 1,
+    label), which Net.check_problems reads with the values it reads back anyway, so a CUDA graph
+    needs no host sync per iteration."""
 
-    def reshape(self, shape):
+    def __init__(self, layer, ignore_label=None):
+        self.layer, self.xp, self.ignore = layer, layer.xp, ignore_label
+        self.shape, self.classes = None, None
+        self.problem = None if layer.backend.host_arrays else layer.xp.zeros(2, np.int64)
+
+    def reshape(self, shape, classes):
+        self.classes = classes
         if shape == self.shape:
             return
         xp, self.shape = self.xp, shape
         self.value, self.safe = xp.zeros(shape, xp.int64), xp.zeros(shape, xp.int64)
         self.valid = xp.ones(shape, bool)
 
-    def load(self, data):
+    def load(self, data, check=True):
+        """The labels from `data`; `check` False where a fused kernel checks them itself."""
         xp = self.xp
         xp.copyto(self.value, data.reshape(self.shape), casting="unsafe")  # truncates as static_cast<int>
         if self.ignore is not None:
             xp.not_equal(self.value, self.ignore, out=self.valid)
+        else:
+            self.valid.fill(True)
+        if check:
+            bad = self.valid & ((self.value < 0) | (self.value >= self.classes))
+            self._check(bad)
+            self.valid &= ~bad  # (on a device, until the problem is raised) read as ignored, never indexed
         xp.multiply(self.value, self.valid, out=self.safe)
+
+    def _check(self, bad):
+        flat, xp = bad.ravel(), self.xp
+        if self.problem is None:
+            if flat.any():
+                raise self.error(int(flat.argmax()) + 1, int(self.value.ravel()[flat.argmax()]))
+            return
+        first = xp.argmax(flat)
+        found = xp.stack([(first + 1) * flat[first], self.value.ravel()[first]])
+        xp.copyto(self.problem, found, where=self.problem[0] == 0)  # the first one recorded stays
+
+    def error(self, position, label):
+        """The LabelError for the label at flat `position` - 1."""
+        item, where = divmod(position - 1, self.shape[1])
+        at = f"batch item {item}" + (f", position {where}" if self.shape[1] > 1 else "")
+        ignored = "" if self.ignore is None else f" (nor its ignore_label {self.ignore})"
+        return LabelError(f"{self.layer.where}: label {label} at {at} is not a class in [0, {self.classes}){ignored}")
+
+    def device_problem(self):
+        return None if self.problem is None else (self.problem, self.error)
 
 
 @register
@@ -109,12 +144,16 @@ class _LossLayer(Layer):
     is_loss = True
     exact_bottoms, exact_tops = 2, 1
     loss_fields = ()  # the loss_param fields this layer honors; the others are refused
+    labels = None  # _Labels, in the losses that read class labels
 
     def setup(self, bottom, top):
         self.reject_fields(self.lp.loss_param, "loss_param", [n for n in _LOSS_FIELDS if n not in self.loss_fields])
 
     def allow_force_backward(self, bottom_index):
         return bottom_index != 1  # as Caffe: force_backward never reaches the labels
+
+    def device_problem(self):
+        return None if self.labels is None else self.labels.device_problem()
 
     def reshape_loss(self, bottom, top):
         a, b = bottom[0], bottom[1]
@@ -163,7 +202,7 @@ class _SoftmaxLossBase(_LossLayer):
         self.prob = self.new_blob(bottom[0].shape)
         self.softmax.setup_all([bottom[0]], [self.prob])
         p = self.lp.loss_param
-        self.labels = _Labels(self.xp, p.ignore_label if p.HasField("ignore_label") else None)
+        self.labels = _Labels(self, p.ignore_label if p.HasField("ignore_label") else None)
 
     def reshape_softmax(self, bottom, top):
         self.reshape_loss(bottom, top)
@@ -174,7 +213,7 @@ class _SoftmaxLossBase(_LossLayer):
             self.fail(f"number of labels must match number of predictions: prediction shape "
                       f"{bottom[0].shape} with class axis {self.softmax.axis} needs "
                       f"{self.outer * self.inner} labels, got {bottom[1].count}", ShapeError)
-        self.labels.reshape((self.outer, self.inner))
+        self.labels.reshape((self.outer, self.inner), self.classes)
         _class_ids(self, self.classes, (1, self.classes, 1))
         if len(top) == 2:
             top[1].reshape(bottom[0].shape)
@@ -210,7 +249,7 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         if self.fused:
             fixed = None if self.normalization == VALID else self.normalizer(None)
             self.k.softmax_loss_forward(bottom[0].data, bottom[1].data, self.prob.data, *self.position_loss,
-                                        top[0].data, self.norm, self.dims, labels.ignore, fixed)
+                                        top[0].data, self.norm, self.dims, labels.ignore, fixed, labels.problem)
             return
         self.softmax.forward([bottom[0]], [self.prob])
         labels.load(bottom[1].data)
@@ -232,18 +271,6 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         self.xp.subtract(self.prob.data.reshape(self.dims), self.class_ids == labels.safe[:, None, :], out=dx)
         dx *= labels.valid[:, None, :]
         dx *= top[0].diff / self.normalizer(labels.valid.sum())
-
-
-def _blob_proto_array(proto, path):
-    """A BlobProto's values as a float64 array of its shape (or legacy num/channels/height/width)."""
-    values = proto.double_data if len(proto.double_data) else proto.data
-    if proto.HasField("shape"):
-        shape = tuple(proto.shape.dim)
-    else:
-        shape = (proto.num, proto.channels, proto.height, proto.width)
-    if len(values) != int(np.prod(shape)):
-        raise ModelFileError(f"{path}: BlobProto holds {len(values)} values for shape {shape}")
-    return np.asarray(values, np.float64).reshape(shape)
 
 
 @register
@@ -274,7 +301,7 @@ class InfogainLossLayer(_SoftmaxLossBase):
     def _read_infogain(self):
         if not self.p.source:
             self.fail("infogain_loss_param.source must be given when H is not bottom 2")
-        array = _blob_proto_array(read_binary(self.p.source, caffe_pb2.BlobProto()), self.p.source)
+        array = blob_array(read_binary(self.p.source, caffe_pb2.BlobProto()), self.p.source)
         blob = self.new_blob(array.shape)
         blob.data[...] = self.backend.to_device(array, self.dtype)
         return blob
@@ -362,7 +389,7 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
     def setup(self, bottom, top):
         super().setup(bottom, top)
         self.normalization = self.read_normalization(BATCH_SIZE)
-        self.labels = _Labels(self.xp, self.p.ignore_label if self.p.HasField("ignore_label") else None)
+        self.labels = _Labels(self, self.p.ignore_label if self.p.HasField("ignore_label") else None)
 
     def reshape(self, bottom, top):
         self.reshape_loss(bottom, top)
@@ -370,12 +397,12 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
             self.fail(f"inputs must have the same count, got {bottom[0].shape} and {bottom[1].shape}",
                       ShapeError)
         self.outer, self.inner = bottom[0].shape[0], bottom[0].count_range(1)
-        self.labels.reshape(bottom[0].shape)
+        self.labels.reshape(bottom[0].shape, None)  # targets in [0, 1], masked by ignore_label only
         _workspace(self, "sigmoid", bottom[0].shape, self.dtype)
 
     def forward(self, bottom, top):
         xp, x, t = self.xp, bottom[0].data, bottom[1].data.reshape(bottom[0].shape)
-        self.labels.load(t)
+        self.labels.load(t, check=False)
         # x (t - [x >= 0]) - log(1 + exp(-|x|)) is the log-likelihood without overflow
         ll = x * (t - (x >= 0)) - xp.log1p(xp.exp(-xp.abs(x)))
         loss = -(ll * self.labels.valid).sum()
@@ -405,20 +432,23 @@ class HingeLossLayer(_LossLayer):
     param = "hinge_loss_param"
     legacy = "HINGE_LOSS"
 
+    def setup(self, bottom, top):
+        super().setup(bottom, top)
+        self.labels = _Labels(self)
+
     def reshape(self, bottom, top):
         self.reshape_loss(bottom, top)
         n = bottom[0].num
         self.dims = (n, bottom[0].count // n)
-        _workspace(self, "label", (n, 1), np.int64)
+        self.labels.reshape((n, 1), self.dims[1])
         _class_ids(self, self.dims[1], (1, self.dims[1]))
         _workspace(self, "sign", self.dims, self.dtype)  # -1 at the label, +1 elsewhere
         _workspace(self, "margin", self.dims, self.dtype)  # max(0, 1 + sign * x)
 
     def forward(self, bottom, top):
         xp, x = self.xp, bottom[0].data.reshape(self.dims)
-        # Caffe reads label[i] for sample i from the flat label blob
-        xp.copyto(self.label[:, 0], bottom[1].data.ravel()[: self.dims[0]], casting="unsafe")
-        xp.equal(self.class_ids, self.label, out=self.sign)
+        self.labels.load(bottom[1].data.ravel()[: self.dims[0]])  # Caffe: label[i] for sample i, from the flat blob
+        xp.equal(self.class_ids, self.labels.safe, out=self.sign)
         self.sign *= -2
         self.sign += 1
         xp.multiply(x, self.sign, out=self.margin)
@@ -448,6 +478,10 @@ class MultinomialLogisticLossLayer(_LossLayer):
     type = "MultinomialLogisticLoss"
     legacy = "MULTINOMIAL_LOGISTIC_LOSS"
 
+    def setup(self, bottom, top):
+        super().setup(bottom, top)
+        self.labels = _Labels(self)
+
     def reshape(self, bottom, top):
         self.reshape_loss(bottom, top)
         b = bottom[1]
@@ -455,14 +489,14 @@ class MultinomialLogisticLossLayer(_LossLayer):
             self.fail(f"labels must be (N, 1, 1, 1), got {b.shape}", ShapeError)
         n = bottom[0].num
         self.dims = (n, bottom[0].count // n)
-        _workspace(self, "label", (n, 1), np.int64)
+        self.labels.reshape((n, 1), self.dims[1])
         _class_ids(self, self.dims[1], (1, self.dims[1]))
         _workspace(self, "picked", (n, 1), self.dtype)  # max(p[label], 1e-20)
 
     def forward(self, bottom, top):
         xp, p = self.xp, bottom[0].data.reshape(self.dims)
-        xp.copyto(self.label[:, 0], bottom[1].data.ravel(), casting="unsafe")
-        xp.maximum(xp.take_along_axis(p, self.label, axis=1), LOG_THRESHOLD, out=self.picked)
+        self.labels.load(bottom[1].data)
+        xp.maximum(xp.take_along_axis(p, self.labels.safe, axis=1), LOG_THRESHOLD, out=self.picked)
         top[0].data[...] = -xp.log(self.picked).sum() / self.dims[0]
 
     def backward(self, top, propagate_down, bottom):
@@ -471,7 +505,7 @@ class MultinomialLogisticLossLayer(_LossLayer):
             return
         # -1 / max(p, 1e-20) at the label (Caffe keeps it even where the clamp is active)
         dx = bottom[0].diff.reshape(self.dims)
-        self.xp.equal(self.class_ids, self.label, out=dx)
+        self.xp.equal(self.class_ids, self.labels.safe, out=dx)
         dx *= -top[0].diff / self.dims[0] / self.picked
 
 
@@ -544,7 +578,7 @@ class AccuracyLayer(Layer):
 
     def setup(self, bottom, top):
         ignore = self.p.ignore_label if self.p.HasField("ignore_label") else None
-        self.labels = _Labels(self.xp, ignore)
+        self.labels = _Labels(self, ignore)
 
     def reshape(self, bottom, top):
         if not bottom[1].count or self.p.top_k > bottom[0].count // bottom[1].count:
@@ -557,11 +591,14 @@ class AccuracyLayer(Layer):
             self.fail(f"number of labels must match number of predictions: prediction shape "
                       f"{bottom[0].shape} with class axis {axis} needs {outer * inner} labels, "
                       f"got {bottom[1].count}", ShapeError)
-        self.labels.reshape((outer, inner))
+        self.labels.reshape((outer, inner), classes)
         _class_ids(self, classes, (1, classes, 1))
         top[0].reshape(())
         if len(top) == 2:
             top[1].reshape((classes,))
+
+    def device_problem(self):
+        return self.labels.device_problem()
 
     def forward(self, bottom, top):
         xp, labels = self.xp, self.labels

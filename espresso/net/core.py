@@ -178,8 +178,22 @@ class Net(PycaffeNet):
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
         loss = float(self.run_forward())
+        self.check_problems()
         self.backward_range(len(self.layers) - 1, 0)
         return loss
+
+    def check_problems(self):
+        """Raise what the layers' device checks recorded (labels that are no class), in one read
+        back; pycaffe's forward, forward_backward and the solver call it where they read values
+        back anyway, so a CUDA graph never waits on the host for it."""
+        found = [problem for problem in (layer.device_problem() for layer in self.layers) if problem is not None]
+        if not found:
+            return
+        values = self.backend.to_host(self.backend.xp.stack([array for array, _ in found]))
+        for (array, error), row in zip(found, values):
+            if row[0]:
+                array.fill(0)
+                raise error(*(int(v) for v in row))
 
     def eager_reason(self, start=0, end=None):
         """Why layers start..end cannot run as a CUDA graph, or None when they can."""

@@ -78,6 +78,7 @@ class PycaffeNet:
             views[name].data[...] = value
         start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1)
         self.run_forward(start_i, end_i)
+        self.check_problems()
         names = self.top_names[self._layer_names[end_i]] if end is not None else self.outputs
         return {name: views[name].data for name in set(names) | set(blobs or ())}
 

@@ -106,6 +106,7 @@ class DeviceLoop:
         if self.read == self.queued:
             return []
         values = self.solver.net.backend.to_host(self.ring[self.read:self.queued])
+        self.solver.net.check_problems()
         pairs = [(self.first + self.read + i, float(v)) for i, v in enumerate(values)]
         self.read = self.queued
         if self.queued == len(self.host_rates):

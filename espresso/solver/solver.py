@@ -368,6 +368,7 @@ class Solver:
                 return None
             net.run_forward(sums=sums)  # on the device: no host round trip per batch
         *sums, loss = [net.backend.to_host(s) for s in sums]
+        net.check_problems()
         if p.test_compute_loss:
             log.info("Test loss: %s", format_g(loss / n))
         means = {name: s / s.dtype.type(n) for name, s in zip(net.outputs, sums, strict=True)}

@@ -5,13 +5,12 @@ on it, checked on the CPU with fake backends: when a captured graph may be repla
 
 import numpy as np
 import pytest
-from devices import ON_GPU, FakeGraphs
+from devices import ON_GPU, FakeDevice, FakeGraphs
 
 import espresso as caffe
 from espresso import backend as backends
 from espresso import graphs
 from espresso.backend import FUSED_KERNELS, KERNELS, Backend
-from espresso.backend.cpu import CPUBackend
 from espresso.blob import Blob
 from espresso.errors import BackendError
 from espresso.proto import caffe_pb2
@@ -175,16 +174,6 @@ def test_a_net_replays_while_its_shapes_hold_and_captures_again_after_a_reshape(
 
 
 # *** pycaffe's host views of device blobs ***
-class FakeDevice(CPUBackend):
-    """The CPU backend posing as a device: its arrays are not handed to pycaffe code directly,
-    so nets give out host copies through espresso/hostview.py."""
-
-    host_arrays = False
-
-    def to_host(self, array):
-        return np.array(array)
-
-
 SHARED = """
 layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
 layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { num_output: 2 } }

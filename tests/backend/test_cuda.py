@@ -77,6 +77,11 @@ static const EmuDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1,
 #define __device__
 #define __shared__ static
 inline void __syncthreads() {}
+inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long expected, unsigned long long value) {
+    unsigned long long old = *at;
+    if (old == expected) *at = value;
+    return old;
+}
 #define __forceinline__ inline
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
@@ -491,13 +496,17 @@ def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
     gprob, gdx = dev.poisoned(dims, dtype), dev.poisoned(dims, dtype)
     scratch = [dev.poisoned((outer * inner,), dtype) for _ in range(2)]
     gloss, gnorm = dev.put(np.array(0, dtype)), dev.put(np.array(0, dtype))
-    gx, glabels = dev.put(x), dev.put(labels)
-    dev.k.softmax_loss_forward(gx, glabels, gprob, *scratch, gloss, gnorm, dims, ignore, fixed)
+    gx, glabels, problem = dev.put(x), dev.put(labels), dev.put(np.zeros(2, np.int64))
+    dev.k.softmax_loss_forward(gx, glabels, gprob, *scratch, gloss, gnorm, dims, ignore, fixed, problem)
     dev.k.softmax_loss_backward(gprob, glabels, dev.put(np.array(2, dtype)), gnorm, gdx, dims, ignore)
     what = f"softmax loss {dims} {dtype.__name__}"
     assert_matches(dev.get(gprob), prob, dtype, what + " prob")
     assert_matches(dev.get(gloss), loss, dtype, what + " loss")
     assert_matches(dev.get(gdx), dx, dtype, what + " dx")
+    assert dev.get(problem).tolist() == [0, 0]
+    labels.ravel()[3] = -1 if ignore != -1 else classes  # not a class: recorded, and read as ignored
+    dev.k.softmax_loss_forward(gx, dev.put(labels), gprob, *scratch, gloss, gnorm, dims, ignore, fixed, problem)
+    assert dev.get(problem).tolist() == [4, -1]
 
 
 def test_primitive_argument_checks(dev):

@@ -4,10 +4,12 @@ import itertools
 
 import numpy as np
 import pytest
+from devices import FakeDevice
 
 import espresso as caffe
-from espresso.errors import LayerParamError, ModelFileError, NetError, ShapeError
+from espresso.errors import LabelError, LayerParamError, ModelFileError, NetError, ShapeError
 from espresso.layer import legacy_types
+from espresso.net import TEST, TRAIN, Net
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 from espresso.testing import LayerRun, assert_close, check_gradient, check_layer
@@ -533,3 +535,66 @@ def test_legacy_names():
                 "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "INFOGAIN_LOSS": "InfogainLoss",
                 "CONTRASTIVE_LOSS": "ContrastiveLoss", "ACCURACY": "Accuracy"}
     assert {k: names.get(k) for k in expected} == expected
+
+
+# *** labels that are no class ***
+LABELLED = {  # layer snippet, classes, label shape
+    "SoftmaxWithLoss": ('type: "SoftmaxWithLoss"', 5, (4,)),
+    "SoftmaxWithLoss spatial": ('type: "SoftmaxWithLoss"', 5, (4, 3)),
+    "Accuracy": ('type: "Accuracy"', 5, (4,)),
+    "InfogainLoss": ('type: "InfogainLoss" bottom: "x" bottom: "y" bottom: "h"', 5, (4,)),
+    "MultinomialLogisticLoss": ('type: "MultinomialLogisticLoss"', 5, (4,)),
+    "HingeLoss": ('type: "HingeLoss"', 5, (4,)),
+}
+
+
+def _labelled_net(case, labels, device=None):
+    snippet, classes, shape = LABELLED[case]
+    x_shape = (4, classes) + shape[1:]
+    extra = " bottom: \"x\" bottom: \"y\"" if "bottom" not in snippet else ""
+    h = 'layer { name: "hin" type: "Input" top: "h" input_param { shape { dim: 5 dim: 5 } } }' \
+        if "h" in snippet.split("bottom")[-1] else ""
+    text = f"""layer {{ name: "in" type: "Input" top: "x" top: "y"
+                input_param {{ shape {{ {' '.join(f'dim: {d}' for d in x_shape)} }}
+                               shape {{ {' '.join(f'dim: {d}' for d in shape)} }} }} }}
+            {h}
+            layer {{ name: "check" {snippet}{extra} top: "out" }}"""
+    net = Net(parse_text(text, caffe_pb2.NetParameter()), phase=TRAIN if case != "Accuracy" else TEST,
+              backend=FakeDevice() if device == "device" else None)
+    net.blobs["x"].data[...] = np.linspace(0.1, 0.9, net.blobs["x"].count).reshape(x_shape)
+    if h:
+        net.blobs["h"].data[...] = np.eye(5)
+    net.blobs["y"].data[...] = labels.reshape(shape)
+    return net
+
+
+@pytest.mark.parametrize("device", ["host", "device"])  # device: recorded, raised when values are read back
+@pytest.mark.parametrize("case", LABELLED)
+def test_a_label_that_is_no_class_is_refused_naming_where(case, device):
+    shape = LABELLED[case][2]
+    labels = np.zeros(shape)
+    good = _labelled_net(case, labels, device)
+    good.forward()
+    labels.ravel()[5 if len(shape) > 1 else 2] = -1  # Caffe's release build read out of bounds here
+    bad = _labelled_net(case, labels, device)
+    at = "batch item 1, position 2" if len(shape) > 1 else "batch item 2"
+    with pytest.raises(LabelError, match=rf"layer 'check' \({case.split()[0]}\): label -1 at {at} is not a class "
+                                         r"in \[0, 5\)"):
+        bad.forward()
+    labels.ravel()[:] = 0
+    labels.ravel()[-1] = 5
+    with pytest.raises(LabelError, match="label 5 at batch item 3"):
+        _labelled_net(case, labels, device).forward()
+
+
+def test_an_ignored_label_outside_the_classes_is_fine():
+    net = Net(parse_text("""layer { name: "in" type: "Input" top: "x" top: "y"
+                                    input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+                            layer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" top: "l"
+                                    loss_param { ignore_label: -1 } }""", caffe_pb2.NetParameter()), phase=TRAIN)
+    net.blobs["y"].data[...] = [-1, 2]
+    assert np.isfinite(net.forward()["l"])
+    net.blobs["y"].data[...] = [-2, 2]
+    with pytest.raises(LabelError, match=r"label -2 at batch item 0 is not a class in \[0, 3\) \(nor its "
+                                         r"ignore_label -1\)"):
+        net.forward()

@@ -41,11 +41,13 @@ __global__ void sgd_update_kernel(long long n, T* w, T* g, T* h, int segments, c
 }
 
 // One thread per position: the softmax over classes into prob, and that position's loss
-// -log(max(prob[label], FLT_MIN)) (0 where the label is ignored) and validity.
+// -log(max(prob[label], FLT_MIN)) (0 where the label is ignored) and validity.  A label that is
+// not a class (nor ignored) counts as ignored and is recorded in `problem` (position + 1, label;
+// the first recorded stays) for the host to raise when it next reads values back.
 template <typename T>
 __global__ void softmax_loss_forward_kernel(int positions, int classes, int inner, const T* x, const T* labels,
                                             T* prob, T* losses, T* valid, int has_ignore, int ignore_label,
-                                            T flt_min) {
+                                            T flt_min, long long* problem) {
     for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
         const long long base = (long long)(p / inner) * classes * inner + p % inner;
         T top = x[base];
@@ -61,7 +63,12 @@ __global__ void softmax_loss_forward_kernel(int positions, int classes, int inne
         }
         for (int c = 0; c < classes; ++c) prob[base + (long long)c * inner] /= sum;
         const int label = (int)labels[p];
-        const bool ok = !(has_ignore && label == ignore_label);
+        const bool ignored = has_ignore && label == ignore_label;
+        const bool ok = !ignored && label >= 0 && label < classes;
+        if (!ignored && !ok &&
+            atomicCAS((unsigned long long*)problem, 0ULL, (unsigned long long)(p + 1)) == 0ULL) {
+            problem[1] = label;
+        }
         const T picked = prob[base + (long long)(ok ? label : 0) * inner];
         losses[p] = ok ? -log(picked > flt_min ? picked : flt_min) : T(0);
         valid[p] = ok ? T(1) : T(0);
@@ -106,7 +113,7 @@ __global__ void softmax_loss_backward_kernel(long long count, int classes, int i
         const int c = (int)(i / inner % classes);
         const long long p = i / ((long long)classes * inner) * inner + i % inner;
         const int label = (int)labels[p];
-        const bool ok = !(has_ignore && label == ignore_label);
+        const bool ok = !(has_ignore && label == ignore_label) && label >= 0 && label < classes;
         T d = prob[i] - T(ok && c == label ? 1 : 0);
         d = d * T(ok ? 1 : 0);
         dx[i] = d * (top_diff[0] / normalizer[0]);

@@ -402,11 +402,13 @@ def record_iteration(loss, weight, rates, ring, slot, rate):
         loss, weight, rates, ring, slot, rate, size=1)
 
 
-def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer):
+def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
+                         problem):
     """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
     loss (0-d) = sum of -log(max(prob[label], FLT_MIN)) over non-ignored positions / normalizer,
     normalizer = max(1, valid count) when fixed_normalizer is None, else fixed_normalizer.
-    losses / valid: per-position scratch (outer * inner)."""
+    losses / valid: per-position scratch (outer * inner).  problem: int64 [2], where a label that
+    is not a class is recorded (position + 1, label) unless one is already."""
     ctype, t = _float_type(x, prob, losses, valid, loss, normalizer), x.dtype.type
     outer, classes, inner = dims
     positions = outer * inner
@@ -414,7 +416,7 @@ def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims,
     labels = _input(labels.astype(x.dtype, copy=False))
     _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions,
             (np.int32(positions), np.int32(classes), np.int32(inner), _input(x), labels, prob, losses, valid,
-             *ignore, t(FLT_MIN)))
+             *ignore, t(FLT_MIN), _output(problem, 2, "problem")))
     fixed = t(-1 if fixed_normalizer is None else fixed_normalizer)
     _launch("fused", f"softmax_loss_reduce_kernel<{ctype}>", ctype, None, BLOCK,  # one block
             (np.int32(positions), losses, valid, loss, normalizer, fixed))
