@@ -4,9 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
-from devices import FakeDevice
+from devices import ON_GPU, FakeDevice
 
 import espresso as caffe
+from espresso import backend as backends
 from espresso.errors import LabelError, LayerParamError, ModelFileError, NetError, ShapeError
 from espresso.layer import legacy_types
 from espresso.net import TEST, TRAIN, Net
@@ -559,8 +560,8 @@ def _labelled_net(case, labels, device=None):
                                shape {{ {' '.join(f'dim: {d}' for d in shape)} }} }} }}
             {h}
             layer {{ name: "check" {snippet}{extra} top: "out" }}"""
-    net = Net(parse_text(text, caffe_pb2.NetParameter()), phase=TRAIN if case != "Accuracy" else TEST,
-              backend=FakeDevice() if device == "device" else None)
+    backend = {"device": FakeDevice, "gpu": lambda: backends.get("cuda:0")}.get(device, lambda: None)()
+    net = Net(parse_text(text, caffe_pb2.NetParameter()), phase=TRAIN if case != "Accuracy" else TEST, backend=backend)
     net.blobs["x"].data[...] = np.linspace(0.1, 0.9, net.blobs["x"].count).reshape(x_shape)
     if h:
         net.blobs["h"].data[...] = np.eye(5)
@@ -568,7 +569,7 @@ def _labelled_net(case, labels, device=None):
     return net
 
 
-@pytest.mark.parametrize("device", ["host", "device"])  # device: recorded, raised when values are read back
+@pytest.mark.parametrize("device", ["host", "device", ON_GPU])  # device, gpu: recorded, raised with values read back
 @pytest.mark.parametrize("case", LABELLED)
 def test_a_label_that_is_no_class_is_refused_naming_where(case, device):
     shape = LABELLED[case][2]
