@@ -6,6 +6,7 @@ string a scalar, null-terminated ASCII string of its length + 1 (H5LTmake_datase
 blob a dataset of the blob's shape in the net's float type.  h5py is imported only when used.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -33,13 +34,21 @@ def write_file(path, fill):
     atomic_write(path, write)
 
 
+@contextlib.contextmanager
 def open_file(path):
+    """The HDF5 file, read in the `with` block; what h5py raises on a corrupt file, there or
+    in the block, ends as a ModelFileError naming the file."""
     h5 = h5py()
     require_regular(path)
     try:
-        return h5.File(path, "r")
+        f = h5.File(path, "r")
     except OSError as e:
         raise ModelFileError(f"{path}: cannot open as an HDF5 file ({e})") from None
+    try:
+        with f:
+            yield f
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py on damaged structures
+        raise ModelFileError(f"{path}: corrupt HDF5 file ({type(e).__name__}: {e})") from None
 
 
 def save_int(group, name, value):

@@ -31,7 +31,8 @@ def blobproto_to_array(blob, return_diff=False):
     Old files carry num/channels/height/width instead of `shape`; as in Caffe, those win.
     """
     try:
-        return blob_array(blob, "BlobProto", return_diff).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN
+            return blob_array(blob, "BlobProto", return_diff).astype(np.float64)
     except ModelFileError as e:  # pycaffe's callers catch ValueError
         raise ArrayShapeError(str(e)) from None
 
@@ -94,7 +95,8 @@ def datum_to_array(datum):
 
 def read_blobproto(path, return_diff=False):
     """The array stored in a .binaryproto file (e.g. a mean image), of the blob's own shape."""
-    return blob_array(read_binary(path, caffe_pb2.BlobProto()), path, return_diff).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN in the file stays a NaN
+        return blob_array(read_binary(path, caffe_pb2.BlobProto()), path, return_diff).astype(np.float64)
 
 
 def load_mean(path):

@@ -390,3 +390,19 @@ def test_prefetcher_closed_from_its_own_thread_does_not_join_itself():
     ready.set()
     holder["p"]._thread.join(timeout=5)
     assert closed and not holder["p"]._thread.is_alive()
+
+
+def test_a_gzip_stream_that_unpacks_past_the_memory_limit_is_refused(tmp_path):
+    import gzip
+
+    import espresso
+    from espresso.data.idx import read_idx
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes(16 << 20)))  # 16 MiB of zeros in about 16 KB
+    espresso.set_memory_limit(1 << 20)
+    try:
+        with pytest.raises(DatasetError, match="unpacks to more than the 1 MiB memory limit"):
+            read_idx(path)
+    finally:
+        espresso.set_memory_limit(None)

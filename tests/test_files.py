@@ -666,6 +666,14 @@ def test_a_compressed_model_declaring_an_endless_payload_is_refused(tmp_path):
         model_file.read_model(path)
 
 
+def _open_hdf5(path):
+    pytest.importorskip("h5py")
+    from espresso import hdf5
+
+    with hdf5.open_file(path):
+        pass
+
+
 @pytest.mark.parametrize("read", ["weights", "solverstate", "espz", "binaryproto", "prototxt", "hdf5", "idx"])
 def test_an_endless_device_is_refused_by_every_reader(read):
     """/dev/zero has no end: every reader refuses what is not a regular file before reading."""
@@ -678,6 +686,6 @@ def test_an_endless_device_is_refused_by_every_reader(read):
 
     readers = {"weights": read_weights, "solverstate": read_state, "espz": read_model, "binaryproto": read_blobproto,
                "prototxt": lambda p: espresso.Net(p, espresso.TEST), "idx": read_idx,
-               "hdf5": lambda p: pytest.importorskip("h5py") and __import__("espresso.hdf5").hdf5.open_file(p)}
+               "hdf5": _open_hdf5}
     with pytest.raises((ModelFileError, DatasetError), match="/dev/zero: not a regular file"):
         readers[read]("/dev/zero")

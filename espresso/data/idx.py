@@ -8,11 +8,14 @@ labels type 0x08 with 1 dim (magic 2049).
 import gzip
 import io
 import os
+import zlib
 
 import numpy as np
 
+from espresso import backend
 from espresso.data import DatasetError
 from espresso.proto.text import require_regular
+from espresso.runtime import format_bytes, memory_limit
 
 # IDX type byte -> big-endian NumPy dtype
 _TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -28,10 +31,15 @@ def _read_bytes(path):
     except OSError as e:
         raise DatasetError(f"{path}: cannot read: {e.strerror}") from None
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        limit = memory_limit(backend.get("cpu"))
+        try:  # bounded: a small gzip stream may unpack to more than the machine has
+            stream = zlib.decompressobj(wbits=31)
+            data = stream.decompress(raw, limit + 1)
+        except zlib.error as e:
             raise DatasetError(f"{path}: corrupt gzip stream: {e}") from None
+        if len(data) > limit:
+            raise DatasetError(f"{path}: unpacks to more than the {format_bytes(limit)} memory limit")
+        return data
     return raw
 
 

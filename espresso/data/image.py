@@ -12,6 +12,7 @@ import numpy as np
 
 from espresso.data import DatasetError, require
 from espresso.io import resize_image
+from espresso.proto.text import require_regular
 
 
 def _image_module():
@@ -35,19 +36,20 @@ def decode_image(data, color=None, what="image"):
     try:
         with Image.open(io.BytesIO(data)) as im:
             return _to_chw(im, color)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{what}: cannot decode image: {e}") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, EOFError, struct.error... on damaged data
+        raise DatasetError(f"{what}: cannot decode image: {type(e).__name__}: {e}") from None
 
 
 def read_image(path, height=0, width=0, is_color=True):
     """Caffe's ReadImageToCVMat: the file as uint8 C x H x W (BGR when is_color), resized to
     height x width when both are > 0."""
     Image = _image_module()
+    require_regular(path, DatasetError)
     try:
         with Image.open(path) as im:
             chw = _to_chw(im, bool(is_color))
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"could not load image {path}: {e}") from None
+    except Exception as e:  # (as decode_image)
+        raise DatasetError(f"could not load image {path}: {type(e).__name__}: {e}") from None
     if height > 0 and width > 0 and chw.shape[1:] != (height, width):
         chw = resize(chw, height, width)
     return chw

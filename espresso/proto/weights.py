@@ -208,7 +208,8 @@ def blob_array(blob, where, diff=False):
     single, double = (blob.diff, blob.double_diff) if diff else (blob.data, blob.double_data)
     if len(single) and len(double):
         raise ModelFileError(f"{where}: holds both float and double {'diff' if diff else 'data'}")
-    values = np.asarray(double, np.float64) if len(double) else np.asarray(single, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # a damaged value stays the float the file holds
+        values = np.asarray(double, np.float64) if len(double) else np.asarray(single, np.float32)
     if values.size != math.prod(shape):
         raise ModelFileError(f"{where}: {values.size} values for shape {shape}")
     return values.reshape(shape)
