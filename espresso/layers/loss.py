@@ -63,7 +63,7 @@ class _Labels:
             return
         xp, self.shape = self.xp, shape
         self.value, self.safe = xp.zeros(shape, xp.int64), xp.zeros(shape, xp.int64)
-        self.valid = xp.ones(shape, bool)
+        self.valid, self.bad, self.scratch = xp.ones(shape, bool), xp.zeros(shape, bool), xp.zeros(shape, bool)
 
     def load(self, data, check=True):
         """The labels from `data`; `check` False where a fused kernel checks them itself."""
@@ -73,10 +73,15 @@ class _Labels:
             xp.not_equal(self.value, self.ignore, out=self.valid)
         else:
             self.valid.fill(True)
-        if check:
-            bad = self.valid & ((self.value < 0) | (self.value >= self.classes))
-            self._check(bad)
-            self.valid &= ~bad  # (on a device, until the problem is raised) read as ignored, never indexed
+        if check:  # bad = valid & (value < 0 | value >= classes), in the buffers made in reshape
+            xp.less(self.value, 0, out=self.bad)
+            xp.greater_equal(self.value, self.classes, out=self.scratch)
+            xp.logical_or(self.bad, self.scratch, out=self.bad)
+            xp.logical_and(self.bad, self.valid, out=self.bad)
+            self._check(self.bad)
+            # (on a device, until the problem is raised) a bad label reads as ignored, never indexed
+            xp.logical_not(self.bad, out=self.scratch)
+            xp.logical_and(self.valid, self.scratch, out=self.valid)
         xp.multiply(self.value, self.valid, out=self.safe)
 
     def _check(self, bad):
@@ -85,6 +90,7 @@ class _Labels:
             if flat.any():
                 raise self.error(int(flat.argmax()) + 1, int(self.value.ravel()[flat.argmax()]))
             return
+        # a few 0-d temporaries (from the graph's own pool under capture); the host path has none
         first = xp.argmax(flat)
         found = xp.stack([(first + 1) * flat[first], self.value.ravel()[first]])
         xp.copyto(self.problem, found, where=self.problem[0] == 0)  # the first one recorded stays
