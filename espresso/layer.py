@@ -113,6 +113,14 @@ class Layer:
     def allow_force_backward(self, bottom_index):
         return True
 
+    def cursor(self):
+        """Where this layer is in its dataset and its random generators (JSON values, saved with
+        a snapshot; see espresso/cursor.py), or None for a layer that reads none."""
+        return None
+
+    def seek(self, cursor):
+        """Continue from a cursor() that a snapshot saved."""
+
     def device_problem(self):
         """(device array, error(*values)) of a check a device recorded instead of raising (a
         row whose first value is not 0 is a problem; see Net.check_problems), or None."""

@@ -96,6 +96,20 @@ def test_lmdb_wraps_around(tmp_path):
     assert labels[64:] == list(range(64, 100)) + list(range(28))
 
 
+def test_readers_of_one_lmdb_share_its_environment(tmp_path):
+    """LMDB refuses a second environment on one database in a process: a train and a test net
+    streaming the same database share one, open until the last reader closes."""
+    _write_db(tmp_path / "db", np.zeros((5, 1, 1, 1), np.uint8), range(5))
+    first, second = LMDBReader(tmp_path / "db"), LMDBReader(str(tmp_path / "db") + "/")
+    shared = first.env
+    assert second.env is shared
+    first.close()
+    assert [decode_datum(v)[1] for _, v in second.items()] == list(range(5))
+    second.close()
+    with LMDBReader(tmp_path / "db") as third:  # opened anew
+        assert len(third) == 5 and third.env is not shared
+
+
 def test_lmdb_map_grows_as_needed(tmp_path):
     big = np.zeros((1, 100, 100), np.uint8)
     with LMDBWriter(tmp_path / "db", map_size=1 << 16) as db:

@@ -15,6 +15,7 @@ import pytest
 import espresso
 from espresso.errors import EspressoError
 from espresso.proto import caffe_pb2
+from espresso.proto.text import parse_text
 from espresso.proto.weights import encode_blob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,52 @@ def test_image_reader():
             decode_image(data)
         except EspressoError:
             pass
+
+
+def test_resume_cursor_reader(tmp_path):
+    """A snapshot's espresso_resume (the data cursors of Data, ImageData and HDF5Data layers),
+    mutated as bytes and as JSON values, is taken or refused, and only with the project's errors."""
+    import json
+    import types
+    import warnings
+
+    from test_resume import write_hdf5, write_images, write_lmdb
+
+    from espresso.solver import resume
+
+    pytest.importorskip("PIL")
+    images, hdf5 = write_images(tmp_path), write_hdf5(tmp_path)
+    net = espresso.Net(parse_text(f"""
+        layer {{ name: "d" type: "Data" top: "d" transform_param {{ mirror: true }}
+                 data_param {{ source: "{write_lmdb(tmp_path / 'db')}" backend: LMDB batch_size: 4 }} }}
+        layer {{ name: "i" type: "ImageData" top: "i" top: "il"
+                 image_data_param {{ {images} batch_size: 3 shuffle: true }} }}
+        layer {{ name: "h" type: "HDF5Data" top: "data" top: "label" {hdf5} }}""", caffe_pb2.NetParameter()),
+        espresso.TRAIN)
+    solver = types.SimpleNamespace(net=net, test_nets=[])
+    net.forward()
+    valid = resume.save_cursors(solver)
+    rng = np.random.default_rng(10)
+    cases = [*mutations(valid, seed=9, count=CASES // 2),
+             *(json.dumps(_mutated_json(json.loads(valid), rng)).encode() for _ in range(CASES // 2))]
+    refused = 0
+    for payload in cases:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a cursor of another dataset's size is set aside
+                resume.restore_cursors(solver, payload, "s.solverstate")
+            net.forward()
+        except EspressoError:
+            refused += 1
+    assert refused >= CASES // 2
+
+
+def _mutated_json(value, rng):
+    """`value` with one leaf (or a whole branch) replaced by a value of another kind or range."""
+    if isinstance(value, (dict, list)) and value and rng.random() < 0.85:
+        keys = list(value) if isinstance(value, dict) else range(len(value))
+        key = list(keys)[int(rng.integers(len(keys)))]
+        value[key] = _mutated_json(value[key], rng)
+        return value
+    odd = [None, -1, 0, 1, 2**70, 1.5, "x", True, [], {}, [0, 0], list(range(20))]
+    return odd[int(rng.integers(len(odd)))]

@@ -409,7 +409,8 @@ def test_hdf5_solverstate_has_caffes_layout(tmp_path):
     solver.step(2)
     model, state = solver.snapshot()
     with h5py.File(state, "r") as f:
-        assert set(f) == {"iter", "learned_net", "current_step", "history"}
+        # Caffe's datasets, and Espresso's data cursors and generators, which Caffe does not read
+        assert set(f) == {"iter", "learned_net", "current_step", "history", "espresso_resume"}
         for name, value in (("iter", 2), ("current_step", 0)):  # H5LTmake_dataset_int: 1-D, one int
             assert (f[name].shape, f[name].dtype, f[name][0]) == ((1,), np.int32, value)
         kind = f["learned_net"].id.get_type()  # H5LTmake_dataset_string: scalar, null-terminated

@@ -14,7 +14,9 @@ from pathlib import Path
 # 9400 -> 9550 for the newcomer's path: the CLI's argument checks, the progress display, the
 # plots module and the CPU thread setting
 # 9550 -> 9700 for the hardening of inputs: sizes checked before allocating, bounded readers
-BUDGET = 9700
+# 9700 -> 9900 for resume that continues the data: the cursors of Data, ImageData and HDF5Data,
+# their checks when read back, the snapshot field; and LMDB environments shared between readers
+BUDGET = 9900
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 

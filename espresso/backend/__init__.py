@@ -28,6 +28,8 @@ Capabilities, with their defaults:
   overlapping(on) / aside(cudnn_bytes, when)   one stream of work: nothing runs aside
   pinned_empty(shape, dtype) host memory a device copies from asynchronously (plain here)
   uploader(arrays)          moves host batches to the device (here: hands them through)
+  rng_state() / set_rng_state(state)   rng's state as JSON values, saved with a snapshot
+                            (None here: not saved, a resumed run draws anew)
   peak_memory()             the most device memory held so far, in bytes (host RSS here)
   available_memory()        bytes the device can still give (the host's MemAvailable here)
 """
@@ -67,6 +69,12 @@ class Backend:
 
     def seed(self, seed):
         raise NotImplementedError
+
+    def rng_state(self):
+        return None
+
+    def set_rng_state(self, state):
+        pass
 
     def to_device(self, array, dtype=None):
         raise NotImplementedError

@@ -7,6 +7,7 @@ in `data` (C x H x W, BGR for colour images) or as `float_data`, a `label`, and 
 """
 
 import os
+import threading
 
 import numpy as np
 
@@ -35,17 +36,45 @@ def _lmdb_layout(path):
     raise DatasetError(f"{path}: not an LMDB database (the directory has no data.mdb)")
 
 
+class _Environments:
+    """LMDB allows one open environment per database per process: readers of one database (a
+    train and a test net, two solvers) share it, and the last to close closes it."""
+
+    def __init__(self):
+        self.open, self.lock = {}, threading.Lock()  # real path -> [environment, readers]
+
+    def acquire(self, path, subdir):
+        lmdb, key = _lmdb(), os.path.realpath(path)
+        with self.lock:
+            if key not in self.open:
+                # lock=False: readers never write the lock file, so read-only datasets work
+                self.open[key] = [lmdb.open(path, subdir=subdir, readonly=True, lock=False, max_dbs=0), 0]
+            self.open[key][1] += 1
+            return self.open[key][0]
+
+    def release(self, env):
+        with self.lock:
+            key = next(key for key, (open_env, _) in self.open.items() if open_env is env)
+            self.open[key][1] -= 1
+            if self.open[key][1] == 0:
+                del self.open[key]
+                env.close()
+
+
+_ENVIRONMENTS = _Environments()
+
+
 class LMDBReader:
     """Read-only access to an LMDB: `len`, `first()`, `items()` in key order, `cycle()`."""
 
     def __init__(self, path):
-        lmdb, self.path = _lmdb(), os.fspath(path)
+        lmdb, self.path, self.env = _lmdb(), os.fspath(path), None
         subdir = _lmdb_layout(self.path)
         try:
-            # lock=False: readers never write the lock file, so read-only datasets work
-            self.env = lmdb.open(self.path, subdir=subdir, readonly=True, lock=False, max_dbs=0)
+            self.env = _ENVIRONMENTS.acquire(self.path, subdir)
             self.entries = self.env.stat()["entries"]
         except lmdb.Error as e:
+            self.close()
             raise DatasetError(f"{self.path}: not a readable LMDB database: {e}") from None
         if self.entries == 0:
             self.close()
@@ -74,7 +103,9 @@ class LMDBReader:
                 yield key, value
 
     def close(self):
-        self.env.close()
+        if self.env is not None:
+            _ENVIRONMENTS.release(self.env)
+            self.env = None
 
     def __enter__(self):
         return self

@@ -2,7 +2,9 @@
 
 Caffe's prefetching data layers reshape and fill their tops in forward; reshape() does nothing.
 Random choices (crops, mirrors, shuffles, rand_skip) use generators seeded from
-espresso.runtime.host_rng() at setup, so set_random_seed reproduces a run.
+espresso.runtime.host_rng() at setup, so set_random_seed reproduces a run.  Data, ImageData and
+HDF5Data give a cursor() (the position of the next batch and the generators' states) that a
+snapshot saves and seek() takes back, so a resumed run reads what a straight run would.
 """
 
 import os
@@ -11,6 +13,7 @@ import weakref
 
 import numpy as np
 
+from espresso import cursor as saved
 from espresso.data import DatasetError, require
 from espresso.data.db import LMDBReader, decode_datum
 from espresso.data.image import read_image, read_image_list
@@ -35,6 +38,7 @@ class _DataLayerBase(Layer):
 
     exact_bottoms = 0
     capturable = False  # reads host data per batch (Data overrides this when it can)
+    prefetcher = None
 
     def reject_deprecated(self, fields=_DEPRECATED):
         for name, replacement in fields.items():
@@ -50,9 +54,15 @@ class _DataLayerBase(Layer):
         return DataTransformer(self.lp.transform_param, self.phase, self.backend, self.dtype, self.fail)
 
     def start_prefetch(self, fill, buffers, *closing):
-        """Run `fill` in a thread; stop it (and close `closing`) when this layer is collected."""
+        """Run `fill` in a thread, in place of the one running (which read ahead from where a
+        seek has moved us); stop it, and close `closing`, when this layer is collected."""
+        if self.prefetcher is None:
+            self._running = []  # the thread that the finalizer stops
+            weakref.finalize(self, _shutdown, self._running, *closing)
+        else:
+            self.prefetcher.close()  # first: the new thread fills the same buffers
         self.prefetcher = Prefetcher(fill, buffers, name=f"espresso-{self.type}-{self.name}")
-        weakref.finalize(self, _shutdown, self.prefetcher, *closing)
+        self._running[:] = [self.prefetcher]
 
     def next_batch(self):
         try:
@@ -63,9 +73,18 @@ class _DataLayerBase(Layer):
     def reshape(self, bottom, top):
         pass
 
+    def seek(self, cursor):
+        """Continue from a snapshot's cursor(); one saved on a dataset of another size is set
+        aside with a warning, the data starting over (as it always does in Caffe)."""
+        if saved.mapping(cursor).get("n") != self.dataset_size():
+            warnings.warn(f"{self.where}: the snapshot was read from a dataset of {cursor.get('n')!r} items, "
+                          f"this one has {self.dataset_size()}: its data starts over", stacklevel=2)
+            return
+        self.go_to(cursor)
 
-def _shutdown(prefetcher, *closing):
-    prefetcher.close()
+
+def _shutdown(running, *closing):
+    running[0].close()
     for thing in closing:
         thing.close()
 
@@ -132,16 +151,17 @@ class DataLayer(_DataLayerBase):
         except DatasetError as e:
             self.fail(str(e), DatasetError)
         skip = int(host_rng().integers(self.p.rand_skip)) if self.p.rand_skip else 0
-        if len(reader) * first.nbytes <= CACHE_LIMIT_BYTES:
+        self.size = len(reader)
+        if self.size * first.nbytes <= CACHE_LIMIT_BYTES:
             with reader:
                 self._load_all(reader, skip)
         else:
-            self.cache = None
+            self.cache, self.reader, self.pos = None, reader, skip % self.size
             pinned = self.backend.pinned_empty  # on a GPU: copied on a side stream (_forward_prefetched)
-            buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
-                       for _ in range(max(2, self.p.prefetch))]
-            self.uploader = self.backend.uploader(buffers[0])
-            self.start_prefetch(_DatumBatches(reader, skip, self.decode), buffers, reader)
+            self.buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
+                            for _ in range(max(2, self.p.prefetch))]
+            self.uploader = self.backend.uploader(self.buffers[0])
+            self.start_prefetch(_DatumBatches(reader, self.pos, self.decode), self.buffers, reader)
         top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
         if len(top) > 1:
             top[1].reshape(batch_size)
@@ -214,34 +234,59 @@ class DataLayer(_DataLayerBase):
             top[1].data[...] = labels
         self.uploader.done()  # (on a GPU: once the copy is done) the thread may refill the host buffer
         self.prefetcher.release(buffer)
+        self.pos = (self.pos + len(data)) % self.size  # the thread reads ahead; this is where we are
+
+    def dataset_size(self):
+        return self.size
+
+    def cursor(self):
+        on_device = self.cache is not None and not self.backend.host_arrays
+        pos = int(self.backend.to_host(self.pos)[0]) if on_device else int(self.pos)
+        return {"n": self.size, "pos": pos, "transform": saved.generator_state(self.transformer.rng)}
+
+    def go_to(self, cursor):
+        pos = saved.index(cursor, "pos", self.size)
+        saved.set_generator(self.transformer.rng, cursor.get("transform"), "transform")
+        if self.cache is None:
+            self.pos = pos
+            self.start_prefetch(_DatumBatches(self.reader, pos, self.decode), self.buffers)
+        elif self.backend.host_arrays:
+            self.pos = pos
+        else:
+            self.pos.fill(pos)  # in place: a captured graph reads this array
 
 
 # *** ImageData: image files listed in a text file ***
 class _ImageBatches:
-    """Reads batches of listed images (in the thread), reshuffling at each epoch's end."""
+    """Reads batches of listed images (in the thread) in `order`, reshuffled at each epoch's
+    end; each batch carries the cursor of the one after it."""
 
-    def __init__(self, entries, skip, p, rng):
-        self.entries, self.pos, self.p, self.rng = entries, skip, p, rng
+    def __init__(self, entries, order, pos, p, rng):
+        self.entries, self.order, self.pos, self.p, self.rng = entries, order, pos, p, rng
 
     def read(self, index):
-        name = self.entries[index][0]
+        name = self.entries[self.order[index]][0]
         return read_image(self.p.root_folder + name, self.p.new_height, self.p.new_width, self.p.is_color)
+
+    def cursor(self):
+        return {"n": len(self.entries), "pos": self.pos, "order": self.order,
+                "rng": saved.generator_state(self.rng)}
 
     def __call__(self, buffer):
         labels, images = buffer[1], []
         for i in range(len(labels)):
             images.append(self.read(self.pos))
-            labels[i] = self.entries[self.pos][1]
+            labels[i] = self.entries[self.order[self.pos]][1]
             self.pos += 1
             if self.pos == len(self.entries):
                 self.pos = 0
-                if self.p.shuffle:
-                    self.rng.shuffle(self.entries)
+                if self.p.shuffle:  # a new array: the cursors handed out keep theirs
+                    self.order = self.rng.permutation(self.order)
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
             raise DatasetError(f"{self.p.source}: images of one batch differ in size {sorted(shapes)}; "
                                "set image_data_param.new_height and new_width")
-        buffer[0] = np.stack(images)
+        buffer[0], buffer[2] = np.stack(images), self.cursor()
 
 
 @register
@@ -269,28 +314,46 @@ class ImageDataLayer(_DataLayerBase):
             entries = read_image_list(self.p.source)
         except DatasetError as e:
             self.fail(f"image_data_param.source: {e}", DatasetError)
-        rng = _seeded_rng()
+        rng, order = _seeded_rng(), np.arange(len(entries))
         if self.p.shuffle:
-            rng.shuffle(entries)
+            rng.shuffle(order)
         skip = int(host_rng().integers(self.p.rand_skip)) if self.p.rand_skip else 0
         if skip >= len(entries):
             self.fail(f"image_data_param.rand_skip: skipping {skip} of only {len(entries)} images")
-        lister = _ImageBatches(entries, skip, self.p, rng)
+        lister = _ImageBatches(entries, order, skip, self.p, rng)
         try:
             first = lister.read(skip)
         except DatasetError as e:
             self.fail(str(e), DatasetError)
         top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
         top[1].reshape(batch_size)
-        self.start_prefetch(lister, [[None, np.empty(batch_size)] for _ in range(2)])
+        self.entries, self.buffers = entries, [[None, np.empty(batch_size), None] for _ in range(2)]
+        self._start(lister)
+
+    def _start(self, lister):
+        self.position = lister.cursor()  # of the next batch forward takes
+        self.start_prefetch(lister, self.buffers)
 
     def forward(self, bottom, top):
         buffer = self.next_batch()
-        data, labels = buffer
+        data, labels, self.position = buffer
         top[0].reshape((len(data),) + self.transformer.out_shape(data.shape[1:]))
         self.transformer(self.backend.to_device(data), top[0].data)
         top[1].data[...] = self.backend.to_device(labels, self.dtype)
         self.prefetcher.release(buffer)
+
+    def dataset_size(self):
+        return len(self.entries)
+
+    def cursor(self):
+        return {**self.position, "transform": saved.generator_state(self.transformer.rng)}
+
+    def go_to(self, cursor):
+        n, rng = len(self.entries), np.random.default_rng()
+        pos, order = saved.index(cursor, "pos", n), saved.permutation(cursor, "order", n)
+        saved.set_generator(rng, cursor.get("rng"))
+        saved.set_generator(self.transformer.rng, cursor.get("transform"), "transform")
+        self._start(_ImageBatches(self.entries, order, pos, self.p, rng))
 
 
 # *** MemoryData: arrays handed over by the user ***
@@ -441,6 +504,23 @@ class HDF5DataLayer(_DataLayerBase):
         self.row = 0
         if self.p.shuffle:
             self.rng.shuffle(self.perm)
+
+    def dataset_size(self):
+        return len(self.files)
+
+    def cursor(self):
+        return {"n": len(self.files), "file_order": self.file_order, "current_file": self.current_file,
+                "perm": self.perm, "row": self.row, "rng": saved.generator_state(self.rng)}
+
+    def go_to(self, cursor):
+        n = len(self.files)
+        file_order, current = saved.permutation(cursor, "file_order", n), saved.index(cursor, "current_file", n)
+        if file_order[current] != self.file_order[self.current_file]:
+            self._load(self.files[file_order[current]])
+        self.file_order, self.current_file = file_order, current
+        self.perm = saved.permutation(cursor, "perm", len(self.perm))
+        self.row = saved.index(cursor, "row", len(self.perm))
+        saved.set_generator(self.rng, cursor.get("rng"))
 
     def forward(self, bottom, top):
         filled, batch_size = 0, top[0].shape[0]

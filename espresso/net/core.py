@@ -195,6 +195,11 @@ class Net(PycaffeNet):
                 array.fill(0)
                 raise error(*(int(v) for v in row))
 
+    def data_cursors(self):
+        """{layer name: cursor} of the layers that read datasets, for a snapshot."""
+        cursors = {layer.name: layer.cursor() for layer in self.layers}
+        return {name: cursor for name, cursor in cursors.items() if cursor is not None}
+
     def eager_reason(self, start=0, end=None):
         """Why layers start..end cannot run as a CUDA graph, or None when they can."""
         if any(self._callbacks.values()):

@@ -30,6 +30,7 @@ from espresso.proto.upgrade import upgrade_solver
 from espresso.runtime import set_random_seed
 from espresso.solver.graphed import DeviceLoop, eager_solver_reason
 from espresso.solver.lr_policy import learning_rate
+from espresso.solver.resume import restore_cursors, save_cursors
 from espresso.solver.state import read_state, read_state_hdf5, resolve_learned_net, write_state, write_state_hdf5
 from espresso.solver.updates import ArenaUpdater, format_g, rule_class
 
@@ -404,15 +405,17 @@ class Solver:
         state = self.snapshot_filename(".solverstate" + suffix)
         log.info("Snapshotting solver state to %s file %s", kind, state)
         history = [self.net.backend.to_host(view) for view in self.updater.history_views()]
-        (write_state_hdf5 if hdf5 else write_state)(state, self.iter, model, history, self.current_step)
+        (write_state_hdf5 if hdf5 else write_state)(state, self.iter, model, history, self.current_step,
+                                                    save_cursors(self))
         return model, state
 
     def restore(self, state_file):
-        """Load a .solverstate (a name ending in ".h5": HDF5, as Caffe dispatches) and its
-        learned_net weights; stepping on continues exactly."""
+        """Load a .solverstate (a name ending in ".h5": HDF5, as Caffe dispatches), its
+        learned_net weights and, when Espresso wrote it, the data layers' cursors; stepping on
+        continues exactly (with a state of Caffe's, the data starts over as in Caffe)."""
         path = os.fspath(state_file)
         hdf5 = path.endswith(".h5")
-        iteration, learned_net, history, current_step = (read_state_hdf5 if hdf5 else read_state)(path)
+        iteration, learned_net, history, current_step, cursors = (read_state_hdf5 if hdf5 else read_state)(path)
         views = self.updater.history_views()
         if len(history) != len(views):
             raise ModelFileError(f"{path}: {len(history)} history blobs, but a {self.type} solver on this "
@@ -422,6 +425,8 @@ class Solver:
             if (array.shape != view.shape) if hdf5 else (array.size != view.size):
                 raise ModelFileError(f"{path}: history {i} has shape {array.shape}, "
                                      f"the net's param has {view.shape}")
+        if cursors:
+            restore_cursors(self, cursors, path)
         if learned_net:
             self.net.copy_from(resolve_learned_net(path, learned_net))
         for array, view in zip(history, views, strict=True):

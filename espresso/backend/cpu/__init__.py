@@ -18,6 +18,7 @@ import threadpoolctl
 
 from espresso.backend import Backend
 from espresso.backend.cpu import kernels
+from espresso.cursor import generator_state, set_generator
 from espresso.errors import BackendError
 
 BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
@@ -72,6 +73,12 @@ class CPUBackend(Backend):
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
+
+    def rng_state(self):
+        return generator_state(self.rng)
+
+    def set_rng_state(self, state):
+        set_generator(self.rng, state, "the dropout generator")
 
     def synchronize(self):
         pass
