@@ -44,10 +44,16 @@ LAYER_PARAM_NUMBERS = {
 }
 
 
+# Espresso's own layers' fields (espresso/layers/extensions.py): SSD Caffe's number for Permute,
+# numbers from 1000 on (which Caffe does not use) for the rest
+ESPRESSO_LAYER_PARAM_NUMBERS = {"permute_param": 202, "pad_param": 1001, "upsample_param": 1002}
+
+
 def test_layer_parameter_field_numbers():
     fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
     got = {name: f.number for name, f in fields.items()}
-    assert got == LAYER_PARAM_NUMBERS
+    assert got == {**LAYER_PARAM_NUMBERS, **ESPRESSO_LAYER_PARAM_NUMBERS}
+    assert not set(LAYER_PARAM_NUMBERS.values()) & set(ESPRESSO_LAYER_PARAM_NUMBERS.values())
 
 
 def test_net_parameter_fields():

@@ -9,6 +9,7 @@ spelling, and a subpackage of that name would otherwise replace NetSpec's object
 from espresso.layers import (  # noqa: F401
     common,
     data,
+    extensions,
     inputs,
     loss,
     neuron,
