@@ -397,6 +397,34 @@ def cmd_decompress(args):
     return 0
 
 
+def cmd_convert(args):
+    """An .onnx model in (a Caffe prototxt and .caffemodel out), or a Caffe net out to ONNX."""
+    from espresso.proto.text import atomic_write, to_text
+
+    if args.input.endswith(".onnx"):
+        from espresso.interop.onnx_import import import_onnx, set_weights
+
+        if not (args.output or args.weights):
+            raise EspressoError("give -o net.prototxt and/or --weights net.caffemodel to write")
+        param, weights = import_onnx(args.input, batch=args.batch)  # all converted before anything is written
+        net = espresso.Net(param, espresso.TEST)
+        set_weights(net, weights)
+        if args.output:
+            atomic_write(args.output, lambda f: f.write(to_text(param).encode()))
+        if args.weights:
+            net.save(args.weights)
+        log.info("Wrote %s", " and ".join(p for p in (args.output, args.weights) if p))
+        return 0
+    if not args.onnx:
+        raise EspressoError("give --onnx out.onnx to write (or an .onnx model to convert into Caffe's files)")
+    from espresso.interop.onnx_export import export_onnx
+
+    net = espresso.Net(args.input, espresso.TEST, weights=args.weights or None)
+    export_onnx(net, args.onnx, opset=args.opset)
+    log.info("Wrote %s", args.onnx)
+    return 0
+
+
 def _parser():
     parser = _Parser(prog="espresso", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"espresso {espresso.__version__}")
@@ -482,6 +510,16 @@ def _parser():
     p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")
     p.add_argument("--plot", type=_output, default="", help="write the weight distributions before/after as a PNG")
     p.set_defaults(run=cmd_compress)
+    p = sub.add_parser("convert", help="ONNX -> Caffe prototxt + .caffemodel, or a Caffe net -> ONNX")
+    p.add_argument("input", type=_input, help="an .onnx model, or a net prototxt (deploy, TEST phase)")
+    p.add_argument("--output", "-o", type=_output, default="", help="the net prototxt to write (from ONNX)")
+    p.add_argument("--weights", default="", help="from ONNX: the .caffemodel to write; from a prototxt: its "
+                                                 "weights (.caffemodel, .h5 or .espz)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="the batch size of the net's inputs where the ONNX model leaves it open (default 1)")
+    p.add_argument("--onnx", type=_output, default="", help="the .onnx file to write (from a prototxt)")
+    p.add_argument("--opset", type=_positive_int, default=17, help="the ONNX opset to write (default 17)")
+    p.set_defaults(run=cmd_convert)
     p = sub.add_parser("decompress", help="a compressed model -> .caffemodel")
     p.add_argument("input", type=_input, help="the compressed model (.espz)")
     p.add_argument("output", type=_output, help="the .caffemodel to write")
