@@ -425,6 +425,24 @@ def cmd_convert(args):
     return 0
 
 
+def cmd_compare(args):
+    """Two models on one input, tensor by tensor, up to the first that differs beyond the tolerance."""
+    import numpy as np
+
+    from espresso.interop.compare import compare, model_tensors, report
+
+    try:
+        loaded = np.load(args.input)  # no pickles: nothing runs from the file
+        inputs = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except ValueError as e:
+        raise EspressoError(f"{args.input}: not a .npy or .npz file of arrays ({e})") from None
+    first = model_tensors(args.a, inputs, args.model or None)
+    second = model_tensors(args.b, inputs, args.model or None)
+    rows, diverged = compare(first, second, args.tolerance)
+    print(report(rows, diverged, args.tolerance))
+    return 0 if diverged is None else 1
+
+
 def _parser():
     parser = _Parser(prog="espresso", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"espresso {espresso.__version__}")
@@ -520,6 +538,15 @@ def _parser():
     p.add_argument("--onnx", type=_output, default="", help="the .onnx file to write (from a prototxt)")
     p.add_argument("--opset", type=_positive_int, default=17, help="the ONNX opset to write (default 17)")
     p.set_defaults(run=cmd_convert)
+    p = sub.add_parser("compare", help="two models on one input, tensor by tensor (exit 1 where they differ)")
+    p.add_argument("a", help="model.onnx (ONNX Runtime), espresso:model.onnx (imported), net.prototxt:weights, "
+                             "or weights (.caffemodel, .h5, .espz) of --model")
+    p.add_argument("b", help="the model to compare with, given the same way")
+    p.add_argument("--input", type=_input, required=True, help="the input: .npy, or .npz with one array per input")
+    p.add_argument("--model", default="", help="the net prototxt of models given as weights alone")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest difference relative to the first model's largest magnitude (default 1e-4)")
+    p.set_defaults(run=cmd_compare)
     p = sub.add_parser("decompress", help="a compressed model -> .caffemodel")
     p.add_argument("input", type=_input, help="the compressed model (.espz)")
     p.add_argument("output", type=_output, help="the .caffemodel to write")

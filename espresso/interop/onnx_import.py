@@ -15,6 +15,7 @@ anything is written; nothing is dropped silently.  Ops with no Caffe layer use E
 (see docs/onnx.md).
 """
 
+import mmap
 import os
 
 import numpy as np
@@ -25,6 +26,7 @@ from espresso.errors import EspressoError, ModelFileError, NetError
 from espresso.layer import layer_class
 from espresso.proto import caffe_pb2
 from espresso.proto.text import require_regular
+from espresso.proto.weights import length_field, wire_fields
 
 OPSETS = range(7, 23)  # default-domain opsets read
 
@@ -43,26 +45,83 @@ def _onnx():
 
 
 def read_model(path):
-    """The ModelProto of an .onnx file, checked; tensors kept in external files stay there
-    (Espresso maps them into memory when it reads them) but must exist."""
+    """(ModelProto, {initializer name: array}) of an .onnx file, checked.  The weights are never
+    read into memory here: those inside the file are cut out of the message and mapped where they
+    lie (read-only views), those in external data files beside it are mapped there."""
     onnx = _onnx()
     require_regular(path)
     try:
-        model = onnx.load(os.fspath(path), load_external_data=False)
-        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        for tensor in external:
-            try:
-                _external(tensor, _directory(path))
-            except ModelFileError as e:
-                raise ModelFileError(f"{path}: {e}") from None
-        onnx.checker.check_model(os.fspath(path) if external else model)  # the path: external data beside it
+        model, weights, cut = _lean_model(onnx, os.fspath(path))
+        onnx.checker.check_model(_without_data(onnx, model, cut))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise ModelFileError(f"{path}: not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
     except Exception as e:  # protobuf's DecodeError has no common base with the above
         if type(e).__name__ != "DecodeError":
             raise
         raise ModelFileError(f"{path}: not an ONNX model (the protobuf does not parse: {e})") from None
-    return model
+    return model, weights
+
+
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _lean_model(onnx, path):
+    """The model with each initializer's raw_data cut out, the initializers as arrays, and the
+    names of those cut out."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+    message, places = bytearray(), []
+    for field, wire, start, value, end in wire_fields(buf):
+        if (field, wire) != (_GRAPH, 2):
+            message += buf[start:end]
+            continue
+        graph = bytearray()
+        for g_field, g_wire, g_start, g_value, g_end in wire_fields(buf, value, end):
+            if (g_field, g_wire) != (_INITIALIZER, 2):
+                graph += buf[g_start:g_end]
+                continue
+            tensor, place = bytearray(), None
+            for t_field, t_wire, t_start, t_value, t_end in wire_fields(buf, g_value, g_end):
+                if (t_field, t_wire) == (_RAW_DATA, 2):
+                    place = (t_value, t_end - t_value)
+                else:
+                    tensor += buf[t_start:t_end]
+            graph += length_field(_INITIALIZER, bytes(tensor))
+            places.append(place)
+        message += length_field(_GRAPH, bytes(graph))
+    model = onnx.ModelProto.FromString(bytes(message))
+    weights = {t.name: _initializer(onnx, t, buf, place, _directory(path))
+               for t, place in zip(model.graph.initializer, places, strict=True)}
+    cut = {t.name for t, place in zip(model.graph.initializer, places) if place is not None}
+    return model, weights, cut
+
+
+def _initializer(onnx, tensor, buf, place, directory):
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return _external(tensor, directory)
+    if place is None:  # values in a typed field (float_data, int64_data, ...): small, read
+        return onnx.numpy_helper.to_array(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    offset, size = place
+    if size != int(np.prod(tensor.dims)) * dtype.itemsize:
+        raise ModelFileError(f"tensor '{tensor.name}': {size} bytes for shape {list(tensor.dims)} of {dtype}")
+    return np.frombuffer(buf, dtype, size // dtype.itemsize, offset).reshape(tuple(tensor.dims))
+
+
+def _without_data(onnx, model, cut):
+    """A copy for onnx.checker, the initializers cut out or external one value each (the checker
+    would want the values left in the files; their sizes are checked when they are mapped)."""
+    checked = onnx.ModelProto()
+    checked.CopyFrom(model)
+    for tensor in checked.graph.initializer:
+        if tensor.name not in cut and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        del tensor.dims[:], tensor.external_data[:]
+        tensor.data_location, tensor.raw_data = onnx.TensorProto.DEFAULT, bytes(itemsize)
+    return checked
 
 
 def _directory(path):
@@ -92,19 +151,15 @@ def _external(tensor, directory):
     return np.memmap(location, dtype.newbyteorder("<"), "r", offset, tuple(tensor.dims))
 
 
-def _initializer(tensor, directory):
-    onnx = _onnx()
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return _external(tensor, directory)
-    return onnx.numpy_helper.to_array(tensor)
-
-
 def import_onnx(path_or_model, batch=None):
     """(NetParameter, {layer name: [weight arrays]}) for an .onnx file or ModelProto; a symbolic
-    batch dimension is given `batch` (default 1) in the Input layer's shapes."""
+    batch dimension is given `batch` (default 1) in the Input layer's shapes (a fixed one stays)."""
     if isinstance(path_or_model, (str, os.PathLike)):
-        return _Converter(read_model(path_or_model), batch, _directory(path_or_model)).run()
-    return _Converter(path_or_model, batch, os.getcwd()).run()
+        model, weights = read_model(path_or_model)
+    else:
+        onnx, model = _onnx(), path_or_model
+        weights = {t.name: _initializer(onnx, t, None, None, os.getcwd()) for t in model.graph.initializer}
+    return _Converter(model, batch, weights).run()
 
 
 def load_onnx(path, batch=None, backend=None):
@@ -137,14 +192,14 @@ class _Shape:
 
 
 class _Converter:
-    def __init__(self, model, batch, directory):
+    def __init__(self, model, batch, weights):
         onnx = _onnx()
         self.onnx, self.graph = onnx, model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         if self.opset not in OPSETS:
             raise OnnxError(f"ONNX opset {self.opset} is not supported (opsets {OPSETS.start} to {OPSETS.stop - 1})")
         self.batch = batch
-        self.consts = {t.name: _initializer(t, directory) for t in model.graph.initializer}
+        self.consts = dict(weights)
         self.shapes = {}  # blob name -> shape (tuple)
         self.layers, self.weights, self.names = [], {}, set()
         self.aliases = {}  # ONNX name -> the blob it is (Identity, Dropout)
@@ -188,8 +243,6 @@ class _Converter:
                                 "only the first (batch) dimension may be symbolic")
             if shape[0] is None:
                 shape[0] = self.batch or 1
-            elif self.batch:
-                shape[0] = self.batch
             tops.append(value.name)
             shapes.append(shape)
             self.shapes[value.name] = tuple(shape)
@@ -744,7 +797,8 @@ def _variadic(op):
     def handler(c, node, attrs):
         blobs = [c.blob(name) for name in node.input]
         if len(blobs) == 1:
-            return c.aliases.__setitem__(node.output[0], blobs[0])
+            c.aliases[node.output[0]] = blobs[0]
+            return
         if len({c.shapes[b] for b in blobs}) != 1:
             c.refuse("inputs of different shapes")
         if op != "Min":
@@ -857,9 +911,7 @@ def _slice(c, node, attrs):
         unused = [t for t in tops if t != out]
         c.add("Silence", [], bottoms=unused, name=f"{c.node.name or 'slice'}_unused")
         bottom, shape = out, c.shapes[out]
-    if bottom == c.blob(node.input[0]):
-        c.aliases[node.output[0]] = bottom
-    elif bottom != node.output[0]:
+    if bottom != node.output[0]:  # the last axis needed no slicing
         c.aliases[node.output[0]] = bottom
 
 
@@ -948,6 +1000,40 @@ def _gather_blob(c, node, attrs):
     c.add("Reshape", [node.output[0]], bottoms=[picked], reshape_param={"shape": {"dim": _keep_batch(kept)}})
 
 
+def _lstm(c, node, attrs):
+    """A forward LSTM as Caffe's (expose_hidden), its weights in Caffe's gate order (i, f, o, g;
+    ONNX's is i, o, f, c, with two biases), the sequence indicators and initial states as
+    Parameter blobs: 0 at t = 0 (each forward starts afresh), 1 after.  The batch is fixed."""
+    T, N, _ = c.shape(node.input[0])
+    H = attrs["hidden_size"]
+    unsupported = {"direction": "forward", "layout": 0, "input_forget": 0, "clip": None,
+                   "activations": ["Sigmoid", "Tanh", "Tanh"]}
+    for name, default in unsupported.items():
+        if name in attrs and attrs[name] != default:
+            c.refuse(f"{name} {attrs[name]!r}: Caffe's LSTM is forward, {default!r} only")
+    if c.input(4) and (np.asarray(c.const(c.input(4))) != T).any() or c.input(7):
+        c.refuse("sequence lengths shorter than the sequence, or peepholes: Caffe's LSTM has neither")
+
+    def caffe_gates(matrix):  # (4H, ...) from ONNX's i, o, f, c to Caffe's i, f, o, g
+        return matrix.reshape((4, H) + matrix.shape[1:])[[0, 2, 1, 3]].reshape(matrix.shape)
+
+    bias = c.const(c.input(3), np.zeros((1, 8 * H), np.float32))[0]
+    weights = [caffe_gates(c.const(node.input[1])[0]), caffe_gates(bias[:4 * H] + bias[4 * H:]),
+               caffe_gates(c.const(node.input[2])[0])]
+    cont = np.ones((T, N), np.float32)
+    cont[0] = 0
+    bottoms = [c.blob(node.input[0])]
+    for name, value in (("cont", cont), ("h0", c.input(5)), ("c0", c.input(6))):
+        value = value if isinstance(value, np.ndarray) else c.const(value, np.zeros((1, N, H), np.float32))
+        bottoms.append(c.temp(name))
+        c.add("Parameter", [bottoms[-1]], [value], bottoms=[], parameter_param={"shape": {"dim": value.shape}})
+    outputs = [c.temp("y"), c.temp("h") if len(node.output) < 2 or not node.output[1] else node.output[1],
+               c.temp("c") if len(node.output) < 3 or not node.output[2] else node.output[2]]
+    c.add("LSTM", outputs, weights, bottoms=bottoms, recurrent_param={"num_output": H, "expose_hidden": True})
+    if node.output[0]:  # ONNX's Y has a directions axis: (T, 1, N, H)
+        c.add("Reshape", [node.output[0]], bottoms=[outputs[0]], reshape_param={"shape": {"dim": [T, 1, N, H]}})
+
+
 _OPS = {
     "Identity": _alias, "Dropout": _alias,
     "Constant": _constant,
@@ -959,6 +1045,7 @@ _OPS = {
     "Slice": _foldable(_slice, _fold(_slice_values)),
     "Cast": _foldable(_alias, _numpy(_cast)),
     "ConstantOfShape": _numpy(_constant_of_shape),
+    "Expand": _numpy(lambda attrs, x, shape: x * np.ones(tuple(int(d) for d in shape), x.dtype)),
     "Reshape": _foldable(_reshape, _numpy(_reshape_values)),
     "Flatten": _flatten,
     "Transpose": _foldable(_transpose, _numpy(lambda attrs, x: np.transpose(x, attrs.get("perm")))),
@@ -977,5 +1064,5 @@ _OPS = {
     "Sum": _variadic("Sum"), "Max": _variadic("Max"), "Min": _variadic("Min"),
     "Split": _split,
     "ReduceMean": _reduce(4), "ReduceSum": _reduce(1),
-    "Pad": _pad, "Resize": _resize, "Upsample": _resize,
+    "Pad": _pad, "Resize": _resize, "Upsample": _resize, "LSTM": _lstm,
 }

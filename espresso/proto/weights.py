@@ -75,6 +75,20 @@ def _fields(buf, pos, end):
         yield field, wire, field_start, start, pos
 
 
+def wire_fields(buf, start=0, end=None):
+    """(field number, wire type, field start, value start, value end) of each field of the
+    message serialized in buf[start:end] (another format's, such as ONNX's, too)."""
+    try:
+        yield from _fields(buf, start, len(buf) if end is None else end)
+    except _Truncated:
+        raise ModelFileError("a message ends before its last field does (the file is truncated)") from None
+
+
+def length_field(field, payload):
+    """The bytes of a length-delimited field (a message or bytes) holding `payload`."""
+    return _length_field(field, payload)
+
+
 def _blob_array(buf, start, end):
     """A BlobProto's values as an array view of `buf`, shaped by its shape or legacy dims.
 

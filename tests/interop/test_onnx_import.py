@@ -316,10 +316,10 @@ def test_torchvision_classifiers(tmp_path, name, dynamo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opset", [13, 18, 20])
+@pytest.mark.parametrize("dynamo, opset", [(False, 13), (False, 18), (False, 20), (True, 20)])
 @pytest.mark.parametrize("name", TORCHVISION)
-def test_torchvision_classifiers_at_every_opset(tmp_path, name, opset):
-    _torchvision_case(tmp_path, name, False, opset)
+def test_torchvision_classifiers_at_every_opset(tmp_path, name, dynamo, opset):
+    _torchvision_case(tmp_path, name, dynamo, opset)
 
 
 # *** refused, with one clear error ***
@@ -422,3 +422,28 @@ def test_torchvision_models_go_back_to_onnx(tmp_path, name):
     torch.manual_seed(0)
     path = export(torch, getattr(models, name)(weights=None), (1, 3, 224, 224), tmp_path / "m.onnx", False, 17)
     assert_round_trip(load_onnx(path, batch=2), {"data": randn(2, 3, 224, 224)})
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_an_lstm_from_pytorch(tmp_path, dynamo):
+    """nn.LSTM (sequence first) and a Linear on its outputs; the batch is fixed at conversion."""
+    torch = _torch()
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.out = torch.nn.LSTM(5, 7), torch.nn.Linear(7, 3)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            return self.out(y)
+
+    x = torch.randn(6, 2, 5)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tagger().eval(), (x,), str(tmp_path / "m.onnx"), dynamo=dynamo,
+                          opset_version=18 if dynamo else 17, input_names=["data"], output_names=["out"])
+    net = assert_matches_runtime(tmp_path / "m.onnx", {"data": randn(6, 2, 5)}, batch=6)
+    assert "LSTM" in [layer.type for layer in net.layers]
+    assert_matches_runtime(tmp_path / "m.onnx", {"data": randn(6, 2, 5, seed=3)}, batch=6)  # starts afresh
