@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import espresso
-from espresso.errors import ModelFileError, NetError
+from espresso.errors import EspressoError, ModelFileError, NetError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -447,3 +447,22 @@ def test_an_lstm_from_pytorch(tmp_path, dynamo):
     net = assert_matches_runtime(tmp_path / "m.onnx", {"data": randn(6, 2, 5)}, batch=6)
     assert "LSTM" in [layer.type for layer in net.layers]
     assert_matches_runtime(tmp_path / "m.onnx", {"data": randn(6, 2, 5, seed=3)}, batch=6)  # starts afresh
+
+
+def test_mutated_onnx_files_are_read_or_refused_with_the_projects_errors(tmp_path):
+    """The fuzz target of tests/test_fuzz.py for the ONNX reader: bytes flipped, cut, put in."""
+    from test_fuzz import CASES, mutations
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=(3, 3), pads=(1, 1, 1, 1)),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    model = graph(nodes, {"x": (None, 2, 4, 4)}, {"y": [None, 3]},
+                  {"w": randn(4, 2, 3, 3), "b": randn(4), "g": randn(3, 64)})
+    refused = 0
+    for data in mutations(model.SerializeToString(), seed=11, count=CASES * 2):
+        (tmp_path / "m.onnx").write_bytes(data)
+        try:
+            import_onnx(tmp_path / "m.onnx")
+        except EspressoError:
+            refused += 1
+    assert refused > 0
