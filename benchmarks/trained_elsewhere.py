@@ -30,6 +30,7 @@ from espresso.proto.text import parse_text, read_text, to_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 0.00390625  # Caffe's LeNet input scale (bytes to [0, 1)), used by both frameworks
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def arrays(source, split):
@@ -175,6 +176,14 @@ def main():
     session = onnxruntime.InferenceSession(str(work / "compressed.onnx"), providers=["CPUExecutionProvider"])
     runtime = session.run(None, {"data": test[0]})[0].argmax(1)
     log(f"6. the compressed model exported to ONNX: ONNX Runtime test accuracy {(runtime == test[1]).mean():.4f}")
+    package = work / "lenet.mlpackage"
+    labels = work / "labels.txt"
+    labels.write_text("".join(f"{name}\n" for name in CLASSES))
+    assert cli.main(["convert", str(work / "deploy.prototxt"), "--weights", str(work / "lenet.espz"), "--coreml",
+                     str(package), "--image-scale", str(SCALE), "--labels", str(labels)]) == 0
+    size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    log(f"7. and to Core ML: {package.name}, an image classifier of {len(CLASSES)} labels, {size} bytes "
+        f"(numbers to be checked on a Mac: tools/check_coreml_on_mac.py)")
     out = Path(args.out) / "trained_elsewhere.txt"
     out.write_text(f"# python {' '.join(sys.argv)}\n# espresso {espresso.__version__}\n" + "\n".join(lines) + "\n")
     print(f"wrote {out}")
