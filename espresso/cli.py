@@ -415,13 +415,65 @@ def cmd_convert(args):
             net.save(args.weights)
         log.info("Wrote %s", " and ".join(p for p in (args.output, args.weights) if p))
         return 0
-    if not args.onnx:
-        raise EspressoError("give --onnx out.onnx to write (or an .onnx model to convert into Caffe's files)")
-    from espresso.interop.onnx_export import export_onnx
-
+    if not (args.onnx or args.coreml):
+        raise EspressoError("give --onnx out.onnx or --coreml out.mlpackage to write "
+                            "(or an .onnx model to convert into Caffe's files)")
     net = espresso.Net(args.input, espresso.TEST, weights=args.weights or None)
-    export_onnx(net, args.onnx, opset=args.opset)
-    log.info("Wrote %s", args.onnx)
+    if args.onnx:
+        from espresso.interop.onnx_export import export_onnx
+
+        export_onnx(net, args.onnx, opset=args.opset)
+    if args.coreml:
+        _export_coreml(net, args)
+    log.info("Wrote %s", " and ".join(p for p in (args.onnx, args.coreml) if p))
+    return 0
+
+
+def _export_coreml(net, args):
+    from espresso.interop.coreml_export import export_coreml
+
+    image = None
+    if args.image_scale is not None or args.image_mean:
+        image = {"scale": 1.0 if args.image_scale is None else args.image_scale, "channel_order": args.channel_order}
+        if args.image_mean:
+            image["mean"] = [float(v) for v in args.image_mean.split(",")]
+    labels = None
+    if args.labels:
+        with open(args.labels) as f:
+            labels = [line.strip() for line in f if line.strip()]
+    export_coreml(net, args.coreml, precision="float16" if args.float16 else "float32", image_input=image,
+                  class_labels=labels, updatable=args.updatable, solver=args.solver or None, epochs=args.epochs)
+
+
+def cmd_optimize(args):
+    """Fold BatchNorm/Scale into convolutions, drop Dropout, run layers in place; the same outputs."""
+    from espresso.deploy import measure, optimize
+    from espresso.proto.text import atomic_write, to_text
+
+    _set_device(args)
+    net = _net(args, espresso.TEST)
+    result = optimize(net)
+    atomic_write(args.output, lambda f: f.write(to_text(result.param).encode()))
+    result.net.save(args.output_weights)
+    report = result.report
+    folds = "; ".join(f"{', '.join(into)} into {layer}" for layer, into in report["folded"].items()) or "none"
+    print(f"layers {report['layers'][0]} -> {report['layers'][1]}, parameters {report['params'][0]} -> "
+          f"{report['params'][1]}; folded: {folds}; removed: {', '.join(report['removed']) or 'none'}; "
+          f"in place: {', '.join(report['in_place']) or 'none'}")
+    if args.time:
+        timing = measure(net, result.net, runs=args.time)
+        print(f"forward {timing['before_ms']:.3f} -> {timing['after_ms']:.3f} ms ({timing['speedup']:.2f}x), "
+              f"largest output difference {timing['max_error']:.2g} of its magnitude")
+    return 0
+
+
+def cmd_draw(args):
+    """Caffe's draw_net.py: the net as a graph (.png, .svg, ... through Graphviz; .dot needs none)."""
+    from espresso.draw import draw_net
+
+    phase = None if args.phase == "ALL" else _phase(args.phase)
+    draw_net(args.input, args.output, rankdir=args.rankdir, phase=phase, display_lrm=args.display_lrm)
+    log.info("Wrote %s", args.output)
     return 0
 
 
@@ -537,7 +589,34 @@ def _parser():
                    help="the batch size of the net's inputs where the ONNX model leaves it open (default 1)")
     p.add_argument("--onnx", type=_output, default="", help="the .onnx file to write (from a prototxt)")
     p.add_argument("--opset", type=_positive_int, default=17, help="the ONNX opset to write (default 17)")
+    p.add_argument("--coreml", type=_output, default="", help="the Core ML model to write (.mlpackage; "
+                                                             ".mlmodel too with --updatable)")
+    p.add_argument("--float16", action="store_true", help="Core ML: float16 weights and arithmetic")
+    p.add_argument("--image-scale", type=float, default=None,
+                   help="Core ML: the input is an image, its pixels times this (Caffe's transform scale)")
+    p.add_argument("--image-mean", default="", help="Core ML: per-channel means subtracted first, e.g. 104,117,123")
+    p.add_argument("--channel-order", default="BGR", choices=["BGR", "RGB"], help="Core ML: the image's channels")
+    p.add_argument("--labels", type=_input, default=None, help="Core ML: a file of class labels, one per line: "
+                                                             "a classifier")
+    p.add_argument("--updatable", action="store_true",
+                   help="Core ML: the last InnerProduct layers train on the device (needs --solver)")
+    p.add_argument("--solver", type=_input, default=None, help="Core ML: the solver whose optimizer --updatable takes")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="Core ML: on-device training epochs")
     p.set_defaults(run=cmd_convert)
+    p = common(sub.add_parser("optimize", help="a deploy net for speed: BatchNorm/Scale folded, Dropout gone, "
+                                                 "layers in place (the same outputs)"))
+    p.add_argument("--weights", type=_input, required=True, help="its .caffemodel (.h5, .espz)")
+    p.add_argument("--output", "-o", type=_output, required=True, help="the optimized net prototxt to write")
+    p.add_argument("--output-weights", type=_output, required=True, help="the optimized .caffemodel to write")
+    p.add_argument("--time", type=int, default=0, help="also time N forward passes before and after (0: no)")
+    p.set_defaults(run=cmd_optimize)
+    p = sub.add_parser("draw", aliases=["draw_net"], help="the net as a graph, as Caffe's draw_net.py")
+    p.add_argument("input", type=_input, help="the net prototxt")
+    p.add_argument("output", type=_output, help="the image (.png, .svg, .pdf: needs Graphviz's dot) or .dot")
+    p.add_argument("--rankdir", default="LR", choices=["LR", "TB", "BT", "RL"], help="the graph's direction")
+    p.add_argument("--phase", default="ALL", choices=["TRAIN", "TEST", "ALL"], help="the layers of one phase, or all")
+    p.add_argument("--display-lrm", action="store_true", help="show the layers' learning-rate multipliers")
+    p.set_defaults(run=cmd_draw)
     p = sub.add_parser("compare", help="two models on one input, tensor by tensor (exit 1 where they differ)")
     p.add_argument("a", help="model.onnx (ONNX Runtime), espresso:model.onnx (imported), net.prototxt:weights, "
                              "or weights (.caffemodel, .h5, .espz) of --model")
@@ -558,6 +637,7 @@ def main(argv=None):
     """Run one verb; every failure ends as one line on stderr and exit status 1 (Ctrl-C: 130)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("coremltools").setLevel(logging.WARNING)  # its passes' notes are not ours to print
     argv = _gflags_to_argparse(sys.argv[1:] if argv is None else argv)
     prog = " ".join(["espresso"] + [a for a in argv if not a.startswith("-")][:1])
     try:

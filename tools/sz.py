@@ -18,7 +18,9 @@ from pathlib import Path
 # their checks when read back, the snapshot field; and LMDB environments shared between readers
 # 9900 -> 11200 for ONNX in and out (espresso/interop: some 60 ONNX ops mapped onto Caffe's
 # layers, every Caffe deploy layer onto ONNX) and the three layers Caffe lacks (Permute, Pad, Upsample)
-BUDGET = 11200
+# 11200 -> 12200 for the rest of the interop issue: Core ML export (ML Program and updatable
+# NeuralNetwork), espresso compare, optimize (BatchNorm/Scale folding) and draw
+BUDGET = 12200
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 
