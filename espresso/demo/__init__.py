@@ -1,0 +1,1 @@
+"""The local web app that recognizes things and learns yours (espresso demo)."""
