@@ -477,6 +477,18 @@ def cmd_draw(args):
     return 0
 
 
+def cmd_demo(args):
+    """The local web app: a classifier (the shipped Fashion-MNIST LeNet by default) that learns new classes."""
+    from espresso.demo.app import serve
+    from espresso.demo.classifier import Classifier
+
+    if args.threads:
+        espresso.set_num_threads(args.threads)
+    gpu = None if args.gpu is None else (0 if args.gpu == "all" else int(args.gpu.split(",")[0]))
+    serve(Classifier(args.model or None, args.weights or None, args.labels or None, gpu), args.host, args.port)
+    return 0
+
+
 def cmd_compare(args):
     """Two models on one input, tensor by tensor, up to the first that differs beyond the tolerance."""
     import numpy as np
@@ -617,6 +629,13 @@ def _parser():
     p.add_argument("--phase", default="ALL", choices=["TRAIN", "TEST", "ALL"], help="the layers of one phase, or all")
     p.add_argument("--display-lrm", action="store_true", help="show the layers' learning-rate multipliers")
     p.set_defaults(run=cmd_draw)
+    p = common(sub.add_parser("demo", help="a local web app that recognizes things and learns yours"), model=False)
+    p.add_argument("--model", default="", help="deploy prototxt or .onnx (default: the shipped Fashion-MNIST LeNet)")
+    p.add_argument("--weights", default="", help="its weights (.caffemodel, .h5, .espz)")
+    p.add_argument("--labels", default="", help="a file of class labels, one per line")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="the port (default 8000)")
+    p.set_defaults(run=cmd_demo)
     p = sub.add_parser("compare", help="two models on one input, tensor by tensor (exit 1 where they differ)")
     p.add_argument("a", help="model.onnx (ONNX Runtime), espresso:model.onnx (imported), net.prototxt:weights, "
                              "or weights (.caffemodel, .h5, .espz) of --model")

@@ -20,7 +20,9 @@ from pathlib import Path
 # layers, every Caffe deploy layer onto ONNX) and the three layers Caffe lacks (Permute, Pad, Upsample)
 # 11200 -> 12200 for the rest of the interop issue: Core ML export (ML Program and updatable
 # NeuralNetwork), espresso compare, optimize (BatchNorm/Scale folding) and draw
-BUDGET = 12200
+# 12200 -> 12900 for espresso demo (espresso/demo: the server and its API, the classifier that
+# learns new classes, the photo preprocessing, the exports)
+BUDGET = 12900
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 
