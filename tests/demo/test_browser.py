@@ -148,3 +148,17 @@ def test_the_webcam_is_classified_live(server, browser, shots):
     assert top_label(browser).startswith("Trouser")  # the fake camera shows a trouser
     shots(browser, "6-camera")
     browser.find_element(By.ID, "camera").click()
+
+
+def test_a_large_photo_on_a_light_background_is_shrunk_and_recognized(server, browser, tmp_path, shots):
+    """A 1600 x 1200 "photo": a trouser, dark on a light grey background, as a phone would take it."""
+    images, labels = fmnist_subset("test")
+    trouser = images[np.flatnonzero(labels == 1)[2]]
+    photo = Image.new("RGB", (1600, 1200), (214, 208, 200))
+    garment = Image.fromarray(255 - trouser).resize((700, 700)).convert("RGB")
+    photo.paste(garment, (420, 260), Image.fromarray(trouser).resize((700, 700)))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    browser.get(server)
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "photo.jpg"))
+    assert top_label(browser).startswith("Trouser")
+    shots(browser, "7-photo")
