@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices import gpu_test
 
 import espresso
 from espresso import backend
@@ -212,3 +213,24 @@ def test_coreml_export_is_a_zipped_package(taught):
         names = z.namelist()
     assert "model.mlpackage/Manifest.json" in names
     assert any(name.startswith("model.mlpackage/Data/com.apple.CoreML/") for name in names)
+
+
+@gpu_test
+def test_on_a_gpu_it_classifies_as_the_cpu_and_learns_from_another_thread(lenet):
+    """The server runs nets from its request threads: on a GPU the classifier makes its stream
+    current there (a CUDA graph captures it).  Probabilities as the CPU's; a class taught."""
+    import threading
+
+    cpu, gpu = Classifier(*lenet), Classifier(*lenet, gpu=0)
+    x = demo.as_input(demo.fmnist_subset("test")[0][:1])[0]
+    want = {e["label"]: e["prob"] for e in cpu.classify(x)["top"]}
+    found = {}
+    worker = threading.Thread(target=lambda: found.update(gpu.classify(x)))
+    worker.start()
+    worker.join()
+    assert found["backend"].startswith("cuda")
+    for entry in found["top"]:
+        assert abs(entry["prob"] - want[entry["label"]]) < 1e-4
+    examples = checkers(np.random.default_rng(0), 10)
+    result = gpu.teach("checkers", list(examples))
+    assert result["accuracy"]["new"] >= 0.9 and gpu.classify(examples[0])["top"][0]["label"] == "checkers"
