@@ -19,16 +19,23 @@ from espresso.errors import (
     ShapeError,
 )
 from espresso.graphs import set_cuda_graphs
-from espresso.layer import Layer, register
+from espresso.layer import Layer, known_types, register
 from espresso.net import TEST, TRAIN, Net
 from espresso.netspec import NetSpec, params, to_proto
 from espresso.runtime import (
+    Timer,
+    has_nccl,
     set_device,
     set_memory_limit,
     set_mode_cpu,
     set_mode_gpu,
+    set_multiprocess,
     set_num_threads,
     set_random_seed,
+    set_solver_count,
+    set_solver_rank,
+    solver_count,
+    solver_rank,
 )
 from espresso.solver import (
     AdaDeltaSolver,
@@ -48,7 +55,13 @@ __all__ = [
     "Solver", "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
     "AdaDeltaSolver", "AdamSolver",
     "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "set_cuda_graphs", "set_num_threads",
-    "set_memory_limit",
+    "set_memory_limit", "solver_count", "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess",
+    "has_nccl", "Timer", "layer_type_list",
     "EspressoError", "PrototxtError", "NetError", "LayerParamError", "ShapeError",
     "ModelFileError", "BackendError",
 ]
+
+
+def layer_type_list():
+    """pycaffe's layer_type_list: the registered layer types, sorted (Caffe's registry is a map)."""
+    return sorted(known_types())

@@ -229,8 +229,9 @@ _MODES = {"1": ("L", 255.0), "L": ("L", 255.0), "RGB": ("RGB", 255.0), "RGBA": (
 
 
 def load_image(filename, color=True):
-    """An image file as float32 H x W x 3 (RGB) in [0, 1], or H x W x 1 if it is grayscale and
-    `color` is False.  An alpha channel is dropped.  16-bit images are scaled by 1/65535."""
+    """An image file as float32 H x W x 3 (RGB) in [0, 1]; with `color` False, H x W x 1 grey, a
+    colour image made grey as scikit-image's rgb2gray does for Caffe (0.2125 R + 0.7154 G +
+    0.0721 B).  An alpha channel is dropped.  16-bit images are scaled by 1/65535."""
     Image = _pil()
     with Image.open(filename) as im:
         target, divisor = _MODES.get(im.mode, ("RGB", 255.0))
@@ -243,6 +244,8 @@ def load_image(filename, color=True):
             img = np.tile(img, (1, 1, 3))
     elif img.shape[2] == 4:
         img = img[:, :, :3]
+    if not color and img.shape[2] == 3:
+        img = (img @ np.array([0.2125, 0.7154, 0.0721], np.float32))[:, :, np.newaxis]
     return np.ascontiguousarray(img)
 
 

@@ -4,6 +4,7 @@ graphs is espresso.graphs.set_cuda_graphs.)"""
 
 import os
 import re
+import time
 
 import numpy as np
 
@@ -75,3 +76,56 @@ def set_random_seed(seed):
 
 def host_rng():
     return _state["host_rng"]
+
+
+# *** pycaffe's process-wide names that data-parallel training will give meaning to ***
+def solver_count():
+    """Caffe::solver_count: one solver per process (data-parallel training has not landed)."""
+    return 1
+
+
+def set_solver_count(count):
+    if int(count) != 1:
+        raise EspressoError(f"set_solver_count({count}): Espresso trains with one solver per process; "
+                            "data-parallel training (several solvers) has not landed")
+
+
+def solver_rank():
+    return 0
+
+
+def set_solver_rank(rank):
+    if int(rank) != 0:
+        raise EspressoError(f"set_solver_rank({rank}): there is one solver, of rank 0")
+
+
+def set_multiprocess(multiprocess):
+    """Caffe's flag for solvers in several processes; with one solver there is nothing to set."""
+    _state["multiprocess"] = bool(multiprocess)
+
+
+def has_nccl():
+    """False: Espresso does not train over NCCL (yet), whatever the machine has."""
+    return False
+
+
+class Timer:
+    """pycaffe's Timer: start(), stop(), and ms, the milliseconds from start to stop (reading ms
+    of a running timer stops it, as Caffe's MilliSeconds does)."""
+
+    def __init__(self):
+        self._started = self._stopped = None
+
+    def start(self):
+        self._started, self._stopped = time.perf_counter(), None
+
+    def stop(self):
+        if self._started is not None and self._stopped is None:
+            self._stopped = time.perf_counter()
+
+    @property
+    def ms(self):
+        if self._started is None:
+            return 0.0
+        self.stop()
+        return (self._stopped - self._started) * 1000.0

@@ -229,7 +229,9 @@ def test_load_image_modes(tmp_path):
     out = eio.load_image(tmp_path / "rgb.png")
     assert out.shape == (2, 3, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, rgb / 255.0, rtol=1e-6)
-    assert eio.load_image(tmp_path / "rgb.png", color=False).shape == (2, 3, 3)  # stays RGB
+    grey = eio.load_image(tmp_path / "rgb.png", color=False)  # made grey, as skimage's rgb2gray for Caffe
+    assert grey.shape == (2, 3, 1) and grey.dtype == np.float32
+    np.testing.assert_allclose(grey[:, :, 0], rgb / 255.0 @ [0.2125, 0.7154, 0.0721], rtol=1e-5)
 
     gray = np.array([[0, 255], [51, 102]], dtype=np.uint8)
     Image.fromarray(gray, "L").save(tmp_path / "gray.png")
@@ -242,3 +244,22 @@ def test_load_image_modes(tmp_path):
     rgba = np.dstack([rgb, np.full((2, 3), 7, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     np.testing.assert_allclose(eio.load_image(tmp_path / "rgba.png"), rgb / 255.0, rtol=1e-6)
+
+
+def test_pycaffe_process_names_answer_truthfully():
+    import espresso as caffe
+
+    assert (caffe.solver_count(), caffe.solver_rank(), caffe.has_nccl()) == (1, 0, False)
+    caffe.set_solver_count(1)
+    caffe.set_multiprocess(False)
+    with pytest.raises(caffe.EspressoError, match="one solver per process"):
+        caffe.set_solver_count(2)
+    types = caffe.layer_type_list()
+    assert types == sorted(types) and {"Convolution", "Python", "Permute"} <= set(types)
+    timer = caffe.Timer()
+    assert timer.ms == 0.0
+    timer.start()
+    sum(range(10000))
+    timer.stop()
+    first = timer.ms
+    assert first > 0 and timer.ms == first  # stopped: it stays
