@@ -240,7 +240,7 @@ def cmd_plot(args):
 def cmd_test(args):
     """Score a model: run `iterations` forward passes and average every net output."""
     _set_device(args)
-    net = _net(args, espresso.TEST)
+    net = _net(args, _phase(args.phase))  # Caffe's test -phase (TEST unless told)
     totals, loss = {}, 0.0
     for i in range(args.iterations):
         loss += float(net.run_forward())
@@ -542,11 +542,13 @@ def _parser():
     p.set_defaults(run=cmd_plot)
     p = common(sub.add_parser("test", help="score a model"))
     p.add_argument("--weights", required=True, help=".caffemodel (.h5, .espz) to score")
+    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST", "train", "test"], help="the net's phase")
     iterations(p, "test batches")
     p.set_defaults(run=cmd_test)
     p = common(sub.add_parser("time", help="per-layer timing"))
     iterations(p, "timed forward-backward passes")
     p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST", "train", "test"], help="the net's phase")
+    p.add_argument("--weights", default="", help="weights to time with (Caffe's time -weights; default: the fillers')")
     p.set_defaults(run=cmd_time)
     p = sub.add_parser("prepare-fmnist", help="Fashion-MNIST -> the LMDBs the LeNet examples read")
     p.add_argument("output", nargs="?", default="examples/lenet", help="folder for the two LMDBs")

@@ -229,3 +229,16 @@ def test_curves_have_a_title_labelled_axes_and_a_legend_off_the_lines():
     assert [t.get_text() for t in legend.get_texts()] == ["train loss (smoothed)", "test accuracy", "test loss"]
     renderer = fig.canvas.get_renderer()
     assert not legend.get_window_extent(renderer).overlaps(loss_axis.get_window_extent(renderer))
+
+
+def test_time_takes_weights_and_test_takes_a_phase(lenet, tmp_path):
+    """Caffe's `time -weights` and `test -phase`."""
+    net = espresso.Net(str(lenet / "net.prototxt"), espresso.TEST)
+    net.save(str(tmp_path / "w.caffemodel"))
+    timed = run("time", "--model", str(lenet / "net.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
+                "--iterations", "1")
+    assert timed.returncode == 0, timed.stderr
+    scored = run("test", "-model", str(lenet / "net.prototxt"), "-weights", str(tmp_path / "w.caffemodel"),
+                 "-iterations", "1", "-phase", "TRAIN")
+    assert scored.returncode == 0, scored.stderr
+    assert "accuracy" not in scored.stderr and "loss = " in scored.stderr  # TRAIN: no Accuracy layer
