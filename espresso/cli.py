@@ -81,7 +81,7 @@ def _phase(name):
 
 def _net(args, phase):
     return espresso.Net(args.model, phase, level=args.level, stages=args.stage or (),
-                        weights=getattr(args, "weights", None) or None)
+                        weights=getattr(args, "weights", None) or None, allow_python=args.allow_python)
 
 
 class Progress:
@@ -186,7 +186,7 @@ def cmd_train(args):
         param.train_state.stage.extend(args.stage or ())
     if args.weights:
         param.weights.extend(args.weights.split(","))
-    solver = espresso.get_solver(param)
+    solver = espresso.get_solver(param, allow_python=args.allow_python)
     progress = Progress(solver)
     effects = {"stop": espresso.solver.SolverAction.STOP, "snapshot": espresso.solver.SolverAction.SNAPSHOT,
                "none": espresso.solver.SolverAction.NONE}
@@ -521,6 +521,8 @@ def _parser():
                        help="CPU (BLAS) threads; default ESPRESSO_NUM_THREADS, else the physical cores")
         p.add_argument("--level", type=int, default=0, help="the net state's level (NetState.level)")
         p.add_argument("--stage", action="append", help="a net state stage (repeatable)")
+        p.add_argument("--allow-python", action="store_true",
+                       help="let Python layers import and run the code the net names (trusted files only)")
         return p
 
     def iterations(p, what):

@@ -20,8 +20,9 @@ def check_python_allowed(layer_param, where):
         return
     p = layer_param.python_param
     raise NetError(f"{where}layer '{layer_param.name}' (Python) would import and run "
-                   f"'{p.module}.{p.layer}'; pass allow_python=True to Net or set {ALLOW_ENV}=1 "
-                   "if you trust this file")
+                   f"'{p.module}.{p.layer}'; if you trust this file, pass allow_python=True (to Net, "
+                   f"any solver or get_solver), --allow-python (espresso train, test, time) or set "
+                   f"{ALLOW_ENV}=1")
 
 
 @register

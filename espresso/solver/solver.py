@@ -68,8 +68,9 @@ class Solver:
 
     forced_type = None  # set by SGDSolver & co., which ignore the file's `type` as pycaffe's do
 
-    def __init__(self, solver, dtype=np.float32):
+    def __init__(self, solver, dtype=np.float32, allow_python=False):
         self.param, self._dir = _solver_param(solver)
+        self.allow_python = allow_python  # Python layers in its nets (they run code the file names)
         if self.forced_type:
             self.param.type = self.forced_type
         rule_class(self.param.type)  # an unknown type fails before any net is built
@@ -138,7 +139,7 @@ class Solver:
         state.MergeFrom(load_net_param(source)[0].state)
         if state_rule is not None:
             state.MergeFrom(state_rule)
-        net = Net(source, state=state, dtype=dtype)
+        net = Net(source, state=state, dtype=dtype, allow_python=self.allow_python)
         for entry in self.param.weights:  # Caffe's LoadNetWeights: comma-separated files
             for path in entry.split(","):
                 net.copy_from(path.strip())
