@@ -83,3 +83,39 @@ def test_solvers_take_the_switch(module, tmp_path):
     assert espresso.get_solver(str(tmp_path / "solver.prototxt"), allow_python=True).type == "Adam"
     assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt"), "--allow-python"]) == 0
     assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 1
+
+
+LEARNABLE = '''
+import espresso as caffe
+
+
+class Scaled(caffe.Layer):
+    """Caffe's test_python_layer.py ParameterLayer, learnable: top = w * bottom."""
+
+    def setup(self, bottom, top):
+        self.blobs.add_blob(1)
+        self.blobs[0].data[...] = 1.0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = self.blobs[0].data * bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        self.blobs[0].diff[...] += (top[0].diff * bottom[0].data).sum()
+        bottom[0].diff[...] = self.blobs[0].data * top[0].diff
+'''
+
+
+def test_a_learnable_python_layer_has_type_python_and_trains_its_blob(module, tmp_path):
+    (tmp_path / "scaled.py").write_text(textwrap.dedent(LEARNABLE))
+    text = NET.replace('module: "times_ten" layer: "TimesTen"', 'module: "scaled" layer: "Scaled"')
+    param = parse_text('base_lr: 0.01 lr_policy: "fixed" display: 0', caffe_pb2.SolverParameter())
+    param.net_param.CopyFrom(parse_text(text, caffe_pb2.NetParameter()))
+    solver = espresso.SGDSolver(param, allow_python=True)
+    layer = solver.net.layer_dict["ten"]
+    assert layer.impl.type == "Python" and len(solver.net.params["ten"]) == 1
+    assert float(solver.net.params["ten"][0].data[0]) == 1.0  # set in setup, kept by the net
+    solver.step(3)
+    assert float(solver.net.params["ten"][0].data[0]) != 1.0  # the solver updated the layer's blob

@@ -25,6 +25,18 @@ def check_python_allowed(layer_param, where):
                    f"{ALLOW_ENV}=1")
 
 
+class _BlobVec(list):
+    """pycaffe's BlobVec: a Python layer's parameter blobs; add_blob(*shape), called in setup,
+    gives it a learnable one (the net then trains it as any layer's)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def add_blob(self, *shape):
+        self.append(self.layer.new_blob(shape))
+
+
 @register
 class PythonLayer(Layer):
     """Delegates to the user's class; honors python_param module, layer, param_str."""
@@ -40,9 +52,10 @@ class PythonLayer(Layer):
             cls = getattr(importlib.import_module(self.p.module), self.p.layer)
         except (ImportError, AttributeError) as e:
             raise LayerParamError(f"{self.where}: cannot load {self.p.module}.{self.p.layer}: {e}") from None
+        self.blobs = _BlobVec(self)
         self.impl = cls.__new__(cls)
         self.impl.param_str, self.impl.phase, self.impl.blobs = self.p.param_str, phase, self.blobs
-        self.impl.layer = self
+        self.impl.layer, self.impl.type = self, "Python"  # pycaffe's layer.type
 
     def setup(self, bottom, top):
         self.impl.setup(bottom, top)
