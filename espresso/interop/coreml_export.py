@@ -30,7 +30,6 @@ Options:
   _updatable for what it needs of the net and what it takes from the solver.
 """
 
-import collections
 import contextlib
 import io
 import logging
@@ -45,6 +44,7 @@ import warnings
 import numpy as np
 
 from espresso.errors import EspressoError, NetError
+from espresso.interop.caffe_layers import Layer, pool_window, refuse, trailing
 from espresso.net.build import TEST
 from espresso.proto import caffe_pb2
 from espresso.proto.upgrade import upgrade_solver
@@ -57,10 +57,6 @@ _REWRITING_PASSES = ["common::divide_to_multiply", "common::fuse_conv_scale", "c
                      "common::fuse_conv_batchnorm", "common::fuse_elementwise_to_batchnorm",
                      "common::fuse_linear_bias", "common::fuse_matmul_weight_bias"]
 _PROGRESS = re.compile(r"^(Running|Translating) MIL .*(passes|ops)/s\]$")  # coremltools' progress bars
-
-# one layer as its converter sees it: the Espresso layer, the bottoms' MIL values, the names for
-# the tops (None where the blob is written again later), their shapes, the param blobs (float32)
-_Layer = collections.namedtuple("_Layer", "layer x y xs ys w")
 
 
 def _coremltools():
@@ -219,7 +215,7 @@ def _walk(g, net, inputs):
         bottoms, tops = net.bottom_vecs[i], net.top_vecs[i]
         names = [b.name if last_writer[b.name] == i and b.name not in net.inputs else None for b in tops]
         w = [np.asarray(net.backend.to_host(b.data), np.float32) for b in layer.blobs]
-        L = _Layer(layer, [current[b.name] for b in bottoms], names, [b.shape for b in bottoms],
+        L = Layer(layer, [current[b.name] for b in bottoms], names, [b.shape for b in bottoms],
                    [b.shape for b in tops], w)
         values = CONVERTERS[layer.type](g, L)
         values = values if isinstance(values, list) else [values]
@@ -235,7 +231,7 @@ def _named(g, value, name):
 
 
 def _refuse(L, message):
-    L.layer.fail(f"cannot be exported to Core ML: {message}", NetError)
+    refuse(L, "Core ML", message)
 
 
 # *** shared steps ***
@@ -357,17 +353,8 @@ def _convolution(g, L):
 
 
 def _pooling(g, L):
-    layer, p = L.layer, L.layer.p
-    if p.pool == _POOL.STOCHASTIC:
-        _refuse(L, "STOCHASTIC pooling has no Core ML operator")
-    if len(L.y) > 1:
-        _refuse(L, "MAX pooling's second top (the argmax mask) has no Core ML operator")
-    spatial = L.xs[0][2:]
-    kernel = spatial if p.global_pooling else layer.kernel
-    stride, pad = layer.stride, layer.pad
-    # end padding beyond Caffe's, so that MIL's floor rounding gives Caffe's output size (the top's)
-    extra = [max(0, (o - 1) * s + k - (n + 2 * q))
-             for n, o, k, s, q in zip(spatial, L.ys[0][2:], kernel, stride, pad, strict=True)]
+    p = L.layer.p
+    kernel, stride, pad, extra = pool_window(L, "Core ML")
     attrs = dict(kernel_sizes=list(kernel), strides=list(stride), pad_type="custom")
     if p.pool == _POOL.MAX:  # padding never wins a max, in both
         return g.op("max_pool", L.y[0], x=L.x[0], pad=_pairs(pad, [q + e for q, e in zip(pad, extra)]), **attrs)
@@ -528,18 +515,11 @@ def _batch_norm(g, L):
     return g.op("real_div", L.y[0], x=centered, y=std)
 
 
-def _trailing(L, shape):
-    """`shape`, of bottom 0's axes from the layer's axis on, with 1s for the axes after those
-    (to broadcast over bottom 0); a scalar stays one."""
-    rank = len(L.xs[0])
-    return tuple(shape) + (1,) * (rank - L.layer.p.axis % rank - len(shape)) if len(shape) else ()
-
-
 def _operand(g, L):
     """Scale's or Bias's operand, bottom 1 or the learned blob 0, shaped to broadcast."""
     if len(L.x) == 1:
-        return L.w[0].reshape(_trailing(L, L.w[0].shape))
-    shape = _trailing(L, L.xs[1])
+        return L.w[0].reshape(trailing(L, L.w[0].shape))
+    shape = trailing(L, L.xs[1])
     return L.x[1] if shape == tuple(L.xs[1]) else g.op("reshape", x=L.x[1], shape=list(shape))
 
 
@@ -547,7 +527,7 @@ def _scale(g, L):
     index = L.layer.bias_index
     if index is None:
         return g.op("mul", L.y[0], x=L.x[0], y=_operand(g, L))
-    bias = L.w[index].reshape(_trailing(L, L.w[index].shape))
+    bias = L.w[index].reshape(trailing(L, L.w[index].shape))
     return g.op("add", L.y[0], x=g.op("mul", x=L.x[0], y=_operand(g, L)), y=bias)
 
 

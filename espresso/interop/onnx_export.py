@@ -16,12 +16,12 @@ layer, before anything is written.  The ops are emitted in forms valid from opse
 over one axis, Split and ReduceSum taking sizes and axes as inputs) to onnx's newest.
 """
 
-import collections
 import math
 
 import numpy as np
 
 from espresso.errors import EspressoError, NetError
+from espresso.interop.caffe_layers import Layer, pool_window, refuse, trailing
 from espresso.net.build import TEST
 from espresso.proto import caffe_pb2
 from espresso.proto.text import atomic_write
@@ -31,10 +31,6 @@ FLT_MIN = float(np.finfo(np.float32).tiny)  # SoftmaxWithLoss clamps probabiliti
 _POOL, _ELTWISE, _REDUCTION = caffe_pb2.PoolingParameter, caffe_pb2.EltwiseParameter, caffe_pb2.ReductionParameter
 _LOSS = caffe_pb2.LossParameter
 _FLOAT, _INT64 = 1, 7  # onnx.TensorProto.FLOAT, INT64
-
-# one layer as its exporter sees it: the Espresso layer, the bottom and top tensor names, their
-# shapes, and the layer's param blobs as host arrays
-_Layer = collections.namedtuple("_Layer", "layer x y xs ys w")
 
 
 def _onnx():
@@ -119,7 +115,7 @@ def _walk(g, net):
             inputs += [_value_info(g, b.name, b.shape) for b in top_blobs]
         elif layer.type in EXPORTERS:
             w = [np.asarray(net.backend.to_host(b.data), np.float32) for b in layer.blobs]
-            EXPORTERS[layer.type](g, _Layer(layer, x, y, [b.shape for b in bottoms], [b.shape for b in top_blobs], w))
+            EXPORTERS[layer.type](g, Layer(layer, x, y, [b.shape for b in bottoms], [b.shape for b in top_blobs], w))
         else:
             raise NetError(f"{layer.where}: no ONNX export for layer type '{layer.type}' "
                            f"(exported: Input, {', '.join(sorted(EXPORTERS))})")
@@ -142,7 +138,7 @@ def _value_info(g, name, shape):
 
 
 def _refuse(L, message):
-    L.layer.fail(f"cannot be exported to ONNX: {message}", NetError)
+    refuse(L, "ONNX", message)
 
 
 # *** shared steps ***
@@ -250,17 +246,8 @@ def _convolution(g, L):
 
 
 def _pooling(g, L):
-    layer, p = L.layer, L.layer.p
-    if p.pool == _POOL.STOCHASTIC:
-        _refuse(L, "STOCHASTIC pooling has no ONNX operator")
-    if len(L.y) > 1:
-        _refuse(L, "MAX pooling's second top (the argmax mask) has no ONNX operator")
-    spatial = L.xs[0][2:]
-    kernel = spatial if p.global_pooling else layer.kernel
-    stride, pad = layer.stride, layer.pad
-    # end padding beyond Caffe's, so that ONNX's floor rounding gives Caffe's output size (the top's)
-    extra = [max(0, (o - 1) * s + k - (n + 2 * q))
-             for n, o, k, s, q in zip(spatial, L.ys[0][2:], kernel, stride, pad, strict=True)]
+    p = L.layer.p
+    kernel, stride, pad, extra = pool_window(L, "ONNX")
     attrs = dict(kernel_shape=list(kernel), strides=list(stride))
     if p.pool == _POOL.MAX:  # padding never wins a max, in both
         g.op("MaxPool", L.x, L.y[0], pads=[*pad, *(q + e for q, e in zip(pad, extra))], **attrs)
@@ -431,18 +418,11 @@ def _reduce_mean(g, x, axes):
     return g.op("ReduceMean", [x], axes=axes, keepdims=1)
 
 
-def _trailing(L, shape):
-    """`shape`, of bottom 0's axes from the layer's axis on, with 1s for the axes after those
-    (to broadcast over bottom 0); a scalar stays one."""
-    rank = len(L.xs[0])
-    return tuple(shape) + (1,) * (rank - L.layer.p.axis % rank - len(shape)) if len(shape) else ()
-
-
 def _operand(g, L):
     """Scale's or Bias's operand, bottom 1 or the learned blob 0, shaped to broadcast."""
     if len(L.x) == 1:
-        return g.const(L.w[0].reshape(_trailing(L, L.w[0].shape)), "0")
-    shape = _trailing(L, L.xs[1])
+        return g.const(L.w[0].reshape(trailing(L, L.w[0].shape)), "0")
+    shape = trailing(L, L.xs[1])
     return L.x[1] if shape == tuple(L.xs[1]) else _reshape(g, L.x[1], shape)
 
 
@@ -451,7 +431,7 @@ def _scale(g, L):
     if index is None:
         g.op("Mul", [L.x[0], _operand(g, L)], L.y[0])
         return
-    bias = g.const(L.w[index].reshape(_trailing(L, L.w[index].shape)), str(index))
+    bias = g.const(L.w[index].reshape(trailing(L, L.w[index].shape)), str(index))
     g.op("Add", [g.op("Mul", [L.x[0], _operand(g, L)]), bias], L.y[0])
 
 
