@@ -5,10 +5,15 @@
 
 from espresso import (
     compress,  # registers its model files with Net.copy_from
+    coord_map,
+    draw,
     io,
     layers,  # also pycaffe's NetSpec `L` (see espresso/layers/__init__.py)
+    net_spec,
 )
 from espresso.blob import Blob
+from espresso.classifier import Classifier
+from espresso.detector import Detector
 from espresso.errors import (
     BackendError,
     EspressoError,
@@ -18,11 +23,13 @@ from espresso.errors import (
     PrototxtError,
     ShapeError,
 )
+from espresso.glog import init_log, log
 from espresso.graphs import set_cuda_graphs
 from espresso.layer import Layer, known_types, register
 from espresso.net import TEST, TRAIN, Net
-from espresso.netspec import NetSpec, params, to_proto
+from espresso.net_spec import NetSpec, params, to_proto
 from espresso.runtime import (
+    NCCL,
     Timer,
     has_nccl,
     set_device,
@@ -51,12 +58,13 @@ from espresso.solver import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Blob", "Net", "Layer", "register", "TRAIN", "TEST", "io", "compress", "NetSpec", "layers", "params", "to_proto",
+    "Blob", "Net", "Layer", "register", "TRAIN", "TEST", "compress", "NetSpec", "layers", "params", "to_proto",
     "Solver", "get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
     "AdaDeltaSolver", "AdamSolver",
     "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "set_cuda_graphs", "set_num_threads",
     "set_memory_limit", "solver_count", "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess",
-    "has_nccl", "Timer", "layer_type_list",
+    "has_nccl", "NCCL", "Timer", "layer_type_list", "init_log", "log", "Classifier", "Detector",
+    "io", "draw", "net_spec", "coord_map",
     "EspressoError", "PrototxtError", "NetError", "LayerParamError", "ShapeError",
     "ModelFileError", "BackendError",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from espresso import graphs
 from espresso.backend import address
-from espresso.errors import MemoryLimitError, ShapeError
+from espresso.errors import BackendError, MemoryLimitError, ShapeError
 from espresso.runtime import current_backend, format_bytes, memory_limit
 
 
@@ -128,6 +128,20 @@ class Blob:
         graphs.invalidate(self.backend)
         self._data_buf = self._data = xp.broadcast_to(xp.zeros((), self.dtype), self._shape)
         self._diff_buf = self._diff = None
+
+    # pycaffe's _gpu_data_ptr / _gpu_diff_ptr: the device address, for code handing blobs to CUDA
+    @property
+    def _gpu_data_ptr(self):
+        return self._device_address(self.data)
+
+    @property
+    def _gpu_diff_ptr(self):
+        return self._device_address(self.diff)
+
+    def _device_address(self, array):
+        if self.backend.host_arrays:
+            raise BackendError(f"blob {self.name!r} lives on the CPU: it has no GPU memory (set_mode_gpu first)")
+        return address(array)
 
     def host_data(self):
         """The data as a NumPy array (a copy from the device when not on the CPU)."""

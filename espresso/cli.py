@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import espresso
+from espresso import caffe_tools, glog
 from espresso.errors import EspressoError
 from espresso.plot import plot_curves, pyplot
 from espresso.proto.text import require_regular
@@ -259,7 +260,7 @@ def cmd_test(args):
 
 
 def _loss_weight(net, blob_name):
-    for layer, tops in zip(net.layers, net.top_names.values()):
+    for layer, tops in zip(net.engine_layers, net.top_names.values()):
         if blob_name in tops:
             return layer.loss_weights[tops.index(blob_name)]
     return 0.0
@@ -269,7 +270,7 @@ def cmd_time(args):
     """Per-layer forward and backward milliseconds, averaged over `iterations` (Caffe's `caffe time`)."""
     _set_device(args)
     net = _net(args, _phase(args.phase))
-    n, backend = len(net.layers), net.backend
+    n, backend = len(net.engine_layers), net.backend
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
     if net.eager_reason() is None:
         return _time_graphs(net, args.iterations)
@@ -295,7 +296,7 @@ def _time_graphs(net, iterations):
     """GPU times without Python's launch cost: each layer's forward and backward captured as its
     own CUDA graph and replayed `iterations` times between two CUDA events; the whole
     forward+backward likewise."""
-    backend, n = net.backend, len(net.layers)
+    backend, n = net.backend, len(net.engine_layers)
 
     def replay_ms(fn):
         graph = backend.capture(fn)
@@ -329,38 +330,6 @@ def cmd_prepare_fmnist(args):
     train, test, source = make_fmnist_lmdbs(args.output, args.source or None, overwrite=True)
     log.info("Data: %s", source.description)
     log.info("Wrote %s and %s", train, test)
-    return 0
-
-
-def cmd_convert_mnist(args):
-    """Caffe's convert_mnist_data: IDX images + labels -> an LMDB of Datums."""
-    from espresso.data.convert import convert_mnist
-
-    n = convert_mnist(args.images, args.labels, args.db)
-    log.info("Wrote %s records to %s", n, args.db)
-    return 0
-
-
-def cmd_convert_imageset(args):
-    """Caffe's convert_imageset: an image list file -> an LMDB of Datums."""
-    from espresso.data.convert import convert_imageset
-
-    written, skipped = convert_imageset(args.root_folder, args.listfile, args.db, args.resize_height,
-                                        args.resize_width, args.gray, args.shuffle, args.encoded,
-                                        args.encode_type)
-    for name in skipped:
-        log.warning("Could not read %s; skipped", name)
-    log.info("Processed %d files.", written)
-    return 0
-
-
-def cmd_compute_image_mean(args):
-    """Caffe's compute_image_mean: the mean image of an LMDB, as a .binaryproto."""
-    from espresso.data.convert import compute_image_mean
-
-    mean = compute_image_mean(args.db, args.output or None)
-    for c, value in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):
-        log.info("mean_value channel [%d]: %g", c, value)
     return 0
 
 
@@ -469,10 +438,10 @@ def cmd_optimize(args):
 
 def cmd_draw(args):
     """Caffe's draw_net.py: the net as a graph (.png, .svg, ... through Graphviz; .dot needs none)."""
-    from espresso.draw import draw_net
+    from espresso.draw import draw_net_to_file
 
     phase = None if args.phase == "ALL" else _phase(args.phase)
-    draw_net(args.input, args.output, rankdir=args.rankdir, phase=phase, display_lrm=args.display_lrm)
+    draw_net_to_file(args.input, args.output, rankdir=args.rankdir, phase=phase, display_lrm=args.display_lrm)
     log.info("Wrote %s", args.output)
     return 0
 
@@ -556,26 +525,7 @@ def _parser():
     p.add_argument("output", nargs="?", default="examples/lenet", help="folder for the two LMDBs")
     p.add_argument("--source", default="", help="folder with the IDX files (default: best available)")
     p.set_defaults(run=cmd_prepare_fmnist)
-    p = sub.add_parser("convert-mnist", aliases=["convert_mnist_data"], help="IDX files -> LMDB")
-    p.add_argument("images", help="IDX images file (may be .gz)")
-    p.add_argument("labels", help="IDX labels file (may be .gz)")
-    p.add_argument("db", help="the LMDB folder to write")
-    p.set_defaults(run=cmd_convert_mnist)
-    p = sub.add_parser("convert-imageset", aliases=["convert_imageset"], help="image list -> LMDB")
-    p.add_argument("root_folder", help="folder the listed image paths are relative to")
-    p.add_argument("listfile", help="text file of 'path label' lines")
-    p.add_argument("db", help="the LMDB folder to write")
-    p.add_argument("--resize_height", type=int, default=0, help="resize images to this height (0: keep)")
-    p.add_argument("--resize_width", type=int, default=0, help="resize images to this width (0: keep)")
-    p.add_argument("--gray", action="store_true", help="read images as one grey channel")
-    p.add_argument("--shuffle", action="store_true", help="shuffle the list's order")
-    p.add_argument("--encoded", action="store_true", help="store the encoded image bytes (decoded when read)")
-    p.add_argument("--encode_type", default="", help="re-encode as this format (png, jpg) with --encoded")
-    p.set_defaults(run=cmd_convert_imageset)
-    p = sub.add_parser("compute-image-mean", aliases=["compute_image_mean"], help="mean image of an LMDB")
-    p.add_argument("db", help="the LMDB of Datums")
-    p.add_argument("output", nargs="?", type=_output, default="", help="the .binaryproto to write")
-    p.set_defaults(run=cmd_compute_image_mean)
+    caffe_tools.add_parsers(sub)  # Caffe's dataset and upgrade tools
     p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
     p.set_defaults(run=cmd_device_query)
     p = common(sub.add_parser("compress", help="Deep Compression: prune, quantize, Huffman-code a model"))
@@ -658,13 +608,17 @@ def _parser():
 
 def main(argv=None):
     """Run one verb; every failure ends as one line on stderr and exit status 1 (Ctrl-C: 130)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
     logging.getLogger("coremltools").setLevel(logging.WARNING)  # its passes' notes are not ours to print
-    argv = _gflags_to_argparse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     prog = " ".join(["espresso"] + [a for a in argv if not a.startswith("-")][:1])
     try:
-        args = _parser().parse_args(argv)
+        argv, log_flags = glog.split_flags(argv)
+        glog.install(log_flags)
+        argv = _gflags_to_argparse(argv)
+        if "--version" in argv:  # gflags' --version, after a verb too
+            print(f"espresso {espresso.__version__}")
+            return 0
+        args = _parser().parse_args(["--help" if a == "--helpfull" else a for a in argv])
         return args.run(args)
     except EspressoError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

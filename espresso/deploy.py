@@ -67,7 +67,7 @@ def _check_unique_names(layers, source):
 
 
 def _param_count(net):
-    return sum(blob.count for layer in net.layers for blob in layer.blobs)
+    return sum(blob.count for layer in net.engine_layers for blob in layer.blobs)
 
 
 def _set_weights(net, weights):

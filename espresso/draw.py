@@ -27,23 +27,41 @@ BLOB = {"shape": "octagon", "style": "filled", "fillcolor": "#E0E0E0"}
 LEARNED = ("Convolution", "Deconvolution", "InnerProduct")
 
 
-def draw_net(net_param, path, rankdir="LR", phase=None, display_lrm=False):
-    """Draw a net (a NetParameter or a prototxt path) to `path`, in the format its extension
-    names: .dot/.gv/.raw write the DOT source, any other (.png, .svg, .pdf, ...) an image that
-    Graphviz's dot renders.  `phase` (espresso.TRAIN or TEST) keeps the layers a net of that
-    phase has (Caffe's include/exclude rules, at level 0 with no stages); None draws them all.
-    `display_lrm` adds the lr_mult of convolutions and inner products."""
-    graph = net_graph(net_param, rankdir, phase, display_lrm)
-    ext = os.path.splitext(os.fspath(path))[1][1:].lower()
-    data = graph.source.encode() if ext in SOURCE else _render(graph, ext, path)
-    atomic_write(path, lambda f: f.write(data))
+def draw_net_to_file(caffe_net, filename, rankdir="LR", phase=None, display_lrm=False):
+    """pycaffe's draw_net_to_file: draw a net (a NetParameter or a prototxt path) to `filename`,
+    in the format its extension names: .dot/.gv/.raw write the DOT source, any other (.png,
+    .svg, .pdf, ...) an image that Graphviz's dot renders.  `phase` (espresso.TRAIN or TEST)
+    keeps the layers a net of that phase has (Caffe's include/exclude rules, at level 0 with no
+    stages); None draws them all.  `display_lrm` adds the lr_mult of convolutions and inner
+    products."""
+    ext = os.path.splitext(os.fspath(filename))[1][1:].lower()
+    data = _drawing(caffe_net, rankdir, ext, phase, display_lrm, filename)
+    atomic_write(filename, lambda f: f.write(data))
 
 
-draw_net_to_file = draw_net  # pycaffe's name (caffe.draw.draw_net_to_file), same arguments
+def draw_net(caffe_net, rankdir, ext="png", phase=None, display_lrm=False):
+    """pycaffe's draw_net: the drawing as bytes in format `ext` (png, svg, ...; dot, gv and raw
+    are the DOT source)."""
+    return _drawing(caffe_net, rankdir, ext, phase, display_lrm, f"draw_net(ext={ext!r})")
 
 
-def net_graph(net_param, rankdir="LR", phase=None, display_lrm=False):
-    """The net as a graphviz.Digraph (Caffe's get_pydot_graph)."""
+def _drawing(caffe_net, rankdir, ext, phase, display_lrm, where):
+    graph = net_graph(caffe_net, rankdir, phase, display_lrm)
+    return graph.source.encode() if ext in SOURCE else _render(graph, ext, where)
+
+
+def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lrm=False):
+    """pycaffe's get_pydot_graph: the drawing as a pydot.Dot (needs pydot, in the `draw` extra)."""
+    try:
+        import pydot
+    except ImportError:
+        raise EspressoError("get_pydot_graph needs the pydot package: pip install espresso-nn[draw]") from None
+    graph = net_graph(caffe_net, rankdir, phase, display_lrm, label_edges)
+    return pydot.graph_from_dot_data(graph.source)[0]
+
+
+def net_graph(net_param, rankdir="LR", phase=None, display_lrm=False, label_edges=True):
+    """The net as a graphviz.Digraph; label_edges False leaves the top edges unlabelled."""
     graphviz = _graphviz()
     if rankdir not in RANKDIRS:
         raise EspressoError(f"rankdir must be one of {', '.join(RANKDIRS)}, got {rankdir!r}")
@@ -60,7 +78,7 @@ def net_graph(net_param, rankdir="LR", phase=None, display_lrm=False):
         for blob in lp.bottom:
             graph.edge(_blob(graph, blobs, blob), node)
         for blob in lp.top:
-            graph.edge(node, _blob(graph, blobs, blob), label=_edge_label(lp))
+            graph.edge(node, _blob(graph, blobs, blob), label=_edge_label(lp) if label_edges else None)
     return graph
 
 

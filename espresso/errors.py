@@ -35,8 +35,9 @@ class MemoryLimitError(ShapeError):
     """Blobs would need more memory than the limit (espresso.set_memory_limit)."""
 
 
-class ModelFileError(EspressoError):
-    """A .caffemodel / .binaryproto / .solverstate is missing, truncated or corrupt."""
+class ModelFileError(EspressoError, OSError):
+    """A model file (prototxt, .caffemodel, .binaryproto, .solverstate) is missing, truncated or
+    corrupt.  An OSError too, as pycaffe's IOError for a file it cannot open."""
 
 
 class BackendError(EspressoError):

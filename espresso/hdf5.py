@@ -47,6 +47,8 @@ def open_file(path):
     try:
         with f:
             yield f
+    except ModelFileError:
+        raise
     except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py on damaged structures
         raise ModelFileError(f"{path}: corrupt HDF5 file ({type(e).__name__}: {e})") from None
 

@@ -249,37 +249,41 @@ def load_image(filename, color=True):
     return np.ascontiguousarray(img)
 
 
-def _source_index(n_in, n_out):
-    """Half-pixel-centre source coordinate of each output pixel along one axis."""
-    return (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-
-
-def _resize_axis(im, n_out, axis, order):
-    n_in = im.shape[axis]
-    src = _source_index(n_in, n_out)
-    if order == 0:
-        idx = np.clip(np.floor(src + 0.5).astype(np.int64), 0, n_in - 1)
-        return np.take(im, idx, axis=axis)
-    src = np.clip(src, 0, n_in - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = (src - lo).reshape((-1,) + (1,) * (im.ndim - axis - 1))  # broadcast along `axis`
-    return np.take(im, lo, axis=axis) * (1 - w) + np.take(im, hi, axis=axis) * w
+def _ndimage():
+    try:
+        from scipy import ndimage
+    except ImportError:
+        raise EspressoError("resize_image needs SciPy: pip install espresso-nn[image]") from None
+    return ndimage
 
 
 def resize_image(im, new_dims, interp_order=1):
-    """H x W x K (any K) -> new_dims[0] x new_dims[1] x K float32; order 1 bilinear, 0 nearest."""
-    if interp_order not in (0, 1):
-        raise EspressoError(f"resize_image: interp_order must be 0 (nearest) or 1 (bilinear), "
-                            f"got {interp_order}")
-    im = np.asarray(im)
-    new_h, new_w = (int(d) for d in new_dims)
-    if im.ndim < 2 or new_h < 1 or new_w < 1 or min(im.shape[:2]) < 1:
+    """Caffe's resize_image: H x W x K -> new_dims[0] x new_dims[1] x K float32, by spline
+    interpolation of order 0 (nearest) to 5.  As Caffe's: an image of 1 or 3 channels is scaled
+    to [0, 1] and resized as scikit-image's resize(mode='constant') does (Gaussian smoothing
+    first along axes that shrink; outside the image counts as the minimum; the result clipped to
+    the input's range), a constant image stays constant; any other channel count goes through
+    SciPy's zoom with its defaults."""
+    im, (new_h, new_w) = np.asarray(im), (int(d) for d in new_dims)
+    if interp_order not in range(6):
+        raise EspressoError(f"resize_image: interp_order must be 0 to 5, got {interp_order}")
+    if im.ndim != 3 or new_h < 1 or new_w < 1 or min(im.shape) < 1:
         raise ArrayShapeError(f"resize_image: cannot resize shape {im.shape} to {tuple(new_dims)}")
-    out = im.astype(np.float64)
-    out = _resize_axis(out, new_h, 0, interp_order)
-    out = _resize_axis(out, new_w, 1, interp_order)
-    return out.astype(np.float32)
+    ndimage = _ndimage()
+    if im.shape[-1] not in (1, 3):
+        scale = (new_h / im.shape[0], new_w / im.shape[1], 1)
+        return ndimage.zoom(im, scale, order=interp_order).astype(np.float32)
+    low, high = im.min(), im.max()
+    if high <= low:
+        return np.full((new_h, new_w, im.shape[-1]), low, np.float32)
+    unit = (im - low) / (high - low)
+    if unit.dtype == np.float16:
+        unit = unit.astype(np.float32)
+    factors = np.array(unit.shape, float) / (new_h, new_w, unit.shape[-1])
+    if (factors > 1).any():  # scikit-image's anti-aliasing when any axis shrinks
+        unit = ndimage.gaussian_filter(unit, np.maximum(0, (factors - 1) / 2), mode="grid-constant")
+    out = ndimage.zoom(unit, 1 / factors, order=interp_order, mode="grid-constant", grid_mode=True)
+    return (np.clip(out, 0, 1) * (high - low) + low).astype(np.float32)
 
 
 def _crop_corners(im_hw, crop_hw):

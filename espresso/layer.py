@@ -196,4 +196,5 @@ class Layer:
         return blob
 
     def __repr__(self):
-        return f"<{type(self).__name__} '{self.lp.name}'>"
+        lp = vars(self).get("lp")  # (a Python layer's user object has none)
+        return f"<{type(self).__name__} '{lp.name}'>" if lp else super().__repr__()

@@ -109,6 +109,16 @@ def has_nccl():
     return False
 
 
+class NCCL:
+    """pycaffe's NCCL(solver, uid), which shares a solver's gradients with other GPUs' solvers:
+    refused, since Espresso has no NCCL path yet (has_nccl() is False; Caffe built without NCCL
+    constructs an object that does nothing)."""
+
+    def __init__(self, solver, uid):
+        raise EspressoError("caffe.NCCL: Espresso does not train over NCCL yet (has_nccl() is False); "
+                            "train on one device")
+
+
 class Timer:
     """pycaffe's Timer: start(), stop(), and ms, the milliseconds from start to stop (reading ms
     of a running timer stops it, as Caffe's MilliSeconds does)."""

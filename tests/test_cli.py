@@ -49,6 +49,7 @@ def test_train_lenet_end_to_end(lenet, tmp_path):
     assert plot.stat().st_size > 10_000
     log = tmp_path / "train.log"
     log.write_text(result.stderr)
+    _caffe_tools_read(result.stderr)
     assert run("plot", str(log), "-o", str(tmp_path / "again.png")).returncode == 0
 
     scored = run("test", "-model", str(lenet / "net.prototxt"), "-weights", str(lenet / "lenet_iter_200.caffemodel"),
@@ -125,14 +126,26 @@ def test_nonsense_is_one_line_and_nonzero(args, message, capsys, tmp_path, monke
 
 
 def test_version_and_help_for_every_option(capsys):
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"espresso {espresso.__version__}"
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"espresso {espresso.__version__}"
     parser = cli._parser()
     verbs = parser._subparsers._group_actions[0].choices
     for name, verb in verbs.items():
         for action in verb._actions:
             assert action.help, f"espresso {name}: {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def _caffe_tools_read(log):
+    """The log as Caffe's tools/extra read it: extract_seconds.py's prefix on every line naming an
+    iteration and on '] Solving ', parse_log.sh's fields ($11 of a test output, $9 of an lr)."""
+    glog_line = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+    lines = log.splitlines()
+    assert all(glog_line.match(line) for line in lines if "Iteration" in line or "] Solving " in line)
+    assert any("] Solving " in line for line in lines)
+    tests = [line.split() for line in lines if "Test net output #0" in line]
+    rates = [line.split() for line in lines if ", lr = " in line]
+    assert tests and all(t[10] == t[-1] and float(t[10]) >= 0 for t in tests)  # accuracy = value
+    assert rates and all(float(r[8]) > 0 for r in rates)
 
 
 def test_nan_loss_stops_with_the_iteration(lenet, tmp_path):

@@ -101,13 +101,13 @@ def test_readers_of_one_lmdb_share_its_environment(tmp_path):
     streaming the same database share one, open until the last reader closes."""
     _write_db(tmp_path / "db", np.zeros((5, 1, 1, 1), np.uint8), range(5))
     first, second = LMDBReader(tmp_path / "db"), LMDBReader(str(tmp_path / "db") + "/")
-    shared = first.env
-    assert second.env is shared
+    shared = first.handle
+    assert second.handle is shared
     first.close()
     assert [decode_datum(v)[1] for _, v in second.items()] == list(range(5))
     second.close()
     with LMDBReader(tmp_path / "db") as third:  # opened anew
-        assert len(third) == 5 and third.env is not shared
+        assert len(third) == 5 and third.handle is not shared
 
 
 def test_lmdb_map_grows_as_needed(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import espresso as caffe
-from espresso.draw import draw_net, net_graph
+from espresso.draw import draw_net_to_file, net_graph
 from espresso.errors import EspressoError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text, read_net_text
@@ -54,7 +54,7 @@ def expected(layers):
 
 def test_lenet_source_has_every_layer_blob_and_edge(tmp_path):
     path = tmp_path / "lenet.dot"
-    draw_net(str(LENET), path)
+    draw_net_to_file(str(LENET), path)
     source = path.read_text()
     assert source.startswith("digraph LeNet {") and "rankdir=LR" in source
     param, _ = read_net_text(str(LENET))
@@ -116,22 +116,22 @@ def test_bad_arguments():
 def test_without_dot_images_fail_clearly_and_source_still_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no dot there
     with pytest.raises(EspressoError, match=r"lenet.png: .*dot program.*apt install graphviz"):
-        draw_net(str(LENET), tmp_path / "lenet.png")
+        draw_net_to_file(str(LENET), tmp_path / "lenet.png")
     assert not (tmp_path / "lenet.png").exists()
-    draw_net(str(LENET), tmp_path / "lenet.dot")
+    draw_net_to_file(str(LENET), tmp_path / "lenet.dot")
     assert (tmp_path / "lenet.dot").read_text().startswith("digraph")
 
 
 def test_unknown_image_format(tmp_path):
     with pytest.raises(EspressoError, match=r"no '\.xyz' files"):
-        draw_net(str(LENET), tmp_path / "lenet.xyz")
+        draw_net_to_file(str(LENET), tmp_path / "lenet.xyz")
 
 
 @needs_dot
 @pytest.mark.parametrize("ext, magic", [("png", b"\x89PNG"), ("svg", b"<svg")])
 def test_images(tmp_path, ext, magic):
     path = tmp_path / f"lenet.{ext}"
-    draw_net(str(LENET), path, phase=caffe.TEST)
+    draw_net_to_file(str(LENET), path, phase=caffe.TEST)
     assert magic in path.read_bytes()[:400]
 
 

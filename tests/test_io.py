@@ -179,40 +179,51 @@ def test_oversample_crop_too_large():
 
 
 # *** resize ***
-def test_resize_bilinear_upsample_known_values():
-    im = np.array([[0.0, 1.0], [2.0, 3.0]])[:, :, np.newaxis]
-    out = eio.resize_image(im, (4, 4))
-    expected = [[0.0, 0.25, 0.75, 1.0],
-                [0.5, 0.75, 1.25, 1.5],
-                [1.5, 1.75, 2.25, 2.5],
-                [2.0, 2.25, 2.75, 3.0]]
-    assert out.shape == (4, 4, 1) and out.dtype == np.float32
-    np.testing.assert_allclose(out[:, :, 0], expected, atol=1e-6)
+def _caffe_resize(im, new_dims, interp_order):
+    """Caffe's io.resize_image, as python/caffe/io.py computes it (scikit-image, SciPy's zoom)."""
+    transform, ndimage = pytest.importorskip("skimage.transform"), pytest.importorskip("scipy.ndimage")
+    if im.shape[-1] not in (1, 3):
+        return ndimage.zoom(im, (new_dims[0] / im.shape[0], new_dims[1] / im.shape[1], 1),
+                            order=interp_order).astype(np.float32)
+    low, high = im.min(), im.max()
+    if high == low:
+        return np.full(tuple(new_dims) + im.shape[-1:], low, np.float32)
+    unit = transform.resize((im - low) / (high - low), new_dims, order=interp_order, mode="constant")
+    return (unit * (high - low) + low).astype(np.float32)
 
 
-def test_resize_bilinear_downsample_and_nearest():
-    im = np.arange(16.0).reshape(4, 4, 1)
-    np.testing.assert_allclose(eio.resize_image(im, (2, 2))[:, :, 0], [[2.5, 4.5], [10.5, 12.5]])
-    small = np.array([[0.0, 1.0], [2.0, 3.0]])[:, :, np.newaxis]
-    nearest = eio.resize_image(small, (4, 4), interp_order=0)[:, :, 0]
-    np.testing.assert_array_equal(nearest, [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+@pytest.mark.parametrize("order", range(6))
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_resize_is_caffes_for_every_order_up_and_down(rng, order, channels):
+    for dtype in (np.float32, np.float64, np.uint8):
+        im = (rng.random((6, 9, channels)) * 255).astype(dtype)
+        for dims in ((13, 4), (3, 3), (6, 9), (17, 20)):
+            out = eio.resize_image(im, dims, interp_order=order)
+            assert out.shape == dims + (channels,) and out.dtype == np.float32
+            np.testing.assert_array_equal(out, _caffe_resize(im, dims, order))
 
 
-def test_resize_any_channel_count_and_constant(rng):
-    im = rng.random((3, 5, 5))
-    out = eio.resize_image(im, (7, 2))
-    assert out.shape == (7, 2, 5)
-    for c in range(5):  # channels are resized independently
-        np.testing.assert_allclose(out[:, :, c], eio.resize_image(im[:, :, c:c + 1], (7, 2))[:, :, 0])
-    const = eio.resize_image(np.full((3, 4, 4), 7.0), (5, 9))
-    assert const.shape == (5, 9, 4) and const.dtype == np.float32
+def test_resize_blends_towards_the_minimum_at_the_borders():
+    """mode='constant', as Caffe asks scikit-image: outside the image counts as its minimum, so
+    an upsampled border is darker than the border pixel (OpenCV would clamp to it)."""
+    im = np.array([[1.0, 2.0], [3.0, 4.0]])[:, :, np.newaxis]
+    out = eio.resize_image(im, (4, 4))[:, :, 0]
+    np.testing.assert_allclose(out[1:3, 1:3], [[1.75, 2.25], [2.75, 3.25]], atol=1e-6)  # inside: bilinear
+    assert out[0, 0] < 1.75 and out[0, 0] == out.min() >= 1.0  # the corner blends towards min, clipped
+    nearest = eio.resize_image(im, (4, 4), interp_order=0)[:, :, 0]
+    np.testing.assert_array_equal(nearest, [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]])
+
+
+def test_resize_constant_same_size_and_bad_input(rng):
+    const = eio.resize_image(np.full((3, 4, 3), 7.0), (5, 9))
+    assert const.shape == (5, 9, 3) and const.dtype == np.float32
     np.testing.assert_array_equal(const, 7.0)
+    im = rng.random((3, 5, 3))
     np.testing.assert_allclose(eio.resize_image(im, (3, 5)), im, atol=1e-6)  # same size: unchanged
-
-
-def test_resize_rejects_unsupported_order():
-    with pytest.raises(EspressoError, match="interp_order"):
-        eio.resize_image(np.zeros((2, 2, 1)), (3, 3), interp_order=3)
+    with pytest.raises(EspressoError, match="interp_order must be 0 to 5"):
+        eio.resize_image(im, (3, 3), interp_order=6)
+    with pytest.raises(eio.ArrayShapeError, match="cannot resize"):
+        eio.resize_image(im[:, :, 0], (3, 3))
 
 
 # *** load_image ***

@@ -115,7 +115,8 @@ def test_a_learnable_python_layer_has_type_python_and_trains_its_blob(module, tm
     param.net_param.CopyFrom(parse_text(text, caffe_pb2.NetParameter()))
     solver = espresso.SGDSolver(param, allow_python=True)
     layer = solver.net.layer_dict["ten"]
-    assert layer.impl.type == "Python" and len(solver.net.params["ten"]) == 1
+    assert type(layer).__name__ == "Scaled"  # pycaffe's net.layers give the user's own object
+    assert layer.type == "Python" and len(layer.blobs) == 1 and solver.net.params["ten"][0] is layer.blobs[0]
     assert float(solver.net.params["ten"][0].data[0]) == 1.0  # set in setup, kept by the net
     solver.step(3)
     assert float(solver.net.params["ten"][0].data[0]) != 1.0  # the solver updated the layer's blob

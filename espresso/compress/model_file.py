@@ -201,6 +201,8 @@ def read_model(path, max_elements=MAX_ELEMENTS):
                 raise ModelFileError(f"{name}: compressed-model format version {version}; this Espresso reads "
                                      f"version {VERSION}")
             payload = f.read(min(length, size) + 1)  # never more than the file holds (a crafted length)
+    except ModelFileError:  # (an OSError too: not to be mistaken for a failed read)
+        raise
     except OSError as e:
         raise ModelFileError(f"{name}: cannot read: {e.strerror}") from None
     if len(payload) != length:

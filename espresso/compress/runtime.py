@@ -40,7 +40,7 @@ def load_compressed(net, path):
         i = index.get(layer_name)
         if i is None:
             continue
-        layer = net.layers[i]
+        layer = net.engine_layers[i]
         _check_blobs(name, layer, blobs)
         if swap and isinstance(blobs[0], CompressedWeights) and _can_run_compressed(layer):
             net.replace_layer(i, CompressedLayer(layer, blobs[0]))
@@ -61,11 +61,11 @@ def _fuse_runs(net):
     """Find the fused runs (see FusedRun): a compressed InnerProduct, then its in-place ReLU
     if one follows, then the next compressed InnerProduct reading that top, and so on."""
     i, names = 0, list(net.layer_dict)
-    while i < len(net.layers):
+    while i < len(net.engine_layers):
         end = i
-        head = net.layers[i]
+        head = net.engine_layers[i]
         if isinstance(head, CompressedLayer) and head.type == "InnerProduct" and head.shared is None:
-            while end + 1 < len(net.layers) and _continues_run(net, names, end):
+            while end + 1 < len(net.engine_layers) and _continues_run(net, names, end):
                 end += 1
         if end > i:
             FusedRun(net, i, end + 1)
@@ -74,7 +74,7 @@ def _fuse_runs(net):
 
 def _continues_run(net, names, i):
     """Whether layer i + 1 reads the top of layer i, the last of a run, and joins the run."""
-    layer, after, top = net.layers[i], net.layers[i + 1], net.top_names[names[i]]
+    layer, after, top = net.engine_layers[i], net.engine_layers[i + 1], net.top_names[names[i]]
     if after.type == "ReLU":  # in place, plain, after a compressed InnerProduct
         return (layer.type == "InnerProduct" and after.p.negative_slope == 0
                 and net.bottom_names[names[i + 1]] == top == net.top_names[names[i + 1]])
@@ -94,9 +94,9 @@ class FusedRun:
 
     def __init__(self, net, start, stop):
         for i in range(start, stop):
-            if net.layers[i].type == "ReLU":
-                net.replace_layer(i, FusedReLU(net.layers[i]))
-        self.layers, self.backend = net.layers[start:stop], net.backend
+            if net.engine_layers[i].type == "ReLU":
+                net.replace_layer(i, FusedReLU(net.engine_layers[i]))
+        self.layers, self.backend = net.engine_layers[start:stop], net.backend
         self.bottoms, self.tops = net.bottom_vecs[start:stop], net.top_vecs[start:stop]
         self.caller, self.next, self.version, self.calls = None, 0, None, None
         for k, layer in enumerate(self.layers):

@@ -1,7 +1,8 @@
 """Datasets for the data layers: IDX files, LMDB Datum databases, images, the data transformer,
 background prefetching, Caffe's converter tools and the embedded Fashion-MNIST subset.
 
-Optional packages are imported only when used: `lmdb` (Data layer, converters), `h5py`
+Optional packages are imported only when used: `lmdb` and `plyvel` (LevelDB) (Data layer,
+converters), `h5py`
 (HDF5Data/HDF5Output) and Pillow (images, encoded Datums).  A missing one raises an
 EspressoError that names the pip extra to install.
 """
@@ -16,7 +17,8 @@ class DatasetError(ModelFileError):
 
 
 # module -> (pip package, espresso extra)
-_EXTRAS = {"lmdb": ("lmdb", "data"), "h5py": ("h5py", "hdf5"), "PIL": ("pillow", "image")}
+_EXTRAS = {"lmdb": ("lmdb", "data"), "plyvel": ("plyvel", "leveldb"), "h5py": ("h5py", "hdf5"),
+           "PIL": ("pillow", "image")}
 
 
 def require(module, what):

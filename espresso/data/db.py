@@ -1,9 +1,11 @@
-"""LMDB databases of Caffe Datum records (Caffe's db_lmdb.cpp and the Datum helpers of io.cpp).
+"""Caffe's databases of Datum records, LMDB and LevelDB (db_lmdb.cpp, db_leveldb.cpp, and the
+Datum helpers of io.cpp).
 
-Records are read in key order; Caffe's converters key them "%08d" (or "%08d_<file>") so that
-key order is insertion order.  A Datum holds channels, height, width, the pixels as uint8 bytes
-in `data` (C x H x W, BGR for colour images) or as `float_data`, a `label`, and `encoded` when
-`data` is a compressed image file.  LevelDB, Caffe's other backend, is not supported.
+Records are read in key order (bytewise, both backends); Caffe's converters key them "%08d" (or
+"%08d_<file>") so that key order is insertion order.  A Datum holds channels, height, width, the
+pixels as uint8 bytes in `data` (C x H x W, BGR for colour images) or as `float_data`, a
+`label`, and `encoded` when `data` is a compressed image file.  LMDB needs the `data` extra,
+LevelDB the `leveldb` extra (plyvel, whose wheels carry LevelDB itself).
 """
 
 import os
@@ -15,10 +17,20 @@ from espresso.data import DatasetError, require
 from espresso.proto import caffe_pb2
 
 COMMIT_EVERY = 1000  # records per write transaction, as Caffe's converters
+BACKENDS = ("lmdb", "leveldb")  # Caffe's --backend values
 
 
 def _lmdb():
     return require("lmdb", "reading and writing LMDB databases")
+
+
+def _plyvel():
+    return require("plyvel", "reading and writing LevelDB databases")
+
+
+def _is_leveldb(path):
+    names = os.listdir(path)
+    return "CURRENT" in names or any(n.endswith((".ldb", ".sst")) for n in names)
 
 
 def _lmdb_layout(path):
@@ -29,56 +41,55 @@ def _lmdb_layout(path):
         return False
     if os.path.exists(os.path.join(path, "data.mdb")):
         return True
-    names = os.listdir(path)
-    if "CURRENT" in names or any(n.endswith((".ldb", ".sst")) for n in names):
-        raise DatasetError(f"{path}: is a LevelDB database; Espresso reads LMDB only "
-                           "(rebuild it as LMDB: Caffe's converters with --backend=lmdb, or espresso.data.convert)")
+    if _is_leveldb(path):
+        raise DatasetError(f"{path}: is a LevelDB database, not LMDB (a Data layer reads it with `backend: LEVELDB`)")
     raise DatasetError(f"{path}: not an LMDB database (the directory has no data.mdb)")
 
 
-class _Environments:
-    """LMDB allows one open environment per database per process: readers of one database (a
-    train and a test net, two solvers) share it, and the last to close closes it."""
+def _check_leveldb(path):
+    if not os.path.isdir(path):
+        raise DatasetError(f"{path}: no such LevelDB database (" +
+                           ("a file, not a directory)" if os.path.exists(path) else "the path does not exist)"))
+    if os.path.exists(os.path.join(path, "data.mdb")):
+        raise DatasetError(f"{path}: is an LMDB database, not LevelDB (a Data layer reads it with `backend: LMDB`; "
+                           "LEVELDB is the default when backend is not given)")
+    if not _is_leveldb(path):
+        raise DatasetError(f"{path}: not a LevelDB database (the directory has no CURRENT file)")
+
+
+class _Shared:
+    """One open handle per database per process, shared by its readers (a train and a test net,
+    two solvers): LMDB allows one environment per process, LevelDB one lock holder; the last
+    reader to close closes it."""
 
     def __init__(self):
-        self.open, self.lock = {}, threading.Lock()  # real path -> [environment, readers]
+        # reentrant: opening may collect a layer whose finalizer releases another database
+        self.open, self.lock = {}, threading.RLock()  # real path -> [handle, readers]
 
-    def acquire(self, path, subdir):
-        lmdb, key = _lmdb(), os.path.realpath(path)
+    def acquire(self, path, opener):
+        key = os.path.realpath(path)
         with self.lock:
             if key not in self.open:
-                # lock=False: readers never write the lock file, so read-only datasets work
-                self.open[key] = [lmdb.open(path, subdir=subdir, readonly=True, lock=False, max_dbs=0), 0]
+                self.open[key] = [opener(), 0]
             self.open[key][1] += 1
             return self.open[key][0]
 
-    def release(self, env):
+    def release(self, handle):
         with self.lock:
-            key = next(key for key, (open_env, _) in self.open.items() if open_env is env)
+            key = next(key for key, (open_handle, _) in self.open.items() if open_handle is handle)
             self.open[key][1] -= 1
             if self.open[key][1] == 0:
                 del self.open[key]
-                env.close()
+                handle.close()
 
 
-_ENVIRONMENTS = _Environments()
+_SHARED = _Shared()
 
 
-class LMDBReader:
-    """Read-only access to an LMDB: `len`, `first()`, `items()` in key order, `cycle()`."""
+class _Reader:
+    """Read-only access to a database: `len`, `first()`, `items()` in key order, `cycle()`."""
 
-    def __init__(self, path):
-        lmdb, self.path, self.env = _lmdb(), os.fspath(path), None
-        subdir = _lmdb_layout(self.path)
-        try:
-            self.env = _ENVIRONMENTS.acquire(self.path, subdir)
-            self.entries = self.env.stat()["entries"]
-        except lmdb.Error as e:
-            self.close()
-            raise DatasetError(f"{self.path}: not a readable LMDB database: {e}") from None
-        if self.entries == 0:
-            self.close()
-            raise DatasetError(f"{self.path}: the database is empty")
+    handle = None
 
     def __len__(self):
         return self.entries
@@ -86,11 +97,6 @@ class LMDBReader:
     def first(self):
         """(key, value) of the first record."""
         return next(self.items())
-
-    def items(self):
-        """Every (key, value) in key order, in one read transaction."""
-        with self.env.begin(buffers=False) as txn:
-            yield from txn.cursor()
 
     def cycle(self, skip=0):
         """Values forever in key order, wrapping around at the end (Caffe's DataLayer::Next),
@@ -102,10 +108,15 @@ class LMDBReader:
                     continue
                 yield key, value
 
+    def _check_not_empty(self):
+        if self.entries == 0:
+            self.close()
+            raise DatasetError(f"{self.path}: the database is empty")
+
     def close(self):
-        if self.env is not None:
-            _ENVIRONMENTS.release(self.env)
-            self.env = None
+        if self.handle is not None:
+            _SHARED.release(self.handle)
+            self.handle = None
 
     def __enter__(self):
         return self
@@ -114,17 +125,55 @@ class LMDBReader:
         self.close()
 
 
-class LMDBWriter:
-    """A new LMDB written in transactions of COMMIT_EVERY records; the map grows as needed.
-
-    As Caffe's converters, it refuses to write into an existing path.
-    """
-
-    def __init__(self, path, map_size=1 << 28):
+class LMDBReader(_Reader):
+    def __init__(self, path):
         lmdb, self.path = _lmdb(), os.fspath(path)
+        subdir = _lmdb_layout(self.path)
+        try:
+            # lock=False: readers never write the lock file, so read-only datasets work
+            self.handle = _SHARED.acquire(self.path, lambda: lmdb.open(self.path, subdir=subdir, readonly=True,
+                                                                        lock=False, max_dbs=0))
+            self.entries = self.handle.stat()["entries"]
+        except lmdb.Error as e:
+            self.close()
+            raise DatasetError(f"{self.path}: not a readable LMDB database: {e}") from None
+        self._check_not_empty()
+
+    def items(self):
+        """Every (key, value) in key order, in one read transaction."""
+        with self.handle.begin(buffers=False) as txn:
+            yield from txn.cursor()
+
+
+class LevelDBReader(_Reader):
+    def __init__(self, path):
+        plyvel, self.path = _plyvel(), os.fspath(path)
+        _check_leveldb(self.path)
+        try:
+            self.handle = _SHARED.acquire(self.path, lambda: plyvel.DB(self.path, create_if_missing=False))
+            self.entries = sum(1 for _ in self.handle.iterator(include_value=False))  # LevelDB keeps no count
+        except plyvel.Error as e:
+            self.close()
+            raise DatasetError(f"{self.path}: not a readable LevelDB database: {e}") from None
+        self._check_not_empty()
+
+    def items(self):
+        """Every (key, value) in key order, from one snapshot."""
+        with self.handle.iterator() as records:
+            yield from records
+
+
+class _Writer:
+    """A new database written in batches of COMMIT_EVERY records.  As Caffe's converters, it
+    refuses to write into an existing path."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
         if os.path.exists(self.path):
             raise DatasetError(f"{self.path}: already exists; remove it or choose another name")
-        self.env = lmdb.open(self.path, map_size=map_size, subdir=True, meminit=False)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise DatasetError(f"{self.path}: folder {folder} does not exist")
         self.pending, self.count = [], 0
 
     def put(self, key, value):
@@ -136,21 +185,14 @@ class LMDBWriter:
             self.commit()
 
     def commit(self):
-        lmdb = _lmdb()
-        while self.pending:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in self.pending:
-                        txn.put(key, value)
-            except lmdb.MapFullError:  # the transaction was aborted: grow the map and redo it
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                continue
+        if self.pending:
+            self._write(self.pending)
             self.count += len(self.pending)
             self.pending = []
 
     def close(self):
         self.commit()
-        self.env.close()
+        self.handle.close()
 
     def __enter__(self):
         return self
@@ -159,7 +201,59 @@ class LMDBWriter:
         if exc_type is None:
             self.close()
         else:
-            self.env.close()
+            self.handle.close()
+
+
+class LMDBWriter(_Writer):
+    """An LMDB whose map grows as needed."""
+
+    def __init__(self, path, map_size=1 << 28):
+        lmdb = _lmdb()
+        super().__init__(path)
+        self.handle = lmdb.open(self.path, map_size=map_size, subdir=True, meminit=False)
+
+    def _write(self, records):
+        lmdb = _lmdb()
+        while True:
+            try:
+                with self.handle.begin(write=True) as txn:
+                    for key, value in records:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:  # the transaction was aborted: grow the map and redo it
+                self.handle.set_mapsize(self.handle.info()["map_size"] * 2)
+
+
+class LevelDBWriter(_Writer):
+    """A LevelDB opened as Caffe's db_leveldb.cpp opens a NEW one (256 MB write buffer)."""
+
+    def __init__(self, path):
+        plyvel = _plyvel()
+        super().__init__(path)
+        self.handle = plyvel.DB(self.path, create_if_missing=True, error_if_exists=True,
+                                write_buffer_size=268435456, max_open_files=100)
+
+    def _write(self, records):
+        with self.handle.write_batch() as batch:
+            for key, value in records:
+                batch.put(key, value)
+
+
+def _backend(name):
+    name = str(name).lower()
+    if name not in BACKENDS:
+        raise DatasetError(f"unknown database backend '{name}' (Caffe's are lmdb and leveldb)")
+    return name
+
+
+def open_db(path, backend="lmdb"):
+    """A reader of the database at `path`, of backend 'lmdb' or 'leveldb'."""
+    return {"lmdb": LMDBReader, "leveldb": LevelDBReader}[_backend(backend)](path)
+
+
+def new_db(path, backend="lmdb"):
+    """A writer of a new database at `path`, of backend 'lmdb' or 'leveldb'."""
+    return {"lmdb": LMDBWriter, "leveldb": LevelDBWriter}[_backend(backend)](path)
 
 
 # *** Datum records ***

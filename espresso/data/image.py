@@ -11,7 +11,6 @@ import io
 import numpy as np
 
 from espresso.data import DatasetError, require
-from espresso.io import resize_image
 from espresso.proto.text import require_regular
 
 
@@ -56,9 +55,20 @@ def read_image(path, height=0, width=0, is_color=True):
 
 
 def resize(chw, height, width):
-    """Bilinear resize of a uint8 C x H x W image, rounded back to uint8."""
-    out = resize_image(chw.transpose(1, 2, 0), (height, width))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(2, 0, 1).copy()
+    """OpenCV's INTER_LINEAR resize of a uint8 C x H x W image, rounded back to uint8."""
+    out = _resize_axis(chw.astype(np.float64), height, 1)
+    out = _resize_axis(out, width, 2)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _resize_axis(im, n_out, axis):
+    """Linear interpolation along `axis` at half-pixel centres, clamped at the edges."""
+    n_in = im.shape[axis]
+    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (src - lo).reshape((-1,) + (1,) * (im.ndim - axis - 1))  # broadcast along `axis`
+    return np.take(im, lo, axis=axis) * (1 - w) + np.take(im, hi, axis=axis) * w
 
 
 def encode_image(chw, fmt):

@@ -205,7 +205,7 @@ def _program(g, net, opset):
 def _walk(g, net, inputs):
     last_writer = {blob.name: i for i, tops in enumerate(net.top_vecs) for blob in tops}
     current = dict(inputs)  # blob name -> the MIL value holding its latest version
-    for i, layer in enumerate(net.layers):
+    for i, layer in enumerate(net.engine_layers):
         if layer.type == "Input":
             continue
         if layer.type not in CONVERTERS:
@@ -629,7 +629,7 @@ def _updatable(ct, net, precision, image_input, class_labels, solver, epochs):
 def _trainable_tail(net):
     """(the names of the layers from the first trainable InnerProduct to the final Softmax, the
     names of those InnerProduct layers), or a NetError saying what Core ML cannot train."""
-    layers = net.layers
+    layers = net.engine_layers
     last = layers[-1]
     if last.type != "Softmax" or last.axis != 1:
         last.fail("updatable: the net must end in a Softmax over axis 1, which Core ML's loss reads", NetError)

@@ -106,7 +106,7 @@ def _walk(g, net):
     """Append every layer's nodes to g; the graph's (inputs, outputs) value infos."""
     last_writer = {blob.name: i for i, tops in enumerate(net.top_vecs) for blob in tops}
     inputs, current = [], {}  # current: blob name -> the tensor holding its latest value
-    for i, layer in enumerate(net.layers):
+    for i, layer in enumerate(net.engine_layers):
         g.scope = layer.name
         bottoms, top_blobs = net.bottom_vecs[i], net.top_vecs[i]
         x = [current[b.name] for b in bottoms]
@@ -127,9 +127,9 @@ def _top_name(g, net, i, blob, last_writer):
     """The tensor that layer i writes for `blob`: ONNX writes a tensor once, so a blob overwritten
     in place is one tensor per version, the blob's name going to the last (to the first, for a net
     input, which ONNX Runtime is fed by that name) and "<blob>/<layer>" to the others."""
-    if net.layers[i].type == "Input" or (last_writer[blob] == i and blob not in net.inputs):
+    if net.engine_layers[i].type == "Input" or (last_writer[blob] == i and blob not in net.inputs):
         return blob
-    return g.fresh(f"{blob}/{net.layers[i].name}")
+    return g.fresh(f"{blob}/{net.engine_layers[i].name}")
 
 
 def _value_info(g, name, shape):

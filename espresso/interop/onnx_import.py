@@ -53,10 +53,10 @@ def read_model(path):
     try:
         model, weights, cut = _lean_model(onnx, os.fspath(path))
         onnx.checker.check_model(_without_data(onnx, model, cut))
-    except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise ModelFileError(f"{path}: not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
     except ModelFileError as e:
         raise ModelFileError(f"{path}: {e}") from None
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise ModelFileError(f"{path}: not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
     except Exception as e:  # protobuf's DecodeError has no common base with the above
         if type(e).__name__ != "DecodeError":
             raise

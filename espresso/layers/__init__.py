@@ -18,12 +18,13 @@ from espresso.layers import (  # noqa: F401
     recurrent,
     utility,
     vision,
+    window_data,
 )
 
 
 def __getattr__(name):
     if name[:1].isupper():  # a Caffe type name: NetSpec's L.<Type>(...)
-        from espresso.netspec import layers
+        from espresso.net_spec import layers
 
         return getattr(layers, name)
     raise AttributeError(f"module 'espresso.layers' has no attribute '{name}'")

@@ -1,4 +1,4 @@
-"""The layers that read datasets: Data (LMDB), ImageData, MemoryData, HDF5Data, HDF5Output.
+"""The layers that read datasets: Data (LMDB, LevelDB), ImageData, MemoryData, HDF5Data, HDF5Output.
 
 Caffe's prefetching data layers reshape and fill their tops in forward; reshape() does nothing.
 Random choices (crops, mirrors, shuffles, rand_skip) use generators seeded from
@@ -15,7 +15,7 @@ import numpy as np
 
 from espresso import cursor as saved
 from espresso.data import DatasetError, require
-from espresso.data.db import LMDBReader, decode_datum
+from espresso.data.db import decode_datum, open_db
 from espresso.data.image import read_image, read_image_list
 from espresso.data.prefetch import Prefetcher
 from espresso.data.transformer import DataTransformer
@@ -89,7 +89,7 @@ def _shutdown(running, *closing):
         thing.close()
 
 
-# *** Data: Datum records from an LMDB ***
+# *** Data: Datum records from an LMDB or LevelDB ***
 class _DatumDecoder:
     """(item, label) of one record; every item must have the first one's shape and type."""
 
@@ -121,8 +121,8 @@ class _DatumBatches:
 
 @register
 class DataLayer(_DataLayerBase):
-    """Datum records of an LMDB in key order, wrapping around at the end.  Honors data_param:
-    source, batch_size, backend (LMDB; LEVELDB is refused), rand_skip, prefetch; and
+    """Datum records of an LMDB or LevelDB in key order, wrapping around at the end.  Honors
+    data_param: source, batch_size, backend (LEVELDB, Caffe's default, or LMDB), rand_skip, prefetch; and
     transform_param.  Tops: data (batch_size, C, H, W after the crop) and optionally label.
 
     A dataset decoding to at most CACHE_LIMIT_BYTES is decoded once at setup and kept on the
@@ -140,9 +140,6 @@ class DataLayer(_DataLayerBase):
     def setup(self, bottom, top):
         self.reject_deprecated({**_DEPRECATED, "force_encoded_color": "force_color"})
         batch_size = self.positive_batch_size()
-        if self.p.backend != caffe_pb2.DataParameter.LMDB:
-            self.fail("data_param.backend: LEVELDB (the default when backend is not given) is not "
-                      "supported; convert the database to LMDB and set `backend: LMDB`")
         self.transformer = self.make_transformer()
         reader = self._open()
         self.decode = _DatumDecoder(self.p.source, self.transformer.color)
@@ -168,7 +165,7 @@ class DataLayer(_DataLayerBase):
 
     def _open(self):
         try:
-            return LMDBReader(self.p.source)
+            return open_db(self.p.source, caffe_pb2.DataParameter.DB.Name(self.p.backend))
         except DatasetError as e:
             self.fail(f"data_param.source: {e}", DatasetError)
 
@@ -411,7 +408,7 @@ class MemoryDataLayer(_DataLayerBase):
 
 def set_input_arrays(net, data, labels):
     """pycaffe's Net.set_input_arrays: feed the net's first MemoryData layer."""
-    for layer in net.layers:
+    for layer in net.engine_layers:
         if isinstance(layer, MemoryDataLayer):
             return layer.set_input_arrays(data, labels)
     raise NetError("set_input_arrays may only be called on a net with a MemoryData layer")
@@ -467,10 +464,11 @@ class HDF5DataLayer(_DataLayerBase):
         """Caffe's LoadHDF5FileData: every top's dataset, converted to the net's dtype."""
         h5py = _h5py()
         try:
-            with h5py.File(path, "r") as f:
-                arrays = [self._dataset(f, path, name) for name in self.lp.top]
+            f = h5py.File(path, "r")
         except OSError as e:
             self.fail(f"cannot open HDF5 file {path}: {e}", DatasetError)
+        with f:
+            arrays = [self._dataset(f, path, name) for name in self.lp.top]
         rows = {len(a) for a in arrays}
         if len(rows) != 1 or 0 in rows:
             self.fail(f"{path}: datasets {list(self.lp.top)} must have the same, non-zero number of rows, "
@@ -577,16 +575,3 @@ class HDF5OutputLayer(Layer):
 
     def backward(self, top, propagate_down, bottom):
         pass  # Caffe's HDF5OutputLayer::Backward does nothing
-
-
-@register
-class WindowDataLayer(_DataLayerBase):
-    """R-CNN window files: not supported."""
-
-    type = "WindowData"
-    param = "window_data_param"
-    legacy = "WINDOW_DATA"
-
-    def setup(self, bottom, top):
-        self.fail("WindowData (R-CNN window files) is not supported; crop the windows into images "
-                  "and use ImageData or Data instead")

@@ -53,18 +53,18 @@ class PythonLayer(Layer):
         except (ImportError, AttributeError) as e:
             raise LayerParamError(f"{self.where}: cannot load {self.p.module}.{self.p.layer}: {e}") from None
         self.blobs = _BlobVec(self)
-        self.impl = cls.__new__(cls)
-        self.impl.param_str, self.impl.phase, self.impl.blobs = self.p.param_str, phase, self.blobs
-        self.impl.layer, self.impl.type = self, "Python"  # pycaffe's layer.type
+        self.user_object = cls.__new__(cls)  # what pycaffe's net.layers[i] gives
+        self.user_object.param_str, self.user_object.phase = self.p.param_str, phase
+        self.user_object.blobs, self.user_object.type = self.blobs, "Python"  # pycaffe's layer.type
 
     def setup(self, bottom, top):
-        self.impl.setup(bottom, top)
+        self.user_object.setup(bottom, top)
 
     def reshape(self, bottom, top):
-        self.impl.reshape(bottom, top)
+        self.user_object.reshape(bottom, top)
 
     def forward(self, bottom, top):
-        self.impl.forward(bottom, top)
+        self.user_object.forward(bottom, top)
 
     def backward(self, top, propagate_down, bottom):
-        self.impl.backward(top, propagate_down, bottom)
+        self.user_object.backward(top, propagate_down, bottom)

@@ -23,7 +23,7 @@ TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 # what a Builder hands the Net: Caffe's layers_, layer_names_, blobs_ (by name), bottom_id_vecs_,
 # top_id_vecs_, bottom_vecs_, top_vecs_, the need-backward flags, learnable_params_ with their
 # multipliers, param owners (by id of each layer's param blob), net inputs and outputs
-BUILT = ("layers", "_layer_names", "_blobs", "_bottom_ids", "_top_ids", "bottom_vecs", "top_vecs",
+BUILT = ("engine_layers", "_layer_names", "_blobs", "_bottom_ids", "_top_ids", "bottom_vecs", "top_vecs",
          "bottom_need_backward", "layer_need_backward", "blob_need_backward", "learnable_params",
          "params_lr", "params_weight_decay", "_param_owner_of", "_input_names", "outputs")
 
@@ -140,7 +140,7 @@ class Builder:
     def __init__(self, phase, force_backward, backend, dtype, allow_python):
         self.phase, self.force_backward = phase, force_backward
         self.backend, self.dtype, self.allow_python = backend, dtype, allow_python
-        self.layers, self._layer_names = [], []
+        self.engine_layers, self._layer_names = [], []
         self._blobs = collections.OrderedDict()
         self._bottom_ids, self._top_ids = [], []
         self.bottom_need_backward, self.layer_need_backward = [], []
@@ -199,7 +199,7 @@ class Builder:
 
             check_python_allowed(layer_param, where)
         layer = cls(layer_param, self.backend, layer_param.phase, self.dtype, where)
-        self.layers.append(layer)
+        self.engine_layers.append(layer)
         self._layer_names.append(layer_param.name)
         need_backward = self._append_bottoms(layer, layer_param, available)
         self._append_tops(layer_id, layer, layer_param, available)
@@ -308,8 +308,8 @@ class Builder:
         backpropagates into, skip backward; then force_backward turns everything back on."""
         names = list(self._blobs)
         under_loss, skip = set(), set()
-        for i in reversed(range(len(self.layers))):
-            layer = self.layers[i]
+        for i in reversed(range(len(self.engine_layers))):
+            layer = self.engine_layers[i]
             top_names = [names[t] for t in self._top_ids[i]]
             contributes = any(w for w in layer.loss_weights) or any(n in under_loss for n in top_names)
             skip_down = all(n in skip for n in top_names)
@@ -329,7 +329,7 @@ class Builder:
             self._force_backward()
 
     def _force_backward(self):
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.engine_layers):
             self.layer_need_backward[i] = True
             for k, b in enumerate(self._bottom_ids[i]):
                 need = self.bottom_need_backward[i][k] or layer.allow_force_backward(k)
@@ -344,7 +344,7 @@ class Builder:
         with force_backward; a TEST net is forward-only and may keep such a layout.
         """
         check_backward = self.phase == TRAIN or self.force_backward
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.engine_layers):
             for j, t in enumerate(self._top_ids[i]):
                 if j >= len(self._bottom_ids[i]) or self._bottom_ids[i][j] != t:
                     continue
@@ -358,8 +358,8 @@ class Builder:
         writers = [w for w in self._writers[blob_id] if w < i]
         if not writers or not self.layer_need_backward[i]:
             return
-        previous = self.layers[writers[-1]]
+        previous = self.engine_layers[writers[-1]]
         if previous.backward_reads_top and self.layer_need_backward[writers[-1]]:
-            raise NetError(f"{self.layers[i].where}: runs in place on '{list(self._blobs)[blob_id]}', "
+            raise NetError(f"{self.engine_layers[i].where}: runs in place on '{list(self._blobs)[blob_id]}', "
                            f"which {previous.where} needs unchanged for its backward pass; "
                            "give the in-place layer its own top blob")

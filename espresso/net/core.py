@@ -51,7 +51,7 @@ class Net(PycaffeNet):
         builder = Builder(self.phase, param.force_backward, self.backend, self.dtype, allow_python)
         vars(self).update(builder.build(insert_splits(filter_layers(param, lines, self.source)), self.source))
         self._reshaped_for = [[b.shape for b in bottom] for bottom in self.bottom_vecs]
-        self._checked_at = [None] * len(self.layers)  # the graphs version when layer i's bottoms were checked
+        self._checked_at = [None] * len(self.engine_layers)  # the graphs version when layer i's bottoms were checked
         self._make_arena()
         if weights:
             self.copy_from(weights)
@@ -61,14 +61,14 @@ class Net(PycaffeNet):
         """Make every learnable param a view of the arena, and every shared param a view of its
         owner."""
         self._bind_arena(self.learnable_params)
-        for layer in self.layers:
+        for layer in self.engine_layers:
             for blob in layer.blobs:
                 owner = self._owner(blob)
                 if owner is not blob:
                     blob.bind(owner.data, owner.diff)
-        users = collections.Counter(self._param_owner_of[id(b)] for layer in self.layers for b in layer.blobs)
+        users = collections.Counter(self._param_owner_of[id(b)] for layer in self.engine_layers for b in layer.blobs)
         self._shares_params = [any(users[self._param_owner_of[id(b)]] > 1 for b in layer.blobs)
-                               for layer in self.layers]
+                               for layer in self.engine_layers]
 
     def _bind_arena(self, params):
         xp, total = self.backend.xp, sum(b.count for b in params)
@@ -100,7 +100,7 @@ class Net(PycaffeNet):
     def replace_layer(self, index, layer):
         """Run `layer` in place of layer `index`, on the same bottoms and tops (an add-on's
         stand-in for a built layer); graphs captured before are void."""
-        self.layers[index] = layer
+        self.engine_layers[index] = layer
         graphs.invalidate(self.backend)
 
     # *** running ***
@@ -117,7 +117,7 @@ class Net(PycaffeNet):
         and the loss into them on the device: a test batch with no host round trip.  Returns the
         weighted loss (Caffe's ForwardFromTo, summed in the net's dtype) as a 0-d device array,
         valid until the next run."""
-        end = len(self.layers) - 1 if end is None else end
+        end = len(self.engine_layers) - 1 if end is None else end
 
         def run():
             self._loss[...] = sum(self.forward_layers(start, end), self.dtype.type(0))
@@ -148,7 +148,7 @@ class Net(PycaffeNet):
         (not computed when not `losses`)."""
         terms = []
         for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            layer, bottom, top = self.engine_layers[i], self.bottom_vecs[i], self.top_vecs[i]
             self._call("before_forward", i)
             if self._checked_at[i] != graphs.version(self.backend):  # some blob changed shape since: look
                 shapes = [b.shape for b in bottom]
@@ -172,21 +172,22 @@ class Net(PycaffeNet):
                 if self.layer_need_backward[i]:
                     # a diff that other layers accumulate into too is never written by two streams
                     with self.backend.overlapping(not self._shares_params[i]):
-                        self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                        layer = self.engine_layers[i]
+                        layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
                 self._call("after_backward", i)
 
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
         loss = float(self.run_forward())
         self.check_problems()
-        self.backward_range(len(self.layers) - 1, 0)
+        self.backward_range(len(self.engine_layers) - 1, 0)
         return loss
 
     def check_problems(self):
         """Raise what the layers' device checks recorded (labels that are no class), in one read
         back; pycaffe's forward, forward_backward and the solver call it where they read values
         back anyway, so a CUDA graph never waits on the host for it."""
-        found = [problem for problem in (layer.device_problem() for layer in self.layers) if problem is not None]
+        found = [problem for problem in (layer.device_problem() for layer in self.engine_layers) if problem is not None]
         if not found:
             return
         values = self.backend.to_host(self.backend.xp.stack([array for array, _ in found]))
@@ -197,14 +198,14 @@ class Net(PycaffeNet):
 
     def data_cursors(self):
         """{layer name: cursor} of the layers that read datasets, for a snapshot."""
-        cursors = {layer.name: layer.cursor() for layer in self.layers}
+        cursors = {layer.name: layer.cursor() for layer in self.engine_layers}
         return {name: cursor for name, cursor in cursors.items() if cursor is not None}
 
     def eager_reason(self, start=0, end=None):
         """Why layers start..end cannot run as a CUDA graph, or None when they can."""
         if any(self._callbacks.values()):
             return "pycaffe callbacks (before_forward etc.) run between the layers"
-        return graphs.eager_reason(self.backend, self.layers[start:None if end is None else end + 1])
+        return graphs.eager_reason(self.backend, self.engine_layers[start:None if end is None else end + 1])
 
     def _call(self, when, i):
         """Run the `when` callbacks for layer i; what they wrote through the views reaches the
@@ -216,7 +217,7 @@ class Net(PycaffeNet):
     def reshape(self):
         """Propagate input shape changes through every layer (Caffe's Net::Reshape)."""
         self.sync()
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.engine_layers):
             layer.reshape(self.bottom_vecs[i], self.top_vecs[i])
             self._reshaped_for[i] = [b.shape for b in self.bottom_vecs[i]]
 
@@ -235,11 +236,11 @@ class Net(PycaffeNet):
         """Caffe's ShareTrainedLayersWith: this net's layers use `other`'s weights (by layer name)."""
         self.sync()
         index = {name: i for i, name in enumerate(self._layer_names)}
-        for source in other.layers:
+        for source in other.engine_layers:
             target = index.get(source.name)
             if target is None:
                 continue
-            for mine, theirs in zip(self.layers[target].blobs, source.blobs):
+            for mine, theirs in zip(self.engine_layers[target].blobs, source.blobs):
                 if mine.shape != theirs.shape:
                     raise ShapeError(f"layer '{source.name}': cannot share {theirs.shape} with {mine.shape}")
                 mine.share_data(theirs)

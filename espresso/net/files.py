@@ -48,7 +48,7 @@ def copy_from(net, path):
     for source, arrays in zip(param.layer, layer_blobs):
         target = index.get(source.name)
         if target is not None and arrays is not None:
-            _copy_layer(net, name, net.layers[target], arrays)
+            _copy_layer(net, name, net.engine_layers[target], arrays)
             release(arrays)  # drop the copied file pages: the peak stays near 1x the weights
 
 
@@ -82,7 +82,7 @@ def save(net, path, diff=False):
     net.sync()
     param = caffe_pb2.NetParameter(name=net.name)
     blobs = []
-    for layer in net.layers:
+    for layer in net.engine_layers:
         lp = param.layer.add()
         lp.CopyFrom(layer.lp)
         del lp.blobs[:]
@@ -101,7 +101,7 @@ def save_hdf5(net, path, diff=False):
 
     def fill(f):
         data, diffs = f.create_group("data"), f.create_group("diff") if diff else None
-        for layer in net.layers:
+        for layer in net.engine_layers:
             if layer.name in data:
                 raise ModelFileError(f"{path}: two layers named '{layer.name}'; HDF5 weights are "
                                      "keyed by layer name (Caffe fails there too)")
@@ -120,7 +120,7 @@ def save_hdf5(net, path, diff=False):
 def check_hdf5_names(net, path):
     """HDF5 weights are keyed by layer name, and h5py reads "/" as a path (Caffe's ToHDF5 fails
     there): such a name would be lost without a word on loading, so it is refused."""
-    for layer in net.layers:
+    for layer in net.engine_layers:
         if not layer.name or "/" in layer.name:
             raise ModelFileError(f"{path}: layer name {layer.name!r} cannot key HDF5 weights (empty or "
                                  "holding '/'); rename the layer or use snapshot_format: BINARYPROTO")
@@ -142,7 +142,8 @@ def load_hdf5(net, path):
         for source in data:
             target = index.get(source)
             if target is not None:
-                _copy_layer_hdf5(net, name, net.layers[target], hdf5.member(data, source, "group", f"{path}: data"))
+                group = hdf5.member(data, source, "group", f"{path}: data")
+                _copy_layer_hdf5(net, name, net.engine_layers[target], group)
 
 
 def _copy_layer_hdf5(net, path, layer, group):

@@ -31,7 +31,7 @@ class PycaffeNet:
     @property
     def params(self):
         return collections.OrderedDict((name, [self._view(b) for b in layer.blobs])
-                                       for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
+                                       for name, layer in zip(self._layer_names, self.engine_layers) if layer.blobs)
 
     @property
     def inputs(self):
@@ -57,9 +57,39 @@ class PycaffeNet:
     def blob_loss_weights(self):
         """pycaffe's: each blob's loss weight, that of the layer writing it (last)."""
         names, weights = list(self._blobs), dict.fromkeys(self._blobs, 0.0)
-        for layer, ids in zip(self.layers, self._top_ids):
+        for layer, ids in zip(self.engine_layers, self._top_ids):
             weights.update((names[t], float(w)) for t, w in zip(ids, layer.loss_weights))
         return collections.OrderedDict(weights)
+
+    # pycaffe's underscored names (the C++ bindings that its Python wrappers build on)
+    @property
+    def _inputs(self):
+        return [list(self._blobs).index(name) for name in self._input_names]
+
+    @property
+    def _outputs(self):
+        return [list(self._blobs).index(name) for name in self.outputs]
+
+    @property
+    def _blob_loss_weights(self):
+        return list(self.blob_loss_weights.values())
+
+    def _forward(self, start, end):
+        """Layers start..end forward; the weighted loss (Caffe's ForwardFromTo)."""
+        loss = self.run_forward(start, end)
+        self.check_problems()
+        return float(loss)
+
+    def _backward(self, start, end):
+        self.backward_range(start, end)
+
+    def _set_input_arrays(self, data, labels):
+        return self.set_input_arrays(data, labels)
+
+    @property
+    def layers(self):
+        """pycaffe's net.layers: the layers, a Python layer as the user's own object."""
+        return [getattr(layer, "user_object", layer) for layer in self.engine_layers]
 
     @property
     def layer_dict(self):
@@ -76,7 +106,7 @@ class PycaffeNet:
                 raise ShapeError(f"input '{name}' has batch {value.shape[0]}, "
                                  f"net expects {self._blobs[name].shape[0]}")
             views[name].data[...] = value
-        start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1)
+        start_i, end_i = self._layer_index(start, 0), self._layer_index(end, len(self.engine_layers) - 1)
         self.run_forward(start_i, end_i)
         self.check_problems()
         names = self.top_names[self._layer_names[end_i]] if end is not None else self.outputs
@@ -89,7 +119,7 @@ class PycaffeNet:
             if name not in self.outputs:
                 raise NetError(f"'{name}' is not an output of the net (outputs: {self.outputs})")
             views[name].diff[...] = value
-        start_i = self._layer_index(start, len(self.layers) - 1)
+        start_i = self._layer_index(start, len(self.engine_layers) - 1)
         end_i = self._layer_index(end, 0)
         self.backward_range(start_i, end_i)
         names = self.bottom_names[self._layer_names[end_i]] if end is not None else self.inputs

@@ -31,7 +31,8 @@ def eager_solver_reason(solver):
 
 def _scalar_loss(net):
     """The net's loss blob when it has one, of one element (its diff holds the loss weight)."""
-    blobs = [blob for layer, top in zip(net.layers, net.top_vecs) for blob, w in zip(top, layer.loss_weights) if w]
+    blobs = [blob for layer, top in zip(net.engine_layers, net.top_vecs)
+             for blob, w in zip(top, layer.loss_weights) if w]
     return blobs[0] if len(blobs) == 1 and blobs[0].count == 1 else None
 
 
@@ -78,7 +79,7 @@ class DeviceLoop:
     def _iteration(self):
         """What the graph holds: Caffe's iteration from ClearParamDiffs to ApplyUpdate."""
         s, xp = self.solver, self.xp
-        net, last, size = s.net, len(s.net.layers) - 1, s.param.iter_size
+        net, last, size = s.net, len(s.net.engine_layers) - 1, s.param.iter_size
         loss = _scalar_loss(net)
         if size == 1 and loss is not None and net.backend.k.record_iteration is not None:
             # the bookkeeping (rate, loss, slot) in one kernel

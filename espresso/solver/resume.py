@@ -41,7 +41,7 @@ def restore_cursors(solver, payload, path):
             raise saved.CursorError(f"cursors: expected a list of {len(nets)} nets' cursors")
         for net, net_cursors in zip(nets, cursors):
             saved.mapping(net_cursors, "a net's cursors")
-            for layer in net.layers:
+            for layer in net.engine_layers:
                 if layer.name in net_cursors:
                     _seek(layer, net_cursors[layer.name])
         saved.set_generator(host_rng(), state.get("host_rng"), "host_rng")

@@ -320,6 +320,15 @@ class Solver:
             log.info("Iteration %d, lr = %s", self.iter, format_g(rate))
         self.updater.apply(rate, self.iter)
 
+    @property
+    def lr(self):
+        """pycaffe's SGDSolver.lr: the learning rate of the current iteration."""
+        return float(learning_rate(self.param, self.iter, self.current_step, self.net.dtype)[0])
+
+    def share_weights(self, net):
+        """pycaffe's Solver.share_weights: `net` uses the training net's weights (by layer name)."""
+        net.share_with(self.net)
+
     def _log_rate(self, rate, step):
         if self.param.lr_policy == "multistep" and step != self.current_step:
             log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
@@ -448,7 +457,7 @@ def _check_format(param):
 def output_loss_weights(net):
     """Caffe's blob_loss_weights for each output: the weight of the last layer writing it."""
     weights = {}
-    for layer in net.layers:
+    for layer in net.engine_layers:
         for name, weight in zip(layer.lp.top, layer.loss_weights, strict=False):
             weights[name] = weight
     return weights

@@ -1,4 +1,4 @@
-"""Data, ImageData, MemoryData, HDF5Data, HDF5Output (and WindowData's refusal), built in nets."""
+"""Data (LMDB and LevelDB), ImageData, MemoryData, HDF5Data, HDF5Output, built in nets."""
 
 import numpy as np
 import pytest
@@ -126,7 +126,8 @@ def test_data_layer_float_and_encoded_records(tmp_path, rng):
 
 def test_data_layer_errors(tmp_path):
     source = write_db(tmp_path / "db", 3)
-    with pytest.raises(LayerParamError, match="layer 'd' \\(Data\\): data_param.backend: LEVELDB"):
+    with pytest.raises(DatasetError, match="layer 'd' \\(Data\\): data_param.source: .*is an LMDB database, not "
+                                           "LevelDB.*`backend: LMDB`; LEVELDB is the default"):
         make_net(f'layer {{ name: "d" type: "Data" top: "x" data_param {{ source: "{source}" batch_size: 1 }} }}')
     with pytest.raises(DatasetError, match="layer 'd' \\(Data\\): data_param.source: .*nope.*does not exist"):
         data_net(tmp_path / "nope", "batch_size: 1")
@@ -325,7 +326,18 @@ def test_hdf5_output_round_trip(tmp_path, rng, h5py):
     net.backward()  # a no-op, as in Caffe
 
 
-def test_window_data_is_refused():
-    with pytest.raises(LayerParamError, match="WindowData .* is not supported"):
-        make_net('layer { name: "w" type: "WindowData" top: "data" top: "label" '
-                 'window_data_param { source: "windows.txt" batch_size: 1 } }')
+def test_data_reads_leveldb_as_caffes_default_backend(tmp_path):
+    """No `backend` means LEVELDB, as in Caffe; the records come in key order, wrapping around."""
+    from espresso.data.db import LevelDBWriter
+
+    with LevelDBWriter(tmp_path / "level") as db:
+        for i in (2, 0, 1):  # written out of order: read in key order
+            db.put(f"{i:08d}", make_datum(np.full((1, 2, 2), 10 * i, np.uint8), i))
+    net = make_net(f'layer {{ name: "d" type: "Data" top: "data" top: "label" '
+                   f'data_param {{ source: "{tmp_path / "level"}" batch_size: 2 }} }}')
+    labels = []
+    for _ in range(3):
+        net.forward()
+        labels += net.blobs["label"].data.tolist()
+        assert_close(net.blobs["data"].data[:, 0, 0, 0], 10 * net.blobs["label"].data)
+    assert labels == [0, 1, 2, 0, 1, 2]

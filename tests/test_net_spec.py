@@ -1,13 +1,13 @@
-"""espresso.netspec: pycaffe's NetSpec, layers (L), params (P) and to_proto."""
+"""espresso.net_spec: pycaffe's NetSpec, layers (L), params (P) and to_proto."""
 
 import numpy as np
 import pytest
 
 import espresso
 from espresso.errors import LayerParamError, NetError
-from espresso.netspec import NetSpec, param_name_dict, to_proto
-from espresso.netspec import layers as L
-from espresso.netspec import params as P
+from espresso.net_spec import NetSpec, param_name_dict, to_proto
+from espresso.net_spec import layers as L
+from espresso.net_spec import params as P
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text, to_text
 
@@ -173,8 +173,9 @@ def test_bad_values():
 
 def test_bottoms_must_be_tops():
     pair = L.DummyData(shape=dict(dim=[1]), ntop=2)
-    with pytest.raises(NetError, match=r"bottom 0 .* got tuple; pick one output"):
-        L.ReLU(pair)
+    with pytest.raises(TypeError, match=r"^ReLU input 0 is not a Top \(type is <class 'tuple'>\)$") as caught:
+        L.ReLU(pair)  # pycaffe's TypeError, in its words
+    assert isinstance(caught.value, NetError)
     n = NetSpec()
     n.pair = pair
     with pytest.raises(NetError, match="unpack several outputs"):

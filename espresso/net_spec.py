@@ -96,6 +96,10 @@ def _set(setter, value, path):
 
 
 # *** the graph: Top (one output blob) and Function (one layer) ***
+class BottomTypeError(NetError, TypeError):
+    """A layer's input that is not a Top (pycaffe raises TypeError)."""
+
+
 class Top:
     """Output `n` of a layer-to-be; pass it as a bottom, or assign it to a NetSpec to name it."""
 
@@ -123,10 +127,8 @@ class Function:
         self.ntop = self.params.pop("ntop", 1)
         self.in_place = self.params.pop("in_place", False)
         for k, inp in enumerate(inputs):
-            if not isinstance(inp, Top):
-                hint = "; pick one output with [i]" if isinstance(inp, tuple) else ""
-                raise NetError(f"L.{type_name}: bottom {k} must be a layer output (a Top), "
-                               f"got {type(inp).__name__}{hint}")
+            if not isinstance(inp, Top):  # pycaffe's words, which its tests match
+                raise BottomTypeError(f"{type_name} input {k} is not a Top (type is {type(inp)})")
         self.inputs = tuple(inputs)
         self.tops = tuple(Top(self, n) for n in range(self.ntop))
 
