@@ -270,25 +270,15 @@ def cmd_time(args):
     """Per-layer forward and backward milliseconds, averaged over `iterations` (Caffe's `caffe time`)."""
     _set_device(args)
     net = _net(args, _phase(args.phase))
-    n, backend = len(net.engine_layers), net.backend
     net.forward_backward()  # warm-up: first-touch allocations, kernel compilation
     if net.eager_reason() is None:
         return _time_graphs(net, args.iterations)
-    forward_ms, backward_ms = np.zeros(n), np.zeros(n)
+    from espresso.bench.measure import layer_times
+
     start = time.perf_counter()
-    for _ in range(args.iterations):  # eager, layer by layer; on a GPU timed by CUDA events
-        marks = [backend.mark()]
-        for i in range(n):
-            net.forward_layers(i, i)
-            marks.append(backend.mark())
-        for i in reversed(range(n)):
-            net.backward_range(i, i)
-            marks.append(backend.mark())
-        ms = [backend.elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
-        forward_ms += ms[:n]
-        backward_ms += ms[n:][::-1]
-    total_ms = (time.perf_counter() - start) * 1e3
-    _report_times(net, forward_ms / args.iterations, backward_ms / args.iterations, total_ms / args.iterations)
+    forward_ms, backward_ms = layer_times(net, args.iterations)  # eager, layer by layer; on a GPU, CUDA events
+    total_ms = (time.perf_counter() - start) * 1e3 / args.iterations
+    _report_times(net, forward_ms, backward_ms, total_ms)
     return 0
 
 
@@ -446,6 +436,33 @@ def cmd_draw(args):
     return 0
 
 
+def cmd_bench(args):
+    """Speed, memory and energy of the standard nets (or --model ones), CPU and GPU, Espresso beside PyTorch."""
+    from espresso import bench
+
+    devices = (["cpu"] if args.cpu or args.gpu is None else []) + (["gpu"] if args.gpu is not None else [])
+    frameworks = ["espresso"] + (["torch eager", "torch graph"] if args.compare == "torch" else [])
+    modes = [m for m, on in (("infer", args.infer or not args.train), ("train", args.train or not args.infer)) if on]
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else (bench.QUICK["batches"] if args.quick
+                                                                          else [1, 64, 256])
+    names = args.model or bench.STANDARD
+    gpu = int(args.gpu.split(",")[0]) if args.gpu not in (None, "all") else 0
+
+    def progress(done, total, what):
+        filled = 30 * done // max(total, 1)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {what}"
+        sys.stderr.write("\r\x1b[K" + line if sys.stderr.isatty() else line + "\n")
+        sys.stderr.flush()
+
+    results = bench.run(names, devices, batches, modes, frameworks, args.report, quick=args.quick, gpu=gpu,
+                        repeats=args.repeats, watts_per_core=args.watts_per_core, progress=progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    log.info("Measured %d cases in %.0f s; the report is %s", len(results["cases"]), results["seconds"],
+             os.path.join(args.report, "report.html"))
+    return 0
+
+
 def cmd_demo(args):
     """The local web app: a classifier (the shipped Fashion-MNIST LeNet by default) that learns new classes."""
     from espresso.demo.app import serve
@@ -590,6 +607,23 @@ def _parser():
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000, help="the port (default 8000)")
     p.set_defaults(run=cmd_demo)
+    p = sub.add_parser("bench", help="speed, memory and energy, CPU against GPU, Espresso beside PyTorch")
+    p.add_argument("--model", action="append", help="a model to measure (repeatable; default the standard suite: "
+                   "lenet, lenet300, lenet_dc, lenet300_dc, caffenet, googlenet, resnet50)")
+    p.add_argument("--suite", default="standard", choices=["standard"], help="the set of models (default standard)")
+    p.add_argument("--cpu", action="store_true", help="measure the CPU too when --gpu is given")
+    p.add_argument("--gpu", type=_gpus, default=None, help="measure this GPU")
+    p.add_argument("--batch", default="", help="batch sizes, e.g. 1,64,256 (the default; --quick: 1,64)")
+    p.add_argument("--train", action="store_true", help="training only (default: training and inference)")
+    p.add_argument("--infer", action="store_true", help="inference only")
+    p.add_argument("--compare", default="", choices=["", "torch"], help="measure PyTorch beside (eager; on a GPU "
+                   "its CUDA graph too)")
+    p.add_argument("--quick", action="store_true", help="3 short repeats; the big nets at batch 1 and 2 only")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed blocks per case (default 5; --quick 3)")
+    p.add_argument("--watts-per-core", type=float, default=5.0,
+                   help="the CPU energy estimate's input where no RAPL counter is readable (default 5 W)")
+    p.add_argument("--report", required=True, help="the folder for bench.json, report.md, report.html, plots")
+    p.set_defaults(run=cmd_bench)
     p = sub.add_parser("compare", help="two models on one input, tensor by tensor (exit 1 where they differ)")
     p.add_argument("a", help="model.onnx (ONNX Runtime), espresso:model.onnx (imported), net.prototxt:weights, "
                              "or weights (.caffemodel, .h5, .espz) of --model")

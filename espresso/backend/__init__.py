@@ -31,6 +31,7 @@ Capabilities, with their defaults:
   rng_state() / set_rng_state(state)   rng's state as JSON values, saved with a snapshot
                             (None here: not saved, a resumed run draws anew)
   peak_memory()             the most device memory held so far, in bytes (host RSS here)
+  reset_peak_memory()       peak_memory starts over from what is held now (benchmarks)
   available_memory()        bytes the device can still give (the host's MemAvailable here)
 """
 
@@ -122,7 +123,20 @@ class Backend:
         return HostUploader()
 
     def peak_memory(self):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        """The process's peak RSS since the last reset_peak_memory (Linux's VmHWM), else ever."""
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def reset_peak_memory(self):
+        """Start peak_memory over from what is held now (Linux: clear_refs 5 resets VmHWM)."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
 
     def available_memory(self):
         try:

@@ -182,6 +182,16 @@ class CUDABackend(Backend):
         with self.device:
             return self.device.mem_info[0] + self.xp.get_default_memory_pool().free_bytes()
 
+    def reset_peak_memory(self):
+        """Give back the pools' unused blocks, forget the pools of graphs no longer held, and
+        start the peak over from what is held now."""
+        with self.device:
+            self._graph_pools = [pool for pool in self._graph_pools if pool.used_bytes()]
+            for pool in [self.xp.get_default_memory_pool(), *self._graph_pools]:
+                pool.free_all_blocks()
+        self._peak = 0
+        self._sample_peak()
+
     def _sample_peak(self):
         with self.device:
             pools = [self.xp.get_default_memory_pool(), *self._graph_pools]
