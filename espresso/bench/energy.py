@@ -115,7 +115,7 @@ class Meter:
         else:
             with self.measure() as m:
                 time.sleep(seconds)
-            self.idle_watts = m.joules / m.seconds
+            self.idle_watts = m.joules / m.window_seconds
         return self.idle_watts
 
     def measure(self):
@@ -141,14 +141,33 @@ class _Measurement:
         self._sampler = _PowerSampler(m._nvml.power_watts) if m.kind == "nvml-power-samples" else None
         if self._sampler:
             self._sampler.start()
-        self._start, self._t0 = m._read(), time.perf_counter()
+        self._start, self._window_start = self._tick()
+        self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
-        end = self.meter._read()
-        self.joules = self._sampler.stop() if self._sampler else _wrapped(end - self._start, self.meter)
+        end, window_end = self._tick()
+        joules = self._sampler.stop() if self._sampler else _wrapped(end - self._start, self.meter)
+        # the counter's window ran past the work by the wait for its ticks: that tail was idle
+        self.window_seconds = window_end - self._window_start
+        idle = self.meter.idle_watts or 0.0
+        self.joules = joules - idle * max(self.window_seconds - self.seconds, 0.0)
         return False
+
+    def _tick(self):
+        """(reading, time) just after the counter changed: NVML's counter moves in steps (tens of
+        ms apart), so a block measured between two steps is exact to the step, not to its period."""
+        first = self.meter._read()
+        if self.meter.kind != "nvml-counter":
+            return first, time.perf_counter()
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            value = self.meter._read()
+            if value != first:
+                return value, time.perf_counter()
+            time.sleep(0.001)
+        return first, time.perf_counter()
 
 
 def _wrapped(delta, meter):

@@ -8,7 +8,7 @@ min_seconds), each timed and metered for energy; batch-1 inference also times si
 for the latency distribution; the peak host RSS and device memory of each case (started over
 between cases); per-layer forward and backward times of Espresso's training net.  Espresso's
 inference is Net.run_forward (the output stays on the device, as PyTorch's); training is
-Solver.step (SGD, lr 0.01, momentum 0.9, weight decay 5e-4, fixed policy), its CUDA graph on a GPU.
+Solver.step (SGD, lr 0.001, momentum 0.9, weight decay 5e-4, fixed policy), its CUDA graph on a GPU.
 """
 
 import gc
@@ -32,7 +32,7 @@ def espresso_case(model, train, batch, device, rng):
     """(step(n), sync(), net, net_param) of one Espresso case, inputs filled with random data."""
     param = models.net_param(model, batch, train)
     if train:
-        solver_param = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
+        solver_param = caffe_pb2.SolverParameter(base_lr=0.001, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
                                                  max_iter=10**9, display=0, snapshot_after_train=False)
         solver_param.net_param.CopyFrom(param)
         solver = espresso.SGDSolver(solver_param)
