@@ -4,7 +4,6 @@ convert_mnist_siamese_data, extract_features, upgrade_net_proto_text, upgrade_ne
 and upgrade_solver_proto_text.  Databases are LMDB unless --backend=leveldb (Caffe's default for
 the converters, and its flag)."""
 
-import argparse
 import logging
 
 import espresso
@@ -17,17 +16,29 @@ from espresso.proto.upgrade import upgrade_net, upgrade_solver
 log = logging.getLogger("espresso")
 
 
-def _flag(text):
-    """A gflags boolean given a value (--shuffle=true); alone it is True."""
-    if text.lower() in ("1", "true", "t", "yes", "y"):
-        return True
-    if text.lower() in ("0", "false", "f", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"give true or false, got '{text}'")
+BOOLEANS = ("gray", "shuffle", "encoded", "check_size")  # gflags booleans of the converters
+
+
+def gflags_booleans(argv):
+    """gflags' spellings of a boolean: --x alone (never taking the next word), --x=true/false,
+    --nox; argparse's store_true gets --x or nothing."""
+    out = []
+    for word in argv:
+        name, eq, value = word.lstrip("-").partition("=")
+        if word.startswith("-") and name.removeprefix("no") in BOOLEANS and name not in BOOLEANS and not eq:
+            continue  # --nox
+        if word.startswith("-") and name in BOOLEANS and eq:
+            if value.lower() in ("1", "true", "t", "yes", "y"):
+                out.append(f"--{name}")
+            elif value.lower() not in ("0", "false", "f", "no", "n"):
+                out.append(word)  # argparse says what is wrong with it
+            continue
+        out.append(word)
+    return out
 
 
 def _bool(p, name, help):
-    p.add_argument(name, nargs="?", const=True, default=False, type=_flag, help=help)
+    p.add_argument(name, action="store_true", help=help)
 
 
 def _backend(p, default="lmdb"):
@@ -68,7 +79,7 @@ def add_parsers(sub):
                        help="CIFAR-10 binary batches -> cifar10_train_<db> and cifar10_test_<db>")
     p.add_argument("input_folder", help="the folder of data_batch_1..5.bin and test_batch.bin")
     p.add_argument("output_folder", help="where the two databases go")
-    p.add_argument("db_type", nargs="?", default="lmdb", choices=BACKENDS, help="lmdb or leveldb (default lmdb)")
+    p.add_argument("db_type", choices=BACKENDS, help="lmdb or leveldb")
     p.set_defaults(run=cmd_convert_cifar)
 
     p = sub.add_parser("convert-mnist-siamese-data", aliases=["convert_mnist_siamese_data"],
@@ -103,6 +114,10 @@ def _progress(what):
     return lambda done, total: log.info("Processed %d of %d %s.", done, total, what)
 
 
+def _processed(done, total):
+    log.info("Processed %d files.", done)  # Caffe's line, every 1000 records written and at the end
+
+
 def cmd_convert_mnist(args):
     n = convert.convert_mnist(args.images, args.labels, args.db, backend=args.backend)
     log.info("Wrote %s records to %s", n, args.db)
@@ -112,10 +127,9 @@ def cmd_convert_mnist(args):
 def cmd_convert_imageset(args):
     written, skipped = convert.convert_imageset(
         args.root_folder, args.listfile, args.db, args.resize_height, args.resize_width, args.gray, args.shuffle,
-        args.encoded, args.encode_type, progress=_progress("files"), backend=args.backend, check_size=args.check_size)
+        args.encoded, args.encode_type, progress=_processed, backend=args.backend, check_size=args.check_size)
     for name in skipped:
-        log.warning("Could not read %s; skipped", name)
-    log.info("Processed %d files.", written)
+        log.error("Could not open or find file %s", args.root_folder + name)
     return 0
 
 
@@ -154,10 +168,10 @@ def cmd_extract_features(args):
     return 0
 
 
-def _report_upgrade(changed, path, output):
+def _report_upgrade(changed, path, output, what):
     if not changed:
-        log.warning("File already in latest proto format: %s", path)
-    log.info("Wrote upgraded file to %s", output)
+        log.error("File already in latest proto format: %s", path)  # an ERROR line, as Caffe's
+    log.info("Wrote upgraded %s to %s", what, output)
     return 0
 
 
@@ -165,18 +179,19 @@ def cmd_upgrade_net_text(args):
     param = read_text(args.input, caffe_pb2.NetParameter())
     before = param.SerializeToString()
     write_text(args.output, upgrade_net(param))
-    return _report_upgrade(param.SerializeToString() != before, args.input, args.output)
+    return _report_upgrade(param.SerializeToString() != before, args.input, args.output, "NetParameter text proto")
 
 
 def cmd_upgrade_net_binary(args):
     param = read_binary(args.input, caffe_pb2.NetParameter())
     before = param.SerializeToString()
     write_binary(args.output, upgrade_net(param))
-    return _report_upgrade(param.SerializeToString() != before, args.input, args.output)
+    return _report_upgrade(param.SerializeToString() != before, args.input, args.output, "NetParameter binary proto")
 
 
 def cmd_upgrade_solver_text(args):
     param = read_text(args.input, caffe_pb2.SolverParameter())
     before = param.SerializeToString()
     write_text(args.output, upgrade_solver(param))
-    return _report_upgrade(param.SerializeToString() != before, args.input, args.output)
+    return _report_upgrade(param.SerializeToString() != before, args.input, args.output,
+                           "SolverParameter text proto")

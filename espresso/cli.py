@@ -80,8 +80,13 @@ def _phase(name):
     return {"TRAIN": espresso.TRAIN, "TEST": espresso.TEST}[name.upper()]
 
 
+def _stages(args):
+    """--stage, repeatable and comma-separated, as Caffe's."""
+    return [stage for value in args.stage or () for stage in value.split(",") if stage]
+
+
 def _net(args, phase):
-    return espresso.Net(args.model, phase, level=args.level, stages=args.stage or (),
+    return espresso.Net(args.model, phase, level=args.level, stages=_stages(args),
                         weights=getattr(args, "weights", None) or None, allow_python=args.allow_python)
 
 
@@ -184,7 +189,7 @@ def cmd_train(args):
     param = espresso.solver.read_solver_param(args.solver)
     if args.level or args.stage:
         param.train_state.level = args.level
-        param.train_state.stage.extend(args.stage or ())
+        param.train_state.stage.extend(_stages(args))
     if args.weights:
         param.weights.extend(args.weights.split(","))
     solver = espresso.get_solver(param, allow_python=args.allow_python)
@@ -304,13 +309,13 @@ def _time_graphs(net, iterations):
 
 
 def _report_times(net, forward_ms, backward_ms, total_ms):
-    width = max(len(name) for name in net._layer_names)
+    """Caffe's `caffe time` lines: each layer's name right-aligned in 10, a tab, %g ms."""
     for name, f, b in zip(net._layer_names, forward_ms, backward_ms):
-        log.info("%*s   forward: %.4f ms.", width, name, f)
-        log.info("%*s  backward: %.4f ms.", width, name, b)
-    log.info("Average Forward pass: %.4f ms.", forward_ms.sum())
-    log.info("Average Backward pass: %.4f ms.", backward_ms.sum())
-    log.info("Average Forward-Backward: %.4f ms.", total_ms)
+        log.info("%10s\tforward: %g ms.", name, f)
+        log.info("%10s\tbackward: %g ms.", name, b)
+    log.info("Average Forward pass: %g ms.", forward_ms.sum())
+    log.info("Average Backward pass: %g ms.", backward_ms.sum())
+    log.info("Average Forward-Backward: %g ms.", total_ms)
 
 
 def cmd_prepare_fmnist(args):
@@ -648,7 +653,7 @@ def main(argv=None):
     try:
         argv, log_flags = glog.split_flags(argv)
         glog.install(log_flags)
-        argv = _gflags_to_argparse(argv)
+        argv = caffe_tools.gflags_booleans(_gflags_to_argparse(argv))
         if "--version" in argv:  # gflags' --version, after a verb too
             print(f"espresso {espresso.__version__}")
             return 0

@@ -80,8 +80,9 @@ def _mappable_bottoms(top):
 
 
 def _walk(start, visit):
-    """Maps from `start` to each of its ancestors reached through mappable layers, breadth by
-    breadth; visit(top, map) returning a value ends the walk with it."""
+    """Maps from `start` to each of its ancestors reached through mappable layers (depth first;
+    Caffe pops a set, in no set order: with consistent maps every path gives the same answer);
+    visit(top, map) returning a value ends the walk with it."""
     maps, frontier = {start: IDENTITY}, [start]
     while frontier:
         top = frontier.pop()

@@ -198,12 +198,13 @@ class Transformer:
                                        f"for {shape[1]} channels")
             mean = mean[:, np.newaxis, np.newaxis]
         else:
-            ms = (1,) + mean.shape if mean.ndim == 2 else mean.shape
-            if len(ms) != 3:
+            mean = mean[np.newaxis] if mean.ndim == 2 else mean
+            if mean.ndim != 3:
                 raise TransformerError(f"Mean shape invalid: {mean.shape} (give K, K x H x W or H x W)")
-            if ms != shape[1:]:
-                raise TransformerError(f"Mean shape incompatible with input shape: {mean.shape} vs "
-                                       f"{shape[1:]}")
+            if mean.shape[0] != shape[1]:
+                raise TransformerError(f"Mean shape incompatible with input shape: {mean.shape} vs {shape[1:]}")
+            if mean.shape != shape[1:]:  # Caffe resizes an image mean to the input (e.g. 256 -> 227)
+                mean = _resize_mean(mean, shape[2:])
         self.mean[in_] = mean
 
     def set_input_scale(self, in_, scale):
@@ -247,6 +248,16 @@ def load_image(filename, color=True):
     if not color and img.shape[2] == 3:
         img = (img @ np.array([0.2125, 0.7154, 0.0721], np.float32))[:, :, np.newaxis]
     return np.ascontiguousarray(img)
+
+
+def _resize_mean(mean, dims):
+    """A K x H x W mean resized to dims as Caffe's set_mean does it: scaled to [0, 1], resized,
+    scaled back (a constant mean stays constant; Caffe's would divide by zero)."""
+    low, high = mean.min(), mean.max()
+    if high == low:
+        return np.full((mean.shape[0], *dims), low, np.float64)
+    unit = resize_image(((mean - low) / (high - low)).transpose(1, 2, 0), dims)
+    return unit.transpose(2, 0, 1) * (high - low) + low
 
 
 def _ndimage():

@@ -162,3 +162,36 @@ def test_upgrade_tools(tmp_path, capsys):
     assert cli.main(["upgrade_solver_proto_text", old, new]) == 0
     solver = read_text(tmp_path / "s2.prototxt", caffe_pb2.SolverParameter())
     assert solver.type == "Adam" and not solver.HasField("solver_type")
+
+
+def test_convert_imageset_reads_gflags_booleans_and_keeps_caffes_keys(tmp_path, rng, capsys):
+    """create_imagenet.sh's order (--shuffle before the positional arguments), --x=false and --nox;
+    a blank line takes a key as in Caffe; raw Datums say encoded: false; --encode_type encodes."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (4, 5, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.txt").write_text("0.png 0\n\n1.png 1\n")
+    root, listing = f"{tmp_path}/", str(tmp_path / "list.txt")
+    assert cli.main(["convert_imageset", "--noshuffle", "--gray=false", root, listing, str(tmp_path / "a")]) == 0
+    with LMDBReader(tmp_path / "a") as db:
+        items = list(db.items())
+    assert [k for k, _ in items] == [b"00000000_0.png", b"00000002_1.png"]
+    first = caffe_pb2.Datum.FromString(items[0][1])
+    assert first.HasField("encoded") and not first.encoded and first.channels == 3
+    assert "Processed 2 files." in capsys.readouterr().err
+    assert cli.main(["convert_imageset", "--shuffle", root, listing, str(tmp_path / "b")]) == 0
+    assert len(LMDBReader(tmp_path / "b")) == 2
+    assert cli.main(["convert_imageset", "--encode_type=png", root, listing, str(tmp_path / "c")]) == 0
+    with LMDBReader(tmp_path / "c") as db:
+        assert caffe_pb2.Datum.FromString(db.first()[1]).encoded
+
+
+def test_stages_split_on_commas_and_upgrade_already_current_is_an_error_line(tmp_path, capsys):
+    args = cli._parser().parse_args(["test", "--model", "m", "--weights", "w", "--stage", "a,b", "--stage", "c"])
+    assert cli._stages(args) == ["a", "b", "c"]
+    (tmp_path / "new.prototxt").write_text('name: "n" layer { name: "d" type: "Input" top: "x" '
+                                           'input_param { shape { dim: 1 } } }')
+    assert cli.main(["upgrade_net_proto_text", str(tmp_path / "new.prototxt"), str(tmp_path / "out.prototxt")]) == 0
+    assert any(line.startswith("E") and "File already in latest proto format" in line
+               for line in capsys.readouterr().err.splitlines())

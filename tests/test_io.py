@@ -69,7 +69,7 @@ def test_grayscale_hw_mean_is_accepted():
     (lambda t: t.set_transpose("data", (1, 0)), "Transpose order"),
     (lambda t: t.set_channel_swap("data", (1, 0)), "Channel swap"),
     (lambda t: t.set_mean("data", np.zeros(4)), "Mean channels incompatible"),
-    (lambda t: t.set_mean("data", np.zeros((3, 4, 6))), "Mean shape incompatible"),
+    (lambda t: t.set_mean("data", np.zeros((2, 4, 5))), "Mean shape incompatible"),
     (lambda t: t.set_mean("data", np.zeros((1, 3, 4, 5))), "Mean shape invalid"),
     (lambda t: t.set_mean("data", np.zeros((4, 5))), "Mean shape incompatible"),  # H x W needs 1 channel
 ])
@@ -190,6 +190,18 @@ def _caffe_resize(im, new_dims, interp_order):
         return np.full(tuple(new_dims) + im.shape[-1:], low, np.float32)
     unit = transform.resize((im - low) / (high - low), new_dims, order=interp_order, mode="constant")
     return (unit * (high - low) + low).astype(np.float32)
+
+
+def test_an_image_mean_of_another_size_is_resized_as_caffes(rng):
+    """classify.py's ImageNet mean (256 x 256) against a 227 input: Caffe's set_mean resizes it."""
+    mean = rng.random((3, 8, 10)) * 100 + 50
+    t = eio.Transformer({"data": (1, 3, 4, 5)})
+    t.set_mean("data", mean)
+    low, high = mean.min(), mean.max()
+    expected = _caffe_resize(((mean - low) / (high - low)).transpose(1, 2, 0), (4, 5), 1)
+    np.testing.assert_allclose(t.mean["data"], expected.transpose(2, 0, 1) * (high - low) + low, rtol=1e-6)
+    t.set_mean("data", np.full((3, 8, 10), 7.0))
+    np.testing.assert_array_equal(t.mean["data"], 7.0)
 
 
 @pytest.mark.parametrize("order", range(6))

@@ -44,7 +44,9 @@ def _image_datum(path, label, height, width, is_color, encoding):
     already have that format and need no resize, else the image re-encoded."""
     chw = read_image(path, height, width, is_color)
     if not encoding:
-        return make_datum(chw, label)
+        datum = make_datum(chw, label)
+        datum.encoded = False  # written, as Caffe's CVMatToDatum writes it
+        return datum
     ext = _extension(path)
     if not height and not width and (ext == encoding or (encoding == "jpg" and ext == "jpeg")):
         with open(path, "rb") as f:
@@ -62,7 +64,8 @@ def convert_imageset(root_folder, list_file, db_path, resize_height=0, resize_wi
     global seed).  `check_size` refuses a raw image whose pixel count differs from the first's.
     Returns (records written, [skipped file names]).
     """
-    entries = read_image_list(list_file)
+    entries = read_image_list(list_file, keep_blank=True)  # a blank line takes a key, as in Caffe
+    encoded = encoded or bool(encode_type)  # Caffe: "encode_type specified, assuming encoded=true"
     if shuffle:
         rng = np.random.default_rng(seed) if seed is not None else host_rng()
         entries = [entries[i] for i in rng.permutation(len(entries))]
@@ -82,7 +85,10 @@ def convert_imageset(root_folder, list_file, db_path, resize_height=0, resize_wi
                                        f"is {size}); resize with --resize_height/--resize_width")
             db.put(f"{line_id:08d}_{name}", datum)
             written += 1
-            _report(progress, line_id + 1, len(entries))
+            if progress is not None and written % COMMIT_EVERY == 0:
+                progress(written, len(entries))
+    if progress is not None and written % COMMIT_EVERY:  # Caffe's count: the records written
+        progress(written, len(entries))
     return written, skipped
 
 
@@ -94,14 +100,13 @@ def compute_image_mean(db_path, output=None, progress=None, backend="lmdb"):
         for key, value in reader.items():
             array, _ = decode_datum(value, None, f"{db_path}: record {key.decode(errors='replace')}")
             if shape is None:
-                shape, total = array.shape, np.zeros(array.shape, np.float64)
+                shape, total = array.shape, np.zeros(array.shape, np.float32)  # Caffe sums in float
             elif array.shape != shape:
                 raise DatasetError(f"{db_path}: record {key!r} has shape {array.shape}, the first {shape}")
-            total += array
+            total += array.astype(np.float32)
             count += 1
             _report(progress, count, len(reader))
-    # Caffe sums in float and divides by the count in float: exact sums for uint8 data
-    mean = (total.astype(np.float32) / np.float32(count)).reshape((1,) + shape)
+    mean = (total / np.float32(count)).reshape((1,) + shape)  # in float, as Caffe
     if output is not None:
         blob = caffe_pb2.BlobProto(num=1, channels=shape[0], height=shape[1], width=shape[2])
         blob.data.extend(mean.ravel().tolist())

@@ -81,9 +81,10 @@ def encode_image(chw, fmt):
     return buf.getvalue()
 
 
-def read_image_list(path):
+def read_image_list(path, keep_blank=False):
     """[(file name, label)] from a Caffe image list: one "<file> <label>" per line, the label
-    after the last space (so names may contain spaces); blank lines are skipped."""
+    after the last space (so names may contain spaces); blank lines are skipped, or with
+    keep_blank kept as ("", 0), an entry no image answers (convert_imageset's keys count it)."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -92,12 +93,14 @@ def read_image_list(path):
     entries = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
+            if keep_blank:
+                entries.append(("", 0))
             continue
         name, _, label = line.rstrip().rpartition(" ")
         try:
             entries.append((name, int(label)))
         except ValueError:
             raise DatasetError(f"{path}:{number}: expected '<file> <integer label>', got {line!r}") from None
-    if not entries:
+    if not any(name for name, _ in entries):
         raise DatasetError(f"{path}: the image list is empty")
     return entries

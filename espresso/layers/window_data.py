@@ -18,6 +18,8 @@ the draws come from NumPy's generator.  Fields Caffe's layer ignores (window_dat
 crop_size, mirror, mean_file; transform_param.scale) are refused, naming the one it reads.
 """
 
+import math
+
 import numpy as np
 
 from espresso import cursor as saved
@@ -29,8 +31,9 @@ from espresso.layers.data import _DataLayerBase, _seeded_rng
 
 
 def _c_round(x):
-    """C's round(): halves away from zero."""
-    return int(np.sign(x) * np.floor(abs(x) + 0.5))
+    """C's round() of a float promoted to double: halves away from zero."""
+    x = float(x)
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))
 
 
 def read_window_file(path, root_folder, fg_threshold, bg_threshold):
@@ -112,10 +115,12 @@ class WindowDataLayer(_DataLayerBase):
             self.fail("transform_param: give mean_file or mean_value, not both")
         if t.HasField("mean_file"):
             mean = load_mean_file(t.mean_file, self.fail)
-            if mean.shape[0] != self.channels or min(mean.shape[1:]) < self.crop:
-                self.fail(f"transform_param.mean_file: a {self.channels} x >={self.crop} x >={self.crop} mean "
-                          f"is needed, got {mean.shape}")
-            return mean, (mean.shape[2] - self.crop) // 2  # Caffe offsets both axes by the width's margin
+            offset = (mean.shape[2] - self.crop) // 2  # Caffe offsets both axes by the width's margin
+            if mean.shape[0] != self.channels or offset < 0 or offset + self.crop > mean.shape[1]:
+                self.fail(f"transform_param.mean_file: a {self.channels}-channel mean whose centre crop "
+                          f"{self.crop} x {self.crop} (offset by the width's margin on both axes) fits, got "
+                          f"{mean.shape} (Caffe would read past it)")
+            return mean, offset
         values = list(t.mean_value)
         if values and len(values) not in (1, self.channels):
             self.fail(f"transform_param.mean_value: give 1 or {self.channels} values, got {len(values)}")

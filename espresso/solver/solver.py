@@ -153,7 +153,10 @@ class Solver:
             raise EspressoError("solver: specify the train net with exactly one of net, net_param, "
                                 f"train_net, train_net_param (got {got})")
         source = self._net_source(getattr(p, fields[0]))
-        log.info("Creating training net from %s", fields[0])
+        if fields[0] in ("net", "train_net"):  # Caffe's words
+            log.info("Creating training net from %s file: %s", fields[0], getattr(p, fields[0]))
+        else:
+            log.info("Creating training net specified in %s.", fields[0])
         return self._build_net(source, TRAIN, p.train_state, dtype)
 
     def _test_sources(self):
