@@ -420,3 +420,21 @@ def test_a_gzip_stream_that_unpacks_past_the_memory_limit_is_refused(tmp_path):
             read_idx(path)
     finally:
         espresso.set_memory_limit(None)
+
+
+def test_resize_is_opencvs_inter_linear_array_for_array(rng):
+    """ImageData's and convert_imageset's resize against OpenCV itself (the opencv-python peer):
+    up, down, exact halvings (OpenCV's area shortcut), 1 and 3 channels, one-pixel edges."""
+    cv2 = pytest.importorskip("cv2")
+    from espresso.data.image import resize
+
+    shapes = [((3, 7, 9), (15, 4)), ((1, 40, 30), (20, 15)), ((3, 5, 5), (1, 1)), ((1, 1, 6), (4, 3)),
+              ((3, 256, 200), (227, 227))] + [((int(rng.choice([1, 3])), *map(int, rng.integers(1, 50, 2))),
+                                               tuple(map(int, rng.integers(1, 60, 2)))) for _ in range(40)]
+    for (c, h, w), (height, width) in shapes:
+        image = rng.integers(0, 256, (c, h, w), dtype=np.uint8)
+        expected = cv2.resize(np.ascontiguousarray(image.transpose(1, 2, 0)), (width, height),
+                              interpolation=cv2.INTER_LINEAR)
+        expected = expected[None] if expected.ndim == 2 else expected.transpose(2, 0, 1)
+        np.testing.assert_array_equal(resize(image, height, width), expected,
+                                      err_msg=f"{(c, h, w)} -> {(height, width)}")

@@ -2,8 +2,8 @@
 
 Caffe's arrays are OpenCV's: colour images are BGR, uint8, laid out C x H x W in a Datum.
 Differences, deliberate: decoding is Pillow's (JPEG decoders and the colour-to-grey rounding
-may differ from OpenCV's by one grey level); resizing is bilinear with half-pixel centres and
-edge clamping, OpenCV's INTER_LINEAR rule, computed in floating point and rounded.
+may differ from OpenCV's by one grey level); resizing is OpenCV's INTER_LINEAR in its own
+fixed-point arithmetic.
 """
 
 import io
@@ -55,20 +55,37 @@ def read_image(path, height=0, width=0, is_color=True):
 
 
 def resize(chw, height, width):
-    """OpenCV's INTER_LINEAR resize of a uint8 C x H x W image, rounded back to uint8."""
-    out = _resize_axis(chw.astype(np.float64), height, 1)
-    out = _resize_axis(out, width, 2)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """OpenCV's cv::resize(INTER_LINEAR) of a uint8 C x H x W image, in its 8-bit fixed point:
+    an exact halving averages 2 x 2 blocks (OpenCV's INTER_AREA shortcut); otherwise weights in
+    1/2048ths (columns clamped at the edges, rows by clamping the source row), the horizontal
+    pass in integers, the vertical one as OpenCV's SIMD path rounds it.  Equal to
+    cv2.resize (OpenCV 5.1) array for array (tests/test_data.py)."""
+    c, h, w = chw.shape
+    if (h, w) == (2 * height, 2 * width):
+        s = chw.astype(np.int32)
+        return ((s[:, 0::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 0::2] + s[:, 1::2, 1::2] + 2) >> 2).astype(np.uint8)
+    x0, x1, a0, a1 = _linear_weights(w, width, clamp=True)
+    y0, y1, b0, b1 = _linear_weights(h, height, clamp=False)
+    rows = chw[:, :, x0].astype(np.int64) * a0 + chw[:, :, x1].astype(np.int64) * a1  # C x H x width
+    b0, b1 = b0[:, None], b1[:, None]
+    out = ((((rows[:, y0] >> 4) * b0) >> 16) + (((rows[:, y1] >> 4) * b1) >> 16) + 2) >> 2
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _resize_axis(im, n_out, axis):
-    """Linear interpolation along `axis` at half-pixel centres, clamped at the edges."""
-    n_in = im.shape[axis]
-    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = (src - lo).reshape((-1,) + (1,) * (im.ndim - axis - 1))  # broadcast along `axis`
-    return np.take(im, lo, axis=axis) * (1 - w) + np.take(im, hi, axis=axis) * w
+def _linear_weights(n_in, n_out, clamp):
+    """OpenCV's source indices and fixed-point weights (float32 arithmetic, rounded to 1/2048):
+    columns outside the image take the edge with weight 1 (clamp), rows keep their weights and
+    read the clamped row."""
+    f = ((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5).astype(np.float32)
+    first = np.floor(f).astype(np.int64)
+    f = (f - first.astype(np.float32)).astype(np.float32)
+    if clamp:
+        outside = (first < 0) | (first >= n_in - 1)
+        f[outside] = 0
+        first = np.clip(first, 0, n_in - 1)
+    w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
+    w1 = np.rint(f * np.float32(2048)).astype(np.int64)
+    return np.clip(first, 0, n_in - 1), np.clip(first + 1, 0, n_in - 1), w0, w1
 
 
 def encode_image(chw, fmt):
