@@ -340,6 +340,8 @@ def cmd_device_query(args):
 def cmd_compress(args):
     """Deep Compression: prune (with retraining), quantize and Huffman-code a trained model."""
     _set_device(args)
+    if args.tucker or args.svd:
+        return _lowrank(args)
     from espresso.compress.pipeline import compress
 
     report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
@@ -348,6 +350,33 @@ def cmd_compress(args):
                       index_bits=args.index_bits or None, report=args.report or None, plot=args.plot or None,
                       centroid_grad=args.centroid_grad)
     acc = " ".join(f"{k} = {v:.4f}" for k, v in report["accuracy"].items())
+    print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
+    return 0
+
+
+def _lowrank(args):
+    """Low-rank compression: Tucker-2 convolutions, SVD inner products, fine-tuned; an ordinary net out."""
+    import json
+
+    from espresso.compress.lowrank import lowrank, parse
+
+    if args.prune or args.bits:
+        raise EspressoError("--tucker/--svd do not combine with --prune/--bits yet: compress the decomposed net "
+                            "(--output-model, --output) in a second run")
+    if not args.output_model:
+        raise EspressoError("--tucker/--svd write an ordinary net: give --output-model for its prototxt "
+                            "(--output is its .caffemodel)")
+    report = lowrank(args.model, args.weights, args.solver, tucker=parse(args.tucker, "tucker"),
+                     svd=parse(args.svd, "svd"), output=args.output, output_model=args.output_model,
+                     finetune_iters=args.retrain_iters)
+    for row in report["stages"]:
+        log.info("%s %s: ranks %s, weights %d -> %d, multiply-adds %d -> %d, CPU %.3f -> %.3f ms (%.2fx)",
+                 row["stage"], row["layer"], row["ranks"], row["weights_before"], row["weights_after"],
+                 row["macs_before"], row["macs_after"], row["cpu_ms_before"], row["cpu_ms_after"], row["speedup"])
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    acc = " -> ".join(f"{k} {v:.4f}" for k, v in report["accuracy"].items() if v is not None)
     print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
     return 0
 
@@ -550,7 +579,8 @@ def _parser():
     caffe_tools.add_parsers(sub)  # Caffe's dataset and upgrade tools
     p = common(sub.add_parser("device-query", aliases=["device_query"], help="describe the device"), model=False)
     p.set_defaults(run=cmd_device_query)
-    p = common(sub.add_parser("compress", help="Deep Compression: prune, quantize, Huffman-code a model"))
+    p = common(sub.add_parser("compress", help="Deep Compression (prune, quantize, Huffman-code) or low rank "
+                              "(--tucker, --svd) of a model"))
     p.add_argument("--weights", type=_input, required=True, help=".caffemodel to compress")
     p.add_argument("--solver", type=_input, required=True, help="solver prototxt for the retraining")
     p.add_argument("--prune", default="", help="target sparsity per layer, e.g. '*=0.92,ip3=0.75' (q1.5: 1.5 x std); "
@@ -564,6 +594,12 @@ def _parser():
     p.add_argument("--centroid-grad", default="mean", choices=["mean", "sum"],
                    help="a cluster's summed gradient, its step scaled by 1/size (mean) or not (sum, the paper)")
     p.add_argument("--no-huffman", action="store_true", help="fixed-width codes instead of Huffman codes")
+    p.add_argument("--tucker", default="", help="low rank: Tucker-2 of these convolutions, 'auto' (every k>1 one) or "
+                   "'conv1,conv2=16:12' (R_out:R_in; a name alone: ranks by EVBMF); fine-tuned --retrain-iters")
+    p.add_argument("--svd", default="", help="low rank: SVD of these inner products, e.g. 'ip1=40' "
+                   "(a name alone: EVBMF)")
+    p.add_argument("--output-model", type=_output, default="", help="with --tucker/--svd: the decomposed net's "
+                   "prototxt (--output is then its .caffemodel)")
     p.add_argument("--output", "-o", type=_output, required=True, help="the compressed model file to write")
     p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")
     p.add_argument("--plot", type=_output, default="", help="write the weight distributions before/after as a PNG")
