@@ -75,6 +75,8 @@ def checks(caffe, work):
                                                  cwd=python / "caffe" / "test")
     yield "classify.py (10 crops)", as_caffe(python / "classify.py", work / "a.png", work / "classes.npy",
                                               *model, "--images_dim", "20,20", cwd=work)
+    yield "classify.py with Caffe's ImageNet mean (256 x 256, resized)", as_caffe(
+        python / "classify.py", work / "a.png", work / "with_mean.npy", *model[:4], "--images_dim", "20,20", cwd=work)
     yield "classify.py --center_only on a folder", as_caffe(python / "classify.py", work, work / "centre.npy",
                                                             *model, "--center_only", "--ext", "png", cwd=work)
     for pad in ("0", "4"):
