@@ -44,9 +44,10 @@ LAYER_PARAM_NUMBERS = {
 }
 
 
-# Espresso's own layers' fields (espresso/layers/extensions.py): SSD Caffe's number for Permute,
+# Espresso's own layers' fields (espresso/layers/extensions.py, hashed.py): SSD Caffe's number for Permute,
 # numbers from 1000 on (which Caffe does not use) for the rest
-ESPRESSO_LAYER_PARAM_NUMBERS = {"permute_param": 202, "pad_param": 1001, "upsample_param": 1002}
+ESPRESSO_LAYER_PARAM_NUMBERS = {"permute_param": 202, "pad_param": 1001, "upsample_param": 1002,
+                               "hashed_param": 1003}
 
 
 def test_layer_parameter_field_numbers():

@@ -10,6 +10,7 @@ from espresso.layers import (  # noqa: F401
     common,
     data,
     extensions,
+    hashed,
     inputs,
     loss,
     neuron,
