@@ -340,7 +340,7 @@ def cmd_device_query(args):
 def cmd_compress(args):
     """Deep Compression: prune (with retraining), quantize and Huffman-code a trained model."""
     _set_device(args)
-    if args.tucker or args.svd:
+    if args.tucker or args.svd or args.hash:
         return _lowrank(args)
     from espresso.compress.pipeline import compress
 
@@ -355,21 +355,27 @@ def cmd_compress(args):
 
 
 def _lowrank(args):
-    """Low-rank compression: Tucker-2 convolutions, SVD inner products, fine-tuned; an ordinary net out."""
+    """Low rank (Tucker-2 convolutions, SVD inner products, fine-tuned) or HashedNets (hashed inner
+    products trained with the solver): a net and its .caffemodel out."""
     import json
 
     from espresso.compress.lowrank import lowrank, parse
+    from espresso.compress.pipeline import hash_compress
 
-    if args.prune or args.bits:
-        raise EspressoError("--tucker/--svd do not combine with --prune/--bits yet: compress the decomposed net "
-                            "(--output-model, --output) in a second run")
+    if args.prune or args.bits or (args.hash and (args.tucker or args.svd)):
+        raise EspressoError("--tucker/--svd, --hash and --prune/--bits do not combine in one run yet: compress "
+                            "the net they write (--output-model, --output) in a second run")
     if not args.output_model:
-        raise EspressoError("--tucker/--svd write an ordinary net: give --output-model for its prototxt "
+        raise EspressoError("--tucker/--svd/--hash write a net: give --output-model for its prototxt "
                             "(--output is its .caffemodel)")
-    report = lowrank(args.model, args.weights, args.solver, tucker=parse(args.tucker, "tucker"),
-                     svd=parse(args.svd, "svd"), output=args.output, output_model=args.output_model,
-                     finetune_iters=args.retrain_iters)
-    for row in report["stages"]:
+    if args.hash:
+        report = hash_compress(args.model, args.weights, args.solver, args.hash, args.output, args.output_model,
+                               iterations=args.retrain_iters)
+    else:
+        report = lowrank(args.model, args.weights, args.solver, tucker=parse(args.tucker, "tucker"),
+                         svd=parse(args.svd, "svd"), output=args.output, output_model=args.output_model,
+                         finetune_iters=args.retrain_iters)
+    for row in report.get("stages", []):
         log.info("%s %s: ranks %s, weights %d -> %d, multiply-adds %d -> %d, CPU %.3f -> %.3f ms (%.2fx)",
                  row["stage"], row["layer"], row["ranks"], row["weights_before"], row["weights_after"],
                  row["macs_before"], row["macs_after"], row["cpu_ms_before"], row["cpu_ms_after"], row["speedup"])
@@ -598,7 +604,9 @@ def _parser():
                    "'conv1,conv2=16:12' (R_out:R_in; a name alone: ranks by EVBMF); fine-tuned --retrain-iters")
     p.add_argument("--svd", default="", help="low rank: SVD of these inner products, e.g. 'ip1=40' "
                    "(a name alone: EVBMF)")
-    p.add_argument("--output-model", type=_output, default="", help="with --tucker/--svd: the decomposed net's "
+    p.add_argument("--hash", type=float, default=0, help="HashedNets: every inner product keeps 1/FACTOR of its "
+                   "weights as real ones, trained from the fillers for --retrain-iters iterations")
+    p.add_argument("--output-model", type=_output, default="", help="with --tucker/--svd/--hash: the new net's "
                    "prototxt (--output is then its .caffemodel)")
     p.add_argument("--output", "-o", type=_output, required=True, help="the compressed model file to write")
     p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")

@@ -1,5 +1,6 @@
 """Low-rank compression (Kim et al.): EVBMF ranks, Tucker-2 and SVD factors, the decomposed
-net, and `espresso compress --tucker/--svd` end to end on LeNet."""
+net, and `espresso compress --tucker/--svd` end to end on LeNet; `--hash` (HashedNets) on
+LeNet-300-100."""
 
 import json
 import re
@@ -113,3 +114,27 @@ def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):
     tuned = espresso.Net(written, espresso.TEST, weights=str(tmp_path / "lr.caffemodel"))
     assert tuned.params["conv2_core"][0].data.shape == (8, 6, 5, 5)
     assert cli.main(common + ["--tucker", "conv2=8:6", "--prune", "*=0.5"]) == 1
+
+
+def test_compress_hash_trains_a_hashednet_of_lenet_300_100(tmp_path):
+    """--hash 8: every inner product hashed to 1/8 of its weights, trained from the fillers."""
+    assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
+    folder = ROOT / "examples/lenet_300_100"
+    net = (folder / "lenet_300_100_train_test.prototxt").read_text().replace("examples/lenet/", f"{tmp_path}/")
+    (tmp_path / "net.prototxt").write_text(net)
+    solver = (folder / "lenet_300_100_solver.prototxt").read_text()
+    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
+    (tmp_path / "solver.prototxt").write_text(re.sub(r"test_iter: \d+", "test_iter: 2", solver))
+    espresso.Net(str(tmp_path / "net.prototxt"), espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
+    assert cli.main(["compress", "--model", str(tmp_path / "net.prototxt"), "--weights",
+                     str(tmp_path / "w.caffemodel"), "--solver", str(tmp_path / "solver.prototxt"), "--hash", "8",
+                     "--retrain-iters", "30",
+                     "--output-model", str(tmp_path / "h.prototxt"), "--output", str(tmp_path / "h.caffemodel"),
+                     "--report", str(tmp_path / "h.json")]) == 0
+    written = read_text(tmp_path / "h.prototxt", caffe_pb2.NetParameter())
+    hashed = {lp.name: lp.hashed_param.buckets for lp in written.layer if lp.type == "HashedInnerProduct"}
+    assert hashed == {"ip1": 784 * 300 // 8, "ip2": 300 * 100 // 8, "ip3": -(-100 * 10 // 8)}
+    net = espresso.Net(written, espresso.TEST, weights=str(tmp_path / "h.caffemodel"))
+    assert net.params["ip1"][0].shape == (784 * 300 // 8,)
+    report = json.loads((tmp_path / "h.json").read_text())
+    assert 7 < report["ratio"] < 8 and set(report["accuracy"]) == {"original", "hashed", "trained"}

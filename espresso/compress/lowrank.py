@@ -188,44 +188,22 @@ def lowrank(model, weights, solver, tucker=None, svd=None, output="lowrank.caffe
     solver, write the new prototxt and weights; the report (accuracy before, after decomposing,
     after fine-tuning; per layer: ranks, weights, multiply-adds and measured CPU time before and
     after)."""
-    from espresso.compress.pipeline import Compressor
-    from espresso.proto.text import write_text
+    from espresso.compress.pipeline import retrain_rewritten
 
-    original = Compressor(solver, weights, model)
-    param = original.solver.param
-    if not (param.HasField("net") or param.HasField("net_param")):
-        raise EspressoError("low-rank compression needs a solver whose `net` (or net_param) holds the train "
-                            "and test layers")
-    accuracy = {"original": original.evaluate("original")}
-    chosen = plan(original.net, tucker, svd)
-    if not chosen:
-        raise EspressoError("give the layers to decompose: --tucker and/or --svd")
-    from espresso.net import load_net_param
+    found = {}
 
-    source = param.net_param if param.HasField("net_param") else param.net  # as written (a built net's param
-    new_param, new_weights = decompose(load_net_param(source)[0], original.net, chosen)  # holds its state)
-    solver_param = caffe_pb2.SolverParameter()
-    solver_param.CopyFrom(param)
-    solver_param.ClearField("net")
-    solver_param.net_param.CopyFrom(new_param)
-    tuned = Compressor(solver_param, weights, model)  # untouched layers by name; the new ones below
-    for name, arrays in new_weights.items():
-        for view, array in zip(tuned.net.params[name], arrays):
-            view.data[...] = array.reshape(view.data.shape)
-    accuracy["decomposed"] = tuned.evaluate("decomposed")
-    if finetune_iters:
-        tuned.solver.step(finetune_iters)
-    accuracy["fine-tuned"] = tuned.evaluate("fine-tuned")
-    tuned.net.save(output)
-    if output_model:
-        write_text(output_model, new_param)
-    rows = [_layer_row(original.net, new_param, new_weights, name, ranks, timing_batch)
-            for name, ranks in chosen.items()]
-    before = sum(b.count for blobs in original.net.params.values() for b in blobs) * 4
-    after = sum(b.count for blobs in tuned.net.params.values() for b in blobs) * 4
-    return {"ratio": before / after, "accuracy_before": accuracy["original"], "accuracy_after": accuracy["fine-tuned"],
-            "accuracy": accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output),
-            "stages": rows}
+    def rewrite(param, net):
+        found["chosen"] = plan(net, tucker, svd)
+        if not found["chosen"]:
+            raise EspressoError("give the layers to decompose: --tucker and/or --svd")
+        found["param"], found["weights"] = decompose(param, net, found["chosen"])
+        return found["param"], found["weights"]
+
+    report, original = retrain_rewritten(model, weights, solver, rewrite, "decomposed", finetune_iters, output,
+                                         output_model)
+    report["stages"] = [_layer_row(original.net, found["param"], found["weights"], name, ranks, timing_batch)
+                        for name, ranks in found["chosen"].items()]
+    return report
 
 
 def _layer_row(net, new_param, new_weights, name, ranks, batch):

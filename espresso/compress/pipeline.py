@@ -97,7 +97,8 @@ class Compressor:
         param.snapshot, param.snapshot_after_train = 0, False
         self.solver = espresso.get_solver(param)
         self.net = self.solver.net
-        self.net.copy_from(weights)
+        if weights:
+            self.net.copy_from(weights)
         self.model, self.test_iter = model, param.test_iter[0] if param.test_iter else 0
         self.layers = compressible_layers(self.net)
         self.original = {n: np.array(layer.blobs[0].host_data()) for n, layer in self.layers.items()}
@@ -201,6 +202,73 @@ def compress(model, weights, solver, prune=None, bits=None, output="model.espz",
     if plot:
         plot_distributions(c, plot)
     return result
+
+
+def retrain_rewritten(model, weights, solver, rewrite, stage, iterations, output, output_model=None,
+                      keep_weights=True):
+    """The solver's net rewritten by rewrite(net_param, trained net) -> (new NetParameter,
+    {new layer: [arrays]}), its other layers keeping `weights` (by name), trained `iterations`
+    with the solver (from the fillers instead, keep_weights False), written to output
+    (.caffemodel) and output_model (prototxt); (the report
+    with D1's keys and the accuracy before, after the rewrite and after training, the original
+    Compressor)."""
+    from espresso.net import load_net_param
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import write_text
+
+    original = Compressor(solver, weights, model)
+    param = original.solver.param
+    if not (param.HasField("net") or param.HasField("net_param")):
+        raise EspressoError("rewriting a net needs a solver whose `net` (or net_param) holds the train and test layers")
+    accuracy = {"original": original.evaluate("original")}
+    source = param.net_param if param.HasField("net_param") else param.net  # as written: a built net's param
+    new_param, new_weights = rewrite(load_net_param(source)[0], original.net)  # holds its own state
+    solver_param = caffe_pb2.SolverParameter()
+    solver_param.CopyFrom(param)
+    solver_param.ClearField("net")
+    solver_param.net_param.CopyFrom(new_param)
+    tuned = Compressor(solver_param, weights if keep_weights else None, model)  # by name; the new ones below
+    for name, arrays in new_weights.items():
+        for view, array in zip(tuned.net.params[name], arrays):
+            view.data[...] = array.reshape(view.data.shape)
+    accuracy[stage] = tuned.evaluate(stage)
+    if iterations:
+        tuned.solver.step(iterations)
+    accuracy["trained"] = tuned.evaluate("trained")
+    tuned.net.save(output)
+    if output_model:
+        write_text(output_model, new_param)
+    before = sum(b.count for blobs in original.net.params.values() for b in blobs) * 4
+    after = sum(b.count for blobs in tuned.net.params.values() for b in blobs) * 4
+    return {"ratio": before / after, "accuracy_before": accuracy["original"], "accuracy_after": accuracy["trained"],
+            "accuracy": accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output)}, original
+
+
+def hash_compress(model, weights, solver, factor, output, output_model=None, iterations=10000):
+    """HashedNets: every InnerProduct of the solver's net made a HashedInnerProduct with
+    1/factor of its weights as real ones (seed: its position), trained from the fillers with the
+    solver, as Chen et al. train them; the report as retrain_rewritten's."""
+    import math
+
+    if not factor > 1:
+        raise EspressoError(f"--hash: a factor above 1 (1/factor of the weights kept), got {factor}")
+
+    def rewrite(param, net):
+        found = 0
+        for seed, lp in enumerate(param.layer):
+            if lp.type == "InnerProduct":
+                virtual = net.params[lp.name][0].count if lp.name in net.params else None
+                if virtual is None:
+                    continue
+                lp.type, found = "HashedInnerProduct", found + 1
+                lp.hashed_param.buckets, lp.hashed_param.seed = max(1, math.ceil(virtual / factor)), seed
+        if not found:
+            raise EspressoError("--hash: the net has no InnerProduct layer to hash")
+        return param, {}
+
+    report, _ = retrain_rewritten(model, weights, solver, rewrite, "hashed", iterations, output, output_model,
+                                  keep_weights=False)
+    return report
 
 
 def run_deployed(model, path, iterations):
