@@ -86,16 +86,22 @@ def test_impossible_ranks_and_unknown_layers_are_refused_before_any_work():
         parse("ip1=many", "svd")
 
 
-def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):
-    """Full ranks change nothing; low ranks shrink the net, which fine-tuning then trains; the
-    decomposed net is an ordinary Caffe net with its weights, and the report has D1's keys."""
+def _example(tmp_path, folder, name):
+    """The example's net and solver over LMDBs of the embedded subset in tmp_path, with weights
+    from its fillers (net.prototxt, solver.prototxt, w.caffemodel)."""
     assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
-    net = (ROOT / "examples/lenet/lenet_train_test.prototxt").read_text().replace("examples/lenet/", f"{tmp_path}/")
-    (tmp_path / "net.prototxt").write_text(net)
-    solver = (ROOT / "examples/lenet/lenet_solver.prototxt").read_text()
+    net = (ROOT / "examples" / folder / f"{name}_train_test.prototxt").read_text()
+    (tmp_path / "net.prototxt").write_text(net.replace("examples/lenet/", f"{tmp_path}/"))
+    solver = (ROOT / "examples" / folder / f"{name}_solver.prototxt").read_text()
     solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
     (tmp_path / "solver.prototxt").write_text(re.sub(r"test_iter: \d+", "test_iter: 2", solver))
     espresso.Net(str(tmp_path / "net.prototxt"), espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
+
+
+def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):
+    """Full ranks change nothing; low ranks shrink the net, which fine-tuning then trains; the
+    decomposed net is an ordinary Caffe net with its weights, and the report has D1's keys."""
+    _example(tmp_path, "lenet", "lenet")
     common = ["compress", "--model", str(tmp_path / "net.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
               "--solver", str(tmp_path / "solver.prototxt"), "--output-model", str(tmp_path / "lr.prototxt"),
               "--output", str(tmp_path / "lr.caffemodel"), "--report", str(tmp_path / "lr.json")]
@@ -118,14 +124,7 @@ def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):
 
 def test_compress_hash_trains_a_hashednet_of_lenet_300_100(tmp_path):
     """--hash 8: every inner product hashed to 1/8 of its weights, trained from the fillers."""
-    assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
-    folder = ROOT / "examples/lenet_300_100"
-    net = (folder / "lenet_300_100_train_test.prototxt").read_text().replace("examples/lenet/", f"{tmp_path}/")
-    (tmp_path / "net.prototxt").write_text(net)
-    solver = (folder / "lenet_300_100_solver.prototxt").read_text()
-    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
-    (tmp_path / "solver.prototxt").write_text(re.sub(r"test_iter: \d+", "test_iter: 2", solver))
-    espresso.Net(str(tmp_path / "net.prototxt"), espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
+    _example(tmp_path, "lenet_300_100", "lenet_300_100")
     assert cli.main(["compress", "--model", str(tmp_path / "net.prototxt"), "--weights",
                      str(tmp_path / "w.caffemodel"), "--solver", str(tmp_path / "solver.prototxt"), "--hash", "8",
                      "--retrain-iters", "30",
