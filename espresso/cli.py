@@ -187,12 +187,19 @@ def cmd_train(args):
         pyplot()  # matplotlib's absence said now, not after the training
     _set_device(args)
     param = espresso.solver.read_solver_param(args.solver)
-    if args.level or args.stage:
-        param.train_state.level = args.level
-        param.train_state.stage.extend(_stages(args))
-    if args.weights:
-        param.weights.extend(args.weights.split(","))
+    param.train_state.level = args.level  # Caffe's train: the flag's level (default 0) always wins
+    param.train_state.stage.extend(_stages(args))
+    if args.snapshot or args.weights:  # Caffe's train: a resume or the flag's weights replace the file's
+        del param.weights[:]
+        param.weights.extend(args.weights.split(",") if args.weights else ())
+    if args.gpu:
+        log.info("Use GPU with device ID %s", 0 if args.gpu == "all" else args.gpu.split(",")[0])
+    else:
+        log.info("Use CPU.")
     solver = espresso.get_solver(param, allow_python=args.allow_python)
+    if args.snapshot:
+        log.info("Resuming from %s", args.snapshot)
+    log.info("Starting Optimization")
     progress = Progress(solver)
     effects = {"stop": espresso.solver.SolverAction.STOP, "snapshot": espresso.solver.SolverAction.SNAPSHOT,
                "none": espresso.solver.SolverAction.NONE}

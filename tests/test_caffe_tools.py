@@ -195,3 +195,27 @@ def test_stages_split_on_commas_and_upgrade_already_current_is_an_error_line(tmp
     assert cli.main(["upgrade_net_proto_text", str(tmp_path / "new.prototxt"), str(tmp_path / "out.prototxt")]) == 0
     assert any(line.startswith("E") and "File already in latest proto format" in line
                for line in capsys.readouterr().err.splitlines())
+
+
+def test_train_flags_replace_the_solver_files_weights_and_level_as_caffes(tmp_path, capsys):
+    """`caffe train --weights W` replaces the solver file's `weights` (a stale one there is not
+    read), as Caffe's train does; its start-up lines."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert cli.main(["prepare-fmnist", str(tmp_path), "--source",
+                     str(root / "espresso" / "datasets" / "fmnist_subset")]) == 0
+    net = (root / "examples/lenet_300_100/lenet_300_100_train_test.prototxt").read_text()
+    (tmp_path / "net.prototxt").write_text(net.replace("examples/lenet/", f"{tmp_path}/"))
+    solver = (root / "examples/lenet_300_100/lenet_300_100_solver.prototxt").read_text()
+    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
+    solver = re.sub(r"max_iter: \d+", "max_iter: 2", re.sub(r"snapshot_prefix: .*", f'snapshot_prefix: "{tmp_path}/s"',
+                                                            solver))
+    (tmp_path / "solver.prototxt").write_text(solver + '\nweights: "/nonexistent.caffemodel"\n')
+    espresso.Net(str(tmp_path / "net.prototxt"), espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
+    assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt"), "--weights",
+                     str(tmp_path / "w.caffemodel")]) == 0
+    err = capsys.readouterr().err
+    assert "] Use CPU." in err and "] Starting Optimization" in err
+    assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 1  # the file's stale weights
