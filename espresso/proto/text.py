@@ -146,8 +146,13 @@ def write_binary(path, message):
 
 
 def write_text(path, message):
-    atomic_write(path, lambda f: f.write(text_format.MessageToString(message).encode()))
+    atomic_write(path, lambda f: f.write(to_text(message).encode()))
+
+
+_INTEGRAL_FLOAT = re.compile(r"^(\s*\w+: -?\d+)\.0$", re.M)
 
 
 def to_text(message):
-    return text_format.MessageToString(message)
+    """Protobuf's text format as Caffe's C++ writes it: an integral float is `1`, not `1.0`
+    (strings are quoted and integers have no point, so only floats match)."""
+    return _INTEGRAL_FLOAT.sub(r"\1", text_format.MessageToString(message))
