@@ -146,6 +146,7 @@ def test_upgrade_tools(tmp_path, capsys):
     new = read_text(tmp_path / "new.prototxt", caffe_pb2.NetParameter())
     assert [(lp.type, lp.name) for lp in new.layer] == [("Input", "input"), ("InnerProduct", "ip")]
     assert new.layer[1].param[0].lr_mult == 2 and not new.layers
+    assert "lr_mult: 2\n" in (tmp_path / "new.prototxt").read_text()  # as Caffe's C++ writes it, not 2.0
     assert cli.main(["upgrade_net_proto_text", str(tmp_path / "new.prototxt"), str(tmp_path / "same.prototxt")]) == 0
     assert "File already in latest proto format" in capsys.readouterr().err
 
