@@ -28,7 +28,7 @@ from espresso.proto import caffe_pb2
 LATENCY_SAMPLES = 300
 
 
-def espresso_case(model, train, batch, device, rng):
+def espresso_case(model, train, batch, rng):
     """(step(n), sync(), net, net_param) of one Espresso case, inputs filled with random data."""
     param = models.net_param(model, batch, train)
     if train:
@@ -57,7 +57,7 @@ def torch_case(model, train, batch, device, rng, graph):
     from espresso.bench.torch_peer import TorchCase
 
     espresso.set_mode_cpu()
-    _, _, net, param = espresso_case(model, train, 1, "cpu", rng)
+    _, _, net, param = espresso_case(model, train, 1, rng)
     inputs = {"data": rng.standard_normal((batch, *net.blobs["data"].shape[1:])).astype(np.float32)}
     if train:
         inputs["label"] = rng.integers(0, models.classes(model), batch).astype(np.float32)
@@ -131,7 +131,7 @@ def run_group(spec):
         backend.reset_peak_memory()
         train = mode == "train"
         if framework == "espresso":
-            step, sync, net, _ = espresso_case(model, train, batch, device, rng)
+            step, sync, net, _ = espresso_case(model, train, batch, rng)
         else:
             step, sync, net = torch_case(model, train, batch, device, rng, graph=framework == "torch graph")
             _reset_torch_peak(device)

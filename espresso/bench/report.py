@@ -47,10 +47,15 @@ def _range(s, digits=3):
     return f"{s['median']:.{digits}g} [{s['min']:.{digits}g}-{s['max']:.{digits}g}]"
 
 
+def _summaries(results):
+    """[(case record, its summary)] of the cases measured."""
+    idle = {d: e.get("idle_watts") for d, e in results["energy"].items()}
+    return [(r, summarize(r, idle[r["device"]])) for r in results["cases"] if "blocks" in r]
+
+
 def tables(results):
     """(title, header, rows) of the report's tables."""
-    idle = {d: e.get("idle_watts") for d, e in results["energy"].items()}
-    done = [(r, summarize(r, idle[r["device"]])) for r in results["cases"] if "blocks" in r]
+    done = _summaries(results)
     key = {(r["model"], r["mode"], r["batch"], r["device"], r["framework"]): s for r, s in done}
     rows = []
     for r, s in done:
@@ -104,9 +109,7 @@ def plots(results):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    idle = {d: e.get("idle_watts") for d, e in results["energy"].items()}
-    done = [(r, summarize(r, idle[r["device"]])) for r in results["cases"] if "blocks" in r]
-    figures = {}
+    done, figures = _summaries(results), {}
 
     def bars(name, title, ylabel, entries, log=True):
         if not entries:

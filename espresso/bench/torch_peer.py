@@ -150,7 +150,3 @@ class TorchCase:
 
     def peak_memory(self):
         return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
-
-
-def describe():
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}

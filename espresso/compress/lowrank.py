@@ -91,13 +91,11 @@ def _auto(name, flag, matrix):
 
 def _ranks(name, kind, w, ranks):
     if kind == "InnerProduct":
-        if ranks == "auto":
-            ranks = (_auto(name, "svd", w),)
-        rank, limit = int(ranks[0]) if isinstance(ranks, tuple) else int(ranks), min(w.shape)
-        if len(np.atleast_1d(ranks)) != 1 or not 1 <= rank <= limit:
+        ranks = (_auto(name, "svd", w),) if ranks == "auto" else tuple(int(r) for r in np.atleast_1d(ranks))
+        if len(ranks) != 1 or not 1 <= ranks[0] <= min(w.shape):
             raise EspressoError(f"--svd {name}: rank {ranks} is impossible for a {w.shape[0]} x {w.shape[1]} "
-                                f"matrix (1 to {limit})")
-        return (rank,)
+                                f"matrix (1 to {min(w.shape)})")
+        return ranks
     c_out, c_in = w.shape[:2]
     if ranks == "auto":
         ranks = (_auto(name, "tucker", w.reshape(c_out, -1)),

@@ -44,6 +44,7 @@ import warnings
 import numpy as np
 
 from espresso.errors import EspressoError, NetError
+from espresso.interop import unique_name
 from espresso.interop.caffe_layers import Layer, pool_window, refuse, trailing
 from espresso.net.build import TEST
 from espresso.proto import caffe_pb2
@@ -178,10 +179,7 @@ class _Graph:
         self.trainable, self.loss_input = [], None  # their Core ML layers to train; the softmax the loss reads
 
     def fresh(self, base):
-        name, k = base, 1
-        while name in self.used:
-            k += 1
-            name = f"{base}{k}"
+        name = unique_name(base, self.used)
         self.used.add(name)
         return name
 
@@ -707,8 +705,4 @@ def _batch_of_one(net):
 
 
 def _fresh_layer_name(builder, base):
-    name, k = base, 1
-    while name in builder.layer_specs:
-        k += 1
-        name = f"{base}{k}"
-    return name
+    return unique_name(base, builder.layer_specs)

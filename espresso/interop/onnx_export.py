@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from espresso.errors import EspressoError, NetError
+from espresso.interop import unique_name
 from espresso.interop.caffe_layers import Layer, pool_window, refuse, trailing
 from espresso.net.build import TEST
 from espresso.proto import caffe_pb2
@@ -77,10 +78,7 @@ class _Graph:
         self.used, self.scope = set(reserved), ""  # blob names are taken: they name the blobs' tensors
 
     def fresh(self, base):
-        name, k = base, 1
-        while name in self.used:
-            k += 1
-            name = f"{base}{k}"
+        name = unique_name(base, self.used)
         self.used.add(name)
         return name
 

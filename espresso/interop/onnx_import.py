@@ -23,6 +23,7 @@ import numpy as np
 from espresso import backend as backends
 from espresso.blob import Blob
 from espresso.errors import EspressoError, ModelFileError, NetError
+from espresso.interop import unique_name
 from espresso.layer import layer_class
 from espresso.proto import caffe_pb2
 from espresso.proto.text import require_regular
@@ -301,10 +302,7 @@ class _Converter:
         return layer
 
     def _unique(self, name):
-        unique, n = name, 1
-        while unique in self.names:
-            n += 1
-            unique = f"{name}_{n}"
+        unique = unique_name(name, self.names, "_")
         self.names.add(unique)
         return unique
 

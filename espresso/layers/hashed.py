@@ -64,7 +64,9 @@ class HashedInnerProductLayer(Layer):
             self.blobs.append(self.new_blob((self.N,), p.bias_filler))
         bucket, sign = hash_layout(self.N, self.K, buckets, self.lp.hashed_param.seed)
         self.bucket = self.backend.to_device(bucket)
-        self.sign = self.backend.to_device(sign, self.dtype)
+        self.sign = self.backend.to_device(sign.reshape(self.N, self.K), self.dtype)
+        # workspaces: the virtual matrix and its gradient (only the buckets' sums are made per call)
+        self.virtual, self.grad = (self.xp.empty((self.N, self.K), self.dtype) for _ in range(2))
 
     def reshape(self, bottom, top):
         axis = self.canonical_axis(bottom[0], self.p.axis, "inner_product_param.axis")
@@ -76,7 +78,10 @@ class HashedInnerProductLayer(Layer):
         self.ones(self.M)
 
     def virtual_weights(self):
-        return (self.blobs[0].data[self.bucket] * self.sign).reshape(self.N, self.K)
+        """V = sign * w[bucket], written into the layer's workspace."""
+        self.xp.take(self.blobs[0].data, self.bucket, out=self.virtual.reshape(-1))
+        self.virtual *= self.sign
+        return self.virtual
 
     def forward(self, bottom, top):
         y = top[0].data.reshape(self.M, self.N)
@@ -87,9 +92,11 @@ class HashedInnerProductLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         dy, x = top[0].diff.reshape(self.M, self.N), bottom[0].data.reshape(self.M, self.K)
         if self.param_propagate_down[0]:
-            grad = (dy.T @ x).reshape(-1) * self.sign
-            self.blobs[0].diff[...] += self.xp.bincount(self.bucket, weights=grad, minlength=self.blobs[0].count)
+            self.k.matmul(dy.T, x, out=self.grad)
+            self.grad *= self.sign
+            self.blobs[0].diff[...] += self.xp.bincount(self.bucket, weights=self.grad.reshape(-1),
+                                                        minlength=self.blobs[0].count)
         if self.p.bias_term and self.param_propagate_down[1]:
             self.add_row_sums(dy, self.blobs[1].diff)
         if propagate_down[0]:
-            self.k.matmul(dy, self.virtual_weights(), out=bottom[0].diff.reshape(self.M, self.K))
+            self.k.matmul(dy, self.virtual, out=bottom[0].diff.reshape(self.M, self.K))  # forward's V

@@ -108,6 +108,7 @@ class WindowDataLayer(_DataLayerBase):
         self.rng = _seeded_rng()
         top[0].reshape(batch_size, self.channels, self.crop, self.crop)
         top[1].reshape(batch_size)
+        self.batch = np.zeros(top[0].shape, np.float32), np.zeros(batch_size, np.float32)  # host, refilled
 
     def _mean(self, t):
         """C x crop x crop + padding-shifted mean: a function (c, rows, cols) -> values, or None."""
@@ -144,8 +145,8 @@ class WindowDataLayer(_DataLayerBase):
 
     def forward(self, bottom, top):
         batch_size = self.p.batch_size
-        data = np.zeros((batch_size, self.channels, self.crop, self.crop), np.float32)
-        labels = np.zeros(batch_size, np.float32)
+        data, labels = self.batch
+        data[...] = 0  # context outside an image stays 0, as in Caffe
         num_fg = int(np.float32(batch_size) * np.float32(self.p.fg_fraction))
         item = 0
         for windows, count in ((self.bg, batch_size - num_fg), (self.fg, num_fg)):
