@@ -197,6 +197,8 @@ def cmd_train(args):
     else:
         log.info("Use CPU.")
     solver = espresso.get_solver(param, allow_python=args.allow_python)
+    if args.fixed_point:
+        _train_in_fixed_point(solver, args)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
     log.info("Starting Optimization")
@@ -216,6 +218,24 @@ def cmd_train(args):
                 plot_curves(progress.losses, progress.tests, args.plot, f"{solver.net.name or 'Net'}: training curves")
     print(progress.summary())
     return 0
+
+
+def _train_in_fixed_point(solver, args):
+    """--fixed-point IL,FL: the solver trains in that format (espresso/compress/fixed_point.py)."""
+    from espresso.compress.fixed_point import FixedPoint, parse_format
+
+    il, fl = parse_format(args.fixed_point)
+    log.info("Training in %sfixed point <%d,%d>, %s rounding", "dynamic " if args.dynamic_fixed_point else "", il, fl,
+             args.rounding)
+    return FixedPoint(solver.net, il, fl, args.rounding, dynamic=args.dynamic_fixed_point).attach(solver)
+
+
+def _fixed_point_flags(p):
+    p.add_argument("--fixed-point", default="", metavar="IL,FL", help="train in fixed point: IL integer bits (the "
+                   "sign included) and FL fraction bits for weights, activations and gradients (Gupta et al. 2015)")
+    p.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"], help="with --fixed-point")
+    p.add_argument("--dynamic-fixed-point", action="store_true", help="with --fixed-point: each tensor's FL follows "
+                   "its overflow rate (Courbariaux et al. 2014)")
 
 
 _TRAIN_LOSS = re.compile(r"Iteration (\d+).*?, loss = ([-+\w.]+)")
@@ -349,23 +369,41 @@ def cmd_compress(args):
     _set_device(args)
     if args.tucker or args.svd or args.hash:
         return _lowrank(args)
+    if args.fixed_point:
+        return _fixed_point(args)
     from espresso.compress.pipeline import compress
 
     report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
                       output=args.output, huffman=not args.no_huffman, init=args.init, prune_steps=args.prune_steps,
                       retrain_iters=args.retrain_iters, quant_iters=args.quant_iters,
                       index_bits=args.index_bits or None, report=args.report or None, plot=args.plot or None,
-                      centroid_grad=args.centroid_grad)
+                      centroid_grad=args.centroid_grad, int8=_int8_options(args))
     acc = " ".join(f"{k} = {v:.4f}" for k, v in report["accuracy"].items())
     print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
     return 0
 
 
+def _int8_options(args):
+    """compress()'s int8 argument from --int8, --calibration-iters, --calibration, --keep-float."""
+    if not args.int8:
+        if args.calibration or args.keep_float:
+            raise EspressoError("--calibration and --keep-float go with --int8")
+        return None
+    inputs = None
+    if args.calibration:
+        import numpy as np
+
+        try:
+            inputs = np.load(args.calibration, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise EspressoError(f"--calibration {args.calibration}: not a readable .npy array ({e})") from None
+    keep = [name for name in args.keep_float.split(",") if name]
+    return {"iterations": args.calibration_iters, "keep_float": keep, "inputs": inputs}
+
+
 def _lowrank(args):
     """Low rank (Tucker-2 convolutions, SVD inner products, fine-tuned) or HashedNets (hashed inner
     products trained with the solver): a net and its .caffemodel out."""
-    import json
-
     from espresso.compress.lowrank import lowrank, parse
     from espresso.compress.pipeline import hash_compress
 
@@ -386,12 +424,31 @@ def _lowrank(args):
         log.info("%s %s: ranks %s, weights %d -> %d, multiply-adds %d -> %d, CPU %.3f -> %.3f ms (%.2fx)",
                  row["stage"], row["layer"], row["ranks"], row["weights_before"], row["weights_after"],
                  row["macs_before"], row["macs_after"], row["cpu_ms_before"], row["cpu_ms_after"], row["speedup"])
+    return _print_report(report, args)
+
+
+def _print_report(report, args):
+    import json
+
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
     acc = " -> ".join(f"{k} {v:.4f}" for k, v in report["accuracy"].items() if v is not None)
     print(f"{report['original_bytes']} -> {report['compressed_bytes']} bytes ({report['ratio']:.1f}x); {acc}")
     return 0
+
+
+def _fixed_point(args):
+    """Fine-tuning in fixed point (Gupta et al.): the model file of IL+FL-bit weights out."""
+    from espresso.compress.fixed_point import parse_format
+    from espresso.compress.pipeline import fixed_point_compress
+
+    if args.prune or args.bits:
+        raise EspressoError("--fixed-point and --prune/--bits do not combine in one run: their weights are "
+                            "a codebook's or a grid's")
+    report = fixed_point_compress(args.model, args.weights, args.solver, parse_format(args.fixed_point),
+                                  args.rounding, args.output, args.retrain_iters, args.dynamic_fixed_point)
+    return _print_report(report, args)
 
 
 def cmd_decompress(args):
@@ -570,6 +627,7 @@ def _parser():
     p.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"],
                    help="what SIGHUP does")
     p.add_argument("--plot", type=_output, default="", help="write loss/accuracy curves to this PNG")
+    _fixed_point_flags(p)
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("plot", help="draw loss/accuracy curves from a training log")
     p.add_argument("log", help="a Caffe or Espresso training log")
@@ -615,6 +673,13 @@ def _parser():
                    "weights as real ones, trained from the fillers for --retrain-iters iterations")
     p.add_argument("--output-model", type=_output, default="", help="with --tucker/--svd/--hash: the new net's "
                    "prototxt (--output is then its .caffemodel)")
+    _fixed_point_flags(p)  # with --fixed-point: fine-tuned --retrain-iters in it
+    p.add_argument("--int8", action="store_true", help="post-training int8 (per-channel weights, calibrated "
+                   "activations), run in int8 where the file is loaded on the CPU; alone or after --prune/--bits")
+    p.add_argument("--calibration-iters", type=int, default=10, help="with --int8: test-net batches to calibrate on")
+    p.add_argument("--calibration", type=_input, default=None, help="with --int8: a .npy of input samples (N, C, H, W) "
+                   "for --model (a deploy net) to calibrate on instead")
+    p.add_argument("--keep-float", default="", help="with --int8: layers left in float ('first', 'last' or names)")
     p.add_argument("--output", "-o", type=_output, required=True, help="the compressed model file to write")
     p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")
     p.add_argument("--plot", type=_output, default="", help="write the weight distributions before/after as a PNG")

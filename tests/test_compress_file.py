@@ -10,7 +10,7 @@ import pytest
 from test_compress import sample_layers
 
 from espresso.compress import model_file
-from espresso.compress.model_file import CompressedWeights, read_model, write_model
+from espresso.compress.model_file import CompressedWeights, ScaledIntegers, read_model, write_model
 from espresso.errors import ModelFileError
 
 
@@ -34,6 +34,10 @@ def _weights(shape, flags, bits, index_bits, entries):
                                                                                  entries)
 
 
+def _integers(shape, bits, scales):
+    return struct.pack(f"<BB{len(shape)}I", 2, len(shape), *shape) + struct.pack("<BI", bits, scales)
+
+
 def _written(tmp_path, cw):
     path = tmp_path / "w.espz"
     write_model(path, [("fc", "IP", [cw])])
@@ -47,12 +51,20 @@ CRAFTED = {
     "bytes after the last layer": (lambda t: _file(struct.pack("<I", 0) + b"xyz"), "3 bytes after the last layer"),
     "an unknown blob kind": (lambda t: _file(_layer(struct.pack("<BB", 7, 1) + struct.pack("<I", 4))), "kind 7"),
     "too many axes": (lambda t: _file(_layer(struct.pack("<BB", 0, 9))), "9 axes"),
-    "unknown flags": (lambda t: _file(_layer(_weights((4,), 8, 0, 0, 4))), "flags 8"),
+    "unknown flags": (lambda t: _file(_layer(_weights((4,), 16, 0, 0, 4))), "flags 16"),
+    "a zero point of 7": (lambda t: _file(_layer(_weights((4,), 8, 0, 0, 4) + struct.pack("<fB", 0.5, 7))),
+                          "input scale 0.5, zero point 7"),
+    "a negative input scale": (lambda t: _file(_layer(_integers((4,), 8, 1) + struct.pack("<ffB", 1, -2, 0))),
+                               "input scale -2.0"),
     "a 9-bit codebook": (lambda t: _file(_layer(_weights((4,), 2, 9, 0, 4))), "9 bits"),
     "17-bit sparse indices": (lambda t: _file(_layer(_weights((4,), 1, 0, 17, 4))), "17 index bits"),
     "more entries than weights": (lambda t: _file(_layer(_weights((4,), 0, 0, 0, 5))), "5 entries for shape"),
     "float values cut short": (lambda t: _file(_layer(_weights((4,), 0, 0, 0, 4) + b"\0" * 12)),
                                "values needs 16 bytes, 12 left"),
+    "4-bit integers": (lambda t: _file(_layer(_integers((4,), 4, 1))), "4-bit integers with 1 scales"),
+    "a scale per row of another shape": (lambda t: _file(_layer(_integers((4, 2), 8, 3))), "with 3 scales"),
+    "integers cut short": (lambda t: _file(_layer(_integers((4,), 16, 1) + b"\0" * 11)),
+                           "values needs 8 bytes, 2 left"),
     "positions that stop short of the shape": (
         lambda t: _written(t, CompressedWeights((40,), np.ones(2, np.float32), np.array([0, 1]), index_bits=4,
                                                 huffman=False)), "positions do not cover shape"),
@@ -84,6 +96,9 @@ def test_mutated_files_are_read_or_refused_never_crash(tmp_path):
     a model within the decoding bound or raises ModelFileError."""
     *_, layers = sample_layers()
     layers[1][2][0].huffman = False
+    layers[1][2][0].input_scale = 0.25
+    layers.append(("int8", "InnerProduct", [ScaledIntegers(np.arange(-6, 6, dtype=np.int8).reshape(3, 4),
+                                                           np.array([0.5, 0.25, 2.0], np.float32), 0.125)]))
     path = tmp_path / "m.espz"
     write_model(path, layers)
     payload = path.read_bytes()[model_file._HEADER.size:]
@@ -106,6 +121,24 @@ def test_mutated_files_are_read_or_refused_never_crash(tmp_path):
         except ModelFileError:
             refused += 1
             continue
-        dense = [b.dense() if isinstance(b, CompressedWeights) else b for _, _, blobs in model for b in blobs]
+        dense = [b if isinstance(b, np.ndarray) else b.dense() for _, _, blobs in model for b in blobs]
         assert sum(d.size for d in dense) <= 1 << 16
     assert 250 < refused < 500  # most mutations break the structure, some only change values
+
+
+def test_scaled_integers_round_trip_and_version_1_files_still_load(tmp_path):
+    values = np.arange(-12, 12, dtype=np.int16).reshape(3, 8) * 1000
+    layers = [("fp", "InnerProduct", [ScaledIntegers(values, np.array([2.0 ** -12], np.float32))]),
+              ("q", "Convolution", [ScaledIntegers((values[:, :4] // 500).astype(np.int8),
+                                                   np.array([0.5, 0.25, 2.0], np.float32), 0.03125, 128)])]
+    path = tmp_path / "m.espz"
+    write_model(path, layers)
+    (_, _, (fp,)), (_, _, (q,)) = read_model(path)
+    assert fp.values.dtype == np.int16 and np.array_equal(fp.dense(), values * 2.0 ** -12)
+    assert q.values.dtype == np.int8 and (q.input_scale, q.input_zero) == (0.03125, 128)
+    np.testing.assert_array_equal(q.dense(), (values[:, :4] // 500) * np.array([[0.5], [0.25], [2.0]]))
+    *_, old = sample_layers()  # a version-1 file: the same bytes under the old header
+    write_model(path, old)
+    payload = path.read_bytes()[model_file._HEADER.size:]
+    path.write_bytes(model_file._HEADER.pack(model_file.MAGIC, 1, 0, len(payload), zlib.crc32(payload)) + payload)
+    assert [name for name, _, _ in read_model(path)] == ["fc", "c"]

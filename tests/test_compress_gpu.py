@@ -29,3 +29,60 @@ def test_gpu_compressed_inference_matches_cpu(tmp_path, quantize):
     finally:
         espresso.set_mode_cpu()
     assert np.allclose(got, want, atol=1e-5, rtol=1e-5), np.abs(got - want).max()
+
+
+def test_fixed_point_training_on_the_gpu_rounds_as_on_the_cpu():
+    """FixedPoint with CuPy's generator: the same rules (nearest exactly equal to the CPU's,
+    stochastic on the grid and unbiased), and a solver step keeps the weights on the grid."""
+    from test_fixed_point import _solver
+
+    from espresso.compress.fixed_point import FixedPoint, on_grid
+
+    values = np.random.default_rng(3).uniform(-3, 3, 4096).astype(np.float32)
+    cpu = values.copy()
+    FixedPoint(_solver().net, 2, 5, "nearest").round(cpu, "x")
+    espresso.set_mode_gpu()
+    try:
+        solver = _solver()
+        xp = solver.net.backend.xp
+        nearest, stochastic = xp.asarray(values), xp.asarray(np.repeat(values[None, :64], 2000, 0))
+        FixedPoint(solver.net, 2, 5, "nearest").round(nearest, "x")
+        FixedPoint(solver.net, 2, 5, "stochastic").round(stochastic, "x")
+        FixedPoint(solver.net, 3, 6, "stochastic").attach(solver)
+        solver.net.blobs["data"].data[...] = np.random.default_rng(4).standard_normal((8, 6))
+        solver.net.blobs["label"].data[...] = np.arange(8) % 3
+        solver.step(2)
+        weights = [b.host_data() for b in solver.net.learnable_params]
+    finally:
+        espresso.set_mode_cpu()
+    np.testing.assert_array_equal(xp.asnumpy(nearest), cpu)
+    draws = xp.asnumpy(stochastic)
+    assert on_grid(draws, 5, 7) and np.abs(draws.mean(0) - np.clip(values[:64], -2, 2 - 1 / 32)).max() < 0.01
+    assert all(on_grid(w, 6, 9) for w in weights)
+
+
+def test_an_int8_file_runs_dequantized_on_the_gpu(tmp_path):
+    """int8 layers are CPU-only: on a GPU the file's weights load dequantized and run in float,
+    close to the CPU's int8 result."""
+    pytest.importorskip("numba")
+    from test_int8 import NET, _net
+
+    from espresso.compress.int8 import calibrate, int8_layers, int8_records
+    from espresso.compress.model_file import write_model
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import parse_text
+
+    net = _net()
+    x = np.random.default_rng(5).standard_normal((3, 2, 9, 8)).astype(np.float32)
+    write_model(tmp_path / "q.espz", int8_records(net, calibrate(net, int8_layers(net), inputs=x)))
+    param = parse_text(NET, caffe_pb2.NetParameter())
+    cpu = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "q.espz"))
+    want = np.array(cpu.forward(data=x)["ip"])
+    espresso.set_mode_gpu()
+    try:
+        gpu = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "q.espz"))
+        assert not any(type(layer).__name__ == "Int8Layer" for layer in gpu.engine_layers)
+        got = np.asarray(gpu.forward(data=x)["ip"])
+    finally:
+        espresso.set_mode_cpu()
+    assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()

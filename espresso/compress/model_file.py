@@ -1,14 +1,23 @@
-"""The compressed model file (format version 1; docs/compression.md describes it byte by byte).
+"""The compressed model file (format version 2; docs/compression.md describes it byte by byte).
 
     header   magic b"\\x89ESPZ\\r\\n\\x1a" | u16 version | u16 0 | u64 payload length | u32 CRC-32 of payload
     payload  u32 layer count, then per layer: str name, str type, u16 blob count, blobs
-    blob     u8 kind, u8 ndim, u32 dims[ndim]; kind 0: float32 values; kind 1: compressed weights
-    weights  u8 flags (1 sparse, 2 quantized, 4 huffman), u8 bits, u8 index bits, u32 entries,
+    blob     u8 kind, u8 ndim, u32 dims[ndim]; kind 0: float32 values; kind 1: compressed weights;
+             kind 2 (version 2): scaled integers
+    integers u8 bits (8 or 16), u32 scale count (1, or dims[0]: one per output channel),
+             float32 scales[count], float32 input scale (0: none), u8 input zero point (0 or 128),
+             signed little-endian values
+    weights  u8 flags (1 sparse, 2 quantized, 4 huffman, 8 int8 input), u8 bits, u8 index bits, u32 entries,
+             [float32 input scale, u8 input zero point: with flag 8],
              [float32 codebook[2**bits]], weight stream (codes) or float32 values[entries],
              [position stream (gap - 1 per entry)]
     stream   huffman: u8 code lengths[alphabet], u64 bits, bytes;  fixed: entries * width bits
     str      u16 length, UTF-8
 
+A scaled integer weight is its value times its output channel's scale (fixed point <IL, FL>:
+one scale, 2**-FL; int8: one per channel).  An input scale (kind 2, or flag 8 of kind 1) makes
+the layer an int8 one: it reads its input as uint8 round(x / scale) + zero point, with the
+scale from calibration (espresso/compress/int8.py).  Version 1 files (no kind 2) still load.
 All integers little-endian.  A sparse layer stores the flat positions of its entries as gaps
 of 1..2**index_bits; a longer gap, or a tail of zeros that long, is bridged with filler
 entries of value zero (the paper's scheme), so decoding yields at most (entries + 1) *
@@ -33,9 +42,10 @@ from espresso.proto.text import atomic_write, require_regular
 from espresso.proto.weights import write_weights
 
 MAGIC = b"\x89ESPZ\r\n\x1a"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 _HEADER = struct.Struct("<8sHHQI")
-SPARSE, QUANTIZED, HUFFMAN = 1, 2, 4
+SPARSE, QUANTIZED, HUFFMAN, INT8 = 1, 2, 4, 8
 MAX_ELEMENTS = 1 << 30  # weights one file may decode to (4 GiB of float32)
 
 
@@ -51,6 +61,8 @@ class CompressedWeights:
     bits: int = 32
     index_bits: int = 0
     huffman: bool = True
+    input_scale: float = 0.0  # with the zero point below: run as an int8 layer (see the module docstring)
+    input_zero: int = 0
 
     @property
     def count(self):
@@ -69,6 +81,29 @@ class CompressedWeights:
         if self.codebook is None:
             return self.symbols.astype(dtype)
         return self.codebook.astype(dtype)[self.symbols]
+
+
+@dataclasses.dataclass
+class ScaledIntegers:
+    """One weight blob as integers times a scale per output channel (or one for all), with the
+    input scale an int8 layer quantizes its input by (0.0: none)."""
+
+    values: np.ndarray  # int8 or int16, of the blob's shape
+    scales: np.ndarray  # float32, 1 or shape[0] entries
+    input_scale: float = 0.0
+    input_zero: int = 0
+
+    @property
+    def shape(self):
+        return tuple(self.values.shape)
+
+    @property
+    def count(self):
+        return self.values.size
+
+    def dense(self, dtype=np.float32):
+        per_row = self.scales.astype(dtype).reshape((-1,) + (1,) * (self.values.ndim - 1))
+        return self.values.astype(dtype) * per_row
 
 
 def from_weights(weights, mask=None, codebook=None, index=None, bits=32, index_bits=0, huffman=True):
@@ -120,10 +155,18 @@ def _string(text):
 
 
 def _blob(blob):
+    if isinstance(blob, ScaledIntegers):
+        values = np.ascontiguousarray(blob.values, "<i1" if blob.values.dtype.itemsize == 1 else "<i2")
+        return (_dims(2, blob.shape) + struct.pack("<BI", 8 * values.itemsize, blob.scales.size)
+                + np.asarray(blob.scales, "<f4").tobytes() + _input(blob) + values.tobytes())
     if isinstance(blob, CompressedWeights):
         return _dims(1, blob.shape) + _weights(blob)
     array = np.ascontiguousarray(blob, "<f4")
     return _dims(0, array.shape) + array.tobytes()
+
+
+def _input(blob):
+    return struct.pack("<fB", blob.input_scale, blob.input_zero)
 
 
 def _dims(kind, shape):
@@ -132,8 +175,9 @@ def _dims(kind, shape):
 
 def _weights(cw):
     flags = (SPARSE if cw.positions is not None else 0) | (QUANTIZED if cw.codebook is not None else 0)
-    flags |= HUFFMAN if cw.huffman else 0
+    flags |= (HUFFMAN if cw.huffman else 0) | (INT8 if cw.input_scale else 0)
     out = [struct.pack("<BBBI", flags, cw.bits if cw.codebook is not None else 0, cw.index_bits, len(cw.symbols))]
+    out += [_input(cw)] if cw.input_scale else []
     if cw.codebook is not None:
         out += [np.asarray(cw.codebook, "<f4").tobytes(), _stream(cw.symbols, cw.bits, cw.huffman)]
     else:
@@ -197,9 +241,9 @@ def read_model(path, max_elements=MAX_ELEMENTS):
             if len(head) < _HEADER.size or head[:8] != MAGIC:
                 raise ModelFileError(f"{name}: not an Espresso compressed model (bad magic bytes or too short)")
             magic, version, _, length, crc = _HEADER.unpack(head)
-            if version != VERSION:
+            if version not in READABLE:
                 raise ModelFileError(f"{name}: compressed-model format version {version}; this Espresso reads "
-                                     f"version {VERSION}")
+                                     f"versions {', '.join(map(str, READABLE))}")
             payload = f.read(min(length, size) + 1)  # never more than the file holds (a crafted length)
     except ModelFileError:  # (an OSError too: not to be mistaken for a failed read)
         raise
@@ -229,7 +273,7 @@ def _parse(r, max_elements):
 
 def _read_blob(r, what, budget):
     kind, ndim = r.unpack("BB", what)
-    if kind not in (0, 1) or ndim > 8:
+    if kind not in (0, 1, 2) or ndim > 8:
         raise ModelFileError(f"{r.name}: corrupt: {what}: kind {kind}, {ndim} axes")
     shape = r.unpack(f"{ndim}I", what)
     count = math.prod(shape)
@@ -238,16 +282,36 @@ def _read_blob(r, what, budget):
     budget[0] -= count
     if kind == 0:
         return np.frombuffer(r.take(4 * count, what), "<f4").astype(np.float32).reshape(shape)
+    if kind == 2:
+        return _read_integers(r, what, tuple(shape), count)
     return _read_weights(r, what, tuple(shape), count)
+
+
+def _read_integers(r, what, shape, count):
+    bits, n_scales = r.unpack("BI", what)
+    if bits not in (8, 16) or n_scales not in (1, shape[0] if shape else 1):
+        raise ModelFileError(f"{r.name}: corrupt: {what}: {bits}-bit integers with {n_scales} scales for {shape}")
+    scales = np.frombuffer(r.take(4 * n_scales, what + " scales"), "<f4").astype(np.float32)
+    scale, zero = _read_input(r, what)
+    values = np.frombuffer(r.take(bits // 8 * count, what + " values"), "<i1" if bits == 8 else "<i2")
+    return ScaledIntegers(values.astype(np.int8 if bits == 8 else np.int16).reshape(shape), scales, scale, zero)
+
+
+def _read_input(r, what):
+    scale, zero = r.unpack("fB", what + " input")
+    if zero not in (0, 128) or not (scale == 0 or 0 < scale < math.inf):
+        raise ModelFileError(f"{r.name}: corrupt: {what}: input scale {scale}, zero point {zero}")
+    return scale, zero
 
 
 def _read_weights(r, what, shape, count):
     flags, bits, index_bits, entries = r.unpack("BBBI", what)
     sparse, quantized, coded = bool(flags & SPARSE), bool(flags & QUANTIZED), bool(flags & HUFFMAN)
-    if flags & ~7 or (quantized and not 1 <= bits <= 8) or (sparse and not 1 <= index_bits <= 16):
+    if flags & ~15 or (quantized and not 1 <= bits <= 8) or (sparse and not 1 <= index_bits <= 16):
         raise ModelFileError(f"{r.name}: corrupt: {what}: flags {flags}, {bits} bits, {index_bits} index bits")
     if sparse and count > (entries + 1) << index_bits or entries > count or (not sparse and entries != count):
         raise ModelFileError(f"{r.name}: corrupt: {what}: {entries} entries for shape {shape}")
+    scale, zero = _read_input(r, what) if flags & INT8 else (0.0, 0)
     codebook = None
     if quantized:
         codebook = np.frombuffer(r.take(4 << bits, what + " codebook"), "<f4").astype(np.float32)
@@ -260,7 +324,8 @@ def _read_weights(r, what, shape, count):
         positions = np.cumsum(gaps + 1) - 1
         if entries and (positions[-1] >= count or count - 1 - positions[-1] >= 1 << index_bits):
             raise ModelFileError(f"{r.name}: corrupt: {what}: positions do not cover shape {shape}")
-    return CompressedWeights(shape, symbols, positions, codebook, bits if quantized else 32, index_bits, coded)
+    return CompressedWeights(shape, symbols, positions, codebook, bits if quantized else 32, index_bits, coded,
+                             scale, zero)
 
 
 def _read_stream(r, width, count, coded, what):
@@ -277,5 +342,5 @@ def to_caffemodel(path, output):
     net, blobs = caffe_pb2.NetParameter(), []
     for name, type_, values in read_model(path):
         net.layer.add(name=name, type=type_)
-        blobs.append([(v.dense() if isinstance(v, CompressedWeights) else v, None) for v in values])
+        blobs.append([(v if isinstance(v, np.ndarray) else v.dense(), None) for v in values])
     write_weights(output, net, blobs)

@@ -103,7 +103,7 @@ class Compressor:
         self.layers = compressible_layers(self.net)
         self.original = {n: np.array(layer.blobs[0].host_data()) for n, layer in self.layers.items()}
         self.masks, self.shared = Masks(self.net), None
-        self.bits, self.accuracy = {}, {}
+        self.bits, self.accuracy, self.int8_ranges = {}, {}, {}
 
     def weights(self, name):
         return np.array(self.layers[name].blobs[0].host_data())
@@ -155,6 +155,31 @@ class Compressor:
             self.solver.step(iters)
             self.evaluate("quantized_finetuned")
 
+    def int8_calibration(self, iterations=10, keep_float=(), inputs=None):
+        """Checks the int8 options now; returns records -> int8 records, calibrated then on the
+        weights of that time with `inputs` (samples for the deploy net `self.model`) or
+        `iterations` batches of the solver's test net."""
+        from espresso.compress.int8 import _input_batches, calibrate, int8_layers, int8_records
+
+        names = int8_layers(self.net, keep_float)
+        if inputs is not None:
+            net = espresso.Net(self.model, espresso.TEST)
+            net.share_with(self.net)
+            _input_batches(net, inputs)
+        elif self.solver.test_nets and iterations > 0:
+            net = self.solver.test_nets[0]
+        else:
+            raise EspressoError("--int8 calibrates on the solver's test net: give --calibration-iters N > 0 and a "
+                                "solver with a test net (or calibration inputs)")
+
+        def calibrated(records):
+            self.int8_ranges = calibrate(net, names, iterations, inputs)
+            log.info("int8: input ranges %s", ", ".join(f"{n} [{lo:.3g}, {hi:.3g}]"
+                                                        for n, (lo, hi) in self.int8_ranges.items()))
+            return int8_records(self.net, self.int8_ranges, records)
+
+        return calibrated
+
     def records(self, huffman=True, index_bits=None):
         """What write_model writes: compressed weights for pruned/quantized layers, raw else."""
         records = []
@@ -181,22 +206,33 @@ class Compressor:
 
 def compress(model, weights, solver, prune=None, bits=None, output="model.espz", huffman=True, init="linear",
              prune_steps=3, retrain_iters=1000, quant_iters=1000, index_bits=None, report=None, plot=None,
-             centroid_grad="mean"):
+             centroid_grad="mean", int8=None):
     """Run the stages given (each alone or together), write the compressed model to `output`
-    and return the report dict (also written as JSON to `report`, with a PNG to `plot`)."""
+    and return the report dict (also written as JSON to `report`, with a PNG to `plot`).
+    int8: {"iterations": calibration batches, "keep_float": layer names, "inputs": samples}
+    makes the written layers int8 (espresso/compress/int8.py), calibrated on the final weights."""
     c = Compressor(solver, weights, model)
-    if prune is None and bits is None:
+    if prune is None and bits is None and int8 is None:
         prune, bits = paper_recipe(c.layers)
         log.info("Deep Compression: no stages given: the paper's recipe, --prune %s --bits paper",
                  ",".join(f"{n}={v}" for n, v in prune.items()))
+    calibration = c.int8_calibration(**int8) if int8 is not None else None  # its errors before any work
     c.evaluate("original")
     c.prune(prune, prune_steps, retrain_iters)
     c.quantize(bits, init, quant_iters, centroid_grad)
     records = c.records(huffman, parse_spec(index_bits, "index-bits"))
+    if calibration is not None:
+        records = calibration(records)
     write_model(output, records)
     from espresso.compress.report import make_report, plot_distributions, write_report
 
     result = make_report(c, records, output, model)
+    if calibration is not None:
+        from espresso.compress.int8 import input_format
+
+        result["stages"] = [{"stage": "int8", "layer": name, "input_range": list(limits),
+                             "input_scale_zero": list(input_format(*limits))}
+                            for name, limits in c.int8_ranges.items()]
     if report:
         write_report(result, report)
     if plot:
@@ -269,6 +305,44 @@ def hash_compress(model, weights, solver, factor, output, output_model=None, ite
     report, _ = retrain_rewritten(model, weights, solver, rewrite, "hashed", iterations, output, output_model,
                                   keep_weights=False)
     return report
+
+
+def fixed_point_compress(model, weights, solver, fixed_point, rounding, output, iterations=1000, dynamic=False):
+    """Gupta et al.'s fixed point as a stage: the model rounded to <IL, FL> and trained on in it
+    `iterations` (espresso/compress/fixed_point.py), its weights written as IL+FL-bit integers
+    (one scale, 2**-FL, per blob: with `dynamic`, each blob's own FL); the report as D1's."""
+    from espresso.compress.fixed_point import FixedPoint
+
+    il, fl = fixed_point
+    if il + fl > 16:
+        raise EspressoError(f"--fixed-point {il},{fl}: the model file stores words of at most 16 bits")
+    c = Compressor(solver, weights, model)
+    c.evaluate("original")
+    fixed = FixedPoint(c.net, il, fl, rounding, dynamic=dynamic).attach(c.solver)
+    c.evaluate("rounded")
+    if iterations:
+        c.solver.step(iterations)
+    c.evaluate("trained")
+    owner = {id(blob): k for k, blob in enumerate(c.net.learnable_params)}
+    formats, records = fixed.formats(), []
+    for name, layer in c.net.layer_dict.items():
+        if layer.blobs:
+            blobs = [_integers(b, formats.get(("weights", owner[id(b)]), fl), il + fl) for b in layer.blobs]
+            records.append((name, layer.type, blobs))
+    write_model(output, records)
+    before = sum(b.count for b in c.net.learnable_params) * 4
+    after = os.path.getsize(output)
+    return {"ratio": before / after, "accuracy_before": c.accuracy["original"], "accuracy_after": c.accuracy["trained"],
+            "accuracy": c.accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output),
+            "stages": [{"stage": "fixed_point", "format": [il, fl], "rounding": rounding, "dynamic": dynamic,
+                        "iterations": iterations}]}
+
+
+def _integers(blob, fl, word):
+    from espresso.compress.model_file import ScaledIntegers
+
+    values = np.rint(np.asarray(blob.host_data(), np.float64) * 2.0 ** fl)
+    return ScaledIntegers(values.astype(np.int8 if word <= 8 else np.int16), np.array([2.0 ** -fl], np.float32))
 
 
 def run_deployed(model, path, iterations):

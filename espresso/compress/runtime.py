@@ -15,6 +15,7 @@ another net's dense ones (the solver's test nets share the train net's), the lay
 on those shared weights.
 """
 
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,8 @@ from espresso.compress.model_file import CompressedWeights, read_model
 from espresso.compress.sparse import SparseMatrix, pack
 from espresso.errors import ModelFileError, NetError, ShapeError
 from espresso.layers.vision import conv_output_spatial
+
+log = logging.getLogger("espresso")
 
 
 def load_compressed(net, path):
@@ -42,19 +45,38 @@ def load_compressed(net, path):
             continue
         layer = net.engine_layers[i]
         _check_blobs(name, layer, blobs)
-        if swap and isinstance(blobs[0], CompressedWeights) and _can_run_compressed(layer):
-            net.replace_layer(i, CompressedLayer(layer, blobs[0]))
+        stand_in = _stand_in(layer, blobs[0], net) if swap else None
+        if stand_in is not None:
+            net.replace_layer(i, stand_in(layer, blobs[0]))
             replaced.append(layer.blobs[0])
             blobs = blobs[1:]
             targets = layer.blobs[1:]
         else:
             targets = layer.blobs
         for blob, value in zip(targets, blobs):
-            array = value.dense() if isinstance(value, CompressedWeights) else value
+            array = value if isinstance(value, np.ndarray) else value.dense()
             blob.data[...] = net.backend.to_device(array.reshape(blob.shape), net.dtype)
     if replaced:
         net.release_params(replaced)  # the dense copies go (unless the net shares params)
         _fuse_runs(net)
+
+
+def _stand_in(layer, weights, net):
+    """The layer class to run `weights` with in a TEST net: Int8Layer for int8 weights (on the
+    CPU), CompressedLayer for other compressed ones, or None (dense, in the net's own layer)."""
+    if getattr(weights, "input_scale", 0):
+        if net.backend.name != "cpu":
+            return None
+        try:
+            from espresso.compress.int8 import Int8Layer, _can_run
+        except ImportError:  # no Numba: the weights run dequantized, in float
+            log.warning("layer '%s': int8 layers need Numba (pip install 'espresso-nn[fast]'); running it in "
+                        "float32", layer.name)
+            return None
+        return Int8Layer if _can_run(layer) else None
+    if isinstance(weights, CompressedWeights) and _can_run_compressed(layer):
+        return CompressedLayer
+    return None
 
 
 def _fuse_runs(net):
@@ -65,20 +87,21 @@ def _fuse_runs(net):
         end = i
         head = net.engine_layers[i]
         if isinstance(head, CompressedLayer) and head.type == "InnerProduct" and head.shared is None:
-            while end + 1 < len(net.engine_layers) and _continues_run(net, names, end):
+            while end + 1 < len(net.engine_layers) and _continues_run(net, names, end, type(head)):
                 end += 1
         if end > i:
             FusedRun(net, i, end + 1)
         i = end + 1
 
 
-def _continues_run(net, names, i):
-    """Whether layer i + 1 reads the top of layer i, the last of a run, and joins the run."""
+def _continues_run(net, names, i, kind):
+    """Whether layer i + 1 reads the top of layer i, the last of a run of `kind` layers, and
+    joins the run."""
     layer, after, top = net.engine_layers[i], net.engine_layers[i + 1], net.top_names[names[i]]
     if after.type == "ReLU":  # in place, plain, after a compressed InnerProduct
         return (layer.type == "InnerProduct" and after.p.negative_slope == 0
                 and net.bottom_names[names[i + 1]] == top == net.top_names[names[i + 1]])
-    return (isinstance(after, CompressedLayer) and after.type == "InnerProduct" and after.shared is None
+    return (type(after) is kind and after.type == "InnerProduct" and after.shared is None
             and net.bottom_names[names[i + 1]] == top)
 
 
@@ -103,7 +126,7 @@ class FusedRun:
             layer.run, layer.position = self, k
         self.fc = [k for k, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
         relus = [k + 1 < len(self.layers) and isinstance(self.layers[k + 1], FusedReLU) for k in self.fc]
-        self.bind = pack([self.layers[k].matrix for k in self.fc], relus)
+        self.bind = type(self.layers[0]).chain([self.layers[k] for k in self.fc], relus)
 
     def forward_from(self, k, caller):
         """A pass (the net's loop `caller`) reaches layer k first: compute layers k.. ."""
@@ -128,7 +151,7 @@ class FusedRun:
             return None
         x = self.bottoms[self.fc[0]][0].data.reshape(layers[0].M, layers[0].K)
         ys = tuple(self.tops[k][0].data.reshape(layer.M, layer.N) for k, layer in zip(self.fc, layers))
-        no_bias = self.layers[self.fc[0]].matrix._no_bias
+        no_bias = self.layers[self.fc[0]].no_bias
         biases = tuple(layer.blobs[1].data if len(layer.blobs) > 1 else no_bias for layer in layers)
         firsts = [sum(f < k for f in self.fc) for k in range(len(self.layers))]  # the first after k
         return [self.bind(first, biases, x, ys) if first < len(ys) else _nothing for first in firsts]
@@ -257,6 +280,15 @@ class CompressedLayer(_Wrapper):
 
     def __repr__(self):
         return f"<CompressedLayer '{self.inner.name}' ({self.inner.type}), {self.matrix.nnz} weights stored>"
+
+    @staticmethod
+    def chain(layers, relus):
+        """FusedRun's binder for a run of these layers (sparse.pack's), or None."""
+        return pack([layer.matrix for layer in layers], relus)
+
+    @property
+    def no_bias(self):
+        return self.matrix._no_bias
 
     @property
     def nbytes(self):

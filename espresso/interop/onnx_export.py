@@ -4,7 +4,10 @@ The layers are walked in the net's order; each Caffe type has one row in EXPORTE
 that appends the ONNX nodes computing the layer's tops from its bottoms.  Blob names are tensor
 names, so ONNX Runtime's inputs and outputs are named as the net's blobs (see _top_name for blobs
 overwritten in place).  Weights are float32 initializers "<layer>.<i>"; intermediate tensors are
-"<layer>/<op>".
+"<layer>/<op>".  An int8 layer (a net loaded from an int8 model file) is written in QDQ form: its
+input through QuantizeLinear/DequantizeLinear (uint8, its calibrated scale and zero point) and its
+weights int8 with per-channel scales through DequantizeLinear, which runtimes such as ONNX
+Runtime fuse into int8 kernels.
 
 The batch axis of every input is symbolic ("N"); the other axes keep the net's sizes, and those
 fix Pooling's padding: Caffe's output size (ceil rounding, the last window starting inside the
@@ -87,6 +90,14 @@ class _Graph:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
         return name
 
+    def weight(self, value, hint):
+        """An initializer for a float weight, or the float tensor an int8 one dequantizes to."""
+        if not isinstance(value, _Int8Weight):
+            return self.const(value, hint)
+        values, scales = self.const(value.values, hint, np.int8), self.const(value.scales, hint + ".scale")
+        return self.op("DequantizeLinear", [values, scales, self.const(np.zeros(len(value.scales)), hint + ".zero",
+                                                                       np.int8)], axis=0)
+
     def ints(self, values):
         return self.const(values, "i", np.int64)
 
@@ -98,6 +109,19 @@ class _Graph:
         node = self.onnx.helper.make_node(op_type, inputs, names, name=self.fresh(f"{self.scope}:{op_type}"), **attrs)
         self.nodes.append(node)
         return names[0] if len(names) == 1 else names
+
+
+class _Int8Weight:
+    """int8 weights and their per-output-channel scales (axis 0), as an int8 layer runs them."""
+
+    def __init__(self, values, scales):
+        self.values, self.scales = values, scales
+
+
+def _quantize_dequantize(g, x, scale, zero):
+    """x through QuantizeLinear and DequantizeLinear as uint8: an int8 layer's input, in QDQ form."""
+    operands = [g.const(scale, "in.scale"), g.const(zero, "in.zero", np.uint8)]
+    return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, *operands]), *operands])
 
 
 def _walk(g, net):
@@ -113,6 +137,10 @@ def _walk(g, net):
             inputs += [_value_info(g, b.name, b.shape) for b in top_blobs]
         elif layer.type in EXPORTERS:
             w = [np.asarray(net.backend.to_host(b.data), np.float32) for b in layer.blobs]
+            int8 = getattr(layer, "int8_form", None)
+            if int8 is not None:  # an int8 layer (espresso/compress/int8.py): its QDQ form
+                (values, scales), (scale, zero) = int8()
+                x[0], w[0] = _quantize_dequantize(g, x[0], scale, zero), _Int8Weight(values, scales)
             EXPORTERS[layer.type](g, Layer(layer, x, y, [b.shape for b in bottoms], [b.shape for b in top_blobs], w))
         else:
             raise NetError(f"{layer.where}: no ONNX export for layer type '{layer.type}' "
@@ -236,7 +264,7 @@ def _convolution(g, L):
     layer = L.layer
     if layer.axis != 1:
         _refuse(L, f"convolution_param.axis {layer.p.axis}: ONNX convolves over axis 1 only")
-    weights = [g.const(w, str(k)) for k, w in enumerate(L.w)]
+    weights = [g.weight(w, str(k)) for k, w in enumerate(L.w)]
     attrs = dict(kernel_shape=list(layer.kernel), strides=list(layer.stride), pads=list(layer.pad) * 2,
                  dilations=list(layer.dilation), group=layer.p.group)
     for x, y in zip(L.x, L.y, strict=True):  # several bottoms share the weights
@@ -284,7 +312,7 @@ def _inner_product(g, L):
     layer, shape = L.layer, L.xs[0]
     axis = layer.p.axis % len(shape)
     x = L.x[0] if (len(shape), axis) == (2, 1) else g.op("Flatten", L.x, axis=axis)  # (M, K)
-    weights = [g.const(w, str(k)) for k, w in enumerate(L.w)]
+    weights = [g.weight(w, str(k)) for k, w in enumerate(L.w)]
     flat = len(L.ys[0]) == 2
     y = g.op("Gemm", [x, *weights], L.y[0] if flat else None, transB=0 if layer.p.transpose else 1)
     if not flat:

@@ -146,10 +146,11 @@ class Net(PycaffeNet):
     def forward_layers(self, start, end, losses=True):
         """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed
         (not computed when not `losses`)."""
-        terms = []
+        terms, hooks = [], any(self._callbacks.values())  # (a call per layer less at batch 1)
         for i in range(start, end + 1):
             layer, bottom, top = self.engine_layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            self._call("before_forward", i)
+            if hooks:
+                self._call("before_forward", i)
             if self._checked_at[i] != graphs.version(self.backend):  # some blob changed shape since: look
                 shapes = [b.shape for b in bottom]
                 if shapes != self._reshaped_for[i]:
@@ -159,7 +160,8 @@ class Net(PycaffeNet):
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
-            self._call("after_forward", i)
+            if hooks:
+                self._call("after_forward", i)
         return terms
 
     def backward_range(self, start, end):

@@ -1,0 +1,173 @@
+"""Fixed-point training: Gupta, Agrawal, Gopalakrishnan and Narayanan, "Deep Learning with
+Limited Numerical Precision" (ICML 2015), and dynamic fixed point after Courbariaux, Bengio and
+David, "Training deep neural networks with low precision multiplications" (2014).
+
+A number in fixed point <IL, FL> is an integer of WL = IL + FL bits (sign included) times
+eps = 2**-FL: the range is [-2**(IL-1), 2**(IL-1) - eps], and values outside saturate.
+`FixedPoint(net, il, fl, rounding).attach(solver)` keeps a solver's training in that format
+while the arithmetic itself stays float32 (as in the paper's simulation, where the GEMM
+accumulates in high precision and its result is rounded):
+
+- the weights and biases: rounded at attach and after every update, so the stored model is
+  fixed point and an update smaller than eps/2 is lost under round-to-nearest;
+- the activations: the tops of every layer with weights and of every layer fed by activations,
+  but not of a loss or Accuracy (so data, labels and their splits stay as read), in the train
+  and the test nets;
+- the back-propagated errors (the bottom diffs each layer writes) and the weight gradients.
+
+Rounding (Gupta's section 3): `nearest` rounds x/eps half up, floor(x/eps + 1/2); `stochastic`
+rounds up with probability frac(x/eps), floor(x/eps + u) with u uniform in [0, 1), so a
+rounding is exact in expectation.  With `dynamic`, each tensor (a layer's activations, its
+errors, each parameter blob, each gradient) has its own FL, started at the given one and kept
+by overflow rates, counted over `interval` roundings: above `max_overflow` FL drops by one
+(the range doubles); when the values would have overflowed less than `max_overflow` with one
+more fraction bit, FL grows by one.  WL stays IL + FL.
+"""
+
+import numpy as np
+
+from espresso.errors import EspressoError
+
+ROUNDINGS = ("nearest", "stochastic")
+_SKIP_TOPS = ("Accuracy", "Silence")
+
+
+def parse_format(text):
+    """'IL,FL' (e.g. '2,14') -> (2, 14), checked."""
+    try:
+        il, fl = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise EspressoError(f"--fixed-point: give IL,FL (integer and fraction bits, e.g. 2,14), got '{text}'") from None
+    check_format(il, fl)
+    return il, fl
+
+
+def check_format(il, fl):
+    if not (il >= 1 and fl >= 0 and 2 <= il + fl <= 24):
+        raise EspressoError(f"fixed point <{il},{fl}>: IL >= 1 (the sign bit included), FL >= 0 and a word of "
+                            f"2..24 bits (float32 holds 24 exactly), got a word of {il + fl} bits")
+
+
+class _Tensor:
+    """The format of one tensor: its FL, and its overflow counts under dynamic fixed point."""
+
+    def __init__(self, fl):
+        self.fl, self.seen, self.over, self.over_finer = fl, 0, 0, 0
+
+
+class FixedPoint:
+    """Keeps a net (and the solver training it) in fixed point; see the module docstring."""
+
+    def __init__(self, net, il, fl, rounding="stochastic", dynamic=False, max_overflow=1e-4, interval=50, seed=0):
+        check_format(il, fl)
+        if rounding not in ROUNDINGS:
+            raise EspressoError(f"--rounding: {' or '.join(ROUNDINGS)}, got '{rounding}'")
+        self.net, self.xp = net, net.backend.xp
+        self.word, self.fl, self.stochastic = il + fl, fl, rounding == "stochastic"
+        self.dynamic, self.max_overflow, self.interval = dynamic, max_overflow, interval
+        self.rng = self.xp.random.default_rng(seed)
+        self.noise = None  # one uniform buffer, as large as the largest tensor rounded
+        self.tensors = {}
+        self.limit = float(2 ** (self.word - 1))  # |value| / eps must stay below this
+
+    def round(self, array, key):
+        """Round `array` in place to the format of tensor `key`."""
+        t = self.tensors.setdefault(key, _Tensor(self.fl))
+        flat = array.reshape(-1)
+        xp, scale = self.xp, array.dtype.type(2.0 ** t.fl)
+        flat *= scale
+        if self.dynamic:
+            magnitude = xp.abs(flat)
+            t.over += int((magnitude >= self.limit).sum())
+            t.over_finer += int((magnitude >= self.limit / 2).sum())
+            t.seen += flat.size
+        if self.stochastic:
+            flat += self._uniform(flat.size, flat.dtype)
+        else:
+            flat += flat.dtype.type(0.5)
+        xp.floor(flat, out=flat)
+        xp.clip(flat, -self.limit, self.limit - 1, out=flat)
+        flat /= scale
+        if self.dynamic and t.seen >= self.interval * flat.size:
+            self._adapt(t)
+
+    def _uniform(self, n, dtype):
+        if self.noise is None or self.noise.size < n:
+            self.noise = self.xp.empty(n, dtype)
+        noise = self.noise[:n]
+        self.rng.random(n, dtype=dtype, out=noise)  # the size given: CuPy's size None draws one number
+        return noise
+
+    def _adapt(self, t):
+        if t.over > self.max_overflow * t.seen:
+            t.fl -= 1
+        elif t.over_finer <= self.max_overflow * t.seen:
+            t.fl += 1
+        t.seen = t.over = t.over_finer = 0
+
+    # *** what is rounded ***
+    def round_weights(self):
+        for k, blob in enumerate(self.net.learnable_params):
+            self.round(blob.data, ("weights", k))
+
+    def round_gradients(self):
+        for k, blob in enumerate(self.net.learnable_params):
+            self.round(blob.diff, ("gradients", k))
+
+    def attach(self, solver):
+        """Train with `solver` in fixed point: its weights rounded now and after each update,
+        activations, errors and gradients as they are made (test nets: activations)."""
+        if solver.net is not self.net:
+            raise EspressoError("FixedPoint.attach: made for another net than the solver's")
+        self.round_weights()
+        for net in [solver.net] + list(solver.test_nets):
+            self.watch(net)
+        solver.add_callback(lambda: None, self.round_gradients)
+        update = solver.apply_update
+
+        def apply_update():
+            update()
+            self.round_weights()
+
+        solver.apply_update = apply_update
+        return self
+
+    def watch(self, net):
+        """Round `net`'s activations after each forward layer and its errors after each backward one."""
+        rounded, names = activations(net), list(net.layer_dict)
+
+        def after_forward(i):  # keyed by layer name: a test net's layers share the train net's formats
+            if rounded[i]:
+                for k, blob in enumerate(net.top_vecs[i]):
+                    self.round(blob.data, ("activations", names[i], k))
+
+        def after_backward(i):
+            if net.layer_need_backward[i]:
+                for k, (blob, need) in enumerate(zip(net.bottom_vecs[i], net.bottom_need_backward[i])):
+                    if need:
+                        self.round(blob.diff, ("errors", names[i], k))
+
+        net.after_forward(after_forward)
+        net.after_backward(after_backward)
+
+    def formats(self):
+        """{tensor: FL} as it stands (with `dynamic`, where each one settled)."""
+        return {key: t.fl for key, t in self.tensors.items()}
+
+
+def activations(net):
+    """Per layer, whether its tops are activations: outputs of a layer with weights, or of one
+    fed by activations, and not a loss or a metric (so data, labels and their splits are not)."""
+    found, rounded = set(), []
+    for layer, bottom, top in zip(net.engine_layers, net.bottom_vecs, net.top_vecs):
+        fed = bool(layer.blobs) or any(id(b) in found for b in bottom)
+        metric = layer.is_loss or any(layer.loss_weights) or layer.type in _SKIP_TOPS
+        rounded.append(fed and not metric)
+        found.update(id(t) for t in top if fed)
+    return rounded
+
+
+def on_grid(array, fl, word):
+    """Whether every value of `array` is a multiple of 2**-fl inside the <word-fl, fl> range (tests)."""
+    scaled = np.asarray(array, np.float64) * 2.0 ** fl
+    return bool(np.all(scaled == np.round(scaled)) and np.all(np.abs(scaled) <= 2 ** (word - 1)))
