@@ -371,6 +371,8 @@ def cmd_compress(args):
         return _lowrank(args)
     if args.fixed_point:
         return _fixed_point(args)
+    if args.fp16 or args.bf16:
+        return _half(args)
     from espresso.compress.pipeline import compress
 
     report = compress(args.model, args.weights, args.solver, prune=args.prune or None, bits=args.bits or None,
@@ -448,6 +450,18 @@ def _fixed_point(args):
                             "a codebook's or a grid's")
     report = fixed_point_compress(args.model, args.weights, args.solver, parse_format(args.fixed_point),
                                   args.rounding, args.output, args.retrain_iters, args.dynamic_fixed_point)
+    return _print_report(report, args)
+
+
+def _half(args):
+    """Weights as 16-bit floats (run with 16-bit operands on a GPU): the model file out."""
+    from espresso.compress.pipeline import half_compress
+
+    if args.fp16 and args.bf16 or args.int8 or args.prune or args.bits:
+        raise EspressoError("--fp16 / --bf16 go alone: one precision per file, and Deep Compression's weights are "
+                            "a codebook's")
+    report = half_compress(args.model, args.weights, args.solver, "float16" if args.fp16 else "bfloat16",
+                           args.output)
     return _print_report(report, args)
 
 
@@ -680,6 +694,9 @@ def _parser():
     p.add_argument("--calibration", type=_input, default=None, help="with --int8: a .npy of input samples (N, C, H, W) "
                    "for --model (a deploy net) to calibrate on instead")
     p.add_argument("--keep-float", default="", help="with --int8: layers left in float ('first', 'last' or names)")
+    p.add_argument("--fp16", action="store_true", help="weights as IEEE half floats, run with 16-bit operands and "
+                   "float32 accumulation where the file is loaded on a GPU")
+    p.add_argument("--bf16", action="store_true", help="as --fp16, in bfloat16")
     p.add_argument("--output", "-o", type=_output, required=True, help="the compressed model file to write")
     p.add_argument("--report", type=_output, default="", help="write the per-layer report as JSON")
     p.add_argument("--plot", type=_output, default="", help="write the weight distributions before/after as a PNG")

@@ -3,10 +3,11 @@
     header   magic b"\\x89ESPZ\\r\\n\\x1a" | u16 version | u16 0 | u64 payload length | u32 CRC-32 of payload
     payload  u32 layer count, then per layer: str name, str type, u16 blob count, blobs
     blob     u8 kind, u8 ndim, u32 dims[ndim]; kind 0: float32 values; kind 1: compressed weights;
-             kind 2 (version 2): scaled integers
+             kind 2 (version 2): scaled integers; kind 3 (version 2): 16-bit floats
     integers u8 bits (8 or 16), u32 scale count (1, or dims[0]: one per output channel),
              float32 scales[count], float32 input scale (0: none), u8 input zero point (0 or 128),
              signed little-endian values
+    16-bit   u8 format (0 IEEE half, 1 bfloat16), the values' bit patterns as u16
     weights  u8 flags (1 sparse, 2 quantized, 4 huffman, 8 int8 input), u8 bits, u8 index bits, u32 entries,
              [float32 input scale, u8 input zero point: with flag 8],
              [float32 codebook[2**bits]], weight stream (codes) or float32 values[entries],
@@ -106,6 +107,31 @@ class ScaledIntegers:
         return self.values.astype(dtype) * per_row
 
 
+@dataclasses.dataclass
+class HalfFloats:
+    """One weight blob as 16-bit floats: `bits` (uint16, of the blob's shape) in `kind`,
+    'float16' or 'bfloat16' (espresso/compress/half.py)."""
+
+    bits: np.ndarray
+    kind: str = "float16"
+
+    @property
+    def shape(self):
+        return tuple(self.bits.shape)
+
+    @property
+    def count(self):
+        return self.bits.size
+
+    def dense(self, dtype=np.float32):
+        from espresso.compress.half import from_bits
+
+        return from_bits(self.bits, self.kind).astype(dtype)
+
+
+HALF_KINDS = ("float16", "bfloat16")
+
+
 def from_weights(weights, mask=None, codebook=None, index=None, bits=32, index_bits=0, huffman=True):
     """CompressedWeights of `weights`: sparse when index_bits > 0 (keeping `mask`), quantized
     when a codebook and index are given (index 0 must mean zero)."""
@@ -155,6 +181,9 @@ def _string(text):
 
 
 def _blob(blob):
+    if isinstance(blob, HalfFloats):
+        return _dims(3, blob.shape) + struct.pack("<B", HALF_KINDS.index(blob.kind)) + \
+            np.ascontiguousarray(blob.bits, "<u2").tobytes()
     if isinstance(blob, ScaledIntegers):
         values = np.ascontiguousarray(blob.values, "<i1" if blob.values.dtype.itemsize == 1 else "<i2")
         return (_dims(2, blob.shape) + struct.pack("<BI", 8 * values.itemsize, blob.scales.size)
@@ -273,7 +302,7 @@ def _parse(r, max_elements):
 
 def _read_blob(r, what, budget):
     kind, ndim = r.unpack("BB", what)
-    if kind not in (0, 1, 2) or ndim > 8:
+    if kind not in (0, 1, 2, 3) or ndim > 8:
         raise ModelFileError(f"{r.name}: corrupt: {what}: kind {kind}, {ndim} axes")
     shape = r.unpack(f"{ndim}I", what)
     count = math.prod(shape)
@@ -284,6 +313,12 @@ def _read_blob(r, what, budget):
         return np.frombuffer(r.take(4 * count, what), "<f4").astype(np.float32).reshape(shape)
     if kind == 2:
         return _read_integers(r, what, tuple(shape), count)
+    if kind == 3:
+        (form,) = r.unpack("B", what)
+        if form >= len(HALF_KINDS):
+            raise ModelFileError(f"{r.name}: corrupt: {what}: 16-bit float format {form}")
+        bits = np.frombuffer(r.take(2 * count, what + " values"), "<u2").astype(np.uint16).reshape(shape)
+        return HalfFloats(bits, HALF_KINDS[form])
     return _read_weights(r, what, tuple(shape), count)
 
 

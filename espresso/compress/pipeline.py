@@ -338,6 +338,26 @@ def fixed_point_compress(model, weights, solver, fixed_point, rounding, output, 
                         "iterations": iterations}]}
 
 
+def half_compress(model, weights, solver, kind, output):
+    """Every layer's weights as 16-bit floats of `kind` (float16 or bfloat16; biases float32),
+    espresso/compress/half.py; the report as D1's, the accuracy after from the file as deployed."""
+    from espresso.compress.half import to_bits
+    from espresso.compress.model_file import HalfFloats
+
+    c = Compressor(solver, weights, model)
+    c.evaluate("original")
+    records = [(name, layer.type, [HalfFloats(to_bits(layer.blobs[0].host_data(), kind), kind)]
+                + [np.array(b.host_data(), np.float32) for b in layer.blobs[1:]])
+               for name, layer in c.net.layer_dict.items() if layer.blobs]
+    write_model(output, records)
+    c.accuracy[kind] = run_deployed(model, output, c.test_iter)
+    before = sum(b.count for b in c.net.learnable_params) * 4
+    after = os.path.getsize(output)
+    return {"ratio": before / after, "accuracy_before": c.accuracy["original"], "accuracy_after": c.accuracy[kind],
+            "accuracy": c.accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output),
+            "stages": [{"stage": kind, "layers": [name for name, _, _ in records]}]}
+
+
 def _integers(blob, fl, word):
     from espresso.compress.model_file import ScaledIntegers
 

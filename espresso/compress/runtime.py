@@ -64,6 +64,12 @@ def load_compressed(net, path):
 def _stand_in(layer, weights, net):
     """The layer class to run `weights` with in a TEST net: Int8Layer for int8 weights (on the
     CPU), CompressedLayer for other compressed ones, or None (dense, in the net's own layer)."""
+    if getattr(weights, "kind", None) in ("float16", "bfloat16"):  # HalfFloats
+        if net.backend.name == "cpu":
+            return None
+        from espresso.compress.half import HalfLayer, can_run
+
+        return HalfLayer if can_run(layer) else None
     if getattr(weights, "input_scale", 0):
         if net.backend.name != "cpu":
             return None
@@ -86,7 +92,7 @@ def _fuse_runs(net):
     while i < len(net.engine_layers):
         end = i
         head = net.engine_layers[i]
-        if isinstance(head, CompressedLayer) and head.type == "InnerProduct" and head.shared is None:
+        if isinstance(head, CompressedLayer) and head.chain and head.type == "InnerProduct" and head.shared is None:
             while end + 1 < len(net.engine_layers) and _continues_run(net, names, end, type(head)):
                 end += 1
         if end > i:

@@ -21,6 +21,8 @@ from espresso.errors import BackendError
 OP_N, OP_T = 0, 1
 DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
 WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
+CUDA_R_32F, COMPUTE_32F, GEMM_DEFAULT = 0, 68, -1  # cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t
+_HALF_TYPES = {"float16": 2, "bfloat16": 14}  # CUDA_R_16F, CUDA_R_16BF
 _GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
          np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
 
@@ -107,6 +109,10 @@ class Blas:
             self._gemm(a, b, out, offsets, batched, accumulate)
         return out
 
+    def half_matmul_t(self, x16, w16, y, type_name):
+        """y = x16 @ w16^T in float32 from 16-bit operands (espresso/compress/half.py)."""
+        _half_gemm(self, x16, w16, y, type_name)
+
     def _gemm(self, a, b, out, offsets, batched, accumulate):
         """One (strided-batched) call.  Row-major C = A B is column-major C^T = B^T A^T."""
         itemsize, (m, n), k = out.itemsize, out.shape[-2:], a.shape[-1]
@@ -123,6 +129,19 @@ class Blas:
                                                 ctypes.c_longlong(sa), ctypes.byref(beta), pc, ldc,
                                                 ctypes.c_longlong(sc), count)
         self._check(status, strided if batched else single)
+
+
+def _half_gemm(blas, x16, w16, y, type_name):
+    """y (M, N) float32 = x16 (M, K) @ w16 (N, K)^T, 16-bit operands of `type_name` (float16 or
+    bfloat16) and float32 accumulation (cublasGemmEx, compute type 32F: tensor cores).
+    Column-major, that is y^T = w16 x16^T: A = w16 read transposed (lda K), B = x16 (ldb K)."""
+    (m, k), n = x16.shape, w16.shape[0]
+    data_type = _HALF_TYPES[type_name]
+    alpha, beta = ctypes.c_float(1), ctypes.c_float(0)
+    pw, px, py = (ctypes.c_void_p(a.data.ptr) for a in (w16, x16, y))
+    status = blas.lib.cublasGemmEx(blas.handle, OP_T, OP_N, n, m, k, ctypes.byref(alpha), pw, data_type, k, px,
+                                   data_type, k, ctypes.byref(beta), py, CUDA_R_32F, n, COMPUTE_32F, GEMM_DEFAULT)
+    blas._check(status, "cublasGemmEx")
 
 
 def _layout(x):

@@ -27,7 +27,10 @@ WORKSPACE_LIMIT = 640 << 20
 # the side stream's workspace (filter gradients computed aside, concurrent with the main stream's
 # work): larger needs keep the gradient on the main stream rather than hold a second big buffer
 SIDE_WORKSPACE_LIMIT = 64 << 20
-_DATA_TYPE = {np.dtype(np.float32): (0, ctypes.c_float), np.dtype(np.float64): (1, ctypes.c_double)}
+# cudnnDataType_t and the scalars' C type; the 16-bit types compute in float ("pseudo half")
+_DATA_TYPE = {np.dtype(np.float32): (0, ctypes.c_float), np.dtype(np.float64): (1, ctypes.c_double),
+              "float16": (2, ctypes.c_float), "bfloat16": (9, ctypes.c_float)}
+_FLOAT = 0
 
 
 class _Perf(ctypes.Structure):  # cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (same layout)
@@ -93,7 +96,8 @@ class Cudnn:
     def plan(self, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
         """The Convolution from image (n, Ci, H, W) to data (n, Cd, H', W') with weights
         (Cd, Ci/group, kh, kw), made once per geometry (descriptors live as long as the handle)."""
-        key = (image_shape, data_shape, weight_shape, stride, pad, dilation, group, np.dtype(dtype))
+        key = (image_shape, data_shape, weight_shape, stride, pad, dilation, group,
+               dtype if dtype in _DATA_TYPE else np.dtype(dtype))  # (a 16-bit type by name)
         if key not in self._plans:
             self._plans[key] = Convolution(self, *key)
         return self._plans[key]
@@ -114,6 +118,7 @@ class Convolution:
     def __init__(self, cudnn, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
         self.cudnn = cudnn
         type_code, self.scalar = _DATA_TYPE[dtype]
+        self.half = isinstance(dtype, str)  # 16-bit operands: float accumulation on tensor cores
         self.tensor = {side: self._tensor(type_code, shape) for side, shape in
                        (("image", image_shape), ("data", data_shape))}
         self.bias = {side: self._tensor(type_code, (1, shape[1], 1, 1)) for side, shape in
@@ -122,15 +127,21 @@ class Convolution:
         cudnn.call("cudnnSetFilter4dDescriptor", self.weights, type_code, NCHW, *weight_shape)
         self.conv = self._descriptor("Convolution")
         cudnn.call("cudnnSetConvolution2dDescriptor", self.conv, *pad, *stride, *dilation, CROSS_CORRELATION,
-                   type_code)
+                   _FLOAT if self.half else type_code)
         cudnn.call("cudnnSetConvolutionGroupCount", self.conv, group)
         self.configure()
 
     def configure(self):
         """Set the math type and list the candidate algorithms for it; the first (the
         heuristics' favourite) is used until the layer has timed them."""
-        self.cudnn.call("cudnnSetConvolutionMathType", self.conv, TENSOR_OP_MATH if self.cudnn.tf32 else FMA_MATH)
+        tensor_cores = self.cudnn.tf32 or self.half
+        self.cudnn.call("cudnnSetConvolutionMathType", self.conv, TENSOR_OP_MATH if tensor_cores else FMA_MATH)
         image, data = self.tensor["image"], self.tensor["data"]
+        if self.half:  # inference only
+            self.candidates = {"Forward": self._candidates("Forward", image, self.weights, self.conv, data)}
+            self.algo = {"Forward": self.candidates["Forward"][0]}
+            self.cudnn.grow_workspace(self.algo["Forward"][1])
+            return
         self.candidates = {"Forward": self._candidates("Forward", image, self.weights, self.conv, data),
                            "BackwardData": self._candidates("BackwardData", self.weights, data, self.conv, image),
                            "BackwardFilter": self._candidates("BackwardFilter", image, data, self.conv,

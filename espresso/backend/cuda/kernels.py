@@ -124,6 +124,27 @@ def relu_backward(x, dy, dx, slope):
         x, dy, dy.dtype.type(slope), dx)
 
 
+def to_half(x, out, kind):
+    """out = x rounded to nearest even in the 16-bit float `kind`: float16 (out float16) or
+    bfloat16 (out uint16, its bit patterns: float32's upper half)."""
+    if kind == "float16":
+        _elementwise("to_float16", "float32 x", "float16 y", "y = x")(x, out)
+    else:
+        _elementwise("to_bfloat16", "float32 x", "uint16 y",
+                     "unsigned int u = __float_as_uint(x); y = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16")(x, out)
+
+
+def from_half(h, bias, y, kind):
+    """y (n, c, ...) float32 = the 16-bit values h + bias per channel (axis 1; None: no bias)."""
+    shape = (1, -1) + (1,) * (h.ndim - 2)
+    bias = bias.reshape(shape) if bias is not None else _cupy().zeros(1, np.float32).reshape((1,) * h.ndim)
+    if kind == "float16":
+        _elementwise("from_float16", "float16 h, float32 b", "float32 y", "y = float(h) + b")(h, bias, y)
+    else:
+        _elementwise("from_bfloat16", "uint16 h, float32 b", "float32 y",
+                     "y = __uint_as_float(((unsigned int)h) << 16) + b")(h, bias, y)
+
+
 @functools.lru_cache(maxsize=None)
 def _elementwise(name, inputs, outputs, body):
     return _cupy().ElementwiseKernel(inputs, outputs, body, f"espresso_{name}", options=OPTIONS)
