@@ -20,6 +20,7 @@ import numpy as np
 import espresso
 from espresso.compress.fixed_point import FixedPoint
 from espresso.data.fmnist import make_fmnist_lmdbs
+from espresso.errors import EspressoError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 
@@ -44,7 +45,11 @@ def run(param, iterations, interval, fl=None, rounding=None, dynamic=False):
         FixedPoint(solver.net, WORD - fl, fl, rounding, dynamic=dynamic).attach(solver)
     curve = []
     for _ in range(iterations // interval):
-        solver.step(interval)
+        try:
+            solver.step(interval)
+        except EspressoError as e:  # a loss gone NaN (overflowed): the run diverged
+            print(f"  diverged: {e}", flush=True)
+            return curve + [(solver.iter, 0.0)]
         curve.append((solver.iter, float(np.mean(solver.test(0)["accuracy"]))))
     return curve
 
@@ -94,8 +99,8 @@ def main():
     for name, curve in results.items():
         fmt, _, rounding = name.partition(" ")
         fmt = f"{fmt} (start)" if args.dynamic and rounding else fmt
-        lines.append(f"| {fmt} | {rounding or '-'} | {curve[-1][1]:.4f} | {max(a for _, a in curve):.4f} | "
-                     f"{seconds[name]:.0f} |")
+        final = f"{curve[-1][1]:.4f}" if curve[-1][0] == args.iterations else f"diverged at {curve[-1][0]}"
+        lines.append(f"| {fmt} | {rounding or '-'} | {final} | {max(a for _, a in curve):.4f} | {seconds[name]:.0f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"source": source.description, "curves": results,
                                                  "seconds": seconds}, indent=1))

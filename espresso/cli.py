@@ -367,6 +367,12 @@ def cmd_device_query(args):
 def cmd_compress(args):
     """Deep Compression: prune (with retraining), quantize and Huffman-code a trained model."""
     _set_device(args)
+    alone = {"--tucker/--svd": args.tucker or args.svd, "--hash": args.hash, "--fixed-point": args.fixed_point,
+             "--fp16/--bf16": args.fp16 or args.bf16, "--int8": args.int8}
+    given = [flag for flag, on in alone.items() if on]
+    if len(given) > 1:  # each writes a net or a precision of its own (--int8 also goes after --prune/--bits)
+        raise EspressoError(f"{' and '.join(given)} do not combine in one run: compress what one writes in a "
+                            "second run")
     if args.tucker or args.svd or args.hash:
         return _lowrank(args)
     if args.fixed_point:
@@ -457,7 +463,7 @@ def _half(args):
     """Weights as 16-bit floats (run with 16-bit operands on a GPU): the model file out."""
     from espresso.compress.pipeline import half_compress
 
-    if args.fp16 and args.bf16 or args.int8 or args.prune or args.bits:
+    if args.fp16 and args.bf16 or args.prune or args.bits:
         raise EspressoError("--fp16 / --bf16 go alone: one precision per file, and Deep Compression's weights are "
                             "a codebook's")
     report = half_compress(args.model, args.weights, args.solver, "float16" if args.fp16 else "bfloat16",

@@ -63,6 +63,7 @@ CRAFTED = {
                                "values needs 16 bytes, 12 left"),
     "4-bit integers": (lambda t: _file(_layer(_integers((4,), 4, 1))), "4-bit integers with 1 scales"),
     "a scale per row of another shape": (lambda t: _file(_layer(_integers((4, 2), 8, 3))), "with 3 scales"),
+    "a 16-bit float format of 5": (lambda t: _file(_layer(struct.pack("<BBI", 3, 1, 4) + b"\5")), "format 5"),
     "integers cut short": (lambda t: _file(_layer(_integers((4,), 16, 1) + b"\0" * 11)),
                            "values needs 8 bytes, 2 left"),
     "positions that stop short of the shape": (

@@ -102,6 +102,13 @@ def test_dynamic_fixed_point_widens_a_range_that_overflows_and_narrows_an_idle_o
         fixed.round(big.copy(), "big")
         fixed.round(small.copy(), "small")
     assert fixed.formats() == {"big": 7, "small": 11}  # 3.0 needs IL 3 (word 10); 0.01 fits ever finer
+    fixed.round(np.full(10, 100.0, np.float32), "wide")  # first values: the range fits them at once
+    fixed.round(np.full(10, 0.5, np.float32), "jump")
+    fixed.round(np.full(10, 100.0, np.float32), "jump")  # an overflow: as many bits as the peak needs
+    assert fixed.formats()["wide"] == fixed.formats()["jump"] == 2  # 100 < 2**(9 - 2)
+    for _ in range(300):  # an all-zero tensor (a gradient that is always zero) says nothing of its range
+        fixed.round(np.zeros(10, np.float32), "zeros")
+    assert fixed.formats()["zeros"] == 8
 
 
 def test_bad_formats_are_refused():
@@ -136,3 +143,19 @@ def test_espresso_train_fixed_point_on_lenet(tmp_path):
     assert 3.9 < result["ratio"] < 4 and set(result["accuracy"]) == {"original", "rounded", "trained"}
     loaded = espresso.Net(str(tmp_path / "net.prototxt"), espresso.TEST, weights=str(tmp_path / "fp.espz"))
     assert all(on_grid(blob.data, 5, 8) for blobs in loaded.params.values() for blob in blobs)
+
+
+def test_parameters_the_solver_does_not_train_keep_their_values():
+    """lr_mult 0 parameters, such as BatchNorm's running statistics, are not rounded."""
+    p = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="fixed", max_iter=10, display=0, snapshot_after_train=False)
+    p.net_param.CopyFrom(parse_text(NET.replace('layer { name: "relu"', 'layer { name: "bn" type: "BatchNorm" '
+                                                'bottom: "ip1" top: "ip1" } layer { name: "relu"'),
+                                    caffe_pb2.NetParameter()))
+    solver = espresso.SGDSolver(p)
+    fixed = FixedPoint(solver.net, 2, 3, "nearest").attach(solver)
+    solver.net.blobs["data"].data[...] = np.random.default_rng(1).standard_normal((8, 6)) * 5
+    solver.net.blobs["label"].data[...] = np.arange(8) % 3
+    solver.step(1)
+    statistics = [blob for blob in solver.net.params["bn"]]
+    assert [k for k, _ in fixed.trained()] == [0, 1, 5, 6]  # ip1's, ip2's; not bn's three
+    assert not on_grid(statistics[0].data, 3, 5) and statistics[2].data[0] == 1  # the mean, its scale factor

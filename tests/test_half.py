@@ -25,6 +25,8 @@ def test_rounding_to_16_bits_is_to_nearest_even(rng):
     assert np.all(np.abs(bf16 - values) <= np.abs(values) * 2.0 ** -8)  # half an ulp of 7 fraction bits
     ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)], np.float32)  # exactly between two
     np.testing.assert_array_equal(from_bits(to_bits(ties, "bfloat16"), "bfloat16"), [1, 1 + 2 ** -6, -1])
+    nan = np.array([np.nan, -np.nan, np.float32(np.uint32(0x7F800001).view(np.float32))], np.float32)
+    assert np.all(np.isnan(from_bits(to_bits(nan, "bfloat16"), "bfloat16")))  # not rounded into an infinity
     with pytest.raises(EspressoError, match="float16 or bfloat16"):
         to_bits(values, "float8")
 

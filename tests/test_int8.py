@@ -2,6 +2,7 @@
 exact against float arithmetic on the same quantized values, calibration, and `espresso
 compress --int8` (alone, with Deep Compression, and its refusals) end to end."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -50,16 +51,19 @@ layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
 """
 
 
-def _net():
-    return espresso.Net(parse_text(NET, caffe_pb2.NetParameter()), espresso.TEST)
+def _net(channels=2):
+    return espresso.Net(parse_text(NET.replace("dim: 3 dim: 2", f"dim: 3 dim: {channels}"), caffe_pb2.NetParameter()),
+                        espresso.TEST)
 
 
-def test_int8_layers_compute_the_quantized_values_exactly(tmp_path, rng):
+@pytest.mark.parametrize("channels", [2, 4])  # patches copied byte by byte, or as 32-bit words
+def test_int8_layers_compute_the_quantized_values_exactly(tmp_path, rng, channels):
     """Signed input (zero point 128, padded with the quantized 0) into a strided, dilated,
     padded convolution, then a ReLU'd (uint8) input into an inner product: each equals the float
     layer run on the dequantized input and weights."""
+    _net = functools.partial(globals()["_net"], channels)  # noqa: F811
     net = _net()
-    samples = rng.standard_normal((6, 2, 9, 8)).astype(np.float32)
+    samples = rng.standard_normal((6, channels, 9, 8)).astype(np.float32)
     names = int8_layers(net)
     ranges = calibrate(net, names, inputs=samples)
     assert ranges["conv"][0] < 0 < ranges["conv"][1] and ranges["ip"][0] == 0
@@ -180,12 +184,12 @@ def test_an_int8_net_exports_to_onnx_in_qdq_form_and_onnx_runtime_agrees(tmp_pat
 CHAIN = """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 12 } } }
 layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
-        inner_product_param { num_output: 20 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+        inner_product_param { num_output: 6 bias_term: false weight_filler { type: "gaussian" } } }
 layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
 layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-        inner_product_param { num_output: 17 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+        inner_product_param { num_output: 40 bias_term: false weight_filler { type: "gaussian" } } }
 layer { name: "ip3" type: "InnerProduct" bottom: "ip2" top: "ip3"
-        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } } }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
 """
 
 
@@ -208,3 +212,23 @@ def test_a_chain_of_int8_inner_products_runs_fused_as_layer_by_layer(tmp_path, r
         fused.engine_layers[i].compute(fused.bottom_vecs[i], fused.top_vecs[i])
     np.testing.assert_array_equal(fused.blobs["ip3"].data, restarted)
     assert not np.array_equal(restarted, out)
+
+
+def test_one_scale_for_all_channels_and_what_int8_refuses(tmp_path, rng):
+    """A file's int8 weights with one scale (the format allows it) run as one per channel; a
+    convolution of two bottoms stays float (its second top would go uncomputed)."""
+    param = parse_text(CHAIN, caffe_pb2.NetParameter())
+    net = espresso.Net(param, espresso.TEST)
+    one_scale = np.array([0.5], np.float32)
+    records = [(name, layer.type, [ScaledIntegers(np.full(layer.blobs[0].shape, 3, np.int8), one_scale, 0.25, 128)]
+                + [np.array(b.data) for b in layer.blobs[1:]]) for name, layer in net.layer_dict.items() if layer.blobs]
+    write_model(tmp_path / "one.espz", records)
+    quantized = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "one.espz"))
+    x = np.ones((2, 12), np.float32)  # 1.0 = 4 steps of 0.25: exact
+    quantized.forward(data=x)
+    np.testing.assert_allclose(quantized.blobs["ip1"].data, np.full((2, 6), 12 * 1.5))  # each weight 3 x 0.5
+    two_bottoms = NET.replace('bottom: "data" top: "conv"', 'bottom: "data" bottom: "data2" top: "conv" top: "conv2"')
+    two = parse_text(two_bottoms.replace('top: "data" input_param { shape { dim: 3 dim: 2 dim: 9 dim: 8 } }',
+                                         'top: "data" top: "data2" input_param { shape { dim: 3 dim: 2 dim: 9 dim: 8 } '
+                                         'shape { dim: 3 dim: 2 dim: 9 dim: 8 } }'), caffe_pb2.NetParameter())
+    assert int8_layers(espresso.Net(two, espresso.TEST)) == ["ip"]

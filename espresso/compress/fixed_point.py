@@ -8,8 +8,9 @@ eps = 2**-FL: the range is [-2**(IL-1), 2**(IL-1) - eps], and values outside sat
 while the arithmetic itself stays float32 (as in the paper's simulation, where the GEMM
 accumulates in high precision and its result is rounded):
 
-- the weights and biases: rounded at attach and after every update, so the stored model is
-  fixed point and an update smaller than eps/2 is lost under round-to-nearest;
+- the weights and biases (the parameters with a non-zero lr_mult): rounded at attach and after
+  every update, so the stored model is fixed point and an update smaller than eps/2 is lost
+  under round-to-nearest;
 - the activations: the tops of every layer with weights and of every layer fed by activations,
   but not of a loss or Accuracy (so data, labels and their splits stay as read), in the train
   and the test nets;
@@ -19,16 +20,20 @@ Rounding (Gupta's section 3): `nearest` rounds x/eps half up, floor(x/eps + 1/2)
 rounds up with probability frac(x/eps), floor(x/eps + u) with u uniform in [0, 1), so a
 rounding is exact in expectation.  With `dynamic`, each tensor (a layer's activations, its
 errors, each parameter blob, each gradient) has its own FL, started at the given one and kept
-by overflow rates, counted over `interval` roundings: above `max_overflow` FL drops by one
-(the range doubles); when the values would have overflowed less than `max_overflow` with one
-more fraction bit, FL grows by one.  WL stays IL + FL.
+by overflow rates, counted over `interval` roundings: above `max_overflow` FL drops until the
+largest value seen fits (at least one bit); when the values would have overflowed less than
+`max_overflow` with one more fraction bit, FL grows by one.  A tensor whose first values do not
+fit starts with the FL that fits them.  WL stays IL + FL.
 """
+
+import math
 
 import numpy as np
 
 from espresso.errors import EspressoError
 
 ROUNDINGS = ("nearest", "stochastic")
+MAX_FL = 100  # dynamic FLs stay within +-100: 2**fl a float32 for any word
 _SKIP_TOPS = ("Accuracy", "Silence")
 
 
@@ -44,15 +49,15 @@ def parse_format(text):
 
 def check_format(il, fl):
     if not (il >= 1 and fl >= 0 and 2 <= il + fl <= 24):
-        raise EspressoError(f"fixed point <{il},{fl}>: IL >= 1 (the sign bit included), FL >= 0 and a word of "
-                            f"2..24 bits (float32 holds 24 exactly), got a word of {il + fl} bits")
+        raise EspressoError(f"fixed point <{il},{fl}>: needs IL >= 1 (the sign bit included), FL >= 0 and a "
+                            f"word IL + FL of 2..24 bits (float32 holds 24 exactly)")
 
 
 class _Tensor:
     """The format of one tensor: its FL, and its overflow counts under dynamic fixed point."""
 
     def __init__(self, fl):
-        self.fl, self.seen, self.over, self.over_finer = fl, 0, 0, 0
+        self.fl, self.seen, self.over, self.over_finer, self.peak = fl, 0, 0, 0, 0.0
 
 
 class FixedPoint:
@@ -72,14 +77,17 @@ class FixedPoint:
 
     def round(self, array, key):
         """Round `array` in place to the format of tensor `key`."""
-        t = self.tensors.setdefault(key, _Tensor(self.fl))
-        flat = array.reshape(-1)
-        xp, scale = self.xp, array.dtype.type(2.0 ** t.fl)
+        flat, xp = array.reshape(-1), self.xp
+        t = self.tensors.get(key)
+        if t is None:
+            t = self.tensors[key] = _Tensor(self._first_fl(flat))
+        scale = array.dtype.type(2.0 ** t.fl)
         flat *= scale
         if self.dynamic:
             magnitude = xp.abs(flat)
             t.over += int((magnitude >= self.limit).sum())
             t.over_finer += int((magnitude >= self.limit / 2).sum())
+            t.peak = max(t.peak, float(magnitude.max()) if flat.size else 0.0)
             t.seen += flat.size
         if self.stochastic:
             flat += self._uniform(flat.size, flat.dtype)
@@ -98,20 +106,34 @@ class FixedPoint:
         self.rng.random(n, dtype=dtype, out=noise)  # the size given: CuPy's size None draws one number
         return noise
 
+    def _first_fl(self, values):
+        """A tensor's FL: the given one; with `dynamic`, fewer fraction bits if its first values
+        would not fit (a range that starts too small saturates the first iterations, and moving
+        one bit per interval came too late: LeNet diverged from <4,12> that way)."""
+        peak = float(self.xp.abs(values).max()) if self.dynamic and values.size else 0.0
+        return self.fl - max(0, math.ceil(math.log2(peak * 2.0 ** self.fl / self.limit))) if peak else self.fl
+
     def _adapt(self, t):
-        if t.over > self.max_overflow * t.seen:
-            t.fl -= 1
-        elif t.over_finer <= self.max_overflow * t.seen:
+        if t.over > self.max_overflow * t.seen:  # enough integer bits for the largest value seen at once
+            t.fl -= max(1, math.ceil(math.log2(t.peak / self.limit)))
+        elif t.over_finer <= self.max_overflow * t.seen and t.peak > 0:  # (all zeros say nothing)
             t.fl += 1
+        t.fl = min(max(t.fl, -MAX_FL), MAX_FL)  # 2**fl stays a float32
         t.seen = t.over = t.over_finer = 0
+        t.peak = 0.0
 
     # *** what is rounded ***
+    def trained(self):
+        """(k, blob) of the parameters the solver trains: lr_mult 0 ones, such as BatchNorm's
+        running statistics, keep their float values."""
+        return [(k, blob) for k, blob in enumerate(self.net.learnable_params) if self.net.params_lr[k] != 0]
+
     def round_weights(self):
-        for k, blob in enumerate(self.net.learnable_params):
+        for k, blob in self.trained():
             self.round(blob.data, ("weights", k))
 
     def round_gradients(self):
-        for k, blob in enumerate(self.net.learnable_params):
+        for k, blob in self.trained():
             self.round(blob.diff, ("gradients", k))
 
     def attach(self, solver):
@@ -170,4 +192,5 @@ def activations(net):
 def on_grid(array, fl, word):
     """Whether every value of `array` is a multiple of 2**-fl inside the <word-fl, fl> range (tests)."""
     scaled = np.asarray(array, np.float64) * 2.0 ** fl
-    return bool(np.all(scaled == np.round(scaled)) and np.all(np.abs(scaled) <= 2 ** (word - 1)))
+    inside = np.all(scaled >= -2 ** (word - 1)) and np.all(scaled <= 2 ** (word - 1) - 1)
+    return bool(np.all(scaled == np.round(scaled)) and inside)

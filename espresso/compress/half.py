@@ -17,10 +17,9 @@ even; NumPy has no such type, so bfloat16 arrays are uint16 bit patterns here.
 
 import numpy as np
 
+from espresso.compress.model_file import HALF_KINDS as KINDS
 from espresso.compress.runtime import CompressedBlob, CompressedLayer
 from espresso.errors import EspressoError
-
-KINDS = ("float16", "bfloat16")
 
 
 def to_bits(values, kind):
@@ -32,7 +31,8 @@ def to_bits(values, kind):
         raise EspressoError(f"16-bit float kind '{kind}': {' or '.join(KINDS)}")
     bits = values.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
+    quiet_nan = (bits >> 16) | 0x40  # a NaN stays a NaN (rounding would carry into the exponent)
+    return np.where(np.isnan(values), quiet_nan, rounded).astype(np.uint16)
 
 
 def from_bits(bits, kind):
@@ -45,6 +45,8 @@ def from_bits(bits, kind):
 
 def can_run(layer):
     """Whether a HalfLayer can stand in for `layer` (on the GPU, with cuDNN for convolutions)."""
+    if len(layer.lp.bottom) != 1:
+        return False
     if layer.type == "InnerProduct":
         return not layer.p.transpose and layer.p.axis == 1
     return (layer.type == "Convolution" and layer.axis == 1 and len(layer.blobs[0].shape) == 4
@@ -61,10 +63,10 @@ class HalfLayer(CompressedLayer):
         super(CompressedLayer, self).__init__(layer)  # _Wrapper's: no sparse matrix
         self.shared, self.matrix, self.kind = None, None, weights.kind
         xp, k = layer.backend.xp, layer.backend.k
-        self.type_name = "float16" if self.kind == "float16" else "bfloat16"
         self.weights16 = xp.asarray(weights.bits if self.kind == "bfloat16" else weights.bits.view(np.float16))
         self.blobs = [CompressedBlob(self, tuple(weights.shape))] + layer.blobs[1:]
         self.k, self.buffers, self.shape = k, None, None
+        self.zero_bias = xp.zeros(weights.shape[0], np.float32)  # a bias-less convolution's, made once
 
     def __repr__(self):
         return f"<HalfLayer '{self.inner.name}' ({self.inner.type}), {self.kind} weights>"
@@ -97,7 +99,7 @@ class HalfLayer(CompressedLayer):
         out = conv_output_spatial(inner, shape[2:])
         top[0].reshape((shape[0], inner.p.num_output) + out)
         self.plan = self.backend.cudnn.plan(shape, tuple(top[0].shape), self.blobs[0].shape, inner.stride,
-                                            inner.pad, inner.dilation, inner.p.group, self.type_name)
+                                            inner.pad, inner.dilation, inner.p.group, self.kind)
 
     def compute(self, bottom, top):
         inner = self.inner
@@ -113,9 +115,9 @@ class HalfLayer(CompressedLayer):
         y = top[0].data
         if inner.type == "InnerProduct":
             self.backend.blas.half_matmul_t(x16.reshape(len(x16), -1), self.weights16, y.reshape(len(y), -1),
-                                            self.type_name)
+                                            self.kind)
             if bias is not None:
                 y += bias
         else:
             self.plan.forward(x16, self.weights16, y16)
-            self.k.from_half(y16, bias, y, self.kind)
+            self.k.from_half(y16, self.zero_bias if bias is None else bias, y, self.kind)

@@ -60,7 +60,15 @@ def int8_layers(net, keep_float=()):
     return [name for name in found if name not in kept]
 
 
+MAX_K = (1 << 31) // (255 * 127)  # products summed per output before int32 could overflow
+
+
 def _can_run(layer):
+    """One bottom, an int32 accumulator that cannot overflow, and InnerProduct (not transposed,
+    axis 1) or a group-1 2-D Convolution."""
+    if layer.type not in ("InnerProduct", "Convolution") or len(layer.lp.bottom) != 1 or \
+            math.prod(layer.blobs[0].shape[1:]) > MAX_K:
+        return False
     if layer.type == "InnerProduct":
         return not layer.p.transpose and layer.p.axis == 1
     return (layer.type == "Convolution" and layer.p.group == 1 and layer.axis == 1
@@ -78,6 +86,9 @@ def calibrate(net, names, iterations=0, inputs=None):
         raise EspressoError("int8 calibration needs data: --calibration-iters N (N > 0) batches of the net's own "
                             "data, or calibration inputs")
     index = {name: i for i, name in enumerate(net.layer_dict)}
+    missing = [name for name in names if name not in index]
+    if missing:
+        raise EspressoError(f"int8 calibration: the calibration net has no layer {', '.join(missing)}")
     ranges = {name: (math.inf, -math.inf) for name in names}
     for batch in batches:
         if batch is not None:
@@ -135,12 +146,13 @@ class Int8Layer(CompressedLayer):
             values, scales = weights.values, weights.scales
         else:
             values, scales = quantize_weights(weights.dense())
-        self.values, self.scales = values.reshape(len(values), -1), scales
+        self.values = values.reshape(len(values), -1)
+        self.scales = np.broadcast_to(np.asarray(scales, np.float32), (len(values),)).copy()  # one for all: each
         channels_last = values.transpose(0, 2, 3, 1) if values.ndim == 4 else values  # the kernel's patch order
         self.packed = kernels.pack(channels_last.reshape(len(values), -1))
         self.input_scale, self.zero = np.float32(weights.input_scale), weights.input_zero
         self.inverse = 1.0 / float(self.input_scale)
-        self.scale = (weights.input_scale * scales).astype(np.float32)
+        self.scale = (weights.input_scale * self.scales).astype(np.float32)
         # the zero point's share of each output, taken off with the bias (passed on each run: it may change)
         self.correction = (self.scale * self.zero * self.values.astype(np.int64).sum(1)).astype(np.float32)
         self.zeros = np.zeros_like(self.correction)

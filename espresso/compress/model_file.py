@@ -260,7 +260,8 @@ class _Reader:
 
 
 def read_model(path, max_elements=MAX_ELEMENTS):
-    """[(name, type, [np.ndarray | CompressedWeights, ...]), ...] from a compressed model file."""
+    """[(name, type, [np.ndarray | CompressedWeights | ScaledIntegers | HalfFloats, ...]), ...]
+    from a compressed model file."""
     name = str(path)
     require_regular(path)
     try:

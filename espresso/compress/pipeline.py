@@ -323,39 +323,51 @@ def fixed_point_compress(model, weights, solver, fixed_point, rounding, output, 
     if iterations:
         c.solver.step(iterations)
     c.evaluate("trained")
-    owner = {id(blob): k for k, blob in enumerate(c.net.learnable_params)}
+    fixed.dynamic = False  # the formats as they stand, the weights rounded to them once more
+    fixed.round_weights()
     formats, records = fixed.formats(), []
     for name, layer in c.net.layer_dict.items():
         if layer.blobs:
-            blobs = [_integers(b, formats.get(("weights", owner[id(b)]), fl), il + fl) for b in layer.blobs]
+            keys = [("weights", c.net._param_owner_of[id(b)]) for b in layer.blobs]
+            blobs = [_integers(b, formats[key], il + fl) if key in formats else np.array(b.host_data(), np.float32)
+                     for b, key in zip(layer.blobs, keys)]
             records.append((name, layer.type, blobs))
     write_model(output, records)
+    return _report(c, "trained", output, {"stage": "fixed_point", "format": [il, fl], "rounding": rounding,
+                                          "dynamic": dynamic, "iterations": iterations})
+
+
+def _report(c, stage, output, row):
+    """D1's keys for a stage that keeps the net's layers: the file's bytes against float32's."""
     before = sum(b.count for b in c.net.learnable_params) * 4
     after = os.path.getsize(output)
-    return {"ratio": before / after, "accuracy_before": c.accuracy["original"], "accuracy_after": c.accuracy["trained"],
-            "accuracy": c.accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output),
-            "stages": [{"stage": "fixed_point", "format": [il, fl], "rounding": rounding, "dynamic": dynamic,
-                        "iterations": iterations}]}
+    return {"ratio": before / after, "accuracy_before": c.accuracy.get("original"),
+            "accuracy_after": c.accuracy.get(stage), "accuracy": c.accuracy, "original_bytes": before,
+            "compressed_bytes": after, "output": str(output), "stages": [row]}
 
 
 def half_compress(model, weights, solver, kind, output):
-    """Every layer's weights as 16-bit floats of `kind` (float16 or bfloat16; biases float32),
+    """Every InnerProduct's and Convolution's weights as 16-bit floats of `kind` (float16 or
+    bfloat16; biases and other layers float32),
     espresso/compress/half.py; the report as D1's, the accuracy after from the file as deployed."""
     from espresso.compress.half import to_bits
     from espresso.compress.model_file import HalfFloats
 
     c = Compressor(solver, weights, model)
     c.evaluate("original")
-    records = [(name, layer.type, [HalfFloats(to_bits(layer.blobs[0].host_data(), kind), kind)]
-                + [np.array(b.host_data(), np.float32) for b in layer.blobs[1:]])
-               for name, layer in c.net.layer_dict.items() if layer.blobs]
+    records, halved = [], []
+    for name, layer in c.net.layer_dict.items():
+        blobs = [np.array(b.host_data(), np.float32) for b in layer.blobs]
+        if layer.type in ("InnerProduct", "Convolution") and blobs:
+            blobs[0] = HalfFloats(to_bits(blobs[0], kind), kind)
+            if not np.all(np.isfinite(blobs[0].dense())):
+                raise EspressoError(f"--{kind}: layer '{name}' has weights beyond {kind}'s range")
+            halved.append(name)
+        if blobs:
+            records.append((name, layer.type, blobs))
     write_model(output, records)
     c.accuracy[kind] = run_deployed(model, output, c.test_iter)
-    before = sum(b.count for b in c.net.learnable_params) * 4
-    after = os.path.getsize(output)
-    return {"ratio": before / after, "accuracy_before": c.accuracy["original"], "accuracy_after": c.accuracy[kind],
-            "accuracy": c.accuracy, "original_bytes": before, "compressed_bytes": after, "output": str(output),
-            "stages": [{"stage": kind, "layers": [name for name, _, _ in records]}]}
+    return _report(c, kind, output, {"stage": kind, "layers": halved})
 
 
 def _integers(blob, fl, word):

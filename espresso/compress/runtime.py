@@ -9,7 +9,9 @@ parameter arena, so the loaded net's weight memory is that of the compressed for
 net (fine-tuning from a compressed file), other layer types, and any net when
 ESPRESSO_COMPRESSED_DENSE=1 get plain dense weights.
 
-A compressed layer is inference-only (backward refuses).  `net.params[name][0].data` decodes
+Weights written by the int8 stage run as `Int8Layer`s (espresso/compress/int8.py, on the CPU)
+and 16-bit float ones as `HalfLayer`s (espresso/compress/half.py, on a GPU); elsewhere they load
+as float32.  A compressed layer is inference-only (backward refuses).  `net.params[name][0].data` decodes
 the weights into a new read-only array on each access.  When the weights are shared with
 another net's dense ones (the solver's test nets share the train net's), the layer runs dense
 on those shared weights.
@@ -23,7 +25,7 @@ import sys
 import numpy as np
 
 from espresso import graphs
-from espresso.compress.model_file import CompressedWeights, read_model
+from espresso.compress.model_file import CompressedWeights, HalfFloats, read_model
 from espresso.compress.sparse import SparseMatrix, pack
 from espresso.errors import ModelFileError, NetError, ShapeError
 from espresso.layers.vision import conv_output_spatial
@@ -62,9 +64,10 @@ def load_compressed(net, path):
 
 
 def _stand_in(layer, weights, net):
-    """The layer class to run `weights` with in a TEST net: Int8Layer for int8 weights (on the
-    CPU), CompressedLayer for other compressed ones, or None (dense, in the net's own layer)."""
-    if getattr(weights, "kind", None) in ("float16", "bfloat16"):  # HalfFloats
+    """The layer class to run `weights` with in a TEST net: HalfLayer for 16-bit floats (on a
+    GPU), Int8Layer for int8 weights (on the CPU), CompressedLayer for other compressed ones, or
+    None (dense, in the net's own layer)."""
+    if isinstance(weights, HalfFloats):
         if net.backend.name == "cpu":
             return None
         from espresso.compress.half import HalfLayer, can_run
@@ -157,8 +160,8 @@ class FusedRun:
             return None
         x = self.bottoms[self.fc[0]][0].data.reshape(layers[0].M, layers[0].K)
         ys = tuple(self.tops[k][0].data.reshape(layer.M, layer.N) for k, layer in zip(self.fc, layers))
-        no_bias = self.layers[self.fc[0]].no_bias
-        biases = tuple(layer.blobs[1].data if len(layer.blobs) > 1 else no_bias for layer in layers)
+        biases = tuple(layer.blobs[1].data if len(layer.blobs) > 1 else self.layers[k].no_bias
+                       for k, layer in zip(self.fc, layers))
         firsts = [sum(f < k for f in self.fc) for k in range(len(self.layers))]  # the first after k
         return [self.bind(first, biases, x, ys) if first < len(ys) else _nothing for first in firsts]
 

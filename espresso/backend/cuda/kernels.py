@@ -131,13 +131,13 @@ def to_half(x, out, kind):
         _elementwise("to_float16", "float32 x", "float16 y", "y = x")(x, out)
     else:
         _elementwise("to_bfloat16", "float32 x", "uint16 y",
-                     "unsigned int u = __float_as_uint(x); y = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16")(x, out)
+                     "unsigned int u = __float_as_uint(x); "
+                     "y = isnan(x) ? ((u >> 16) | 0x40u) : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16")(x, out)
 
 
 def from_half(h, bias, y, kind):
-    """y (n, c, ...) float32 = the 16-bit values h + bias per channel (axis 1; None: no bias)."""
-    shape = (1, -1) + (1,) * (h.ndim - 2)
-    bias = bias.reshape(shape) if bias is not None else _cupy().zeros(1, np.float32).reshape((1,) * h.ndim)
+    """y (n, c, ...) float32 = the 16-bit values h + bias per channel (axis 1)."""
+    bias = bias.reshape((1, -1) + (1,) * (h.ndim - 2))
     if kind == "float16":
         _elementwise("from_float16", "float16 h, float32 b", "float32 y", "y = float(h) + b")(h, bias, y)
     else:
