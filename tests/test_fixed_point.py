@@ -51,6 +51,9 @@ def test_rounding_is_nearest_half_up_or_stochastic_and_unbiased_and_saturates(rn
     nearest = x.copy()
     FixedPoint(net, 2, 3, "nearest").round(nearest, "x")  # eps = 1/8, range [-2, 2 - 1/8]
     np.testing.assert_array_equal(nearest, [0.125, 0.125, 0.25, -0.25, -0.125, 1.875, -2.0])
+    halves = np.array([0.49999997, -0.50000006, 0.5, -0.5, 1.5], np.float32)  # in steps of 1 (FL 0)
+    FixedPoint(net, 4, 0, "nearest").round(halves, "h")
+    np.testing.assert_array_equal(halves, [0, -1, 1, 0, 2])  # half up, and no double rounding
     values = rng.uniform(-1.5, 1.5, 64).astype(np.float32)
     draws = np.repeat(values[None], 4000, 0)
     FixedPoint(net, 2, 3, "stochastic").round(draws, "x")

@@ -137,7 +137,7 @@ def test_compress_int8_on_lenet_runs_int8_and_keeps_the_accuracy(tmp_path):
     assert kept == {"conv1": "ndarray", "conv2": "ScaledIntegers", "ip1": "ScaledIntegers", "ip2": "ndarray"}
 
 
-def test_compress_prune_quantize_int8_on_lenet_300_100_and_bad_input(tmp_path):
+def test_compress_prune_quantize_int8_on_lenet_300_100_and_bad_input(tmp_path, capsys):
     common = _example(tmp_path, "lenet_300_100", "lenet_300_100")
     out = str(tmp_path / "q.espz")
     assert cli.main(common + ["--prune", "*=0.9", "--bits", "*=5", "--prune-steps", "1", "--retrain-iters", "10",
@@ -155,8 +155,13 @@ def test_compress_prune_quantize_int8_on_lenet_300_100_and_bad_input(tmp_path):
                       'dim: 28 } } }\n' + "".join("layer {" + text for text in layers[3:] if '"InnerProduct"' in text
                                                    or '"ReLU"' in text))
     bad = ["--model", str(deploy), "--int8", "--calibration", str(tmp_path / "bad.npy"), "--output", out]
+    capsys.readouterr()
     assert cli.main(common + bad) == 1
+    assert "do not fit the net's input 'data' (1, 1, 28, 28): give (n, 1, 28, 28)" in capsys.readouterr().err
     assert cli.main(common + ["--keep-float", "first", "--output", out]) == 1
+    assert "--calibration and --keep-float go with --int8" in capsys.readouterr().err
+    assert cli.main(common + ["--int8", "--fp16", "--output", out]) == 1
+    assert "--fp16/--bf16 and --int8 do not combine in one run" in capsys.readouterr().err
 
 
 def test_an_int8_net_exports_to_onnx_in_qdq_form_and_onnx_runtime_agrees(tmp_path, rng):

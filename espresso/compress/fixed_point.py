@@ -71,7 +71,7 @@ class FixedPoint:
         self.word, self.fl, self.stochastic = il + fl, fl, rounding == "stochastic"
         self.dynamic, self.max_overflow, self.interval = dynamic, max_overflow, interval
         self.rng = self.xp.random.default_rng(seed)
-        self.noise = None  # one uniform buffer, as large as the largest tensor rounded
+        self.noise = None  # one scratch buffer (the uniform draws), as large as the largest tensor rounded
         self.tensors = {}
         self.limit = float(2 ** (self.word - 1))  # |value| / eps must stay below this
 
@@ -91,18 +91,22 @@ class FixedPoint:
             t.seen += flat.size
         if self.stochastic:
             flat += self._uniform(flat.size, flat.dtype)
-        else:
-            flat += flat.dtype.type(0.5)
-        xp.floor(flat, out=flat)
+            xp.floor(flat, out=flat)
+        else:  # floor(x) + (frac(x) >= 1/2): floor(x + 1/2) in float32 would round x + 1/2 first
+            low = xp.floor(flat, out=self._scratch(flat.size, flat.dtype))
+            xp.add(low, flat - low >= 0.5, out=flat)
         xp.clip(flat, -self.limit, self.limit - 1, out=flat)
         flat /= scale
         if self.dynamic and t.seen >= self.interval * flat.size:
             self._adapt(t)
 
-    def _uniform(self, n, dtype):
+    def _scratch(self, n, dtype):
         if self.noise is None or self.noise.size < n:
             self.noise = self.xp.empty(n, dtype)
-        noise = self.noise[:n]
+        return self.noise[:n]
+
+    def _uniform(self, n, dtype):
+        noise = self._scratch(n, dtype)
         self.rng.random(n, dtype=dtype, out=noise)  # the size given: CuPy's size None draws one number
         return noise
 
