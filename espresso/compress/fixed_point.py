@@ -20,10 +20,11 @@ Rounding (Gupta's section 3): `nearest` rounds x/eps half up, floor(x/eps + 1/2)
 rounds up with probability frac(x/eps), floor(x/eps + u) with u uniform in [0, 1), so a
 rounding is exact in expectation.  With `dynamic`, each tensor (a layer's activations, its
 errors, each parameter blob, each gradient) has its own FL, started at the given one and kept
-by overflow rates, counted over `interval` roundings: above `max_overflow` FL drops until the
-largest value seen fits (at least one bit); when the values would have overflowed less than
-`max_overflow` with one more fraction bit, FL grows by one.  A tensor whose first values do not
-fit starts with the FL that fits them.  WL stays IL + FL.
+by overflow rates: a rounding whose values would overflow more often than `max_overflow` first
+widens the range until they fit (at once: saturation is what makes a net diverge); over every
+`interval` roundings, when the values would have overflowed less than `max_overflow` with one more
+fraction bit, FL grows by one (and an overflow rate still above it takes one).  A tensor whose
+first values do not fit starts with the FL that fits them.  WL stays IL + FL.
 """
 
 import math
@@ -85,9 +86,12 @@ class FixedPoint:
         flat *= scale
         if self.dynamic:
             magnitude = xp.abs(flat)
+            peak = float(magnitude.max()) if flat.size else 0.0
+            if int((magnitude >= self.limit).sum()) > self.max_overflow * flat.size:
+                scale = self._widen(t, peak, flat, magnitude)  # before rounding: this rounding fits too
             t.over += int((magnitude >= self.limit).sum())
             t.over_finer += int((magnitude >= self.limit / 2).sum())
-            t.peak = max(t.peak, float(magnitude.max()) if flat.size else 0.0)
+            t.peak = max(t.peak, peak)
             t.seen += flat.size
         if self.stochastic:
             flat += self._uniform(flat.size, flat.dtype)
@@ -117,10 +121,24 @@ class FixedPoint:
         peak = float(self.xp.abs(values).max()) if self.dynamic and values.size else 0.0
         return self.fl - max(0, math.ceil(math.log2(peak * 2.0 ** self.fl / self.limit))) if peak else self.fl
 
+    def _widen(self, t, peak, flat, magnitude):
+        """Give tensor t the integer bits its values (scaled by 2**t.fl, their largest `peak`)
+        need, rescaling them (and their magnitudes) in place; the new scale.  Widening waits for
+        no interval: a saturated activation stops responding to its weights, which then grow
+        without bound (LeNet diverged from <4,12> so while the range caught up one bit at a time)."""
+        bits = max(1, math.ceil(math.log2(peak / self.limit)))
+        bits = t.fl + MAX_FL if t.fl - bits < -MAX_FL else bits
+        t.fl -= bits
+        flat *= flat.dtype.type(2.0 ** -bits)
+        magnitude *= magnitude.dtype.type(2.0 ** -bits)
+        return flat.dtype.type(2.0 ** t.fl)
+
     def _adapt(self, t):
-        if t.over > self.max_overflow * t.seen:  # enough integer bits for the largest value seen at once
-            t.fl -= max(1, math.ceil(math.log2(t.peak / self.limit)))
-        elif t.over_finer <= self.max_overflow * t.seen and t.peak > 0:  # (all zeros say nothing)
+        """Once an interval: one fraction bit more where the values would still fit (all zeros say
+        nothing), one less where they overflowed more often than allowed."""
+        if t.over > self.max_overflow * t.seen:
+            t.fl -= 1
+        elif t.over_finer <= self.max_overflow * t.seen and t.peak > 0:
             t.fl += 1
         t.fl = min(max(t.fl, -MAX_FL), MAX_FL)  # 2**fl stays a float32
         t.seen = t.over = t.over_finer = 0
