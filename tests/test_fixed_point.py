@@ -2,11 +2,10 @@
 point, dynamic fixed point, and `espresso train --fixed-point` end to end."""
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from example_nets import example_files
 
 import espresso
 from espresso import cli
@@ -14,9 +13,6 @@ from espresso.compress.fixed_point import FixedPoint, activations, on_grid, pars
 from espresso.errors import EspressoError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
-
-ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT / "espresso" / "datasets" / "fmnist_subset"
 
 NET = """
 layer { name: "data" type: "Input" top: "data" top: "label"
@@ -125,13 +121,7 @@ def test_bad_formats_are_refused():
 
 
 def test_espresso_train_fixed_point_on_lenet(tmp_path):
-    assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
-    net = (ROOT / "examples" / "lenet" / "lenet_train_test.prototxt").read_text()
-    (tmp_path / "net.prototxt").write_text(net.replace("examples/lenet/", f"{tmp_path}/"))
-    solver = (ROOT / "examples" / "lenet" / "lenet_solver.prototxt").read_text()
-    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
-    solver = re.sub(r"max_iter: \d+", "max_iter: 30", re.sub(r"test_iter: \d+", "test_iter: 2", solver))
-    (tmp_path / "solver.prototxt").write_text(solver.replace("examples/lenet/lenet", f"{tmp_path}/lenet"))
+    example_files(tmp_path, "lenet", "lenet", max_iter=30)
     assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt"), "--fixed-point", "4,12",
                      "--rounding", "stochastic"]) == 0
     weights = str(tmp_path / "lenet_iter_30.caffemodel")

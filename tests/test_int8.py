@@ -4,11 +4,10 @@ compress --int8` (alone, with Deep Compression, and its refusals) end to end."""
 
 import functools
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from example_nets import ROOT, example_files
 
 import espresso
 from espresso import cli
@@ -20,8 +19,6 @@ from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 
 pytest.importorskip("numba")
-ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT / "espresso" / "datasets" / "fmnist_subset"
 GEMMS = [pytest.param(kernels.plain_gemm, kernels.plain_pack, id="plain"),
          pytest.param(getattr(kernels, "vnni_gemm", None), kernels.vnni_pack, id="vnni",
                       marks=pytest.mark.skipif(not kernels.VNNI, reason="this CPU has no AVX-512 VNNI"))]
@@ -106,17 +103,12 @@ def test_calibration_and_int8_options_are_checked():
 
 
 def _example(tmp_path, folder, name):
-    assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
-    net = (ROOT / "examples" / folder / f"{name}_train_test.prototxt").read_text()
-    (tmp_path / "net.prototxt").write_text(net.replace("examples/lenet/", f"{tmp_path}/"))
-    solver = (ROOT / "examples" / folder / f"{name}_solver.prototxt").read_text()
-    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
-    (tmp_path / "solver.prototxt").write_text(re.sub(r"test_iter: \d+", "test_iter: 4", solver))
-    solver = espresso.SGDSolver(str(tmp_path / "solver.prototxt"))
+    net, solver_path = example_files(tmp_path, folder, name, test_iter=4)
+    solver = espresso.SGDSolver(solver_path)
     solver.step(60)  # a little trained, so that accuracy means something
     solver.net.save(str(tmp_path / "w.caffemodel"))
-    return ["compress", "--model", str(tmp_path / "net.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
-            "--solver", str(tmp_path / "solver.prototxt"), "--report", str(tmp_path / "r.json")]
+    return ["compress", "--model", net, "--weights", str(tmp_path / "w.caffemodel"), "--solver", solver_path,
+            "--report", str(tmp_path / "r.json")]
 
 
 def test_compress_int8_on_lenet_runs_int8_and_keeps_the_accuracy(tmp_path):

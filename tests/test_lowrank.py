@@ -3,11 +3,10 @@ net, and `espresso compress --tucker/--svd` end to end on LeNet; `--hash` (Hashe
 LeNet-300-100."""
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from example_nets import example_files
 
 import espresso
 from espresso import cli
@@ -17,8 +16,6 @@ from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text, read_text
 
 pytest.importorskip("scipy")
-ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT / "espresso" / "datasets" / "fmnist_subset"
 
 
 @pytest.mark.parametrize("rows, cols, rank, noise", [(50, 80, 7, 0.1), (200, 300, 20, 0.5), (20, 150, 5, 0.05)])
@@ -89,13 +86,8 @@ def test_impossible_ranks_and_unknown_layers_are_refused_before_any_work():
 def _example(tmp_path, folder, name):
     """The example's net and solver over LMDBs of the embedded subset in tmp_path, with weights
     from its fillers (net.prototxt, solver.prototxt, w.caffemodel)."""
-    assert cli.main(["prepare-fmnist", str(tmp_path), "--source", str(SUBSET)]) == 0
-    net = (ROOT / "examples" / folder / f"{name}_train_test.prototxt").read_text()
-    (tmp_path / "net.prototxt").write_text(net.replace("examples/lenet/", f"{tmp_path}/"))
-    solver = (ROOT / "examples" / folder / f"{name}_solver.prototxt").read_text()
-    solver = re.sub(r"net: .*", f'net: "{tmp_path}/net.prototxt"', solver)
-    (tmp_path / "solver.prototxt").write_text(re.sub(r"test_iter: \d+", "test_iter: 2", solver))
-    espresso.Net(str(tmp_path / "net.prototxt"), espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
+    net, _ = example_files(tmp_path, folder, name)
+    espresso.Net(net, espresso.TRAIN).save(str(tmp_path / "w.caffemodel"))
 
 
 def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):

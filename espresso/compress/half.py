@@ -101,12 +101,8 @@ class HalfLayer(CompressedLayer):
         self.plan = self.backend.cudnn.plan(shape, tuple(top[0].shape), self.blobs[0].shape, inner.stride,
                                             inner.pad, inner.dilation, inner.p.group, self.kind)
 
-    def compute(self, bottom, top):
+    def compute_compressed(self, bottom, top):
         inner = self.inner
-        if self.shared is not None:
-            if inner.type == "Convolution" and inner.core_shape is None:
-                inner.reshape(bottom, top)
-            return inner.forward(bottom, top)
         if self.shape != tuple(bottom[0].shape):
             self.reshape(bottom, top)
         x16, y16 = self.buffers

@@ -198,12 +198,7 @@ class Int8Layer(CompressedLayer):
         self.buffers = (quantized, kernels.aligned((rows, kernels.acc_columns(len(self.values))), np.int32))
         self.shape = shape
 
-    def compute(self, bottom, top):
-        inner = self.inner
-        if self.shared is not None:
-            if inner.type == "Convolution" and inner.core_shape is None:
-                inner.reshape(bottom, top)
-            return inner.forward(bottom, top)
+    def compute_compressed(self, bottom, top):
         x, y = bottom[0].data, top[0].data
         version = graphs.version(self.backend)  # moves when any blob is reshaped or rebound
         if self.call is None or self.call[0] != version or self.call[1] is not x or self.call[2] is not y:

@@ -334,11 +334,16 @@ class CompressedLayer(_Wrapper):
         self.work = xp.empty(size, self.dtype) if size else None
 
     def compute(self, bottom, top):
+        """The layer's own computation, or the original layer's on weights shared from another net."""
         inner = self.inner
-        if self.shared is not None:
-            if inner.type == "Convolution" and inner.core_shape is None:
-                inner.reshape(bottom, top)
-            return inner.forward(bottom, top)
+        if self.shared is None:
+            return self.compute_compressed(bottom, top)
+        if inner.type == "Convolution" and inner.core_shape is None:
+            inner.reshape(bottom, top)
+        inner.forward(bottom, top)
+
+    def compute_compressed(self, bottom, top):
+        inner = self.inner
         bias = inner.blobs[1].data if len(inner.blobs) > 1 else None
         if inner.type == "InnerProduct":
             x, y = bottom[0].data, top[0].data
