@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from devices import gpu_test
 from example_nets import ROOT, example_files
 
 import espresso
@@ -48,17 +49,19 @@ layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
 """
 
 
-def _net(channels=2):
-    return espresso.Net(parse_text(NET.replace("dim: 3 dim: 2", f"dim: 3 dim: {channels}"), caffe_pb2.NetParameter()),
-                        espresso.TEST)
+def _net(channels=2, group=1):
+    text = NET.replace("dim: 3 dim: 2", f"dim: 3 dim: {channels}")
+    text = text.replace("num_output: 18", f"num_output: 18 group: {group}")
+    return espresso.Net(parse_text(text, caffe_pb2.NetParameter()), espresso.TEST)
 
 
-@pytest.mark.parametrize("channels", [2, 4])  # patches copied byte by byte, or as 32-bit words
-def test_int8_layers_compute_the_quantized_values_exactly(tmp_path, rng, channels):
+# patches copied byte by byte, or as 32-bit words; a grouped convolution
+@pytest.mark.parametrize("channels, group", [(2, 1), (4, 1), (4, 2)])
+def test_int8_layers_compute_the_quantized_values_exactly(tmp_path, rng, channels, group):
     """Signed input (zero point 128, padded with the quantized 0) into a strided, dilated,
     padded convolution, then a ReLU'd (uint8) input into an inner product: each equals the float
     layer run on the dequantized input and weights."""
-    _net = functools.partial(globals()["_net"], channels)  # noqa: F811
+    _net = functools.partial(globals()["_net"], channels, group)  # noqa: F811
     net = _net()
     samples = rng.standard_normal((6, channels, 9, 8)).astype(np.float32)
     names = int8_layers(net)
@@ -229,3 +232,29 @@ def test_one_scale_for_all_channels_and_what_int8_refuses(tmp_path, rng):
                                          'top: "data" top: "data2" input_param { shape { dim: 3 dim: 2 dim: 9 dim: 8 } '
                                          'shape { dim: 3 dim: 2 dim: 9 dim: 8 } }'), caffe_pb2.NetParameter())
     assert int8_layers(espresso.Net(two, espresso.TEST)) == ["ip"]
+
+
+@gpu_test
+@pytest.mark.parametrize("group", [1, 2])
+def test_int8_layers_on_the_gpu_compute_the_cpus_integers_and_outputs(tmp_path, rng, group):
+    """The same int8 file on the GPU (quantized patches, cuBLAS's int8 GEMM, int8.cu's
+    dequantizing) gives the CPU kernels' outputs: a signed input with padding into a grouped or
+    plain convolution, a uint8 one into an inner product, 3 images (rows padded for cuBLAS)."""
+    net = _net(4, group)
+    samples = rng.standard_normal((6, 4, 9, 8)).astype(np.float32)
+    write_model(tmp_path / "q.espz", int8_records(net, calibrate(net, int8_layers(net), inputs=samples)))
+    cpu = _net(4, group)
+    cpu.copy_from(str(tmp_path / "q.espz"))
+    cpu.forward(data=samples[:3])
+    espresso.set_mode_gpu()
+    try:
+        gpu = _net(4, group)
+        gpu.copy_from(str(tmp_path / "q.espz"))
+        assert [type(layer).__name__ for layer in gpu.engine_layers].count("Int8GpuLayer") == 2
+        gpu.forward(data=samples[:3])
+        got = {name: np.array(gpu.blobs[name].data) for name in ("conv", "ip")}
+    finally:
+        espresso.set_mode_cpu()
+    for name, values in got.items():
+        assert np.abs(values).max() > 0
+        np.testing.assert_allclose(values, cpu.blobs[name].data, rtol=1e-6, atol=1e-6 * np.abs(values).max())

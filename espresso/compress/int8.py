@@ -1,19 +1,19 @@
-"""Post-training int8 quantization with calibration, and the layers that run it on the CPU.
+"""Post-training int8 quantization with calibration, and the layers that run it on the CPU and GPU.
 
 Weights: per output channel, symmetric: w = scale[m] * q, q in [-127, 127], scale[m] =
 max |w[m]| / 127.  Activations: one scale per layer input from a calibration set (the largest
 magnitude seen): an input never negative in calibration (after a ReLU, or image pixels) is
 uint8 round(x / scale) with scale = max / 255; one that is signed is uint8 round(x / scale) +
 128 with scale = max |x| / 127, which keeps 0 exact either way (the convolution's padding).
-The product accumulates in int32 (espresso/compress/int8_kernels.py) and is dequantized as
+The product accumulates in int32 and is dequantized as
 y[m] = in_scale * scale[m] * (acc[m] - zero * sum_k q[m, k]) + bias[m].
 
 `calibrate(net, ...)` runs a net's own data layer (or given inputs) and returns each
-InnerProduct's and group-1 2-D Convolution's input range; `int8_records(...)` turns a net's
-weights into the model file's int8 blobs (ScaledIntegers, or CompressedWeights with an input
-scale when Deep Compression ran first); a TEST net loading such a file runs those layers as
-`Int8Layer` (espresso/compress/runtime.py), on the CPU backend only (elsewhere it runs the
-dequantized weights in float).
+InnerProduct's and 2-D Convolution's input range; `int8_records(...)` turns a net's weights
+into the model file's int8 blobs (ScaledIntegers, or CompressedWeights with an input scale when
+Deep Compression ran first); a TEST net loading such a file runs those layers as `Int8Layer` on
+the CPU (Numba kernels, espresso/compress/int8_kernels.py) and `Int8GpuLayer` on a GPU (cuBLAS's
+int8 GEMM, espresso/backend/cuda/int8.cu): the same integers, the same float32 outputs.
 """
 
 import functools
@@ -47,9 +47,9 @@ def input_format(low, high):
 
 
 def int8_layers(net, keep_float=()):
-    """The layers int8 can run: InnerProduct (not transposed, axis 1) and group-1 2-D
-    Convolution; `keep_float` names layers to leave in float ('first' and 'last' mean the
-    first and last of those)."""
+    """The layers int8 can run: InnerProduct (not transposed, axis 1) and 2-D Convolution;
+    `keep_float` names layers to leave in float ('first' and 'last' mean the first and last of
+    those)."""
     found = [name for name, layer in net.layer_dict.items() if _can_run(layer)]
     unknown = set(keep_float) - set(found) - {"first", "last"}
     if unknown:
@@ -65,14 +65,13 @@ MAX_K = (1 << 31) // (255 * 127)  # products summed per output before int32 coul
 
 def _can_run(layer):
     """One bottom, an int32 accumulator that cannot overflow, and InnerProduct (not transposed,
-    axis 1) or a group-1 2-D Convolution."""
+    axis 1) or a 2-D Convolution."""
     if layer.type not in ("InnerProduct", "Convolution") or len(layer.lp.bottom) != 1 or \
             math.prod(layer.blobs[0].shape[1:]) > MAX_K:
         return False
     if layer.type == "InnerProduct":
         return not layer.p.transpose and layer.p.axis == 1
-    return (layer.type == "Convolution" and layer.p.group == 1 and layer.axis == 1
-            and len(layer.blobs[0].shape) == 4)
+    return layer.type == "Convolution" and layer.axis == 1 and len(layer.blobs[0].shape) == 4
 
 
 def calibrate(net, names, iterations=0, inputs=None):
@@ -148,8 +147,8 @@ class Int8Layer(CompressedLayer):
             values, scales = quantize_weights(weights.dense())
         self.values = values.reshape(len(values), -1)
         self.scales = np.broadcast_to(np.asarray(scales, np.float32), (len(values),)).copy()  # one for all: each
-        channels_last = values.transpose(0, 2, 3, 1) if values.ndim == 4 else values  # the kernel's patch order
-        self.packed = kernels.pack(channels_last.reshape(len(values), -1))
+        self.groups = layer.p.group if layer.type == "Convolution" else 1
+        self.packed = self._pack(values)
         self.input_scale, self.zero = np.float32(weights.input_scale), weights.input_zero
         self.inverse = 1.0 / float(self.input_scale)
         self.scale = (weights.input_scale * self.scales).astype(np.float32)
@@ -165,6 +164,19 @@ class Int8Layer(CompressedLayer):
     @property
     def nbytes(self):
         return self.packed.nbytes + 8 * len(self.scales)
+
+    def _pack(self, values):
+        """The weights as the CPU kernels read them: a convolution's ordered (m, kh, kw, c), a
+        grouped one's made whole with zeros off its group's channels (G times the products:
+        grouped int8 convolutions are right on the CPU, not fast)."""
+        if self.groups > 1:
+            rows, width = len(values) // self.groups, values.shape[1]
+            whole = np.zeros((len(values), width * self.groups) + values.shape[2:], np.int8)
+            for g in range(self.groups):
+                whole[g * rows:(g + 1) * rows, g * width:(g + 1) * width] = values[g * rows:(g + 1) * rows]
+            values = whole
+        channels_last = values.transpose(0, 2, 3, 1) if values.ndim == 4 else values  # the kernel's patch order
+        return kernels.pack(channels_last.reshape(len(values), -1))
 
     def int8_form(self):
         """((int8 weights of the blob's shape, per-channel scales), (input scale, zero point)),
@@ -247,3 +259,53 @@ def _compiled(kernel, args):
     """kernel(*args) as a call of its compiled version for these argument types: Numba's
     dispatch on ten arguments' types costs ~1 us a call, as much as a small layer's GEMM."""
     return functools.partial(kernel.compile(tuple(numba.typeof(a) for a in args)), *args)
+
+
+class Int8GpuLayer(Int8Layer):
+    """Int8Layer on a GPU: quantized patches (int8.cu), one cuBLAS int8 GEMM per group on
+    tensor cores, and the dequantizing pass; its integers and outputs are the CPU's."""
+
+    chain = None  # no fused runs: a GEMM per layer already
+
+    def __init__(self, layer, weights):
+        super().__init__(layer, weights)
+        xp = self.xp
+        # the patches hold u - 128 (int8.cu): 128 * sum_k q[m, k] restores sum_k q u
+        self.offset = xp.asarray(128 * self.values.astype(np.int64).sum(1), np.int32)
+        self.scale, self.correction, self.zeros = (xp.asarray(a) for a in (self.scale, self.correction, self.zeros))
+
+    def _pack(self, values):
+        """(m, k) in Caffe's order, k zero-padded to a multiple of 16 (cuBLAS's int8 kernels)."""
+        rows = values.reshape(len(values), -1)
+        padded = np.zeros((len(rows), -(-rows.shape[1] // 16) * 16), np.int8)
+        padded[:, :rows.shape[1]] = rows
+        return self.xp.asarray(padded)
+
+    def dense_weights(self):
+        return self.xp.asarray(super().dense_weights())
+
+    def _allocate(self, shape, out):
+        rows = -(-shape[0] * math.prod(out[2:]) // 16) * 16  # a multiple of 16 for cuBLAS
+        patches = self.xp.empty((rows, self.groups * self.packed.shape[1]), np.int8)
+        self.buffers, self.shape = (patches, self.xp.empty((len(self.values), rows), np.int32)), shape
+
+    def _bind(self, x, y):
+        inner, (patches, acc) = self.inner, self.buffers
+        bias = inner.blobs[1].data if len(inner.blobs) > 1 else self.zeros
+        if inner.type == "InnerProduct":
+            x, geometry = x.reshape(len(x), -1, 1, 1), ((1, 1), (1, 1), (0, 0), (1, 1), (1, 1))
+        else:
+            geometry = (inner.kernel, inner.stride, inner.pad, inner.dilation, y.shape[2:])
+        kernel, stride, pad, dilation, out = (tuple(int(v) for v in field) for field in geometry)
+        m, width, k, blas = len(self.values) // self.groups, self.packed.shape[1], self.backend.k, self.backend.blas
+        gemms = [(self.packed[g * m:(g + 1) * m], patches[:, g * width:(g + 1) * width], acc[g * m:(g + 1) * m])
+                 for g in range(self.groups)]
+
+        def run():
+            k.int8_patches(x, self.inverse, self.zero, kernel, stride, pad, dilation, self.groups,
+                           self.values.shape[1], out, patches)
+            for operands in gemms:
+                blas.int8_matmul_t(*operands)
+            k.int8_output(acc, self.offset, self.scale, bias, self.correction, y)
+
+        return run

@@ -9,12 +9,12 @@ parameter arena, so the loaded net's weight memory is that of the compressed for
 net (fine-tuning from a compressed file), other layer types, and any net when
 ESPRESSO_COMPRESSED_DENSE=1 get plain dense weights.
 
-Weights written by the int8 stage run as `Int8Layer`s (espresso/compress/int8.py, on the CPU)
-and 16-bit float ones as `HalfLayer`s (espresso/compress/half.py, on a GPU); elsewhere they load
-as float32.  A compressed layer is inference-only (backward refuses).  `net.params[name][0].data` decodes
-the weights into a new read-only array on each access.  When the weights are shared with
-another net's dense ones (the solver's test nets share the train net's), the layer runs dense
-on those shared weights.
+Weights written by the int8 stage run as `Int8Layer`s (espresso/compress/int8.py; on a GPU,
+`Int8GpuLayer`s) and 16-bit float ones as `HalfLayer`s (espresso/compress/half.py, on a GPU;
+on the CPU they load as float32).  A compressed layer is inference-only (backward refuses).
+`net.params[name][0].data` decodes the weights into a new read-only array on each access.  When
+the weights are shared with another net's dense ones (the solver's test nets share the train
+net's), the layer runs dense on those shared weights.
 """
 
 import logging
@@ -65,7 +65,7 @@ def load_compressed(net, path):
 
 def _stand_in(layer, weights, net):
     """The layer class to run `weights` with in a TEST net: HalfLayer for 16-bit floats (on a
-    GPU), Int8Layer for int8 weights (on the CPU), CompressedLayer for other compressed ones, or
+    GPU), Int8Layer or Int8GpuLayer for int8 weights, CompressedLayer for other compressed ones, or
     None (dense, in the net's own layer)."""
     if isinstance(weights, HalfFloats):
         if net.backend.name == "cpu":
@@ -74,15 +74,13 @@ def _stand_in(layer, weights, net):
 
         return HalfLayer if can_run(layer) else None
     if getattr(weights, "input_scale", 0):
-        if net.backend.name != "cpu":
-            return None
         try:
-            from espresso.compress.int8 import Int8Layer, _can_run
+            from espresso.compress.int8 import Int8GpuLayer, Int8Layer, _can_run
         except ImportError:  # no Numba: the weights run dequantized, in float
             log.warning("layer '%s': int8 layers need Numba (pip install 'espresso-nn[fast]'); running it in "
                         "float32", layer.name)
             return None
-        return Int8Layer if _can_run(layer) else None
+        return (Int8Layer if net.backend.name == "cpu" else Int8GpuLayer) if _can_run(layer) else None
     if isinstance(weights, CompressedWeights) and _can_run_compressed(layer):
         return CompressedLayer
     return None

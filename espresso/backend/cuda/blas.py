@@ -22,6 +22,7 @@ OP_N, OP_T = 0, 1
 DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
 WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
 CUDA_R_32F, COMPUTE_32F, GEMM_DEFAULT = 0, 68, -1  # cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t
+CUDA_R_8I, CUDA_R_32I, COMPUTE_32I = 3, 10, 72
 _HALF_TYPES = {"float16": 2, "bfloat16": 14}  # CUDA_R_16F, CUDA_R_16BF
 _GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
          np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
@@ -112,6 +113,19 @@ class Blas:
     def half_matmul_t(self, x16, w16, y, type_name):
         """y = x16 @ w16^T in float32 from 16-bit operands (espresso/compress/half.py)."""
         _half_gemm(self, x16, w16, y, type_name)
+
+    def int8_matmul_t(self, w8, x8, acc):
+        """acc (M, R) int32 = w8 (M, K) @ x8 (R, K)^T from int8 operands (espresso/compress/int8.py);
+        x8's and acc's rows may be strided (a group's columns of the patches, its rows of the sums).
+        Column-major, acc^T = x8 w8^T: A = x8 read transposed ("TN", the layout cuBLAS's int8
+        tensor-core kernels take), B = w8."""
+        (m, k), rows = w8.shape, x8.shape[0]
+        one, zero = ctypes.c_int(1), ctypes.c_int(0)
+        px, pw, pc = (ctypes.c_void_p(a.data.ptr) for a in (x8, w8, acc))
+        status = self.lib.cublasGemmEx(self.handle, OP_T, OP_N, rows, m, k, ctypes.byref(one), px, CUDA_R_8I,
+                                       x8.strides[0], pw, CUDA_R_8I, k, ctypes.byref(zero), pc, CUDA_R_32I,
+                                       acc.strides[0] // 4, COMPUTE_32I, GEMM_DEFAULT)
+        self._check(status, "cublasGemmEx (int8)")
 
     def _gemm(self, a, b, out, offsets, batched, accumulate):
         """One (strided-batched) call.  Row-major C = A B is column-major C^T = B^T A^T."""

@@ -57,6 +57,8 @@ def name_expressions(family, ctype, ndim):
     if family == "fused":
         return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_loss_forward_kernel",
                                                      "softmax_loss_reduce_kernel", "softmax_loss_backward_kernel")]
+    if family == "int8":
+        return [f"{kernel}<{ctype}>" for kernel in ("int8_patches_kernel", "int8_output_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
 
 
@@ -143,6 +145,26 @@ def from_half(h, bias, y, kind):
     else:
         _elementwise("from_bfloat16", "uint16 h, float32 b", "float32 y",
                      "y = __uint_as_float(((unsigned int)h) << 16) + b")(h, bias, y)
+
+
+def int8_patches(x, inverse, zero, kernel, stride, pad, dilation, groups, group_k, out_spatial, patches):
+    """The quantized patches of x (n, c, h, w) for an int8 convolution (int8.cu): patches (rows,
+    groups * padded k) int8, rows >= n * out_h * out_w, padded k a multiple of 16."""
+    ctype, x = _float_type(x), _input(x)
+    padded_k = patches.shape[1] // groups
+    args = (np.int64(patches.size // 4), x, np.float64(inverse), np.int32(zero), *map(np.int32, x.shape),
+            *map(np.int32, (*out_spatial, *kernel, *stride, *pad, *dilation, groups, group_k, padded_k)), patches)
+    _launch("int8", f"int8_patches_kernel<{ctype}>", ctype, None, patches.size // 4, args)
+
+
+def int8_output(acc, offset, scale, bias, correction, y):
+    """y (n, m, ...) = (acc[m, row] + offset[m]) * scale[m] + bias[m] - correction[m] (int8.cu),
+    acc (m, rows) int32 with rows >= n * pixels."""
+    ctype = _float_type(y, scale, bias, correction)
+    pixels = y.size // (y.shape[0] * y.shape[1])
+    args = (np.int64(y.size), acc, np.int64(acc.shape[1]), np.int32(y.shape[1]), np.int32(pixels), offset, scale,
+            bias, correction, y)
+    _launch("int8", f"int8_output_kernel<{ctype}>", ctype, None, y.size, args)
 
 
 @functools.lru_cache(maxsize=None)

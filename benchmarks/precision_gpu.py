@@ -1,9 +1,11 @@
-"""16-bit float inference on the GPU (espresso/compress/half.py) against float32: LeNet's test
-accuracy with float16 and bfloat16 weights and operands (a trained .caffemodel and the
-Fashion-MNIST test LMDB given), and CaffeNet's batch-256 inference time (random weights), each
-net a CUDA graph replayed, 5 repeats of 20 passes alternating; float32 without and with TF32.
+"""Low-precision inference on the GPU against float32: float16 and bfloat16 weights and operands
+(espresso/compress/half.py) and post-training int8 (espresso/compress/int8.py, Int8GpuLayer).
+LeNet's test accuracy in each (a trained .caffemodel and the Fashion-MNIST test LMDB given; int8
+calibrated on 20 test batches, as benchmarks/int8.py does on the CPU), and CaffeNet's batch-256
+inference time (random weights; int8 calibrated on the timed batch), each net a CUDA graph
+replayed, 5 repeats of 20 passes alternating; float32 without and with TF32.
 
-    python benchmarks/half_gpu.py --lenet-weights W.caffemodel --test-lmdb DIR [--out results.md]
+    python benchmarks/precision_gpu.py --lenet-weights W.caffemodel --test-lmdb DIR [--out results.md]
 """
 
 import argparse
@@ -16,19 +18,34 @@ import numpy as np
 import espresso
 from espresso.bench.models import net_param
 from espresso.compress.half import to_bits
+from espresso.compress.int8 import calibrate, int8_layers, int8_records
 from espresso.compress.model_file import HalfFloats, write_model
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_text
 
-KINDS = ("float16", "bfloat16")
+HALF = ("float16", "bfloat16")
+STAND_INS = {"float16": "HalfLayer", "bfloat16": "HalfLayer", "int8": "Int8GpuLayer"}
 
 
-def half_file(net, kind, path):
-    """`net`'s weights as a model file of `kind` weights (biases float32)."""
-    write_model(path, [(name, layer.type, [HalfFloats(to_bits(layer.blobs[0].host_data(), kind), kind)]
-                        + [np.array(b.host_data(), np.float32) for b in layer.blobs[1:]])
-                       for name, layer in net.layer_dict.items() if layer.blobs])
+def precision_file(net, kind, path, calibration):
+    """`net`'s weights as a model file of `kind` weights: 16-bit floats (biases float32) or int8
+    calibrated by calibrate(net, ..., **calibration)."""
+    if kind == "int8":
+        records = int8_records(net, calibrate(net, int8_layers(net), **calibration))
+    else:
+        records = [(name, layer.type, [HalfFloats(to_bits(layer.blobs[0].host_data(), kind), kind)]
+                    + [np.array(b.host_data(), np.float32) for b in layer.blobs[1:]])
+                   for name, layer in net.layer_dict.items() if layer.blobs]
+    write_model(path, records)
     return str(path)
+
+
+def low_precision_nets(param, dense, work, calibration):
+    nets = {"float32": dense}
+    for kind in (*HALF, "int8"):
+        nets[kind] = espresso.Net(param, espresso.TEST, weights=precision_file(dense, kind, work / kind, calibration))
+        assert type(nets[kind].layer_dict["conv1"]).__name__ == STAND_INS[kind]
+    return nets
 
 
 def lenet_accuracy(weights, lmdb, work):
@@ -37,9 +54,7 @@ def lenet_accuracy(weights, lmdb, work):
         if layer.type == "Data":
             layer.data_param.source = str(lmdb)
     dense = espresso.Net(param, espresso.TEST, weights=weights)
-    nets = {"float32": dense} | {kind: espresso.Net(param, espresso.TEST, weights=half_file(dense, kind, work / kind))
-                                 for kind in KINDS}
-    assert all(type(nets[kind].layer_dict["conv1"]).__name__ == "HalfLayer" for kind in KINDS)
+    nets = low_precision_nets(param, dense, work, dict(iterations=20))
     return {label: float(np.mean([float(net.forward()["accuracy"]) for _ in range(100)]))
             for label, net in nets.items()}
 
@@ -47,11 +62,10 @@ def lenet_accuracy(weights, lmdb, work):
 def caffenet_times(work, repeats=5, passes=20):
     param = net_param("caffenet", 256, train=False)
     dense = espresso.Net(param, espresso.TEST)
-    nets = {"float32": dense} | {kind: espresso.Net(param, espresso.TEST, weights=half_file(dense, kind, work / kind))
-                                 for kind in KINDS}
     x = np.random.default_rng(0).random((256, 3, 227, 227), dtype=np.float32)
+    nets = low_precision_nets(param, dense, work, dict(inputs=x))
     backend = dense.backend
-    times = {label: [] for label in ["float32", "float32 TF32", *KINDS]}
+    times = {label: [] for label in ["float32", "float32 TF32", *HALF, "int8"]}
     for net in nets.values():
         net.blobs["data"].data[...] = x
         net.run_forward()
@@ -74,14 +88,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lenet-weights", required=True)
     parser.add_argument("--test-lmdb", required=True)
-    parser.add_argument("--out", default="benchmarks/results/half_gpu.md")
+    parser.add_argument("--out", default="benchmarks/results/precision_gpu.md")
     args = parser.parse_args()
     espresso.set_mode_gpu()
-    work = Path(tempfile.mkdtemp(prefix="half_"))
+    work = Path(tempfile.mkdtemp(prefix="precision_"))
     accuracy = lenet_accuracy(args.lenet_weights, args.test_lmdb, work)
     times = caffenet_times(work)
     device = espresso.runtime.current_backend().describe()
-    lines = [f"# 16-bit inference on {device['Device']} (cuDNN {device['cuDNN']}, CuPy {device['CuPy']})", "",
+    lines = [f"# Low-precision inference on {device['Device']} (cuDNN {device['cuDNN']}, CuPy {device['CuPy']})", "",
              "| weights and operands | LeNet test accuracy (10,000 images) "
              "| CaffeNet batch 256, ms: median [min, max] of 5 | speed-up over float32 |", "|---|---|---|---|"]
     base = np.median(times["float32"])
