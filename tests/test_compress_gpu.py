@@ -59,30 +59,3 @@ def test_fixed_point_training_on_the_gpu_rounds_as_on_the_cpu():
     draws = xp.asnumpy(stochastic)
     assert on_grid(draws, 5, 7) and np.abs(draws.mean(0) - np.clip(values[:64], -2, 2 - 1 / 32)).max() < 0.01
     assert all(on_grid(w, 6, 9) for w in weights)
-
-
-def test_an_int8_file_runs_dequantized_on_the_gpu(tmp_path):
-    """int8 layers are CPU-only: on a GPU the file's weights load dequantized and run in float,
-    close to the CPU's int8 result."""
-    pytest.importorskip("numba")
-    from test_int8 import NET, _net
-
-    from espresso.compress.int8 import calibrate, int8_layers, int8_records
-    from espresso.compress.model_file import write_model
-    from espresso.proto import caffe_pb2
-    from espresso.proto.text import parse_text
-
-    net = _net()
-    x = np.random.default_rng(5).standard_normal((3, 2, 9, 8)).astype(np.float32)
-    write_model(tmp_path / "q.espz", int8_records(net, calibrate(net, int8_layers(net), inputs=x)))
-    param = parse_text(NET, caffe_pb2.NetParameter())
-    cpu = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "q.espz"))
-    want = np.array(cpu.forward(data=x)["ip"])
-    espresso.set_mode_gpu()
-    try:
-        gpu = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "q.espz"))
-        assert not any(type(layer).__name__ == "Int8Layer" for layer in gpu.engine_layers)
-        got = np.asarray(gpu.forward(data=x)["ip"])
-    finally:
-        espresso.set_mode_cpu()
-    assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
