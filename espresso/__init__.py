@@ -10,6 +10,7 @@ from espresso import (
     io,
     layers,  # also pycaffe's NetSpec `L` (see espresso/layers/__init__.py)
     net_spec,
+    parallel,  # data-parallel training over MPI ranks
 )
 from espresso.blob import Blob
 from espresso.classifier import Classifier
@@ -64,7 +65,7 @@ __all__ = [
     "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed", "set_cuda_graphs", "set_num_threads",
     "set_memory_limit", "solver_count", "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess",
     "has_nccl", "NCCL", "Timer", "layer_type_list", "init_log", "log", "Classifier", "Detector",
-    "io", "draw", "net_spec", "coord_map",
+    "io", "draw", "net_spec", "coord_map", "parallel",
     "EspressoError", "PrototxtError", "NetError", "LayerParamError", "ShapeError",
     "ModelFileError", "BackendError",
 ]

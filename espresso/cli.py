@@ -65,14 +65,26 @@ def _input(path):
     return path
 
 
-def _set_device(args):
+def _set_device(args, group=None):
+    """--threads and --gpu; a data-parallel rank takes its machine's share of the cores, or the
+    GPU of its place among the machine's ranks."""
+    local = (group.local_rank, group.local_size) if group is not None else (0, 1)
     if args.threads:
         espresso.set_num_threads(args.threads)
+    elif local[1] > 1 and not os.environ.get("ESPRESSO_NUM_THREADS"):
+        espresso.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local[1]))
     gpu = args.gpu
     if gpu is None:
         espresso.set_mode_cpu()
         return
-    espresso.set_device(0 if gpu == "all" else int(gpu.split(",")[0]))
+    if gpu == "all":
+        espresso.set_device(local[0])
+    else:
+        ids = [int(i) for i in gpu.split(",")]
+        if len(ids) > 1 and group is None:
+            log.warning("--gpu %s: one process trains on GPU %d; start one rank per GPU with mpiexec -n %d",
+                        gpu, ids[0], len(ids))
+        espresso.set_device(ids[local[0] % len(ids)])
     espresso.set_mode_gpu()
 
 
@@ -185,7 +197,19 @@ def cmd_train(args):
         raise EspressoError("give --snapshot or --weights, not both (as Caffe)")
     if args.plot:
         pyplot()  # matplotlib's absence said now, not after the training
-    _set_device(args)
+    group = _data_parallel()
+    try:
+        return _train(args, group)
+    except Exception as e:
+        if group is None:
+            raise
+        # the other ranks wait in a collective: end the whole job now, saying which rank and why
+        log.error("rank %d of %d: %s: %s; aborting the job", group.rank, group.size, type(e).__name__, e)
+        group.comm.Abort(1)
+
+
+def _train(args, group):
+    _set_device(args, group)
     param = espresso.solver.read_solver_param(args.solver)
     param.train_state.level = args.level  # Caffe's train: the flag's level (default 0) always wins
     param.train_state.stage.extend(_stages(args))
@@ -197,12 +221,14 @@ def cmd_train(args):
     else:
         log.info("Use CPU.")
     solver = espresso.get_solver(param, allow_python=args.allow_python)
+    if group is not None:
+        group.attach(solver)
     if args.fixed_point:
         _train_in_fixed_point(solver, args)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
     log.info("Starting Optimization")
-    progress = Progress(solver)
+    progress = Progress(solver, live=None if solver.root else False)
     effects = {"stop": espresso.solver.SolverAction.STOP, "snapshot": espresso.solver.SolverAction.SNAPSHOT,
                "none": espresso.solver.SolverAction.NONE}
     with espresso.solver.SignalHandler(effects[args.sigint_effect], effects[args.sighup_effect]) as handler:
@@ -214,10 +240,22 @@ def cmd_train(args):
             log.info("Training took %.2f s (tests and snapshots included)", time.perf_counter() - start)
         finally:
             progress.close()
-            if args.plot:
+            if args.plot and solver.root:
                 plot_curves(progress.losses, progress.tests, args.plot, f"{solver.net.name or 'Net'}: training curves")
-    print(progress.summary())
+    if solver.root:
+        print(progress.summary())
     return 0
+
+
+def _data_parallel():
+    """The data-parallel Group when mpiexec started this process among several (its log then
+    quiet below warnings on ranks other than 0, as Caffe's LOG_IF(root_solver)), else None."""
+    if espresso.parallel.launched_ranks() == 1:
+        return None
+    group = espresso.parallel.start()
+    if group.rank > 0:
+        log.setLevel(logging.WARNING)
+    return group
 
 
 def _train_in_fixed_point(solver, args):

@@ -78,45 +78,50 @@ def host_rng():
     return _state["host_rng"]
 
 
-# *** pycaffe's process-wide names that data-parallel training will give meaning to ***
+# *** pycaffe's process-wide names of data-parallel training (espresso/parallel.py) ***
 def solver_count():
-    """Caffe::solver_count: one solver per process (data-parallel training has not landed)."""
-    return 1
+    """Caffe::solver_count: the ranks training one model together (1 unless parallel.start)."""
+    return _state.get("solver_count", 1)
 
 
 def set_solver_count(count):
-    if int(count) != 1:
-        raise EspressoError(f"set_solver_count({count}): Espresso trains with one solver per process; "
-                            "data-parallel training (several solvers) has not landed")
+    if int(count) < 1:
+        raise EspressoError(f"set_solver_count({count}): give at least 1")
+    _state["solver_count"] = int(count)
 
 
 def solver_rank():
-    return 0
+    """Caffe::solver_rank: this process's rank among solver_count(); rank 0 tests and snapshots."""
+    return _state.get("solver_rank", 0)
 
 
 def set_solver_rank(rank):
-    if int(rank) != 0:
-        raise EspressoError(f"set_solver_rank({rank}): there is one solver, of rank 0")
+    if not 0 <= int(rank) < solver_count():
+        raise EspressoError(f"set_solver_rank({rank}): ranks go from 0 to solver_count() - 1 = {solver_count() - 1}")
+    _state["solver_rank"] = int(rank)
 
 
 def set_multiprocess(multiprocess):
-    """Caffe's flag for solvers in several processes; with one solver there is nothing to set."""
+    """Caffe's flag for solvers in several processes (always so in Espresso: one rank a process)."""
     _state["multiprocess"] = bool(multiprocess)
 
 
 def has_nccl():
-    """False: Espresso does not train over NCCL (yet), whatever the machine has."""
-    return False
+    """Whether CuPy's NCCL binding is usable here (data-parallel GPU ranks all-reduce through it)."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return False
+    return bool(getattr(nccl, "available", True))
 
 
 class NCCL:
-    """pycaffe's NCCL(solver, uid), which shares a solver's gradients with other GPUs' solvers:
-    refused, since Espresso has no NCCL path yet (has_nccl() is False; Caffe built without NCCL
-    constructs an object that does nothing)."""
+    """pycaffe's NCCL(solver, uid): Espresso's ranks are MPI processes (espresso/parallel.py), not
+    pycaffe's threads sharing an NCCL id, so this is refused with the way to do it."""
 
     def __init__(self, solver, uid):
-        raise EspressoError("caffe.NCCL: Espresso does not train over NCCL yet (has_nccl() is False); "
-                            "train on one device")
+        raise EspressoError("caffe.NCCL: start the ranks with mpiexec and call espresso.parallel.start() and "
+                            "group.attach(solver) (see espresso/parallel.py)")
 
 
 class Timer:

@@ -2,7 +2,10 @@
 
 Caffe's prefetching data layers reshape and fill their tops in forward; reshape() does nothing.
 Random choices (crops, mirrors, shuffles, rand_skip) use generators seeded from
-espresso.runtime.host_rng() at setup, so set_random_seed reproduces a run.  Data, ImageData and
+espresso.runtime.host_rng() at setup, so set_random_seed reproduces a run.  In data-parallel
+training (espresso/parallel.py) a TRAIN-phase Data or HDF5Data layer of rank r among N reads
+records r, r + N, r + 2N, ... of the combined batch of N x batch_size consecutive records, as
+Caffe's readers skip; its position (and cursor) is the combined one.  Data, ImageData and
 HDF5Data give a cursor() (the position of the next batch and the generators' states) that a
 snapshot saves and seek() takes back, so a resumed run reads what a straight run would.
 """
@@ -22,7 +25,7 @@ from espresso.data.transformer import DataTransformer
 from espresso.errors import NetError, ShapeError
 from espresso.layer import Layer, register
 from espresso.proto import caffe_pb2
-from espresso.runtime import host_rng
+from espresso.runtime import host_rng, solver_count, solver_rank
 
 CACHE_LIMIT_BYTES = 2 << 30  # a Data layer decodes datasets up to this size once, at setup
 # old fields of the data params, moved to transform_param long ago: field -> its replacement
@@ -49,6 +52,11 @@ class _DataLayerBase(Layer):
         if self.p.batch_size <= 0:
             self.fail(f"{self.param}.batch_size: must be > 0, got {self.p.batch_size}")
         return self.p.batch_size
+
+    @property
+    def shard(self):
+        """(rank, ranks): this layer reads record rank of every ranks (TEST nets read all)."""
+        return (solver_rank(), solver_count()) if self.phase == caffe_pb2.TRAIN else (0, 1)
 
     def make_transformer(self):
         return DataTransformer(self.lp.transform_param, self.phase, self.backend, self.dtype, self.fail)
@@ -108,15 +116,20 @@ class _DatumDecoder:
 
 
 class _DatumBatches:
-    """Fills (data, labels) host buffers with consecutive records, wrapping around (in the thread)."""
+    """Fills (data, labels) host buffers with record rank of every ranks, wrapping around (in the
+    thread); the others are passed over undecoded."""
 
-    def __init__(self, reader, skip, decode):
-        self.records, self.decode = reader.cycle(skip), decode
+    def __init__(self, reader, skip, decode, shard):
+        self.records, self.decode, (self.rank, self.ranks) = reader.cycle(skip), decode, shard
 
     def __call__(self, buffer):
         data, labels = buffer
         for i in range(len(data)):
+            for _ in range(self.rank):
+                next(self.records)
             data[i], labels[i] = self.decode(*next(self.records))
+            for _ in range(self.ranks - 1 - self.rank):
+                next(self.records)
 
 
 @register
@@ -158,7 +171,7 @@ class DataLayer(_DataLayerBase):
             self.buffers = [(pinned((batch_size,) + first.shape, first.dtype), pinned(batch_size, np.float64))
                             for _ in range(max(2, self.p.prefetch))]
             self.uploader = self.backend.uploader(self.buffers[0])
-            self.start_prefetch(_DatumBatches(reader, self.pos, self.decode), self.buffers, reader)
+            self.start_prefetch(_DatumBatches(reader, self.pos, self.decode, self.shard), self.buffers, reader)
         top[0].reshape((batch_size,) + self.transformer.out_shape(first.shape))
         if len(top) > 1:
             top[1].reshape(batch_size)
@@ -181,9 +194,9 @@ class DataLayer(_DataLayerBase):
         self.cache_labels = self.backend.to_device(labels, self.dtype)
         self.pos = skip % len(data)
         if not self.backend.host_arrays:  # on a GPU the cursor lives on the device, so a graph can advance it
-            batch = self.p.batch_size
+            batch, (rank, ranks) = self.p.batch_size, self.shard
             self.pos = self.xp.full((1,), self.pos, np.int64)
-            self.batch_offsets, self.rows = self.xp.arange(batch), self.xp.empty(batch, np.int64)
+            self.batch_offsets, self.rows = self.xp.arange(batch) * ranks + rank, self.xp.empty(batch, np.int64)
             self.flat_mean = None  # the transform's mean, one value per value of an item
 
     @property
@@ -197,12 +210,12 @@ class DataLayer(_DataLayerBase):
             return self._forward_prefetched(top)
         if not self.backend.host_arrays:
             return self._forward_device_cursor(top)
-        n, batch_size = len(self.cache), top[0].shape[0]
-        if self.pos + batch_size <= n:  # a view: no gather needed
+        n, batch_size, (rank, ranks) = len(self.cache), top[0].shape[0], self.shard
+        if ranks == 1 and self.pos + batch_size <= n:  # a view: no gather needed
             rows = slice(self.pos, self.pos + batch_size)
         else:
-            rows = self.xp.asarray((self.pos + np.arange(batch_size)) % n)
-        self.pos = (self.pos + batch_size) % n
+            rows = self.xp.asarray((self.pos + np.arange(batch_size) * ranks + rank) % n)
+        self.pos = (self.pos + batch_size * ranks) % n
         self.transformer(self.cache[rows], top[0].data)
         if len(top) > 1:
             top[1].data[...] = self.cache_labels[rows]
@@ -214,10 +227,10 @@ class DataLayer(_DataLayerBase):
             if self.flat_mean is None and t.mean is not None:
                 self.flat_mean = xp.broadcast_to(t.mean, self.cache.shape[1:]).ravel()  # a copy, once
             self.k.gather_batch(self.cache, self.cache_labels, self.pos, self.flat_mean, t.scale, top[0].data,
-                                top[1].data if len(top) > 1 else None)
+                                top[1].data if len(top) > 1 else None, self.shard)
             return
         rows = xp.remainder(xp.add(self.batch_offsets, self.pos, out=self.rows), n, out=self.rows)
-        xp.remainder(self.pos + top[0].shape[0], n, out=self.pos)
+        xp.remainder(self.pos + top[0].shape[0] * self.shard[1], n, out=self.pos)
         self.transformer(self.cache[rows], top[0].data)
         if len(top) > 1:
             xp.take(self.cache_labels, rows, out=top[1].data)
@@ -231,7 +244,7 @@ class DataLayer(_DataLayerBase):
             top[1].data[...] = labels
         self.uploader.done()  # (on a GPU: once the copy is done) the thread may refill the host buffer
         self.prefetcher.release(buffer)
-        self.pos = (self.pos + len(data)) % self.size  # the thread reads ahead; this is where we are
+        self.pos = (self.pos + len(data) * self.shard[1]) % self.size  # the thread reads ahead; this is where we are
 
     def dataset_size(self):
         return self.size
@@ -246,7 +259,7 @@ class DataLayer(_DataLayerBase):
         saved.set_generator(self.transformer.rng, cursor.get("transform"), "transform")
         if self.cache is None:
             self.pos = pos
-            self.start_prefetch(_DatumBatches(self.reader, pos, self.decode), self.buffers)
+            self.start_prefetch(_DatumBatches(self.reader, pos, self.decode, self.shard), self.buffers)
         elif self.backend.host_arrays:
             self.pos = pos
         else:
@@ -521,13 +534,16 @@ class HDF5DataLayer(_DataLayerBase):
         saved.set_generator(self.rng, cursor.get("rng"))
 
     def forward(self, bottom, top):
-        filled, batch_size = 0, top[0].shape[0]
-        while filled < batch_size:  # one gather per file (or epoch) the batch spans
-            n = min(batch_size - filled, len(self.perm) - self.row)
-            rows = self.xp.asarray(self.perm[self.row:self.row + n])
+        """The combined batch's rows (N x batch_size of them) in order, keeping row rank of every N."""
+        (rank, ranks), walked, filled = self.shard, 0, 0
+        combined = top[0].shape[0] * ranks
+        while walked < combined:  # one gather per file (or epoch) the batch spans
+            n = min(combined - walked, len(self.perm) - self.row)
+            kept = np.arange((rank - walked) % ranks, n, ranks)
+            rows = self.xp.asarray(self.perm[self.row + kept])
             for blob, array in zip(top, self.arrays):
-                blob.data[filled:filled + n] = array[rows]
-            filled, self.row = filled + n, self.row + n
+                blob.data[filled:filled + len(kept)] = array[rows]
+            filled, walked, self.row = filled + len(kept), walked + n, self.row + n
             if self.row == len(self.perm):
                 self._next_rows()
 

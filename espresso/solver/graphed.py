@@ -87,6 +87,7 @@ class DeviceLoop:
             net.forward_layers(0, last, losses=False)
             net.backward_range(last, 0)
             net.backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
+            s.share_gradients()  # (NCCL's all-reduce is captured too)
             s.updater.apply(self.rate, s.iter)
             return
         xp.take(self.rates, self.slot, out=self.rate)
@@ -99,6 +100,7 @@ class DeviceLoop:
         xp.divide(total, net.dtype.type(size), out=self.loss)
         xp.put(self.ring, self.slot, self.loss)
         self.slot += 1
+        s.share_gradients()
         s.updater.apply(self.rate, s.iter)
 
     def losses(self):

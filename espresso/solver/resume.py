@@ -37,13 +37,16 @@ def restore_cursors(solver, payload, path):
         if state.get("version") != VERSION:
             raise saved.CursorError(f"version {state.get('version')!r}; this Espresso reads version {VERSION}")
         cursors, nets = state.get("cursors"), _nets(solver)
-        if not isinstance(cursors, list) or len(cursors) != len(nets):
+        # a data-parallel rank other than 0 has no test nets: it takes the train net's cursors
+        if not isinstance(cursors, list) or len(cursors) < len(nets) or (solver.root and len(cursors) != len(nets)):
             raise saved.CursorError(f"cursors: expected a list of {len(nets)} nets' cursors")
         for net, net_cursors in zip(nets, cursors):
             saved.mapping(net_cursors, "a net's cursors")
             for layer in net.engine_layers:
                 if layer.name in net_cursors:
                     _seek(layer, net_cursors[layer.name])
+        if not solver.root:  # its generators stay its own (seeded by rank): the states saved are rank 0's
+            return
         saved.set_generator(host_rng(), state.get("host_rng"), "host_rng")
         if state.get("device_rng") is not None:
             solver.net.backend.set_rng_state(state["device_rng"])

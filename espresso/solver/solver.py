@@ -27,7 +27,7 @@ from espresso.net.files import check_hdf5_names
 from espresso.proto import caffe_pb2
 from espresso.proto.text import read_text, to_text
 from espresso.proto.upgrade import upgrade_solver
-from espresso.runtime import set_random_seed
+from espresso.runtime import set_random_seed, solver_rank
 from espresso.solver.graphed import DeviceLoop, eager_solver_reason
 from espresso.solver.lr_policy import learning_rate
 from espresso.solver.resume import restore_cursors, save_cursors
@@ -76,10 +76,11 @@ class Solver:
         rule_class(self.param.type)  # an unknown type fails before any net is built
         self._check_param()
         log.info("Initializing solver from parameters:\n%s", to_text(self.param))
+        self.root, self.group = solver_rank() == 0, None  # a data-parallel rank (espresso/parallel.py)
         if self.param.random_seed >= 0:
-            set_random_seed(self.param.random_seed)
+            set_random_seed(self.param.random_seed + solver_rank())  # as Caffe: rank 0 broadcasts its weights
         self.net = self._train_net(dtype)
-        self.test_nets = self._test_nets(dtype)
+        self.test_nets = self._test_nets(dtype) if self.root else []  # rank 0 alone tests
         self.updater = ArenaUpdater(self.net, self.param)
         learning_rate(self.param, 0, 0, self.net.dtype)  # a bad lr_policy fails here, not mid-run
         if self.param.snapshot and _check_format(self.param):  # refused now, not at the first snapshot
@@ -211,6 +212,8 @@ class Solver:
             while self.iter < stop_iter:
                 if self._test_due():
                     self.test_all()
+                    if self.group is not None:  # a stop asked of rank 0 while it tested
+                        self.requested_early_exit = self.group.agree(self.requested_early_exit)
                     if self.requested_early_exit:
                         break
                 if loop is None:
@@ -236,6 +239,7 @@ class Solver:
             self._display()
         for _, on_gradients_ready in self._callbacks:
             on_gradients_ready()
+        self.share_gradients()
         self.apply_update()
 
     def _device_iteration(self, loop, start_iter, stop_iter):
@@ -281,6 +285,8 @@ class Solver:
     def _after_iteration(self):
         """Snapshot when due or asked for; True when a stop was requested."""
         request = self._requested_action()
+        if self.group is not None:  # rank 0's request, for every rank
+            request = self.group.agree(request)
         if (self.param.snapshot and self.iter % self.param.snapshot == 0) or request == SolverAction.SNAPSHOT:
             self.snapshot()
         if request == SolverAction.STOP:
@@ -312,6 +318,12 @@ class Solver:
     def _notify(self, event):
         for observer in self.observers:
             observer(event)
+
+    def share_gradients(self):
+        """A data-parallel rank's gradients averaged over the ranks (espresso/parallel.py), as
+        Caffe's NCCL callback does before the update; a lone solver's stay as they are."""
+        if self.group is not None:
+            self.group.average(self.net.arena_diff)
 
     def apply_update(self):
         """Caffe's SGDSolver::ApplyUpdate: learning rate, then the arena-wide update."""
@@ -407,7 +419,10 @@ class Solver:
 
     def snapshot(self):
         """Write <prefix>_iter_N.caffemodel and .solverstate (with snapshot_format HDF5,
-        .caffemodel.h5 and .solverstate.h5, as Caffe); returns their paths."""
+        .caffemodel.h5 and .solverstate.h5, as Caffe); returns their paths (None on a data-parallel
+        rank other than 0, which leaves snapshots to rank 0)."""
+        if not self.root:
+            return None
         if self._loop is not None:  # a loss the device queued may be NaN: stop before saving its weights
             self._absorb(self._loop.losses(), self._start_iter)
         hdf5 = _check_format(self.param)

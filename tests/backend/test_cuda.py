@@ -230,7 +230,7 @@ def test_gemm_plan_reads_views_in_place():
 
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
-    assert [p.stem for p in sources] == ["fused", "im2col", "lrn", "pooling"]
+    assert [p.stem for p in sources] == ["fused", "im2col", "int8", "lrn", "pooling"]
     for path in sources:
         lines = path.read_text().splitlines()
         header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("//"))]

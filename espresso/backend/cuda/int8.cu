@@ -13,7 +13,9 @@
 // int8_output_kernel: y (n, m, pixels) float32 from acc (m, rows) int32 (cuBLAS's column-major
 // output: channel m's sums contiguous), y = (acc + offset) * scale + (bias - correction) in
 // double, as the CPU kernel's (Numba's int32 * float32 is a double).
-// Launch: grid-stride loops; every count and index below 2^31 except the element counts.
+// Launch: grid-stride loops, one thread per 32-bit word of patches / per output element.
+// Assumptions: padded_k a multiple of 16 (a word never straddles two groups); channels, pixels,
+// rows and each array's count below 2^31 but the loops' element counts (64-bit).
 
 template <typename T>
 __device__ int quantized_minus_128(T v, double inverse, int zero) {

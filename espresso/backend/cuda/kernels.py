@@ -423,18 +423,21 @@ def sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):
     _launch("fused", f"sgd_update_kernel<{ctype}>", ctype, None, w.size, args)
 
 
-def gather_batch(cache, labels, pos, mean, scale, out, out_labels):
+def gather_batch(cache, labels, pos, mean, scale, out, out_labels, shard=(0, 1)):
     """A batch of a dataset held on the device, in two kernels: item b of out (N, ...) =
-    (cache[(pos + b) % n] - mean) * scale (mean: one value per value of an item, or None), its
-    label likewise when out_labels is given; then pos = (pos + N) % n."""
-    n, item = len(cache), cache[0].size
+    (cache[(pos + b * ranks + rank) % n] - mean) * scale (mean: one value per value of an item, or
+    None), its label likewise when out_labels is given; then pos = (pos + N * ranks) % n.
+    shard = (rank, ranks) of data-parallel training (espresso/parallel.py)."""
+    n, item, (rank, ranks) = len(cache), cache[0].size, shard
     _elementwise("gather_batch", "raw S cache, raw T labels, raw int64 pos, raw T mean, int64 n, int64 item, T scale, "
-                 "int32 has_mean, int32 has_labels", "T y, raw T out_labels",
-                 "long long b = i / item, j = i % item, row = (pos[0] + b) % n; T v = T(cache[row * item + j]); "
+                 "int32 has_mean, int32 has_labels, int64 rank, int64 ranks", "T y, raw T out_labels",
+                 "long long b = i / item, j = i % item, row = (pos[0] + b * ranks + rank) % n; "
+                 "T v = T(cache[row * item + j]); "
                  "if (has_mean) v = v - mean[j]; y = v * scale; if (has_labels && j == 0) out_labels[b] = labels[row]")(
         cache, labels, pos, labels if mean is None else mean, n, item, out.dtype.type(scale), int(mean is not None),
-        int(out_labels is not None), out, labels if out_labels is None else out_labels)
-    _elementwise("advance_cursor", "int64 step, int64 n", "int64 pos", "pos = (pos + step) % n")(len(out), n, pos)
+        int(out_labels is not None), rank, ranks, out, labels if out_labels is None else out_labels)
+    _elementwise("advance_cursor", "int64 step, int64 n", "int64 pos", "pos = (pos + step) % n")(len(out) * ranks, n,
+                                                                                                  pos)
 
 
 def record_iteration(loss, weight, rates, ring, slot, rate):

@@ -1,0 +1,173 @@
+"""Data-parallel training over MPI ranks, as Caffe trained on several GPUs: one solver per rank,
+each reading its own shard of the data, the gradients averaged over ranks before every update,
+so every rank applies the same update and the weights stay identical everywhere.
+
+    mpiexec -n 4 espresso train --solver solver.prototxt [--gpu 0]
+
+or from Python, in a script that mpiexec starts:
+
+    group = espresso.parallel.start()        # before the solver: the data layers shard by rank
+    solver = espresso.get_solver("solver.prototxt")
+    group.attach(solver)
+    solver.solve()
+
+MPI (mpi4py; `pip install espresso-nn[mpi]` brings MPICH, whose mpiexec needs no system step)
+starts and connects the processes, on one machine or many.  On the CPU the gradients are summed
+by MPI_Allreduce over the flat gradient arena, in buckets of BUCKET_BYTES, after the backward
+pass; on GPUs by NCCL (through CuPy) on the backend's stream, inside the iteration's CUDA graph,
+one GPU per rank (rank i of a machine takes its GPU i), the NCCL id broadcast through MPI.  The
+sum is scaled by 1/N, as Caffe's NCCL does: with each rank's loss normalized by its own batch,
+the update is the one of a single solver on the combined batch of batch x N.
+
+Caffe's rules: rank r's random seed is random_seed + r (the weights are then broadcast from rank
+0); a TRAIN-phase Data or HDF5Data layer keeps record r of every N (the combined batch is N
+consecutive runs of `batch_size` records, interleaved); rank 0 alone tests, logs, snapshots and
+plots.  A stop or snapshot request is rank 0's, broadcast at each iteration's end.  All ranks
+read the resumed snapshot (it must be on every machine); the data position saved is the combined
+one, so a snapshot resumes on any number of ranks.
+
+Failures: a rank that dies ends the job (mpiexec kills the others and names the dead process's
+pid, which rank 0's start-up line maps to its rank); a rank
+that waits more than ESPRESSO_MPI_TIMEOUT seconds (default 600) for the others aborts the job
+with a message.  Ranks that were given different nets, solvers or Espresso versions stop at
+start-up with an error naming them.
+"""
+
+import hashlib
+import logging
+import os
+import socket
+import time
+
+import numpy as np
+
+from espresso import runtime
+from espresso.errors import EspressoError
+
+log = logging.getLogger("espresso")
+BUCKET_BYTES = 16 << 20  # a few large calls: MPI's per-call cost is paid a few times, not per parameter
+# the environment mpiexec gives its processes: the world size (MPICH / Open MPI / PMIx)
+_WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def launched_ranks():
+    """The number of processes mpiexec started this one among (1 outside mpiexec)."""
+    for name in _WORLD_SIZE:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise EspressoError("training over several processes needs mpi4py and an MPI: "
+                            "pip install 'espresso-nn[mpi]'") from None
+    return MPI
+
+
+def start(comm=None):
+    """The Group of this process in `comm` (MPI's world by default), set as the runtime's solver
+    rank and count, so that solvers built after it seed by rank and their data layers shard."""
+    group = Group(comm if comm is not None else _mpi().COMM_WORLD)
+    runtime.set_solver_count(group.size)
+    runtime.set_solver_rank(group.rank)
+    return group
+
+
+class Group:
+    """This process's rank among `size` in an MPI communicator, and the collective steps of
+    data-parallel training."""
+
+    def __init__(self, comm):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        local = comm.Split_type(_mpi().COMM_TYPE_SHARED)  # the ranks of this machine: its cores, its GPUs
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self.timeout = float(os.environ.get("ESPRESSO_MPI_TIMEOUT", 600))
+        self.nccl, self.solver = None, None
+
+    def attach(self, solver):
+        """Make `solver` one of the group's: the same net, solver and Espresso everywhere (else an
+        error), rank 0's weights everywhere, and its gradients averaged before each update."""
+        import espresso
+
+        self.check_same({"the Espresso version": espresso.__version__, "the train net": str(solver.net.param),
+                         "the solver": str(solver.param)})
+        solver.group, self.solver = self, solver
+        net = solver.net
+        if not net.backend.host_arrays:
+            self.nccl = _Nccl(self, net.backend)
+        self.broadcast(net.arena_data)  # the solver averages the gradients before each update (share_gradients)
+        places = self.comm.allgather((os.getpid(), socket.gethostname()))  # mpiexec names a dead rank by pid
+        log.info("Data-parallel training: rank %d of %d, effective batch = batch x %d; ranks: %s", self.rank,
+                 self.size, self.size, ", ".join(f"{r} = pid {pid} on {host}" for r, (pid, host) in enumerate(places)))
+        return solver
+
+    def check_same(self, things):
+        """Every rank holds the same `things` ({what: text}), else an EspressoError naming the ranks
+        and what differs (on every rank: the job stops at start-up)."""
+        digests = {what: hashlib.sha256(text.encode()).hexdigest() for what, text in things.items()}
+        everyone = self.comm.allgather(digests)
+        differ = {what: [r for r, d in enumerate(everyone) if d[what] != everyone[0][what]] for what in things}
+        problems = [f"{what} of rank(s) {', '.join(map(str, ranks))} differs from rank 0's"
+                    for what, ranks in differ.items() if ranks]
+        if problems:
+            raise EspressoError("data-parallel ranks disagree: " + "; ".join(problems) +
+                                " (give every rank the same files and Espresso)")
+
+    def broadcast(self, array):
+        """Rank 0's values of `array` on every rank, in place."""
+        if self.nccl is not None:
+            self.nccl.broadcast(array)
+        else:
+            self._wait(self.comm.Ibcast(array, root=0))
+
+    def average(self, flat):
+        """flat = the mean over ranks of flat (each rank's), in place: summed in buckets, scaled by 1/N."""
+        if self.nccl is not None:
+            self.nccl.all_reduce(flat)
+        else:
+            MPI, step = _mpi(), max(1, BUCKET_BYTES // flat.itemsize)
+            for start in range(0, flat.size, step):
+                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, flat[start:start + step], op=MPI.SUM))
+        flat *= flat.dtype.type(1.0 / self.size)
+
+    def agree(self, value):
+        """Rank 0's `value`, on every rank."""
+        return self.comm.bcast(value, root=0)
+
+    def _wait(self, request):
+        """Wait for a collective; past the timeout, abort the whole job (a rank that stopped
+        answering would otherwise hang the others forever)."""
+        deadline = time.monotonic() + self.timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                log.error("rank %d: no answer from the other ranks for %g s (ESPRESSO_MPI_TIMEOUT); aborting "
+                          "the job", self.rank, self.timeout)
+                self.comm.Abort(1)
+            time.sleep(0)
+
+
+class _Nccl:
+    """An NCCL communicator over the group's GPUs (CuPy's binding), on the backend's stream."""
+
+    def __init__(self, group, backend):
+        from cupy.cuda import nccl
+
+        uid = group.agree(nccl.get_unique_id() if group.rank == 0 else None)
+        self.nccl, self.backend = nccl, backend
+        self.comm = nccl.NcclCommunicator(group.size, uid, group.rank)
+
+    def _type(self, array):
+        return {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}[
+            np.dtype(array.dtype)]
+
+    def all_reduce(self, flat):
+        self.comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, self._type(flat), self.nccl.NCCL_SUM,
+                            self.backend.stream.ptr)
+
+    def broadcast(self, array):
+        self.comm.bcast(array.data.ptr, array.size, self._type(array), 0, self.backend.stream.ptr)
+        self.backend.synchronize()
