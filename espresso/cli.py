@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -408,7 +409,8 @@ def cmd_compress(args):
     alone = {"--tucker/--svd": args.tucker or args.svd, "--hash": args.hash, "--fixed-point": args.fixed_point,
              "--fp16/--bf16": args.fp16 or args.bf16, "--int8": args.int8}
     given = [flag for flag, on in alone.items() if on]
-    if len(given) > 1:  # each writes a net or a precision of its own (--int8 also goes after --prune/--bits)
+    # each writes a net or a precision of its own; --int8 also goes after --tucker/--svd and --prune/--bits
+    if len(given) > 1 and given != ["--tucker/--svd", "--int8"]:
         raise EspressoError(f"{' and '.join(given)} do not combine in one run: compress what one writes in a "
                             "second run")
     if args.tucker or args.svd or args.hash:
@@ -453,24 +455,51 @@ def _lowrank(args):
     from espresso.compress.lowrank import lowrank, parse
     from espresso.compress.pipeline import hash_compress
 
-    if args.prune or args.bits or (args.hash and (args.tucker or args.svd)):
-        raise EspressoError("--tucker/--svd, --hash and --prune/--bits do not combine in one run yet: compress "
-                            "the net they write (--output-model, --output) in a second run")
+    if args.hash and (args.prune or args.bits):
+        raise EspressoError("--hash and --prune/--bits do not combine: a hashed layer's weights are shared already")
     if not args.output_model:
         raise EspressoError("--tucker/--svd/--hash write a net: give --output-model for its prototxt "
                             "(--output is its .caffemodel)")
     if args.hash:
         report = hash_compress(args.model, args.weights, args.solver, args.hash, args.output, args.output_model,
                                iterations=args.retrain_iters)
-    else:
-        report = lowrank(args.model, args.weights, args.solver, tucker=parse(args.tucker, "tucker"),
-                         svd=parse(args.svd, "svd"), output=args.output, output_model=args.output_model,
-                         finetune_iters=args.retrain_iters)
-    for row in report.get("stages", []):
-        log.info("%s %s: ranks %s, weights %d -> %d, multiply-adds %d -> %d, CPU %.3f -> %.3f ms (%.2fx)",
+        return _print_report(report, args)
+    then_compress = args.prune or args.bits or args.int8
+    # decomposed and fine-tuned first: its weights beside the final model file when stages follow
+    weights = str(Path(args.output).with_suffix(".lowrank.caffemodel")) if then_compress else args.output
+    report = lowrank(args.model, args.weights, args.solver, tucker=parse(args.tucker, "tucker"),
+                     svd=parse(args.svd, "svd"), output=weights, output_model=args.output_model,
+                     finetune_iters=args.retrain_iters)
+    for row in report["stages"]:
+        device = "cpu" if "cpu_ms_before" in row else "gpu"
+        log.info("%s %s: ranks %s, weights %d -> %d, multiply-adds %d -> %d, %s %.3f -> %.3f ms (%.2fx)",
                  row["stage"], row["layer"], row["ranks"], row["weights_before"], row["weights_after"],
-                 row["macs_before"], row["macs_after"], row["cpu_ms_before"], row["cpu_ms_after"], row["speedup"])
+                 row["macs_before"], row["macs_after"], device.upper(), row[f"{device}_ms_before"],
+                 row[f"{device}_ms_after"], row["speedup"])
+    if then_compress:
+        report = _compress_decomposed(args, weights, report)
     return _print_report(report, args)
+
+
+def _compress_decomposed(args, weights, lowrank_report):
+    """--prune/--bits/--int8 after --tucker/--svd in one run: Deep Compression (and int8) of the
+    decomposed net; the report's sizes and accuracies run from the original net to the file."""
+    from espresso.compress.pipeline import compress
+
+    solver = espresso.solver.read_solver_param(args.solver)
+    for field in ("net", "net_param", "train_net", "train_net_param", "test_net", "test_net_param"):
+        solver.ClearField(field)
+    solver.net = args.output_model
+    report = compress(args.output_model, weights, solver, prune=args.prune or None, bits=args.bits or None,
+                      output=args.output, huffman=not args.no_huffman, init=args.init, prune_steps=args.prune_steps,
+                      retrain_iters=args.retrain_iters, quant_iters=args.quant_iters,
+                      index_bits=args.index_bits or None, centroid_grad=args.centroid_grad, int8=_int8_options(args))
+    accuracy = {f"low rank {k}": v for k, v in lowrank_report["accuracy"].items()}
+    accuracy.update({f"compressed {k}": v for k, v in report["accuracy"].items() if k != "original"})
+    original = lowrank_report["original_bytes"]
+    return {**report, "ratio": original / report["compressed_bytes"], "original_bytes": original,
+            "accuracy_before": lowrank_report["accuracy_before"], "accuracy": accuracy,
+            "stages": lowrank_report["stages"] + report.get("stages", [])}
 
 
 def _print_report(report, args):

@@ -153,3 +153,18 @@ def test_parameters_the_solver_does_not_train_keep_their_values():
     statistics = [blob for blob in solver.net.params["bn"]]
     assert [k for k, _ in fixed.trained()] == [0, 1, 5, 6]  # ip1's, ip2's; not bn's three
     assert not on_grid(statistics[0].data, 3, 5) and statistics[2].data[0] == 1  # the mean, its scale factor
+
+
+def test_a_snapshot_keeps_the_dynamic_formats_and_the_resumed_run_is_the_straight_one(tmp_path):
+    _, solver_path = example_files(tmp_path, "lenet", "lenet", max_iter=12)
+    text = (tmp_path / "solver.prototxt").read_text()
+    (tmp_path / "solver.prototxt").write_text(text.replace("snapshot: 5000", "snapshot: 6") + "random_seed: 5\n")
+    runs = []
+    for resume in (None, str(tmp_path / "lenet_iter_6.solverstate")):
+        solver = espresso.get_solver(solver_path)
+        fixed = FixedPoint(solver.net, 4, 12, "nearest", dynamic=True, interval=2).attach(solver)
+        solver.solve(resume)
+        runs.append((fixed.formats(), np.array(solver.net.arena_data)))
+    (straight, weights), (resumed, again) = runs
+    assert straight == resumed and len(set(straight.values())) > 1  # the formats moved, and came back
+    np.testing.assert_array_equal(again, weights)

@@ -150,7 +150,7 @@ def test_resume_cursor_reader(tmp_path):
                  image_data_param {{ {images} batch_size: 3 shuffle: true }} }}
         layer {{ name: "h" type: "HDF5Data" top: "data" top: "label" {hdf5} }}""", caffe_pb2.NetParameter()),
         espresso.TRAIN)
-    solver = types.SimpleNamespace(net=net, test_nets=[], root=True)
+    solver = types.SimpleNamespace(net=net, test_nets=[], root=True, extras={})
     net.forward()
     valid = resume.save_cursors(solver)
     rng = np.random.default_rng(10)

@@ -111,7 +111,19 @@ def test_compress_tucker_and_svd_end_to_end_on_lenet(tmp_path):
     written = read_text(tmp_path / "lr.prototxt", caffe_pb2.NetParameter())
     tuned = espresso.Net(written, espresso.TEST, weights=str(tmp_path / "lr.caffemodel"))
     assert tuned.params["conv2_core"][0].data.shape == (8, 6, 5, 5)
-    assert cli.main(common + ["--tucker", "conv2=8:6", "--prune", "*=0.5"]) == 1
+    # then Deep Compression and int8 of the decomposed net, in the same run
+    espz = str(tmp_path / "lr.espz")
+    assert cli.main([espz if a == str(tmp_path / "lr.caffemodel") else a for a in common] +
+                    ["--tucker", "conv2=8:6", "--svd", "ip1=20", "--retrain-iters", "10", "--prune", "*=0.5",
+                     "--bits", "*=5", "--prune-steps", "1", "--quant-iters", "10", "--int8",
+                     "--calibration-iters", "2"]) == 0
+    both = json.loads((tmp_path / "lr.json").read_text())
+    assert both["original_bytes"] == 431080 * 4 and both["ratio"] > 4 * report["ratio"]
+    assert {"low rank original", "low rank trained", "compressed deployed"} <= set(both["accuracy"])
+    assert [row["stage"] for row in both["stages"]][:2] == ["tucker", "svd"] and both["stages"][-1]["stage"] == "int8"
+    deployed = espresso.Net(written, espresso.TEST, weights=espz)
+    assert type(deployed.layer_dict["conv2_core"]).__name__ == "Int8Layer"
+    assert (tmp_path / "lr.lowrank.caffemodel").exists()
 
 
 def test_compress_hash_trains_a_hashednet_of_lenet_300_100(tmp_path):

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from espresso.cursor import CursorError
 from espresso.errors import EspressoError
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -174,7 +175,23 @@ class FixedPoint:
             self.round_weights()
 
         solver.apply_update = apply_update
+        solver.extras["fixed_point"] = (self.state, self.set_state)  # snapshots keep the formats
         return self
+
+    def state(self):
+        """Each tensor's format and overflow counts, as JSON values (for snapshots)."""
+        return [[list(key), t.fl, t.seen, t.over, t.over_finer, t.peak] for key, t in self.tensors.items()]
+
+    def set_state(self, entries):
+        """Take back what state() gave (a resumed run rounds as the straight run would)."""
+        try:
+            tensors = {}
+            for key, fl, seen, over, over_finer, peak in entries:
+                t = tensors[tuple(key)] = _Tensor(int(fl))
+                t.seen, t.over, t.over_finer, t.peak = int(seen), int(over), int(over_finer), float(peak)
+        except (TypeError, ValueError) as e:
+            raise CursorError(f"fixed_point: not the formats a snapshot saves ({e})") from None
+        self.tensors = tensors
 
     def watch(self, net):
         """Round `net`'s activations after each forward layer and its errors after each backward one."""

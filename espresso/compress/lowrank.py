@@ -184,8 +184,8 @@ def lowrank(model, weights, solver, tucker=None, svd=None, output="lowrank.caffe
             finetune_iters=1000, timing_batch=64):
     """Decompose the chosen layers of the solver's net (Tucker-2 / SVD), fine-tune it with the
     solver, write the new prototxt and weights; the report (accuracy before, after decomposing,
-    after fine-tuning; per layer: ranks, weights, multiply-adds and measured CPU time before and
-    after)."""
+    after fine-tuning; per layer: ranks, weights, multiply-adds and the measured time before and
+    after on the device it runs on, cpu_ms_* or gpu_ms_*)."""
     from espresso.compress.pipeline import retrain_rewritten
 
     found = {}
@@ -217,11 +217,12 @@ def _layer_row(net, new_param, new_weights, name, ranks, batch):
         view.data[...] = array.data
     before_ms, after_ms = (_forward_ms(n) for n in (before_net, after_net))
     macs = {"before": _macs(before_net, [lp]), "after": _macs(after_net, pieces)}
+    device = "cpu" if net.backend.name == "cpu" else "gpu"  # where the compress command runs (--gpu)
     return {"stage": "tucker" if lp.type == "Convolution" else "svd", "layer": name, "ranks": list(ranks),
             "weights_before": int(net.params[name][0].count),
             "weights_after": sum(int(np.prod(new_weights[p.name][0].shape)) for p in pieces),
-            "macs_before": macs["before"], "macs_after": macs["after"], "cpu_ms_before": before_ms,
-            "cpu_ms_after": after_ms, "speedup": before_ms / after_ms, "timing_batch": batch}
+            "macs_before": macs["before"], "macs_after": macs["after"], f"{device}_ms_before": before_ms,
+            f"{device}_ms_after": after_ms, "speedup": before_ms / after_ms, "timing_batch": batch}
 
 
 def _macs(net, layers):
@@ -246,9 +247,11 @@ def _forward_ms(net, repeats=7):
     import time
 
     net.run_forward()
+    net.backend.synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         net.run_forward()
+        net.backend.synchronize()  # (a GPU's work is queued: its time is the wait's too)
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))

@@ -1,9 +1,11 @@
 """What a snapshot saves beyond Caffe's SolverState so that a resumed run goes on as if it had
-never stopped: every data layer's cursor (train and test nets) and the states of the host and
-device random generators.  Caffe restarts each database from its first record on resume, so the
-first batches after it differ from a straight run's; with this, N iterations straight and N/2,
-snapshot, restore, N/2 give the same weights bit for bit (on the CPU; a GPU's generator is not
-saved, and its sums may be ordered differently run to run).
+never stopped: every data layer's cursor (train and test nets), the states of the host and
+device random generators, and the solver's `extras` (state of what trains with it, such as the
+formats of fixed-point training: {name: (save() -> JSON values, restore(values))}).  Caffe
+restarts each database from its first record on resume, so the first batches after it differ
+from a straight run's; with this, N iterations straight and N/2, snapshot, restore, N/2 give
+the same weights bit for bit (on the CPU; a GPU's generator is not saved, and its sums may be
+ordered differently run to run).
 
 Stored as JSON (no code can come from a file) in SolverState field 1000 `espresso_resume`, or in
 a .solverstate.h5 as the dataset of that name: real Caffe skips both and reads the file as ever.
@@ -25,7 +27,8 @@ def save_cursors(solver):
     state = {"version": VERSION,
              "host_rng": saved.generator_state(host_rng()),
              "device_rng": solver.net.backend.rng_state(),
-             "cursors": [net.data_cursors() for net in _nets(solver)]}
+             "cursors": [net.data_cursors() for net in _nets(solver)],
+             "extras": {name: save() for name, (save, _) in solver.extras.items()}}
     return json.dumps(state, separators=(",", ":"), default=_plain).encode()
 
 
@@ -45,6 +48,10 @@ def restore_cursors(solver, payload, path):
             for layer in net.engine_layers:
                 if layer.name in net_cursors:
                     _seek(layer, net_cursors[layer.name])
+        extras = saved.mapping(state.get("extras", {}), "extras")
+        for name, (_, restore) in solver.extras.items():
+            if name in extras:  # (a snapshot without it: the extra starts afresh)
+                restore(extras[name])
         if not solver.root:  # its generators stay its own (seeded by rank): the states saved are rank 0's
             return
         saved.set_generator(host_rng(), state.get("host_rng"), "host_rng")

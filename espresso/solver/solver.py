@@ -93,6 +93,7 @@ class Solver:
         self._callbacks, self._action = [], None
         self._loop, self._eager_logged = None, None
         self.observers = []  # f(event) for "display" and "test": progress bars, curves
+        self.extras = {}  # what snapshots also save and restore (espresso/solver/resume.py)
 
     @property
     def type(self):
