@@ -183,6 +183,21 @@ def test_shared_params_are_one_blob_in_the_arena():
     numeric_gradient_check(net, w1)  # the shared diff holds the sum of both uses
 
 
+def test_a_test_net_holds_no_diff_arena_yet_backward_makes_its_param_diffs():
+    """Inference holds no parameter gradients; a TEST net's backward (pycaffe's saliency maps)
+    still sums shared params' gradients in one diff."""
+    net = net_from(SHARED, dtype=np.float64, phase=caffe.TEST)
+    assert net.arena_diff is None
+    w1, w2 = net.params["ip1"][0], net.params["ip2"][0]
+    rng = np.random.default_rng(0)
+    net.blobs["x"].data[...] = rng.standard_normal((4, 3))
+    net.blobs["y"].data[...] = rng.standard_normal((4, 2))
+    numeric_gradient_check(net, w1)
+    assert np.shares_memory(w1.diff, w2.diff) and np.abs(w1.diff).max() > 0
+    net.clear_param_diffs()
+    assert not np.abs(w1.diff).any()
+
+
 def test_shared_param_shape_mismatch_is_refused():
     text = INPUT + ip("ip1", "x", "p", 2, 'param { name: "w" }') + ip("ip2", "x", "q", 3, 'param { name: "w" }')
     with pytest.raises(ShapeError, match="cannot share param 'w'"):

@@ -318,7 +318,7 @@ class _BaseConvolution(Layer):
             directions = ["BackwardFilter"] * self._want_params()[0] + [to_image] * any(args[1])
             cudnn, gemm = self._cudnn_backward, self._gemm_backward
         for direction in directions:
-            options = self.plan.candidates[direction]
+            options = self.plan.options(direction)
             times = [self._time(self._with_algo, direction, option, cudnn, args) for option in options]
             self.plan.algo[direction] = options[times.index(min(times))]
         engines = {"cudnn": cudnn} | ({"gemm": gemm} if self.core else {})
@@ -351,7 +351,7 @@ class _BaseConvolution(Layer):
     def _cudnn_backward(self, top, propagate_down, bottom):
         plan, weights = self.plan, self.blobs[0].data
         want_weights, want_bias = self._want_params()
-        workspace = plan.algo["BackwardFilter"][1] if want_weights else 0
+        workspace = plan.chosen("BackwardFilter")[1] if want_weights else 0
         for i, (t, b) in enumerate(zip(top, bottom)):
             with self.backend.aside(workspace):  # param grads: the rest of the pass does not wait for them
                 if want_weights:

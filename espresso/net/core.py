@@ -71,13 +71,17 @@ class Net(PycaffeNet):
                                for layer in self.engine_layers]
 
     def _bind_arena(self, params):
+        """One data arena; a diff arena for TRAIN nets only (a solver updates from it): a TEST
+        net's param diffs are made blob by blob if a backward pass ever asks (Caffe allocates
+        diffs on first use), not held for inference."""
         xp, total = self.backend.xp, sum(b.count for b in params)
-        data, diff = xp.zeros(total, self.dtype), xp.zeros(total, self.dtype)
+        data = xp.zeros(total, self.dtype)
+        diff = xp.zeros(total, self.dtype) if self.phase == TRAIN else None
         offset = 0
         for blob in params:
             n = blob.count
             data[offset:offset + n] = blob.data.ravel()
-            blob.bind(data[offset:offset + n], diff[offset:offset + n])
+            blob.bind(data[offset:offset + n], None if diff is None else diff[offset:offset + n])
             offset += n
         self.arena_data, self.arena_diff = data, diff
 
@@ -225,7 +229,11 @@ class Net(PycaffeNet):
 
     def clear_param_diffs(self):
         self.sync()
-        self.arena_diff[...] = 0
+        if self.arena_diff is not None:
+            self.arena_diff[...] = 0
+            return
+        for blob in self.learnable_params:  # a TEST net's, made on first use (blob.diff)
+            blob.diff[...] = 0
 
     def sync(self):
         """Write host-side changes made through pycaffe's views (of this net or any other on

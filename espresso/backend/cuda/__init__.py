@@ -60,7 +60,7 @@ class CUDABackend(Backend):
         self.stream, self.side = cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)  # host-to-device batches (Uploader)
         self.stream.use()
-        self.blas, self.side_blas = Blas(cupy, self.stream), Blas(cupy, self.side)
+        self.blas, self._side_blas = Blas(cupy, self.stream), None
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
         self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
@@ -72,11 +72,22 @@ class CUDABackend(Backend):
         self.rng = cupy.random.default_rng()
         self._graph_pools, self._peak = [], 0
 
+    @property
+    def side_blas(self):
+        """The side stream's cuBLAS handle, with a workspace of its own (32 MiB): made when a
+        backward pass first puts work aside (in the eager run before a capture), never for
+        inference."""
+        if self._side_blas is None:
+            self._side_blas = Blas(self.xp, self.side)
+            self._side_blas.set_tf32(self.blas.tf32)
+        return self._side_blas
+
     def set_tf32(self, allow):
         """Let float32 GEMMs and convolutions use TF32 tensor cores (faster, 10-bit mantissa
         products), or not.  Graphs captured before are void (they hold the old kernels)."""
         self.blas.set_tf32(allow)
-        self.side_blas.set_tf32(allow)
+        if self._side_blas is not None:
+            self._side_blas.set_tf32(allow)
         if self.cudnn:
             self.cudnn.set_tf32(allow)
         graphs.invalidate(self)

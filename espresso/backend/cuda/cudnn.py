@@ -132,22 +132,30 @@ class Convolution:
         self.configure()
 
     def configure(self):
-        """Set the math type and list the candidate algorithms for it; the first (the
-        heuristics' favourite) is used until the layer has timed them."""
+        """Set the math type; each direction's candidate algorithms are listed again when next
+        used (options), the first (the heuristics' favourite) used until the layer has timed them."""
         tensor_cores = self.cudnn.tf32 or self.half
         self.cudnn.call("cudnnSetConvolutionMathType", self.conv, TENSOR_OP_MATH if tensor_cores else FMA_MATH)
-        image, data = self.tensor["image"], self.tensor["data"]
-        if self.half:  # inference only
-            self.candidates = {"Forward": self._candidates("Forward", image, self.weights, self.conv, data)}
-            self.algo = {"Forward": self.candidates["Forward"][0]}
-            self.cudnn.grow_workspace(self.algo["Forward"][1])
-            return
-        self.candidates = {"Forward": self._candidates("Forward", image, self.weights, self.conv, data),
-                           "BackwardData": self._candidates("BackwardData", self.weights, data, self.conv, image),
-                           "BackwardFilter": self._candidates("BackwardFilter", image, data, self.conv,
-                                                              self.weights)}
-        self.algo = {which: options[0] for which, options in self.candidates.items()}
-        self.cudnn.grow_workspace(max(size for options in self.candidates.values() for _, size in options))
+        self.candidates, self.algo = {}, {}
+
+    def options(self, which):
+        """[(algorithm, workspace bytes)] of direction `which` ("Forward", "BackwardData",
+        "BackwardFilter"), listed on first use, the workspace grown to hold them all: an
+        inference net's convolutions never size it for the backward directions."""
+        if which not in self.candidates:
+            image, data = self.tensor["image"], self.tensor["data"]
+            operands = {"Forward": (image, self.weights, self.conv, data),
+                        "BackwardData": (self.weights, data, self.conv, image),
+                        "BackwardFilter": (image, data, self.conv, self.weights)}[which]
+            self.candidates[which] = self._candidates(which, *operands)
+            self.algo[which] = self.candidates[which][0]
+            self.cudnn.grow_workspace(max(size for _, size in self.candidates[which]))
+        return self.candidates[which]
+
+    def chosen(self, which):
+        """(algorithm, workspace bytes) that direction `which` runs with."""
+        self.options(which)
+        return self.algo[which]
 
     def _descriptor(self, kind):
         desc = ctypes.c_void_p()
@@ -174,7 +182,7 @@ class Convolution:
         return list(options.items())
 
     def _run(self, which, operands, out, accumulate):
-        c, (algo, size) = self.cudnn, self.algo[which]
+        c, (algo, size) = self.cudnn, self.chosen(which)
         alpha, beta = self.scalar(1), self.scalar(1 if accumulate else 0)
         c.call(f"cudnnConvolution{which}", c.handle, ctypes.byref(alpha), *operands, self.conv, algo,
                _ptr(c.workspace), ctypes.c_size_t(size), ctypes.byref(beta), *out)
