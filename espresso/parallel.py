@@ -13,11 +13,12 @@ or from Python, in a script that mpiexec starts:
 
 MPI (mpi4py; `pip install espresso-nn[mpi]` brings MPICH, whose mpiexec needs no system step)
 starts and connects the processes, on one machine or many.  On the CPU the gradients are summed
-by MPI_Allreduce over the flat gradient arena, in buckets of BUCKET_BYTES, after the backward
-pass; on GPUs by NCCL (through CuPy) on the backend's stream, inside the iteration's CUDA graph,
-one GPU per rank (rank i of a machine takes its GPU i), the NCCL id broadcast through MPI.  The
-sum is scaled by 1/N, as Caffe's NCCL does: with each rank's loss normalized by its own batch,
-the update is the one of a single solver on the combined batch of batch x N.
+by MPI_Allreduce over the flat gradient arena, in buckets of BUCKET_BYTES, each started as
+soon as the backward pass has finished it (iter_size 1); on GPUs by NCCL (through CuPy) on the
+backend's stream after the backward pass, inside the iteration's CUDA graph, one GPU per rank
+(rank i of a machine takes its GPU i), the NCCL id broadcast through MPI.  The sum is scaled
+by 1/N, as Caffe's NCCL does: with each rank's loss normalized by its own batch, the update is
+the one of a single solver on the combined batch of batch x N.
 
 Caffe's rules: rank r's random seed is random_seed + r (the weights are then broadcast from rank
 0); a TRAIN-phase Data or HDF5Data layer keeps record r of every N (the combined batch is N
@@ -86,7 +87,7 @@ class Group:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.timeout = float(os.environ.get("ESPRESSO_MPI_TIMEOUT", 600))
-        self.nccl, self.solver = None, None
+        self.nccl, self.solver, self.buckets = None, None, None
 
     def attach(self, solver):
         """Make `solver` one of the group's: the same net, solver and Espresso everywhere (else an
@@ -99,6 +100,8 @@ class Group:
         net = solver.net
         if not net.backend.host_arrays:
             self.nccl = _Nccl(self, net.backend)
+        elif solver.param.iter_size == 1:  # (with several passes, only the last one's gradients are final)
+            self.buckets = _Buckets(self, net)
         self.broadcast(net.arena_data)  # the solver averages the gradients before each update (share_gradients)
         places = self.comm.allgather((os.getpid(), socket.gethostname()))  # mpiexec names a dead rank by pid
         log.info("Data-parallel training: rank %d of %d, effective batch = batch x %d; ranks: %s", self.rank,
@@ -128,6 +131,8 @@ class Group:
         """flat = the mean over ranks of flat (each rank's), in place: summed in buckets, scaled by 1/N."""
         if self.nccl is not None:
             self.nccl.all_reduce(flat)
+        elif self.buckets is not None and flat is self.buckets.flat:
+            self.buckets.finish()
         else:
             MPI, step = _mpi(), max(1, BUCKET_BYTES // flat.itemsize)
             for start in range(0, flat.size, step):
@@ -148,6 +153,49 @@ class Group:
                           "the job", self.rank, self.timeout)
                 self.comm.Abort(1)
             time.sleep(0)
+
+
+class _Buckets:
+    """A CPU rank's gradient arena cut at parameter boundaries into runs of about BUCKET_BYTES,
+    each all-reduced (MPI_Iallreduce) as soon as the backward pass has gone below every layer
+    using it (the last layers' gradients are final first), while the pass goes on; MPI is given
+    a turn after each layer (MPICH makes no progress of its own), and the update waits for all."""
+
+    def __init__(self, group, net):
+        self.group, self.flat = group, net.arena_diff
+        base, item = self.flat.__array_interface__["data"][0], self.flat.itemsize
+        params = {}  # arena start -> (end, the lowest layer using it)
+        for i, layer in enumerate(net.engine_layers):
+            for blob in layer.blobs:
+                start = (blob.diff.__array_interface__["data"][0] - base) // item
+                end, first = params.get(start, (start + blob.count, i))
+                params[start] = (end, min(first, i))
+        self.runs, run = [], None  # [start, end, ready after layer i's backward]
+        for start in sorted(params, reverse=True):
+            end, first = params[start]
+            if run is None or (run[1] - run[0]) * item >= BUCKET_BYTES:
+                run = [start, end, first]
+                self.runs.append(run)
+            run[0], run[2] = start, min(run[2], first)
+        self.pending = {}
+        net.after_backward(self.layer_done)
+
+    def layer_done(self, i):
+        MPI = _mpi()
+        for k, (start, end, ready) in enumerate(self.runs):
+            if ready == i and k not in self.pending:
+                self.pending[k] = self.group.comm.Iallreduce(MPI.IN_PLACE, self.flat[start:end], op=MPI.SUM)
+        for request in self.pending.values():
+            request.Test()
+
+    def finish(self):
+        """Start what a backward pass did not reach, wait for all (the update's gradients)."""
+        for k in range(len(self.runs)):
+            if k not in self.pending:
+                self.layer_done(self.runs[k][2])
+        for request in self.pending.values():
+            self.group._wait(request)
+        self.pending = {}
 
 
 class _Nccl:

@@ -218,3 +218,25 @@ def test_a_gpu_rank_all_reduces_over_nccl_inside_the_graph_and_trains_as_one_gpu
     finally:
         espresso.set_mode_cpu()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_cpu_buckets_cover_the_arena_and_start_while_backward_goes_on(tmp_path, monkeypatch):
+    """The gradient arena in contiguous runs, each all-reduced as soon as the backward pass has
+    gone below every layer using it (here over MPI's COMM_SELF: a sum over one rank)."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    monkeypatch.setattr(espresso.parallel, "BUCKET_BYTES", 40000)
+    solver_path, _ = _solver(tmp_path, "buckets", 16, 1, 0)
+    net = espresso.get_solver(solver_path).net
+    buckets = espresso.parallel._Buckets(espresso.parallel.Group(MPI.COMM_SELF), net)
+    names = list(net.layer_dict)
+    # from the end: ip2 (20 kB) joins ip1 (1.6 MB); conv2 (100 kB); conv1; each ready below its lowest layer
+    assert sorted(buckets.runs) == [[0, 520, names.index("conv1")], [520, 25570, names.index("conv2")],
+                                    [25570, net.arena_diff.size, names.index("ip1")]]
+    runs = buckets.runs
+    started = []
+    net.after_backward(lambda i: started.append(len(buckets.pending)))
+    net.forward_backward()
+    assert started == sorted(started) and 0 < started[len(started) // 2] < len(runs) == started[-1]
+    gradients = net.arena_diff.copy()
+    buckets.finish()
+    np.testing.assert_array_equal(net.arena_diff, gradients)
