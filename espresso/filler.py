@@ -1,4 +1,6 @@
-"""Caffe's weight fillers, by name.  Filling happens on the host; the blob then takes the values.
+"""Caffe's weight fillers, by name.  Filling happens on the host; the blob then takes the values,
+a large blob row block by row block (values drawn one after the other, so the same as in one
+draw): VGG-16's fc6 (103 M weights) drawn whole took 1.2 GB of float64 and float32 temporaries.
 
 fan_in = count / shape[0] and fan_out = count / shape[1], as in Caffe's filler.hpp, so a
 convolution weight (num_output, C, kh, kw) has fan_in = C*kh*kw.
@@ -23,16 +25,19 @@ def _fan(shape, variance_norm, norm_enum):
     return fan_in
 
 
-def _constant(p, shape, rng):
-    return np.full(shape, p.value)
+CHUNK = 1 << 22  # values drawn at a time (32 MB of float64)
 
 
-def _uniform(p, shape, rng):
-    return rng.uniform(p.min, p.max, shape)
+def _constant(p, shape, rng, rows=None):
+    return np.full(_drawn(shape, rows), p.value)
 
 
-def _gaussian(p, shape, rng):
-    values = rng.normal(p.mean, p.std, shape)
+def _uniform(p, shape, rng, rows=None):
+    return rng.uniform(p.min, p.max, _drawn(shape, rows))
+
+
+def _gaussian(p, shape, rng, rows=None):
+    values = rng.normal(p.mean, p.std, _drawn(shape, rows))
     if p.sparse >= 0:
         if len(shape) < 1:
             raise LayerParamError("sparse gaussian filler needs a blob with at least one axis")
@@ -41,21 +46,26 @@ def _gaussian(p, shape, rng):
     return values
 
 
-def _positive_unitball(p, shape, rng):
-    values = rng.random(shape)
-    rows = values.reshape(shape[0], -1)
-    rows /= rows.sum(axis=1, keepdims=True)
+def _positive_unitball(p, shape, rng, rows=None):
+    values = rng.random(_drawn(shape, rows))
+    unit = values.reshape(len(values), -1)
+    unit /= unit.sum(axis=1, keepdims=True)
     return values
 
 
-def _xavier(p, shape, rng):
+def _xavier(p, shape, rng, rows=None):
     scale = math.sqrt(3.0 / _fan(shape, p.variance_norm, type(p).VarianceNorm))
-    return rng.uniform(-scale, scale, shape)
+    return rng.uniform(-scale, scale, _drawn(shape, rows))
 
 
-def _msra(p, shape, rng):
+def _msra(p, shape, rng, rows=None):
     std = math.sqrt(2.0 / _fan(shape, p.variance_norm, type(p).VarianceNorm))
-    return rng.normal(0.0, std, shape)
+    return rng.normal(0.0, std, _drawn(shape, rows))
+
+
+def _drawn(shape, rows):
+    """The shape of one draw: the blob's, or `rows` of its first axis."""
+    return shape if rows is None else (rows,) + tuple(shape[1:])
 
 
 def _bilinear(p, shape, rng):
@@ -69,6 +79,7 @@ def _bilinear(p, shape, rng):
     return np.broadcast_to(kernel, shape).copy()
 
 
+_BY_ROWS = {_constant, _uniform, _positive_unitball, _xavier, _msra}  # (and gaussian without sparse)
 FILLERS = {
     "constant": _constant,
     "uniform": _uniform,
@@ -87,5 +98,12 @@ def fill(blob, filler_param, rng=None):
         raise LayerParamError(
             f"unknown filler type '{filler_param.type}' (known: {', '.join(FILLERS)})"
         )
-    values = make(filler_param, blob.shape, rng or host_rng())
-    blob.data[...] = blob.backend.to_device(values, blob.dtype)
+    rng, shape = rng or host_rng(), tuple(blob.shape)
+    by_rows = make in _BY_ROWS or (make is _gaussian and filler_param.sparse < 0)
+    if not by_rows or len(shape) < 2 or math.prod(shape) <= CHUNK:
+        blob.data[...] = blob.backend.to_device(make(filler_param, shape, rng), blob.dtype)
+        return
+    step = max(1, CHUNK // math.prod(shape[1:]))
+    for start in range(0, shape[0], step):
+        rows = min(step, shape[0] - start)
+        blob.data[start:start + rows] = blob.backend.to_device(make(filler_param, shape, rng, rows), blob.dtype)

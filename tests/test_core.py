@@ -158,3 +158,18 @@ def test_blas_threads_follow_the_setting(monkeypatch):
         assert cpu.blas_threads() == 1 and backend.get("cpu").describe()["BLAS threads"] == 1
     finally:
         caffe.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["xavier", "msra", "gaussian", "uniform", "positive_unitball", "constant"])
+def test_a_large_blob_is_filled_row_block_by_row_block_with_the_values_of_one_draw(monkeypatch, kind):
+    import espresso.filler
+
+    p = caffe_pb2.FillerParameter(type=kind, std=0.3, min=-1, max=2, value=0.5)
+    filled = []
+    for chunk in (1 << 22, 1000):  # one draw; blocks of 111 rows
+        monkeypatch.setattr(espresso.filler, "CHUNK", chunk)
+        blob = Blob((300, 7, 3, 3))
+        fill(blob, p, np.random.default_rng(3))
+        filled.append(np.array(blob.data))
+    np.testing.assert_array_equal(filled[0], filled[1])
+    assert np.abs(filled[0]).sum() > 0

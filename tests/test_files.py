@@ -689,3 +689,22 @@ def test_an_endless_device_is_refused_by_every_reader(read):
                "hdf5": _open_hdf5}
     with pytest.raises((ModelFileError, DatasetError), match="/dev/zero: not a regular file"):
         readers[read]("/dev/zero")
+
+
+def test_a_large_blob_is_copied_in_row_blocks_whose_file_pages_are_released(tmp_path, monkeypatch, rng):
+    """The loader copies a blob over COPY_BYTES in row blocks (releasing each block's mapped
+    pages): the values are those of one copy, rows of any size and a last partial block alike."""
+    import espresso
+    import espresso.net.files as files
+
+    text = """layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 7 } } }
+              layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 37 } }"""
+    param = parse_text(text, caffe_pb2.NetParameter())
+    net = espresso.Net(param, espresso.TEST)
+    net.params["ip"][0].data[...] = rng.standard_normal((37, 7))
+    net.params["ip"][1].data[...] = rng.standard_normal(37)
+    net.save(str(tmp_path / "w.caffemodel"))
+    monkeypatch.setattr(files, "COPY_BYTES", 100)  # 3 rows of 7 float32 a block
+    loaded = espresso.Net(param, espresso.TEST, weights=str(tmp_path / "w.caffemodel"))
+    for mine, theirs in zip(loaded.params["ip"], net.params["ip"]):
+        np.testing.assert_array_equal(mine.data, theirs.data)

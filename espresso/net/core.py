@@ -1,15 +1,15 @@
 """Net: a DAG of layers built from a NetParameter (espresso/net/build.py), and the engine that
 runs it on the net's backend.
 
-Every learnable param is a view of one flat data buffer and one flat diff buffer, the arena
-(DESIGN rule 2).  Two levels of entry points run the net:
+Every learnable param of a TRAIN net is a view of one flat data buffer and one flat diff buffer,
+the arena (DESIGN rule 2); a TEST net's params keep their own buffers.  Two levels of entry points run the net:
 - pycaffe's (espresso/net/pycaffe.py): forward / backward by blob name, forward_all,
   forward_backward_all, with host (NumPy) values, plus Caffe's forward_backward();
 - the engine's, on device values: run_forward(start, end, sums) (a CUDA graph replay where the
   backend and layers allow) and backward_range(start, end); forward_layers(start, end) is the
   eager layer loop that graphs capture.
 Add-ons come in through `replace_layer` (a stand-in for a built layer, e.g. one running
-compressed weights) and `release_params` (the arena without params held in another form);
+compressed weights) and `release_params` (dropping params held in another form);
 weight-file formats through espresso.net.files.register_format.
 """
 
@@ -58,9 +58,13 @@ class Net(PycaffeNet):
 
     # *** the parameter arena ***
     def _make_arena(self):
-        """Make every learnable param a view of the arena, and every shared param a view of its
-        owner."""
-        self._bind_arena(self.learnable_params)
+        """A TRAIN net's learnable params become views of the arena (one data and one diff
+        buffer, which the solver updates in one pass); a TEST net's keep their own buffers (no
+        solver updates them: building it copies nothing, and holds no diffs until a backward
+        asks, as Caffe allocates on first use).  Shared params become views of their owner."""
+        self.arena_data = self.arena_diff = None
+        if self.phase == TRAIN:
+            self._bind_arena(self.learnable_params)
         for layer in self.engine_layers:
             for blob in layer.blobs:
                 owner = self._owner(blob)
@@ -71,17 +75,13 @@ class Net(PycaffeNet):
                                for layer in self.engine_layers]
 
     def _bind_arena(self, params):
-        """One data arena; a diff arena for TRAIN nets only (a solver updates from it): a TEST
-        net's param diffs are made blob by blob if a backward pass ever asks (Caffe allocates
-        diffs on first use), not held for inference."""
         xp, total = self.backend.xp, sum(b.count for b in params)
-        data = xp.zeros(total, self.dtype)
-        diff = xp.zeros(total, self.dtype) if self.phase == TRAIN else None
+        data, diff = xp.zeros(total, self.dtype), xp.zeros(total, self.dtype)
         offset = 0
         for blob in params:
             n = blob.count
             data[offset:offset + n] = blob.data.ravel()
-            blob.bind(data[offset:offset + n], None if diff is None else diff[offset:offset + n])
+            blob.bind(data[offset:offset + n], diff[offset:offset + n])
             offset += n
         self.arena_data, self.arena_diff = data, diff
 
@@ -89,14 +89,15 @@ class Net(PycaffeNet):
         return self.learnable_params[self._param_owner_of[id(blob)]]
 
     def release_params(self, blobs):
-        """Rebuild the arena without these learnable params, for an add-on that holds them in
-        another form (compressed layers, in TEST nets): their blobs keep their shapes and hold
-        no memory.  Nets sharing params keep the arena (False), as a dropped param may be
-        another layer's too."""
+        """Drop these learnable params (and rebuild the arena without them, if the net has one),
+        for an add-on that holds them in another form (compressed layers, in TEST nets): their
+        blobs keep their shapes and hold no memory.  Nets sharing params keep them (False), as a
+        dropped param may be another layer's too."""
         if any(self._shares_params):
             return False
         gone = {id(b) for b in blobs}
-        self._bind_arena([b for b in self.learnable_params if id(b) not in gone])
+        if self.arena_data is not None:
+            self._bind_arena([b for b in self.learnable_params if id(b) not in gone])
         for blob in blobs:
             blob.release()
         return True
