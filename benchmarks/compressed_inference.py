@@ -22,7 +22,7 @@ import numpy as np
 
 import espresso
 from espresso.compress.model_file import to_caffemodel
-from espresso.compress.runtime import CompressedLayer
+from espresso.compress.runtime import CompressedBlob, CompressedLayer
 
 MLP = """name: "LeNet-300-100"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 28 dim: 28 } } }
@@ -44,7 +44,9 @@ def build(proto, weights):
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     compressed = [layer for layer in net.layers if isinstance(layer, CompressedLayer)]
-    weight_bytes = net.arena_data.nbytes + sum(layer.nbytes for layer in compressed)
+    blobs = [blob for layer in net.layers for blob in layer.blobs if not isinstance(blob, CompressedBlob)]
+    dense = sum(blob.data.nbytes for blob in blobs)  # the params left dense (biases)
+    weight_bytes = dense + sum(layer.nbytes for layer in compressed)
     return net, held, weight_bytes
 
 
