@@ -20,11 +20,13 @@ backend's stream after the backward pass, inside the iteration's CUDA graph, one
 by 1/N, as Caffe's NCCL does: with each rank's loss normalized by its own batch, the update is
 the one of a single solver on the combined batch of batch x N.
 
-Caffe's rules: rank r's random seed is random_seed + r (the weights are then broadcast from rank
-0); a TRAIN-phase Data or HDF5Data layer keeps record r of every N (the combined batch is N
-consecutive runs of `batch_size` records, interleaved); rank 0 alone tests, logs, snapshots and
-plots.  A stop or snapshot request is rank 0's, broadcast at each iteration's end.  All ranks
-read the resumed snapshot (it must be on every machine); the data position saved is the combined
+Caffe's rules: every rank builds its nets from one random seed (random_seed, else rank 0's),
+so the data layers shuffle, skip and crop alike, then takes rank 0's weights and goes on with
+random_seed + r (Caffe's seed for rank r: dropout differs by rank); a TRAIN-phase Data or
+HDF5Data layer keeps record r of every N (the combined batch is N consecutive runs of
+`batch_size` records, interleaved); rank 0 alone tests, logs, snapshots and plots.  A stop or
+snapshot request is rank 0's, broadcast at each iteration's end.  All ranks read the resumed
+snapshot (it must be on every machine); the data position saved is the combined
 one, so a snapshot resumes on any number of ranks.
 
 Failures: a rank that dies ends the job (mpiexec kills the others and names the dead process's
@@ -37,6 +39,7 @@ start-up with an error naming them.
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import time
 
@@ -70,10 +73,13 @@ def _mpi():
 
 def start(comm=None):
     """The Group of this process in `comm` (MPI's world by default), set as the runtime's solver
-    rank and count, so that solvers built after it seed by rank and their data layers shard."""
+    rank and count (so that data layers built after it shard), with rank 0's random seed on every
+    rank: the nets are built alike, down to their data layers' shuffles, skips and crops."""
     group = Group(comm if comm is not None else _mpi().COMM_WORLD)
     runtime.set_solver_count(group.size)
     runtime.set_solver_rank(group.rank)
+    group.seed = group.agree(int(np.random.SeedSequence().entropy % (1 << 62)) if group.rank == 0 else None)
+    runtime.set_random_seed(group.seed)
     return group
 
 
@@ -87,7 +93,7 @@ class Group:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.timeout = float(os.environ.get("ESPRESSO_MPI_TIMEOUT", 600))
-        self.nccl, self.solver, self.buckets = None, None, None
+        self.nccl, self.solver, self.buckets, self.seed = None, None, None, 0
 
     def attach(self, solver):
         """Make `solver` one of the group's: the same net, solver and Espresso everywhere (else an
@@ -101,8 +107,11 @@ class Group:
         if not net.backend.host_arrays:
             self.nccl = _Nccl(self, net.backend)
         elif solver.param.iter_size == 1:  # (with several passes, only the last one's gradients are final)
-            self.buckets = _Buckets(self, net)
+            self.buckets = _Buckets(self, solver)
         self.broadcast(net.arena_data)  # the solver averages the gradients before each update (share_gradients)
+        if self.rank:  # its own random stream from here (dropout), as Caffe's random_seed + rank (rank 0 goes on)
+            runtime.set_random_seed((solver.param.random_seed if solver.param.random_seed >= 0 else self.seed)
+                                    + self.rank)
         places = self.comm.allgather((os.getpid(), socket.gethostname()))  # mpiexec names a dead rank by pid
         log.info("Data-parallel training: rank %d of %d, effective batch = batch x %d; ranks: %s", self.rank,
                  self.size, self.size, ", ".join(f"{r} = pid {pid} on {host}" for r, (pid, host) in enumerate(places)))
@@ -125,7 +134,7 @@ class Group:
         if self.nccl is not None:
             self.nccl.broadcast(array)
         else:
-            self._wait(self.comm.Ibcast(array, root=0))
+            self._wait(_tested(self.comm.Ibcast(array, root=0)))
 
     def average(self, flat):
         """flat = the mean over ranks of flat (each rank's), in place: summed in buckets, scaled by 1/N."""
@@ -136,33 +145,49 @@ class Group:
         else:
             MPI, step = _mpi(), max(1, BUCKET_BYTES // flat.itemsize)
             for start in range(0, flat.size, step):
-                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, flat[start:start + step], op=MPI.SUM))
+                self._wait(_tested(self.comm.Iallreduce(MPI.IN_PLACE, flat[start:start + step], op=MPI.SUM)))
         flat *= flat.dtype.type(1.0 / self.size)
 
     def agree(self, value):
-        """Rank 0's `value`, on every rank."""
-        return self.comm.bcast(value, root=0)
+        """Rank 0's `value` (a small Python object, pickled: the ranks are one job), on every rank."""
+        data = pickle.dumps(value) if self.rank == 0 else b""
+        size = np.array([len(data)], np.int64)
+        self._wait(_tested(self.comm.Ibcast(size, root=0)))
+        buffer = np.frombuffer(data, np.uint8).copy() if self.rank == 0 else np.empty(int(size[0]), np.uint8)
+        self._wait(_tested(self.comm.Ibcast(buffer, root=0)))
+        return pickle.loads(buffer.tobytes())
 
-    def _wait(self, request):
-        """Wait for a collective; past the timeout, abort the whole job (a rank that stopped
-        answering would otherwise hang the others forever)."""
+    def _wait(self, test):
+        """The value of a collective once test() -> (done, value) says it is done; past the
+        timeout, abort the whole job (a rank that stopped answering, or whose error left the
+        others waiting, would otherwise hang them forever)."""
         deadline = time.monotonic() + self.timeout
-        while not request.Test():
+        done, value = test()
+        while not done:
             if time.monotonic() > deadline:
                 log.error("rank %d: no answer from the other ranks for %g s (ESPRESSO_MPI_TIMEOUT); aborting "
                           "the job", self.rank, self.timeout)
                 self.comm.Abort(1)
             time.sleep(0)
+            done, value = test()
+        return value
+
+
+def _tested(request):
+    """Group._wait's test() for an MPI request on a buffer."""
+    return lambda: (request.Test(), None)
 
 
 class _Buckets:
     """A CPU rank's gradient arena cut at parameter boundaries into runs of about BUCKET_BYTES,
     each all-reduced (MPI_Iallreduce) as soon as the backward pass has gone below every layer
     using it (the last layers' gradients are final first), while the pass goes on; MPI is given
-    a turn after each layer (MPICH makes no progress of its own), and the update waits for all."""
+    a turn after each layer (MPICH makes no progress of its own), and the update waits for all.
+    A solver with pycaffe callbacks (fixed point rounds the gradients in one) sums after them."""
 
-    def __init__(self, group, net):
-        self.group, self.flat = group, net.arena_diff
+    def __init__(self, group, solver):
+        net = solver.net
+        self.group, self.solver, self.flat = group, solver, net.arena_diff
         base, item = self.flat.__array_interface__["data"][0], self.flat.itemsize
         params = {}  # arena start -> (end, the lowest layer using it)
         for i, layer in enumerate(net.engine_layers):
@@ -180,7 +205,9 @@ class _Buckets:
         self.pending = {}
         net.after_backward(self.layer_done)
 
-    def layer_done(self, i):
+    def layer_done(self, i, deferred=False):
+        if self.solver._callbacks and not deferred:  # they may write the gradients: sum after them
+            return
         MPI = _mpi()
         for k, (start, end, ready) in enumerate(self.runs):
             if ready == i and k not in self.pending:
@@ -192,9 +219,9 @@ class _Buckets:
         """Start what a backward pass did not reach, wait for all (the update's gradients)."""
         for k in range(len(self.runs)):
             if k not in self.pending:
-                self.layer_done(self.runs[k][2])
+                self.layer_done(self.runs[k][2], deferred=True)
         for request in self.pending.values():
-            self.group._wait(request)
+            self.group._wait(_tested(request))
         self.pending = {}
 
 

@@ -160,12 +160,14 @@ def _data_net(tmp_path, transform=""):
 
 
 def _combined_batches(text, ranks, batches=5):
-    """What ranks 0..ranks-1 read in `batches` forwards, interleaved into the combined batches."""
+    """What ranks 0..ranks-1 read in `batches` forwards, interleaved into the combined batches;
+    each rank's net built from the same seed, as parallel.start() makes them."""
     seen = []
     try:
         for rank in range(ranks):
             espresso.set_solver_count(ranks)
             espresso.set_solver_rank(rank)
+            espresso.set_random_seed(5)
             net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), espresso.TRAIN)
             seen.append([np.array(net.forward()["x"]).ravel() for _ in range(batches)])
     finally:
@@ -175,14 +177,24 @@ def _combined_batches(text, ranks, batches=5):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
-@pytest.mark.parametrize("source", ["Data", "Data streamed", "HDF5Data"])
+@pytest.mark.parametrize("source", ["Data", "Data streamed", "HDF5Data", "HDF5Data shuffled", "Data rand_skip"])
 def test_a_train_data_layer_of_rank_r_reads_record_r_of_every_n(tmp_path, monkeypatch, ranks, source):
     """The ranks' batches, interleaved, are one process's combined batches (Data from the cache
-    and streamed by its thread, HDF5Data over two files), across the end of the data."""
+    and streamed by its thread, HDF5Data over two files, shuffled, a random skip), across the
+    end of the data."""
     if source == "Data streamed":
         monkeypatch.setattr(data_layers, "CACHE_LIMIT_BYTES", 0)
-    text = _hdf5_net(tmp_path) if source == "HDF5Data" else _data_net(tmp_path)
-    np.testing.assert_array_equal(_combined_batches(text, ranks), np.arange(15 * ranks) % 12)
+    text = _hdf5_net(tmp_path) if source.startswith("HDF5Data") else _data_net(tmp_path)
+    if source == "HDF5Data shuffled":
+        text = text.replace("batch_size: 3", "batch_size: 3 shuffle: true")
+    if source == "Data rand_skip":
+        text = text.replace("batch_size: 3", "batch_size: 3 rand_skip: 7")
+    combined = _combined_batches(text, ranks)
+    if source in ("HDF5Data shuffled", "Data rand_skip"):  # the one process's order, whatever the draws
+        np.testing.assert_array_equal(combined, _combined_batches(text, 1, 5 * ranks))
+        assert not np.array_equal(combined, np.arange(15 * ranks) % 12)
+    else:
+        np.testing.assert_array_equal(combined, np.arange(15 * ranks) % 12)
 
 
 @gpu_test
@@ -226,8 +238,9 @@ def test_cpu_buckets_cover_the_arena_and_start_while_backward_goes_on(tmp_path, 
     MPI = pytest.importorskip("mpi4py.MPI")
     monkeypatch.setattr(espresso.parallel, "BUCKET_BYTES", 40000)
     solver_path, _ = _solver(tmp_path, "buckets", 16, 1, 0)
-    net = espresso.get_solver(solver_path).net
-    buckets = espresso.parallel._Buckets(espresso.parallel.Group(MPI.COMM_SELF), net)
+    solver = espresso.get_solver(solver_path)
+    net = solver.net
+    buckets = espresso.parallel._Buckets(espresso.parallel.Group(MPI.COMM_SELF), solver)
     names = list(net.layer_dict)
     # from the end: ip2 (20 kB) joins ip1 (1.6 MB); conv2 (100 kB); conv1; each ready below its lowest layer
     assert sorted(buckets.runs) == [[0, 520, names.index("conv1")], [520, 25570, names.index("conv2")],
@@ -240,3 +253,9 @@ def test_cpu_buckets_cover_the_arena_and_start_while_backward_goes_on(tmp_path, 
     gradients = net.arena_diff.copy()
     buckets.finish()
     np.testing.assert_array_equal(net.arena_diff, gradients)
+    solver.add_callback(lambda: None, lambda: None)  # (fixed point rounds the gradients in one)
+    started.clear()
+    net.forward_backward()
+    assert set(started) == {0}  # nothing summed before the callbacks have run
+    buckets.finish()
+    assert not buckets.pending

@@ -72,13 +72,16 @@ class FixedPoint:
         self.net, self.xp = net, net.backend.xp
         self.word, self.fl, self.stochastic = il + fl, fl, rounding == "stochastic"
         self.dynamic, self.max_overflow, self.interval = dynamic, max_overflow, interval
-        self.rng = self.xp.random.default_rng(seed)
+        # the test nets' activations draw from a generator of their own: a test (rank 0's alone, in
+        # data-parallel training) leaves the training's rounding as every rank draws it
+        self.rng, self.test_rng = self.xp.random.default_rng(seed), self.xp.random.default_rng(seed + 1)
         self.noise = None  # one scratch buffer (the uniform draws), as large as the largest tensor rounded
         self.tensors = {}
         self.limit = float(2 ** (self.word - 1))  # |value| / eps must stay below this
 
-    def round(self, array, key):
-        """Round `array` in place to the format of tensor `key`."""
+    def round(self, array, key, rng=None):
+        """Round `array` in place to the format of tensor `key` (stochastically: with `rng`, else
+        the training's generator)."""
         flat, xp = array.reshape(-1), self.xp
         t = self.tensors.get(key)
         if t is None:
@@ -95,7 +98,7 @@ class FixedPoint:
             t.peak = max(t.peak, peak)
             t.seen += flat.size
         if self.stochastic:
-            flat += self._uniform(flat.size, flat.dtype)
+            flat += self._uniform(flat.size, flat.dtype, rng or self.rng)
             xp.floor(flat, out=flat)
         else:  # floor(x) + (frac(x) >= 1/2): floor(x + 1/2) in float32 would round x + 1/2 first
             low = xp.floor(flat, out=self._scratch(flat.size, flat.dtype))
@@ -110,9 +113,9 @@ class FixedPoint:
             self.noise = self.xp.empty(n, dtype)
         return self.noise[:n]
 
-    def _uniform(self, n, dtype):
+    def _uniform(self, n, dtype, rng):
         noise = self._scratch(n, dtype)
-        self.rng.random(n, dtype=dtype, out=noise)  # the size given: CuPy's size None draws one number
+        rng.random(n, dtype=dtype, out=noise)  # the size given: CuPy's size None draws one number
         return noise
 
     def _first_fl(self, values):
@@ -165,8 +168,9 @@ class FixedPoint:
         if solver.net is not self.net:
             raise EspressoError("FixedPoint.attach: made for another net than the solver's")
         self.round_weights()
-        for net in [solver.net] + list(solver.test_nets):
-            self.watch(net)
+        self.watch(solver.net)
+        for net in solver.test_nets:
+            self.watch(net, self.test_rng)
         solver.add_callback(lambda: None, self.round_gradients)
         update = solver.apply_update
 
@@ -193,14 +197,15 @@ class FixedPoint:
             raise CursorError(f"fixed_point: not the formats a snapshot saves ({e})") from None
         self.tensors = tensors
 
-    def watch(self, net):
-        """Round `net`'s activations after each forward layer and its errors after each backward one."""
+    def watch(self, net, rng=None):
+        """Round `net`'s activations after each forward layer and its errors after each backward
+        one (stochastically: from `rng`, else the training's generator)."""
         rounded, names = activations(net), list(net.layer_dict)
 
         def after_forward(i):  # keyed by layer name: a test net's layers share the train net's formats
             if rounded[i]:
                 for k, blob in enumerate(net.top_vecs[i]):
-                    self.round(blob.data, ("activations", names[i], k))
+                    self.round(blob.data, ("activations", names[i], k), rng)
 
         def after_backward(i):
             if net.layer_need_backward[i]:

@@ -74,11 +74,11 @@ class Solver:
         if self.forced_type:
             self.param.type = self.forced_type
         rule_class(self.param.type)  # an unknown type fails before any net is built
+        self.root, self.group = solver_rank() == 0, None  # a data-parallel rank (espresso/parallel.py)
         self._check_param()
         log.info("Initializing solver from parameters:\n%s", to_text(self.param))
-        self.root, self.group = solver_rank() == 0, None  # a data-parallel rank (espresso/parallel.py)
-        if self.param.random_seed >= 0:
-            set_random_seed(self.param.random_seed + solver_rank())  # as Caffe: rank 0 broadcasts its weights
+        if self.param.random_seed >= 0:  # (data-parallel ranks: the same nets; each its own stream after)
+            set_random_seed(self.param.random_seed)
         self.net = self._train_net(dtype)
         self.test_nets = self._test_nets(dtype) if self.root else []  # rank 0 alone tests
         self.updater = ArenaUpdater(self.net, self.param)
@@ -108,7 +108,7 @@ class Solver:
             raise EspressoError(f"solver: iter_size must be >= 1, got {p.iter_size}")
         if p.debug_info:
             log.warning("solver: debug_info is not supported; ignored")
-        if p.snapshot:
+        if p.snapshot and self.root:  # (rank 0 alone writes snapshots)
             self._check_snapshot_writable()
 
     def _check_snapshot_writable(self):
