@@ -205,8 +205,7 @@ def cmd_train(args):
         if group is None:
             raise
         # the other ranks wait in a collective: end the whole job now, saying which rank and why
-        log.error("rank %d of %d: %s: %s; aborting the job", group.rank, group.size, type(e).__name__, e)
-        group.comm.Abort(1)
+        group.abort(f"rank {group.rank} of {group.size}: {type(e).__name__}: {e}; aborting the job")
 
 
 def _train(args, group):

@@ -41,6 +41,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import time
 
 import numpy as np
@@ -157,6 +158,14 @@ class Group:
         self._wait(_tested(self.comm.Ibcast(buffer, root=0)))
         return pickle.loads(buffer.tobytes())
 
+    def abort(self, message):
+        """End the whole job, saying why: logged, flushed, and a moment for mpiexec to pass the
+        line on before MPI_Abort kills every rank (it dropped it under load)."""
+        log.error("%s", message)
+        sys.stderr.flush()
+        time.sleep(1)
+        self.comm.Abort(1)
+
     def _wait(self, test):
         """The value of a collective once test() -> (done, value) says it is done; past the
         timeout, abort the whole job (a rank that stopped answering, or whose error left the
@@ -165,9 +174,8 @@ class Group:
         done, value = test()
         while not done:
             if time.monotonic() > deadline:
-                log.error("rank %d: no answer from the other ranks for %g s (ESPRESSO_MPI_TIMEOUT); aborting "
-                          "the job", self.rank, self.timeout)
-                self.comm.Abort(1)
+                self.abort(f"rank {self.rank}: no answer from the other ranks for {self.timeout:g} s "
+                           "(ESPRESSO_MPI_TIMEOUT); aborting the job")
             time.sleep(0)
             done, value = test()
         return value
