@@ -172,13 +172,7 @@ class FixedPoint:
         for net in solver.test_nets:
             self.watch(net, self.test_rng)
         solver.add_callback(lambda: None, self.round_gradients)
-        update = solver.apply_update
-
-        def apply_update():
-            update()
-            self.round_weights()
-
-        solver.apply_update = apply_update
+        solver.after_update.append(self.round_weights)
         solver.extras["fixed_point"] = (self.state, self.set_state)  # snapshots keep the formats
         return self
 

@@ -88,13 +88,7 @@ class Masks:
         if solver.net is not self.net:
             raise EspressoError("Masks.attach: the masks were made for another net")
         solver.add_callback(lambda: None, self._mask_gradients)
-        update = solver.apply_update
-
-        def apply_update():
-            update()
-            self.after_update(solver)
-
-        solver.apply_update = apply_update
+        solver.after_update.append(lambda: self.after_update(solver))
 
     def _mask_gradients(self):
         if self.arena is not None:

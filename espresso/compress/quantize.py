@@ -106,13 +106,7 @@ class SharedWeights:
             for history in solver.updater.rule.history:
                 history[offset:offset + count] = 0
         solver.add_callback(lambda: None, self.cluster_gradients)
-        update = solver.apply_update
-
-        def apply_update():
-            update()
-            self.read_codebooks()
-
-        solver.apply_update = apply_update
+        solver.after_update.append(self.read_codebooks)
 
     def cluster_gradients(self):
         """Each kept weight's gradient := the sum over its cluster; pruned weights get none."""

@@ -20,8 +20,8 @@ WINDOW = 1000  # iterations per rate upload and, at most, between loss reads
 def eager_solver_reason(solver):
     """Why `solver` cannot train with graphs, or None when it can."""
     p = solver.param
-    if solver._callbacks:
-        return "pycaffe callbacks run between forward/backward and the update"
+    if solver._callbacks or solver.after_update:
+        return "pycaffe callbacks run between forward/backward and the update, or hooks after it"
     if p.type == "Adam":
         return "Adam's bias correction changes every iteration"
     if p.clip_gradients >= 0:

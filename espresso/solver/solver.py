@@ -94,6 +94,7 @@ class Solver:
         self._loop, self._eager_logged = None, None
         self.observers = []  # f(event) for "display" and "test": progress bars, curves
         self.extras = {}  # what snapshots also save and restore (espresso/solver/resume.py)
+        self.after_update = []  # f() after each update: add-ons keeping weights in a form (pruning, fixed point)
 
     @property
     def type(self):
@@ -335,6 +336,8 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, format_g(rate))
         self.updater.apply(rate, self.iter)
+        for hook in self.after_update:
+            hook()
 
     @property
     def lr(self):
