@@ -263,6 +263,28 @@ def test_weight_decay_with_decay_mult(kind):
     np.testing.assert_allclose(b, B0 - _round32(0.1) * gb, rtol=1e-12)  # decay_mult 0: no decay
 
 
+@pytest.mark.parametrize("kind", ["L2", "L1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_sgd_kernel_equals_the_numpy_steps_bit_for_bit(kind, dtype, monkeypatch):
+    """The CPU's fused SGD step (Numba) does the NumPy steps' float operations in their order."""
+    from espresso.backend.cpu import kernels
+    if kernels.sgd_update is None:
+        pytest.skip("Numba is not installed (pip install espresso-nn[fast])")
+    text = (f'base_lr: 0.1 lr_policy: "inv" gamma: 0.1 power: 0.75 momentum: 0.9 iter_size: 2 '
+            f'weight_decay: 0.2 regularization_type: "{kind}"')
+    params = "param { lr_mult: 1 decay_mult: 3 } param { lr_mult: 2 decay_mult: 0 }"
+    fused = make_solver(text, params=params, dtype=dtype)
+    monkeypatch.setattr(kernels, "sgd_update", None)
+    steps = make_solver(text, params=params, dtype=dtype)
+    assert fused.updater.fused is not None and steps.updater.fused is None
+    for solver in (fused, steps):
+        solver.net.params["ip"][0].data[...] = [[0.5, -1.5, 0.0]]  # sign(0) = 0 for L1
+        solver.step(5)
+    np.testing.assert_array_equal(fused.net.arena_data, steps.net.arena_data)
+    np.testing.assert_array_equal(fused.net.arena_diff, steps.net.arena_diff)
+    np.testing.assert_array_equal(fused.updater.rule.history[0], steps.updater.rule.history[0])
+
+
 def test_lr_mult_zero_leaves_the_param_unchanged():
     solver = make_solver('base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.5',
                          params="param { lr_mult: 0 } param { lr_mult: 1 }")

@@ -15,6 +15,8 @@ Layouts: images (P, H, W) with P = N*C planes; columns (N, C*kh*kw, OH*OW) viewe
 
 import functools
 
+import numpy as np
+
 import numba
 
 _JIT = dict(nogil=True, cache=True)
@@ -131,3 +133,29 @@ def col2im_2d_batch_last(col, staged, kh, kw, sh, sw, dh, dw):
                         h, w = oh * sh + i * dh, ow * sw + j * dw
                         for n in range(batch):  # explicit: a slice per run costs a view each
                             staged[c, h, w, n] += col[c, i, j, oh, ow, n]
+
+
+@numba.njit(**_JIT)
+def sgd_update(w, g, h, ends, lr_mult, decay, rate, momentum, normalize, regularization):
+    """Caffe's SGD step in one pass over the arena, param by param (segments end at `ends`),
+    in the float32 operations and order of ArenaUpdater's NumPy steps (and the CUDA kernel):
+    g *= normalize; g += decay * (w or sign w); h = momentum h + (lr_mult rate) g; g = h; w -= h.
+    No FMA contraction (Numba leaves fastmath off), so the results are those steps' bit for bit.
+    The branches stay outside the loops, which then vectorize."""
+    start = 0
+    for s in range(ends.size):  # slices indexed from 0: no negative-index fix-up, so loops vectorize
+        local_rate, local_decay = lr_mult[s] * rate, decay[s]
+        ws, gs, hs = w[start:ends[s]], g[start:ends[s]], h[start:ends[s]]
+        for i in range(gs.size):  # LLVM moves the invariant branches out of the loop
+            gi, wi = gs[i], ws[i]
+            if normalize != 1:
+                gi = gi * normalize
+            if regularization == 1:
+                gi = gi + wi * local_decay
+            elif regularization == 2:
+                gi = gi + np.sign(wi) * local_decay
+            hi = hs[i] * momentum + gi * local_rate
+            hs[i] = hi
+            gs[i] = hi
+            ws[i] = wi - hi
+        start = ends[s]
