@@ -18,7 +18,8 @@ from gpu_vs_torch import CASES, COLUMNS, Env, build
 
 def profile(env, run, iters):
     """[(kernel name, start us, end us)] of `iters` calls of run(1), after a warm-up."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     run(20)
     env.sync()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -15,9 +15,8 @@ Layouts: images (P, H, W) with P = N*C planes; columns (N, C*kh*kw, OH*OW) viewe
 
 import functools
 
-import numpy as np
-
 import numba
+import numpy as np
 
 _JIT = dict(nogil=True, cache=True)
 
