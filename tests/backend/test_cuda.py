@@ -782,6 +782,82 @@ def test_2d_convolutions_take_cudnn_where_present():
     assert "cuDNN" in gpu.describe() and gpu.describe()["cuDNN"].startswith("9.")
 
 
+# *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***
+# (n, Ci, H, W), (Co, kernel), stride, pad: LeNet's conv1 and conv2, a 3x3 layer of CaffeNet's
+# kind (Winograd's), CaffeNet's conv1 (11x11, stride 4)
+ALGO_GEOMETRIES = [((16, 1, 28, 28), (20, 5), 1, 0), ((16, 20, 12, 12), (50, 5), 1, 0),
+                   ((8, 64, 13, 13), (96, 3), 1, 1), ((4, 3, 67, 67), (32, 11), 4, 0)]
+# the relative error (||gpu - exact|| / ||exact||) each class promises in float32 (FMA math)
+CLASS_BOUND = {"gemm": 1e-5, "winograd": 1e-3, "fft": 1e-3}
+
+
+def _exact_convolution(x, w, dy, stride, pad):
+    """Float64 forward, bottom and weight gradients of a 2-D convolution (the CPU's kernels)."""
+    n, ci, height, width = x.shape
+    co, _, k, _ = w.shape
+    out = tuple((s + 2 * pad - k) // stride + 1 for s in (height, width))
+    geometry = ((k, k), (stride, stride), (pad, pad), (1, 1))
+    col = np.empty((n, ci * k * k, math.prod(out)))
+    CPU.im2col(x, col, *geometry)
+    flat_w = w.reshape(co, -1)
+    y = np.matmul(flat_w, col).reshape(n, co, *out)
+    dcol = np.matmul(flat_w.T, dy.reshape(n, co, -1))
+    dx = np.empty_like(x)
+    CPU.col2im(dcol, dx, *geometry)
+    dw = np.einsum("ncp,nkp->ck", dy.reshape(n, co, -1), col).reshape(w.shape)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("image, conv_shape, stride, pad", ALGO_GEOMETRIES)
+@gpu_test
+def test_every_cudnn_algorithm_keeps_its_classs_error(image, conv_shape, stride, pad):
+    """Every algorithm cuDNN offers, of every class, run directly: its error against the exact
+    result stays within its class's bound, and the default lists only the "gemm" class."""
+    from espresso.backend.cuda import cudnn
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    (co, k), f32 = conv_shape, np.float32
+    out = tuple((s + 2 * pad - k) // stride + 1 for s in image[2:])
+    x, w, dy = rand(image, 1), rand((co, image[1], k, k), 2) * 0.1, rand((image[0], co, *out), 3)
+    y, dx, dw = _exact_convolution(x, w, dy, stride, pad)
+    gx, gw, gdy = (gpu.to_device(a.astype(f32)) for a in (x, w, dy))
+    assert gpu.cudnn.classes == cudnn.ALLOWED_CLASSES == ("gemm",)
+    plan = gpu.cudnn.plan((image[0], image[1], *image[2:]), (image[0], co, *out), (co, image[1], k, k),
+                          (stride, stride), (pad, pad), (1, 1), 1, np.dtype(f32))
+    runs = {"Forward": (lambda: plan.forward(gx, gw, result), y),
+            "BackwardData": (lambda: plan.backward_data(gw, gdy, result), dx),
+            "BackwardFilter": (lambda: plan.backward_filter(gx, gdy, result), dw)}
+    try:
+        for which, (run, exact) in runs.items():
+            assert {cudnn.ALGORITHM_CLASS[which][a] for a, _ in plan.options(which)} == {"gemm"}
+            gpu.cudnn.set_classes(cudnn.ALL_CLASSES)
+            for algo, size in plan.options(which):
+                result = gpu.xp.zeros(exact.shape, f32)  # the filter gradient accumulates onto it
+                plan.algo[which] = (algo, size)
+                run()
+                kind = cudnn.ALGORITHM_CLASS[which][algo]
+                error = relative_error(gpu.to_host(result), exact)
+                record(f"cuDNN {which} algo {algo} ({kind}) on {image} {conv_shape}", error)
+                assert error < CLASS_BOUND[kind], f"{which} algorithm {algo} ({kind}): relative error {error:.3e}"
+            gpu.cudnn.set_classes(cudnn.ALLOWED_CLASSES)
+    finally:
+        gpu.cudnn.set_classes(cudnn.ALLOWED_CLASSES)
+
+
+def test_conv_algorithm_classes_from_the_environment(monkeypatch):
+    from espresso.backend.cuda import cudnn
+
+    for text, classes in (("", ("gemm",)), ("all", cudnn.ALL_CLASSES), ("gemm,winograd", ("gemm", "winograd"))):
+        monkeypatch.setenv("ESPRESSO_CONV_ALGOS", text)
+        assert cudnn.classes_from_environment() == classes
+    for text in ("winograd", "gemm,fast"):
+        monkeypatch.setenv("ESPRESSO_CONV_ALGOS", text)
+        with pytest.raises(BackendError, match="ESPRESSO_CONV_ALGOS"):
+            cudnn.classes_from_environment()
+
+
 # *** a whole net ***
 def lenet_train_param(batch):
     """Caffe's LeNet train net with its Data layers replaced by one Input layer."""

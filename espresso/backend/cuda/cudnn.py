@@ -8,6 +8,13 @@ mode, convolutions run as im2col + GEMM.  A plan lists cuDNN's candidate algorit
 direction (its heuristics' order, workspace up to WORKSPACE_LIMIT); the layer times them on its
 own blobs and keeps the fastest (espresso/layers/vision.py).  Unless TF32 is allowed, plans use
 FMA math: float32 products and sums, as PyTorch with allow_tf32 off.
+
+Numerics policy (docs/gpu_numerics.md): cuDNN's algorithms fall into three classes by how they
+sum.  "gemm" (implicit, precomputed and explicit GEMM, direct, and the gradients' ALGO_0/1/3)
+adds the float32 products themselves, in its own order, so it keeps a GEMM's error; "winograd"
+and "fft" multiply transformed tiles, whose transforms add rounding that grows with the tile and
+the kernel.  By default only ALLOWED_CLASSES are candidates; ESPRESSO_CONV_ALGOS=all (or
+`backend.cudnn.set_classes(...)`) allows every class, for speed where the looser error is fine.
 """
 
 import ctypes
@@ -31,6 +38,27 @@ SIDE_WORKSPACE_LIMIT = 64 << 20
 _DATA_TYPE = {np.dtype(np.float32): (0, ctypes.c_float), np.dtype(np.float64): (1, ctypes.c_double),
               "float16": (2, ctypes.c_float), "bfloat16": (9, ctypes.c_float)}
 _FLOAT = 0
+# cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t -> class (the enums' values in cuDNN 9)
+ALGORITHM_CLASS = {
+    "Forward": {0: "gemm", 1: "gemm", 2: "gemm", 3: "gemm", 4: "fft", 5: "fft", 6: "winograd", 7: "winograd"},
+    "BackwardData": {0: "gemm", 1: "gemm", 2: "fft", 3: "fft", 4: "winograd", 5: "winograd"},
+    "BackwardFilter": {0: "gemm", 1: "gemm", 2: "fft", 3: "gemm", 4: "winograd", 5: "winograd", 6: "fft"},
+}
+ALL_CLASSES = ("gemm", "winograd", "fft")
+ALLOWED_CLASSES = ("gemm",)  # the default; see the module's docstring
+
+
+def classes_from_environment():
+    """The algorithm classes ESPRESSO_CONV_ALGOS allows: "all", or a comma list of classes."""
+    text = os.environ.get("ESPRESSO_CONV_ALGOS", "").strip()
+    if not text:
+        return ALLOWED_CLASSES
+    chosen = ALL_CLASSES if text == "all" else tuple(c.strip() for c in text.split(","))
+    unknown = sorted(set(chosen) - set(ALL_CLASSES))
+    if unknown or "gemm" not in chosen:
+        raise BackendError(f"ESPRESSO_CONV_ALGOS={text!r}: give 'all' or classes from {', '.join(ALL_CLASSES)} "
+                           "including gemm")
+    return chosen
 
 
 class _Perf(ctypes.Structure):  # cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (same layout)
@@ -61,6 +89,7 @@ class Cudnn:
     def __init__(self, lib, backend):
         self.lib, self.backend, self.xp = lib, backend, backend.xp
         self.tf32, self._plans, self.on_side = False, {}, False
+        self.classes = classes_from_environment()
         self.lanes = {False: [self._handle(backend.stream), self.xp.empty(0, np.uint8)],
                       True: [self._handle(backend.side), self.xp.empty(0, np.uint8)]}
 
@@ -90,6 +119,13 @@ class Cudnn:
         """TF32 tensor-core math allowed or not (FMA math, float32 semantics): every plan
         chooses its algorithms again."""
         self.tf32 = bool(allow)
+        for plan in self._plans.values():
+            plan.configure()
+
+    def set_classes(self, classes):
+        """Which algorithm classes ("gemm", "winograd", "fft") plans may choose from; every plan
+        lists its candidates again (layers already timed keep their choice until rebuilt)."""
+        self.classes = tuple(classes)
         for plan in self._plans.values():
             plan.configure()
 
@@ -168,11 +204,12 @@ class Convolution:
         return desc
 
     def _candidates(self, which, *descs):
-        """[(algorithm, workspace bytes)] that cuDNN supports here, in its heuristics' order."""
+        """[(algorithm, workspace bytes)] that cuDNN supports here, of the allowed classes, in its
+        heuristics' order."""
         perf, count, c, options = (_Perf * 16)(), ctypes.c_int(), self.cudnn, {}
         c.call(f"cudnnGetConvolution{which}Algorithm_v7", c.handle, *descs, 16, ctypes.byref(count), perf)
         for p in perf[: count.value]:
-            if p.status == 0 and p.algo not in options:
+            if p.status == 0 and p.algo not in options and ALGORITHM_CLASS[which].get(p.algo) in c.classes:
                 size = ctypes.c_size_t()
                 c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
                 if size.value <= WORKSPACE_LIMIT:
