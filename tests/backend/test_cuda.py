@@ -479,6 +479,28 @@ def test_fused_sgd_update_follows_caffes_order(dev, regularization):
         np.testing.assert_array_equal(dev.get(got), want)
 
 
+@pytest.mark.parametrize("dims", [(6, 5, 1), (3, 4, 5), (1, 10, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_softmax_forward(dev, dims, dtype, in_place):
+    x = rand(dims, 5, dtype) * 4
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    want = shifted / shifted.sum(axis=1, keepdims=True)
+    gx = dev.put(x)
+    gy = gx if in_place else dev.poisoned(dims, dtype)
+    dev.k.softmax_forward(gx, gy, dims)
+    assert_matches(dev.get(gy), want, dtype, f"softmax {dims}")
+
+
+@gpu_test
+def test_channel_bias_is_added_per_channel():
+    gpu = backends.get("cuda:0")
+    y, bias = rand((3, 4, 5, 2), 6, np.float32), rand((4,), 7, np.float32)
+    got = gpu.to_device(y)
+    CUDA.add_channel_bias(gpu.to_device(bias), got, 10)
+    np.testing.assert_array_equal(gpu.to_host(got), y + bias[:, None, None])
+
+
 @pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):

@@ -1,7 +1,8 @@
 // Fused kernels for launch-bound nets: Caffe's SGD update over the whole parameter arena in one
-// pass, and SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward) instead of
-// some thirty small ones.  Same arithmetic, step by step, as the xp code they replace (compiled
-// with --fmad=false); the loss sum runs in a fixed order, so results are deterministic.
+// pass, SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward) instead of
+// some thirty small ones, and Softmax's forward in one instead of five.  Same arithmetic, step by
+// step, as the xp code they replace (compiled with --fmad=false) but for the order of the
+// softmax's sum; the loss sum runs in a fixed order, so results are deterministic.
 //
 // Parameters are segments of the arena: segment s covers [ends[s-1], ends[s]) and has its own
 // lr_mult and decay (weight_decay * decay_mult).  Softmax positions are (outer, inner) pairs of an
@@ -40,6 +41,31 @@ __global__ void sgd_update_kernel(long long n, T* w, T* g, T* h, int segments, c
     }
 }
 
+// The softmax over classes of the position at `base` (stride `inner`) into prob (may be x).
+template <typename T>
+__device__ void softmax_at(const T* x, T* prob, long long base, int classes, int inner) {
+    T top = x[base];
+    for (int c = 1; c < classes; ++c) {
+        const T v = x[base + (long long)c * inner];
+        top = v > top ? v : top;
+    }
+    T sum = T(0);
+    for (int c = 0; c < classes; ++c) {
+        T e = exp(x[base + (long long)c * inner] - top);
+        prob[base + (long long)c * inner] = e;
+        sum += e;
+    }
+    for (int c = 0; c < classes; ++c) prob[base + (long long)c * inner] /= sum;
+}
+
+// Softmax forward: one thread per (outer, inner) position; y may be x (in place).
+template <typename T>
+__global__ void softmax_forward_kernel(int positions, int classes, int inner, const T* x, T* y) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
+        softmax_at(x, y, (long long)(p / inner) * classes * inner + p % inner, classes, inner);
+    }
+}
+
 // One thread per position: the softmax over classes into prob, and that position's loss
 // -log(max(prob[label], FLT_MIN)) (0 where the label is ignored) and validity.  A label that is
 // not a class (nor ignored) counts as ignored and is recorded in `problem` (position + 1, label;
@@ -50,18 +76,7 @@ __global__ void softmax_loss_forward_kernel(int positions, int classes, int inne
                                             T flt_min, long long* problem) {
     for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
         const long long base = (long long)(p / inner) * classes * inner + p % inner;
-        T top = x[base];
-        for (int c = 1; c < classes; ++c) {
-            const T v = x[base + (long long)c * inner];
-            top = v > top ? v : top;
-        }
-        T sum = T(0);
-        for (int c = 0; c < classes; ++c) {
-            T e = exp(x[base + (long long)c * inner] - top);
-            prob[base + (long long)c * inner] = e;
-            sum += e;
-        }
-        for (int c = 0; c < classes; ++c) prob[base + (long long)c * inner] /= sum;
+        softmax_at(x, prob, base, classes, inner);
         const int label = (int)labels[p];
         const bool ignored = has_ignore && label == ignore_label;
         const bool ok = !ignored && label >= 0 && label < classes;
