@@ -479,6 +479,34 @@ def test_fused_sgd_update_follows_caffes_order(dev, regularization):
         np.testing.assert_array_equal(dev.get(got), want)
 
 
+def test_split_k_rule():
+    """Small outputs with long inner dimensions are split into slices that divide k."""
+    from espresso.backend.cuda.blas import Blas
+
+    blas = Blas.__new__(Blas)
+    blas.processors = 132
+    assert blas.split_parts(64, 500, 800) == 8  # LeNet's ip1 forward: 32 tiles, at most 9 parts, 8 | 800
+    assert blas.split_parts(64, 800, 500) == 5  # its bottom gradient: 50 tiles, at most 6 parts, 5 | 500
+    assert blas.split_parts(256, 1024, 4096) == 1  # 256 tiles: enough blocks already
+    assert blas.split_parts(64, 500, 100) == 1  # too short to split
+    assert blas.split_parts(1, 10, 4099) == 1  # a prime k: no slice divides it
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@gpu_test
+def test_split_k_gemm_matches_the_plain_product(accumulate, transposed):
+    gpu = backends.get("cuda:0")
+    a, w = rand((64, 800), 8, np.float32), rand((500, 800), 9, np.float32)
+    b = w.T if transposed else np.ascontiguousarray(w.T)
+    out = rand((64, 500), 10, np.float32)
+    want = (out if accumulate else 0) + a.astype(np.float64) @ b
+    assert gpu.blas.split_parts(64, 500, 800) > 1
+    got = gpu.to_device(out)
+    gpu.blas.matmul(gpu.to_device(a), gpu.to_device(w).T if transposed else gpu.to_device(b), got, accumulate)
+    assert_matches(gpu.to_host(got), want, np.float32, "split-K GEMM")
+
+
 @pytest.mark.parametrize("dims", [(6, 5, 1), (3, 4, 5), (1, 10, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [False, True])

@@ -61,7 +61,7 @@ class CUDABackend(Backend):
         self.stream, self.side = cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)  # host-to-device batches (Uploader)
         self.stream.use()
-        self.blas, self._side_blas = Blas(cupy, self.stream), None
+        self.blas, self._side_blas = Blas(cupy, self.stream, self), None
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
         self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
@@ -79,7 +79,7 @@ class CUDABackend(Backend):
         backward pass first puts work aside (in the eager run before a capture), never for
         inference."""
         if self._side_blas is None:
-            self._side_blas = Blas(self.xp, self.side)
+            self._side_blas = Blas(self.xp, self.side, self)
             self._side_blas.set_tf32(self.blas.tf32)
         return self._side_blas
 

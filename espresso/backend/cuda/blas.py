@@ -7,7 +7,9 @@ library that CuPy already loaded, through ctypes: create a handle, bind stream a
 run (strided-batched) S/DGEMM.  `matmul(a, b, out)` takes NumPy's broadcasting batched-matmul
 shapes on CuPy arrays, any mix of row- and column-major matrix views (transposes are cuBLAS ops,
 not copies) and batch dimensions that collapse to one uniform stride per operand (else a Python
-loop over the other batch axes).  Results are deterministic for one GPU, stream and workspace.
+loop over the other batch axes).  A small output with a long inner dimension is computed in
+slices of it (split-K, `split_parts`), which keeps more of the GPU busy.  Results are
+deterministic for one GPU, stream and workspace.
 """
 
 import ctypes
@@ -16,11 +18,13 @@ import math
 
 import numpy as np
 
+from espresso import graphs
 from espresso.errors import BackendError
 
 OP_N, OP_T = 0, 1
 DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
 WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
+MAX_PARTS, MIN_SLICE = 16, 64  # split-K: at most this many slices, each at least this long
 CUDA_R_32F, COMPUTE_32F, GEMM_DEFAULT = 0, 68, -1  # cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t
 CUDA_R_8I, CUDA_R_32I, COMPUTE_32I = 3, 10, 72
 _HALF_TYPES = {"float16": 2, "bfloat16": 14}  # CUDA_R_16F, CUDA_R_16BF
@@ -59,10 +63,13 @@ def _library():
 
 
 class Blas:
-    """One cuBLAS handle bound to `stream`, with its own workspace allocated by `xp`."""
+    """One cuBLAS handle bound to `stream`, with its own workspace allocated by `xp`; `backend`'s
+    graphs are voided when a buffer of its moves."""
 
-    def __init__(self, xp, stream):
+    def __init__(self, xp, stream, backend=None):
         xp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, so ours is the same copy
+        self.xp, self.backend, self.parts = xp, backend, {}  # parts: dtype -> (split-K buffer, ones)
+        self.processors = xp.cuda.Device().attributes["MultiProcessorCount"]
         self.lib = _library()
         handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
@@ -104,11 +111,45 @@ class Blas:
             if not accumulate:
                 out.fill(0)
             return out
+        parts = self.split_parts(m, n, k) if not batch and out.flags.c_contiguous else 1
+        if parts > 1:
+            return self._split_k(a, b, out, parts, accumulate)
         strides = [_batch_strides(x, batch) for x in (a, b, out)]
         for index, batched in _batch_plan(batch, strides):
             offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
             self._gemm(a, b, out, offsets, batched, accumulate)
         return out
+
+    def split_parts(self, m, n, k):
+        """Into how many slices of its inner dimension a small-output GEMM is split (1: none).
+        cuBLAS gives an (m, n) output about m n / 32^2 thread blocks, each looping over all of k:
+        LeNet's ip1 at batch 64 (64 x 500, k 800) kept 32 of the H100's 132 multiprocessors busy
+        for 26 us.  Split into p slices (p dividing k, each at least MIN_SLICE long) until about
+        two blocks per multiprocessor, the partial products then summed by one more GEMM."""
+        tiles = -(-m // 32) * -(-n // 32)
+        if tiles >= self.processors or k < 2 * MIN_SLICE:
+            return 1
+        most = min(MAX_PARTS, k // MIN_SLICE, -(-2 * self.processors // tiles))
+        return next(p for p in range(most, 0, -1) if k % p == 0)
+
+    def _split_k(self, a, b, out, parts, accumulate):
+        """out (+)= a @ b as `parts` products of k-slices (one strided-batched GEMM into a buffer
+        of this handle's) and their sum (a GEMM with a row of ones)."""
+        (m, k), n, xp = a.shape, b.shape[1], self.xp
+        slice_k = k // parts
+        dtype = np.dtype(out.dtype)
+        if dtype not in self.parts or self.parts[dtype][0].size < parts * m * n:
+            # made or grown in the eager run that precedes a capture: never inside one
+            self.parts[dtype] = (xp.empty(parts * m * n, dtype), xp.ones(MAX_PARTS, dtype))
+            if self.backend is not None:
+                graphs.invalidate(self.backend)
+        buffer, ones = self.parts[dtype]
+        sliced_a = xp.lib.stride_tricks.as_strided(a, (parts, m, slice_k), (a.strides[1] * slice_k, *a.strides))
+        sliced_b = xp.lib.stride_tricks.as_strided(b, (parts, slice_k, n), (b.strides[0] * slice_k, *b.strides))
+        products = buffer[: parts * m * n].reshape(parts, m, n)
+        self.matmul(sliced_a, sliced_b, products)
+        return self.matmul(ones[:parts].reshape(1, parts), products.reshape(parts, m * n), out.reshape(1, m * n),
+                           accumulate)
 
     def half_matmul_t(self, x16, w16, y, type_name):
         """y = x16 @ w16^T in float32 from 16-bit operands (espresso/compress/half.py)."""
