@@ -5,7 +5,7 @@ captured in a CUDA graph like the rest of an iteration.
 cuDNN is optional: the system's libcudnn.so.9, or the one the `cudnn13` extra installs
 (nvidia-cudnn-cu13's nvidia/cudnn/lib).  Without it, with ESPRESSO_CUDNN=0, or in deterministic
 mode, convolutions run as im2col + GEMM.  A plan lists cuDNN's candidate algorithms per
-direction (its heuristics' order, workspace up to WORKSPACE_LIMIT); the layer times them on its
+direction (its heuristics' order, workspace up to `workspace_limit`); the layer times them on its
 own blobs and keeps the fastest (espresso/layers/vision.py).  Unless TF32 is allowed, plans use
 FMA math: float32 products and sums, as PyTorch with allow_tf32 off.
 
@@ -34,6 +34,10 @@ FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
 CROSS_CORRELATION, NCHW = 1, 0
 # CaffeNet's Winograd convolutions need up to 530 MB; larger workspaces bought little there
 WORKSPACE_LIMIT = 640 << 20
+# and a candidate may take at most WORKSPACE_RATIO times its operands' bytes (WORKSPACE_FLOOR at
+# least): small convolutions gain nothing from big workspaces, which only raised the memory peak
+# (CaffeNet's batch-1 inference held 864 MiB against PyTorch's 468)
+WORKSPACE_RATIO, WORKSPACE_FLOOR = 8, 16 << 20
 # the side stream's workspace (filter gradients computed aside, concurrent with the main stream's
 # work): larger needs keep the gradient on the main stream rather than hold a second big buffer
 SIDE_WORKSPACE_LIMIT = 64 << 20
@@ -146,6 +150,8 @@ class Cudnn:
         """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
         captured with the old one are void."""
         if nbytes > self.lanes[side][1].nbytes:
+            self.lanes[side][1] = None  # the old one goes back to the device first, not after
+            self.xp.get_default_memory_pool().free_all_blocks()
             self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
             graphs.invalidate(self.backend)
 
@@ -162,6 +168,9 @@ class Convolution:
         self.tensor = {side: self._tensor(type_code, shape) for side, shape in
                        (("image", image_shape), ("data", data_shape))}
         self.weights, self.kernel = self._descriptor("Filter"), weight_shape[2:]
+        operands = (math.prod(image_shape) + math.prod(data_shape) + math.prod(weight_shape)) * (
+            2 if self.half else np.dtype(dtype).itemsize)
+        self.workspace_limit = min(WORKSPACE_LIMIT, max(WORKSPACE_FLOOR, WORKSPACE_RATIO * operands))
         cudnn.call("cudnnSetFilter4dDescriptor", self.weights, type_code, NCHW, *weight_shape)
         self.conv = self._descriptor("Convolution")
         cudnn.call("cudnnSetConvolution2dDescriptor", self.conv, *pad, *stride, *dilation, CROSS_CORRELATION,
@@ -214,7 +223,7 @@ class Convolution:
             if p.status == 0 and p.algo not in options and allowed(c.policy, which, p.algo, self.kernel):
                 size = ctypes.c_size_t()
                 c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
-                if size.value <= WORKSPACE_LIMIT:
+                if size.value <= self.workspace_limit:
                     options[p.algo] = size.value
         if not options:
             raise BackendError(f"cuDNN offers no {which} algorithm for this convolution")
