@@ -459,8 +459,8 @@ def softmax_forward(x, y, dims):
 
 
 def add_channel_bias(bias, y, inner):
-    """y (n, C, inner...) += bias[C], one elementwise kernel (cuDNN's AddTensor took 3.8 us at
-    LeNet's batch 64, this 1.4)."""
+    """y (n, C, inner...) += bias[C], one elementwise kernel (H100, LeNet's conv1: cuDNN's
+    AddTensor took 3.8 us at batch 64 and 1.7 at batch 1, this 3.4 and 1.35)."""
     _elementwise("add_channel_bias", "raw T b, int32 inner, int32 channels", "T y",
                  "y = y + b[(i / inner) % channels]")(bias, np.int32(inner), np.int32(bias.size), y)
 
