@@ -17,7 +17,7 @@ from espresso.proto.weights import blob_array
 FULL, VALID, BATCH_SIZE, NONE = (caffe_pb2.LossParameter.FULL, caffe_pb2.LossParameter.VALID,
                                  caffe_pb2.LossParameter.BATCH_SIZE, caffe_pb2.LossParameter.NONE)
 FLT_MIN = float(np.finfo(np.float32).tiny)  # SoftmaxWithLoss clamps at FLT_MIN, even in double
-FUSED_CLASSES = 64  # SoftmaxWithLoss uses the fused CUDA kernels up to this many classes
+FUSED_CLASSES = 64  # Softmax(WithLoss) uses the fused CUDA kernels (a thread per position) up to this many classes
 LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD (MultinomialLogisticLoss, InfogainLoss)
 _LOSS_FIELDS = ("ignore_label", "normalization", "normalize")
 
@@ -127,7 +127,7 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottom, top):
         xp, x, y = self.xp, bottom[0].data.reshape(self.dims), top[0].data.reshape(self.dims)
-        if self.k.softmax_forward is not None:  # one kernel (GPU)
+        if self.k.softmax_forward is not None and self.dims[1] <= FUSED_CLASSES:  # one kernel (GPU)
             return self.k.softmax_forward(x, y, self.dims)
         x.max(axis=1, keepdims=True, out=self.scale)  # methods: NumPy's wrappers cost 2 us a call
         xp.subtract(x, self.scale, out=y)
