@@ -346,7 +346,7 @@ class _BaseConvolution(Layer):
             else:
                 plan.forward(b.data, weights, t.data)
             if self.p.bias_term:
-                plan.add_bias(self.blobs[1].data, t.data)
+                plan.add_bias(self.blobs[1].data, t.data, "image" if self.transposed else "data")
 
     def _cudnn_backward(self, top, propagate_down, bottom):
         plan, weights = self.plan, self.blobs[0].data

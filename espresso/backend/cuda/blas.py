@@ -125,10 +125,13 @@ class Blas:
         cuBLAS gives an (m, n) output about m n / 32^2 thread blocks, each looping over all of k:
         LeNet's ip1 at batch 64 (64 x 500, k 800) kept 32 of the H100's 132 multiprocessors busy
         for 26 us.  Split into p slices (p dividing k, each at least MIN_SLICE long) until about
-        two blocks per multiprocessor, the partial products then summed by one more GEMM.  Not
-        where m or n is below 32: CaffeNet's fc6 at batch 1 (a GEMV) ran slower split."""
+        two blocks per multiprocessor, the partial products then summed by one more GEMM.  Only
+        where the output leaves over half the multiprocessors idle (LeNet's training at batch
+        256, whose ip1 has 128 tiles, measured 0.370 ms with it split in two against 0.349
+        before; unconfirmed as the cause), and not where m or n is below 32: CaffeNet's fc6 at
+        batch 1 (a GEMV) ran slower split."""
         tiles = -(-m // 32) * -(-n // 32)
-        if tiles >= self.processors or k < 2 * MIN_SLICE or min(m, n) < 32:
+        if 2 * tiles > self.processors or k < 2 * MIN_SLICE or min(m, n) < 32:
             return 1  # (a product with a few rows or columns reads its matrix once: memory-bound)
         most = min(MAX_PARTS, k // MIN_SLICE, -(-2 * self.processors // tiles))
         return next(p for p in range(most, 0, -1) if k % p == 0)

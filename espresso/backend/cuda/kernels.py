@@ -458,13 +458,6 @@ def softmax_forward(x, y, dims):
             (np.int32(outer * inner), np.int32(classes), np.int32(inner), _input(x), y))
 
 
-def add_channel_bias(bias, y, inner):
-    """y (n, C, inner...) += bias[C], one elementwise kernel (H100, LeNet's conv1: cuDNN's
-    AddTensor took 3.8 us at batch 64 and 1.7 at batch 1, this 3.4 and 1.35)."""
-    _elementwise("add_channel_bias", "raw T b, int32 inner, int32 channels", "T y",
-                 "y = y + b[(i / inner) % channels]")(bias, np.int32(inner), np.int32(bias.size), y)
-
-
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
                          problem):
     """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
