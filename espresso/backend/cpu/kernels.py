@@ -106,14 +106,21 @@ def _unstage(staged, x, lead, pad, batch_last):
 def matmul(a, b, out, accumulate=False):
     """out = a @ b (or, accumulating, out += a @ b: Caffe's GEMM with beta = 1) with NumPy's
     batched-matmul rules: the GEMM every layer calls through `k`.  Accumulating goes through a
-    product buffer kept per shape, so the hot path allocates nothing after the first call; there
-    the product may be computed transposed, where that is faster."""
+    product buffer kept per shape, so the hot path allocates nothing after the first call: of at
+    most PRODUCT_ELEMENTS (a larger output accumulates a block of rows at a time; a whole-size
+    buffer doubled CaffeNet's fully connected gradients, 234 MB).  There the product may be
+    computed transposed, where that is faster."""
     if not accumulate:
         return np.matmul(a, b, out=out)
-    if _transposed_is_faster(a, b):  # out += (b^T @ a^T)^T
+    m = out.shape[-2]
+    if _transposed_is_faster(a, b) and out.size <= PRODUCT_ELEMENTS:  # out += (b^T @ a^T)^T
         product = np.matmul(b.swapaxes(-1, -2), a.swapaxes(-1, -2), out=_product(out.swapaxes(-1, -2).shape, out.dtype))
         return np.add(out, product.swapaxes(-1, -2), out=out)
-    return np.add(out, np.matmul(a, b, out=_product(out.shape, out.dtype)), out=out)
+    block = max(1, PRODUCT_ELEMENTS // max(1, out.size // m))
+    for lo in range(0, m, block):
+        rows = out[..., lo:lo + block, :]
+        np.add(rows, np.matmul(a[..., lo:lo + block, :], b, out=_product(rows.shape, out.dtype)), out=rows)
+    return out
 
 
 def _product(shape, dtype):
@@ -134,6 +141,7 @@ def _transposed_is_faster(a, b):
 
 
 _PRODUCTS = {}  # (shape, dtype) -> the buffer of matmul's accumulated products
+PRODUCT_ELEMENTS = 1 << 21  # 8 MB of float32
 
 
 def im2col_workspace_size(x_shape, pad, batch_last):
