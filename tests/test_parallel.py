@@ -1,7 +1,8 @@
 """Data-parallel training over MPI ranks (espresso/parallel.py), each run a real `mpiexec -n 2
 espresso train`: two ranks of batch 16 give the weights of one process of batch 32, a snapshot of
 one process resumes on two ranks, a killed rank ends the job and leaves the last snapshot
-loadable, ranks given different solvers stop at start-up; and the data layers' shards."""
+loadable, ranks given different solvers stop at start-up, iter_size works on top; and the data
+layers' shards."""
 
 import importlib.util
 import os
@@ -84,6 +85,18 @@ def test_two_ranks_train_as_one_process_with_the_combined_batch_and_resume_on_an
     resumed, resumed_dir = _solver(tmp_path, "resumed", 16, 6, 3)
     _train(resumed, 2, "--snapshot", str(one_dir / "lenet_iter_3.solverstate"))
     _assert_same(_weights(resumed_dir, 6), straight)
+
+
+@needs_mpi
+def test_iter_size_works_on_top_of_the_ranks(tmp_path):
+    """Two ranks of batch 8 accumulating 2 passes (iter_size 2) train as one process of batch 32:
+    each pass reads its rank's shard of the next 16 records (the whole-arena average, no buckets)."""
+    one, one_dir = _solver(tmp_path, "one", 32, 4, 4)
+    _train(one)
+    two, two_dir = _solver(tmp_path, "two", 8, 4, 4)
+    Path(two).write_text(Path(two).read_text() + "iter_size: 2\n")
+    _train(two, 2)
+    _assert_same(_weights(two_dir, 4), _weights(one_dir, 4))
 
 
 def _rank_pid(solver, rank):
