@@ -1,5 +1,5 @@
 """The CPU named primitives against plain loop references: im2col/col2im (both column layouts,
-adjointness), pooling forward/backward, LRN across channels."""
+adjointness), pooling forward/backward, LRN across channels, the accumulating GEMM."""
 
 import itertools
 import math
@@ -250,3 +250,23 @@ def test_lrn_across(size, shape):
     numeric = ((lrn_ref(x + eps * direction, size, alpha, beta, k)[0]
                 - lrn_ref(x - eps * direction, size, alpha, beta, k)[0]) * dy).sum() / (2 * eps)
     assert np.isclose((dx * direction).sum(), numeric, rtol=1e-6)
+
+
+@pytest.mark.parametrize("a_shape, b_shape, transposed_b", [
+    ((50, 4096), (500, 4096), True),  # a conv weight gradient: computed as (b^T a^T)^T
+    ((2048, 2), (2, 1100), False),  # wide, as CaffeNet's fc6 gradient at batch 2: in blocks of rows
+    ((3, 20, 64), (3, 25, 64), True),  # batched (groups)
+    ((300, 64), (500, 64), True),  # M > 256: the direct product
+])
+def test_matmul_accumulates_in_every_path(a_shape, b_shape, transposed_b):
+    """out += a @ b (Caffe's beta = 1), whichever way the product is computed."""
+    a = rand(a_shape, seed=3)
+    b = rand(b_shape, seed=4)
+    b = b.swapaxes(-1, -2) if transposed_b else b
+    out = rand(a.shape[:-1] + b.shape[-1:], seed=5)
+    want = out + a @ b
+    for dtype in (np.float64, np.float32):
+        got = out.astype(dtype)
+        K.matmul(a.astype(dtype), b.astype(dtype), got, accumulate=True)
+        np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
+    assert K._transposed_is_faster(a, b) == (transposed_b and a.shape[-2] <= 256)
