@@ -210,13 +210,13 @@ class _Buckets:
                 run = [start, end, first]
                 self.runs.append(run)
             run[0], run[2] = start, min(run[2], first)
-        self.pending = {}
+        self.pending, self.MPI = {}, _mpi()
         net.after_backward(self.layer_done)
 
     def layer_done(self, i, deferred=False):
         if self.solver._callbacks and not deferred:  # they may write the gradients: sum after them
             return
-        MPI = _mpi()
+        MPI = self.MPI
         for k, (start, end, ready) in enumerate(self.runs):
             if ready == i and k not in self.pending:
                 self.pending[k] = self.group.comm.Iallreduce(MPI.IN_PLACE, self.flat[start:end], op=MPI.SUM)

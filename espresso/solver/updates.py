@@ -250,7 +250,7 @@ class ArenaUpdater:
         """The same steps as below in one kernel (SGD on a GPU)."""
         self.clip(g)
         kernel, segments = self.fused
-        if not _is_device_scalar(rate):
+        if not _is_device_scalar(rate) and not self.net.backend.host_arrays:  # (a host kernel takes the scalar)
             rate = self.net.backend.to_device(np.array(rate, self.f))
         regularization = {"L2": 1, "L1": 2}[self.p.regularization_type] if self.regularize else 0
         kernel(w, g, self.rule.history[0], segments, rate, self.f(self.p.momentum),

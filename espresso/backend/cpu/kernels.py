@@ -39,7 +39,8 @@ gather_batch = record_iteration = csr_matrix = None
 
 def _sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):
     """Caffe's SGD step over the arena in one pass (the CUDA kernel's contract): LeNet's arena
-    (431k floats) took 0.33-0.41 ms in NumPy's 8 passes, 0.10 ms in this one (2-core VM)."""
+    (431k floats) took 0.33-0.41 ms in NumPy's 8 passes, 0.10 ms in this one (2-core VM).  `rate`: a
+    number or a 0-d array."""
     t = w.dtype.type
     fast.sgd_update(w, g, h, *segments, t(rate), t(momentum), t(normalize), regularization)
 
