@@ -1,0 +1,114 @@
+"""Start-up of a whole `espresso train` process, cold and warm (issue 20's start-up targets).
+
+    python benchmarks/startup.py [--gpu 0] [--repeats 3] [--profile DIR] [--out FILE]
+
+Each run is a fresh process: `python -m espresso.cli train --solver examples/lenet/lenet_solver.prototxt`
+in a scratch directory holding LeNet's prototxt files and the LMDBs `espresso prepare-fmnist` makes
+there first (the full Fashion-MNIST where installed, else the embedded subset), timed from before it is spawned to its exit, and the solver's own
+"Training took X s" read from its log.  A cold run is a machine that has never run Espresso: every
+cache the run could fill (CuPy's kernel binaries, Espresso's timed algorithm choices, Python's
+bytecode) points at a new, empty directory.  A warm run reuses those of the cold run before it.
+Runs alternate cold, warm.  --profile DIR also writes a cProfile of one cold and one warm run
+(DIR/cold.txt, DIR/warm.txt: the 40 largest cumulative times) and counts the NVRTC compilations
+(the files CuPy's cache holds after the cold run).  Prints the medians, the spread and the two
+ratios the issue sets (cold / warm <= 2; warm whole / warm training <= 1.5).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLVER = "examples/lenet/lenet_solver.prototxt"
+_TOOK = re.compile(r"Training took ([\d.]+) s")
+
+
+def scratch_copy(template, caches):
+    """A new working directory `caches` holding LeNet's files and LMDBs (copied from `template`)."""
+    shutil.copytree(template, caches)
+    return caches
+
+
+def make_template(template):
+    """`template`/examples/lenet: the solver, the net and the LMDBs."""
+    lenet = template / "examples" / "lenet"
+    lenet.mkdir(parents=True)
+    for name in ("lenet_solver.prototxt", "lenet_train_test.prototxt"):
+        shutil.copy(ROOT / "examples" / "lenet" / name, lenet)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    subprocess.run([sys.executable, "-m", "espresso.cli", "prepare-fmnist", "examples/lenet"], cwd=template,
+                   env=env, check=True, capture_output=True)
+    return template
+
+
+def run(caches, gpu, profile=None):
+    """(whole seconds, training seconds) of one `espresso train` process using `caches`."""
+    env = dict(os.environ, CUPY_CACHE_DIR=str(caches / "cupy"), ESPRESSO_CACHE_DIR=str(caches / "espresso"),
+               PYTHONPYCACHEPREFIX=str(caches / "pyc"), PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    command = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + [
+        "-m", "espresso.cli", "train", "--solver", SOLVER] + (["--gpu", gpu] if gpu is not None else [])
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=caches, env=env, capture_output=True, text=True)
+    whole = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return whole, float(_TOOK.search(done.stderr + done.stdout).group(1))
+
+
+def profile_text(path):
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(str(path), stream=text).sort_stats("cumulative").print_stats(40)
+    return text.getvalue()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", default=None, help="the GPU to train on (default: the CPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = p.parse_args()
+    runs = {"cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        template = make_template(Path(scratch) / "template")
+        for i in range(args.repeats):
+            caches = scratch_copy(template, Path(scratch) / f"run{i}")
+            for kind in ("cold", "warm"):
+                runs[kind].append(run(caches, args.gpu))
+                print(f"{kind}: whole {runs[kind][-1][0]:.2f} s, training {runs[kind][-1][1]:.2f} s", flush=True)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            caches = scratch_copy(template, Path(scratch) / "profiled")
+            for kind in ("cold", "warm"):
+                run(caches, args.gpu, args.profile / f"{kind}.prof")
+                (args.profile / f"{kind}.txt").write_text(profile_text(args.profile / f"{kind}.prof"))
+            compiled = sum(1 for f in (caches / "cupy").rglob("*") if f.is_file())
+            (args.profile / "compiled.txt").write_text(f"{compiled} files in CuPy's kernel cache after a cold run\n")
+            print(f"{compiled} files in CuPy's kernel cache after a cold run")
+    median = {kind: [statistics.median(r[j] for r in rs) for j in (0, 1)] for kind, rs in runs.items()}
+    spread = {kind: [(min(r[j] for r in rs), max(r[j] for r in rs)) for j in (0, 1)] for kind, rs in runs.items()}
+    for kind in runs:
+        (w0, w1), (t0, t1) = spread[kind]
+        print(f"{kind}: whole {median[kind][0]:.2f} s ({w0:.2f}-{w1:.2f}), training {median[kind][1]:.2f} s ({t0:.2f}-{t1:.2f})")
+    cold_over_warm = median["cold"][0] / median["warm"][0]
+    warm_over_training = median["warm"][0] / median["warm"][1]
+    print(f"cold / warm whole {cold_over_warm:.2f} (target <= 2); warm whole / training {warm_over_training:.2f} (target <= 1.5)")
+    if args.out:
+        args.out.write_text(json.dumps({"device": f"gpu {args.gpu}" if args.gpu is not None else "cpu",
+                                        "runs": runs, "cold_over_warm": cold_over_warm,
+                                        "warm_over_training": warm_over_training}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
