@@ -2,16 +2,19 @@
 
     python benchmarks/startup.py [--gpu 0] [--repeats 3] [--profile DIR] [--out FILE]
 
-Each run is a fresh process: `python -m espresso.cli train --solver examples/lenet/lenet_solver.prototxt`
+Each run is a fresh process, `python -m espresso.cli train --solver examples/lenet/lenet_solver.prototxt`,
 in a scratch directory holding LeNet's prototxt files and the LMDBs `espresso prepare-fmnist` makes
-there first (the full Fashion-MNIST where installed, else the embedded subset), timed from before it is spawned to its exit, and the solver's own
-"Training took X s" read from its log.  A cold run is a machine that has never run Espresso: every
-cache the run could fill (CuPy's kernel binaries, Espresso's timed algorithm choices, Python's
-bytecode) points at a new, empty directory.  A warm run reuses those of the cold run before it.
-Runs alternate cold, warm.  --profile DIR also writes a cProfile of one cold and one warm run
-(DIR/cold.txt, DIR/warm.txt: the 40 largest cumulative times) and counts the NVRTC compilations
-(the files CuPy's cache holds after the cold run).  Prints the medians, the spread and the two
-ratios the issue sets (cold / warm <= 2; warm whole / warm training <= 1.5).
+there first (the full Fashion-MNIST where installed, else the embedded subset).  It is timed from
+before it is spawned to its exit, and the solver's own "Training took X s" read from its log.
+
+A cold run is a machine that has never run Espresso: every cache the run could fill (CuPy's kernel
+binaries, Espresso's timed algorithm choices, Python's bytecode) points at a new, empty directory.
+A warm run reuses those of the cold run before it.  Runs alternate cold, warm.
+
+--profile DIR also writes a cProfile of one cold and one warm run (DIR/cold.txt, DIR/warm.txt: the
+40 largest cumulative times) and counts the NVRTC compilations (the files CuPy's cache holds after
+the cold run).  Prints the medians, the spread and the two ratios the issue sets (cold / warm <= 2;
+warm whole / warm training <= 1.5).
 """
 
 import argparse
@@ -100,10 +103,12 @@ def main():
     spread = {kind: [(min(r[j] for r in rs), max(r[j] for r in rs)) for j in (0, 1)] for kind, rs in runs.items()}
     for kind in runs:
         (w0, w1), (t0, t1) = spread[kind]
-        print(f"{kind}: whole {median[kind][0]:.2f} s ({w0:.2f}-{w1:.2f}), training {median[kind][1]:.2f} s ({t0:.2f}-{t1:.2f})")
+        print(f"{kind}: whole {median[kind][0]:.2f} s ({w0:.2f}-{w1:.2f}), "
+              f"training {median[kind][1]:.2f} s ({t0:.2f}-{t1:.2f})")
     cold_over_warm = median["cold"][0] / median["warm"][0]
     warm_over_training = median["warm"][0] / median["warm"][1]
-    print(f"cold / warm whole {cold_over_warm:.2f} (target <= 2); warm whole / training {warm_over_training:.2f} (target <= 1.5)")
+    print(f"cold / warm whole {cold_over_warm:.2f} (target <= 2); "
+          f"warm whole / training {warm_over_training:.2f} (target <= 1.5)")
     if args.out:
         args.out.write_text(json.dumps({"device": f"gpu {args.gpu}" if args.gpu is not None else "cpu",
                                         "runs": runs, "cold_over_warm": cold_over_warm,
