@@ -173,8 +173,9 @@ def _small_solver():
     from espresso.proto import caffe_pb2
     from espresso.proto.text import parse_text
 
-    param = parse_text('base_lr: 0.01 lr_policy: "fixed" display: 10 max_iter: 100 test_iter: 1 test_interval: 50',
-                       caffe_pb2.SolverParameter())
+    # no snapshot at the end: it would land in the working directory
+    param = parse_text('base_lr: 0.01 lr_policy: "fixed" display: 10 max_iter: 100 test_iter: 1 test_interval: 50 '
+                       'snapshot_after_train: false', caffe_pb2.SolverParameter())
     param.net_param.CopyFrom(parse_text(NET, caffe_pb2.NetParameter()))
     return espresso.get_solver(param)
 
