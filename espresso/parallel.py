@@ -12,11 +12,12 @@ or from Python, in a script that mpiexec starts:
     solver.solve()
 
 MPI (mpi4py; `pip install espresso-nn[mpi]` brings MPICH, whose mpiexec needs no system step)
-starts and connects the processes, on one machine or many.  On the CPU the gradients are summed
-by MPI_Allreduce over the flat gradient arena, in buckets of BUCKET_BYTES, each started as
-soon as the backward pass has finished it (iter_size 1); on GPUs by NCCL (through CuPy) on the
-backend's stream after the backward pass, inside the iteration's CUDA graph, one GPU per rank
-(rank i of a machine takes its GPU i), the NCCL id broadcast through MPI.  The sum is scaled
+starts and connects the processes, on one machine or many.  The gradients are summed
+over the flat gradient arena, in buckets of BUCKET_BYTES, each started as soon as the backward
+pass has finished it (iter_size 1; with several passes, the whole arena after the last): on the
+CPU by MPI_Iallreduce; on GPUs by NCCL (through CuPy) on a stream of its own, concurrent with
+the rest of the backward pass and inside the iteration's CUDA graph, one GPU per rank (rank i of
+a machine takes its GPU i), the NCCL id broadcast through MPI.  The sum is scaled
 by 1/N, as Caffe's NCCL does: with each rank's loss normalized by its own batch, the update is
 the one of a single solver on the combined batch of batch x N.
 
@@ -47,6 +48,7 @@ import time
 import numpy as np
 
 from espresso import runtime
+from espresso.backend import address
 from espresso.errors import EspressoError
 
 log = logging.getLogger("espresso")
@@ -107,8 +109,8 @@ class Group:
         net = solver.net
         if not net.backend.host_arrays:
             self.nccl = _Nccl(self, net.backend)
-        elif solver.param.iter_size == 1:  # (with several passes, only the last one's gradients are final)
-            self.buckets = _Buckets(self, solver)
+        if solver.param.iter_size == 1:  # (with several passes, only the last one's gradients are final)
+            self.buckets = (_MpiBuckets if self.nccl is None else _NcclBuckets)(self, solver)
         self.broadcast(net.arena_data)  # the solver averages the gradients before each update (share_gradients)
         if self.rank:  # its own random stream from here (dropout), as Caffe's random_seed + rank (rank 0 goes on)
             runtime.set_random_seed((solver.param.random_seed if solver.param.random_seed >= 0 else self.seed)
@@ -139,10 +141,10 @@ class Group:
 
     def average(self, flat):
         """flat = the mean over ranks of flat (each rank's), in place: summed in buckets, scaled by 1/N."""
-        if self.nccl is not None:
-            self.nccl.all_reduce(flat)
-        elif self.buckets is not None and flat is self.buckets.flat:
+        if self.buckets is not None and flat is self.buckets.flat:
             self.buckets.finish()
+        elif self.nccl is not None:
+            self.nccl.all_reduce(flat)
         else:
             MPI, step = _mpi(), max(1, BUCKET_BYTES // flat.itemsize)
             for start in range(0, flat.size, step):
@@ -186,51 +188,90 @@ def _tested(request):
     return lambda: (request.Test(), None)
 
 
+def _bucket_runs(net):
+    """The gradient arena cut at parameter boundaries into runs of about BUCKET_BYTES, from its
+    end: [[start, end, i]], each final once the backward pass has done layer i, the lowest
+    layer using any of its parameters (the last layers' gradients are final first)."""
+    flat = net.arena_diff
+    base, item = address(flat), flat.itemsize
+    params = {}  # arena start -> (end, the lowest layer using it)
+    for i, layer in enumerate(net.engine_layers):
+        for blob in layer.blobs:
+            start = (address(blob.diff) - base) // item
+            end, first = params.get(start, (start + blob.count, i))
+            params[start] = (end, min(first, i))
+    runs, run = [], None
+    for start in sorted(params, reverse=True):
+        end, first = params[start]
+        if run is None or (run[1] - run[0]) * item >= BUCKET_BYTES:
+            run = [start, end, first]
+            runs.append(run)
+        run[0], run[2] = start, min(run[2], first)
+    return runs
+
+
 class _Buckets:
-    """A CPU rank's gradient arena cut at parameter boundaries into runs of about BUCKET_BYTES,
-    each all-reduced (MPI_Iallreduce) as soon as the backward pass has gone below every layer
-    using it (the last layers' gradients are final first), while the pass goes on; MPI is given
-    a turn after each layer (MPICH makes no progress of its own), and the update waits for all.
-    A solver with pycaffe callbacks (fixed point rounds the gradients in one) sums after them."""
+    """The gradient arena's runs (_bucket_runs), each summed over the ranks as soon as the
+    backward pass has made it final, while the pass goes on: on the CPU by MPI_Iallreduce (MPI
+    given a turn after each layer: MPICH makes no progress of its own); on GPUs by NCCL on a
+    stream of its own that waits for the layer's work on the main and side streams.  The update
+    waits for all.  A solver with pycaffe callbacks (fixed point rounds the gradients in one)
+    sums after them."""
 
     def __init__(self, group, solver):
         net = solver.net
-        self.group, self.solver, self.flat = group, solver, net.arena_diff
-        base, item = self.flat.__array_interface__["data"][0], self.flat.itemsize
-        params = {}  # arena start -> (end, the lowest layer using it)
-        for i, layer in enumerate(net.engine_layers):
-            for blob in layer.blobs:
-                start = (blob.diff.__array_interface__["data"][0] - base) // item
-                end, first = params.get(start, (start + blob.count, i))
-                params[start] = (end, min(first, i))
-        self.runs, run = [], None  # [start, end, ready after layer i's backward]
-        for start in sorted(params, reverse=True):
-            end, first = params[start]
-            if run is None or (run[1] - run[0]) * item >= BUCKET_BYTES:
-                run = [start, end, first]
-                self.runs.append(run)
-            run[0], run[2] = start, min(run[2], first)
-        self.pending, self.MPI = {}, _mpi()
-        net.after_backward(self.layer_done)
+        self.group, self.solver, self.flat, self.backend = group, solver, net.arena_diff, net.backend
+        self.runs, self.pending = _bucket_runs(net), {}
+        net.gradients_final.append(self.layer_done)
 
     def layer_done(self, i, deferred=False):
         if self.solver._callbacks and not deferred:  # they may write the gradients: sum after them
             return
-        MPI = self.MPI
         for k, (start, end, ready) in enumerate(self.runs):
             if ready == i and k not in self.pending:
-                self.pending[k] = self.group.comm.Iallreduce(MPI.IN_PLACE, self.flat[start:end], op=MPI.SUM)
-        for request in self.pending.values():
-            request.Test()
+                self.pending[k] = self._start(self.flat[start:end])
+        self._progress()
 
     def finish(self):
         """Start what a backward pass did not reach, wait for all (the update's gradients)."""
         for k in range(len(self.runs)):
             if k not in self.pending:
                 self.layer_done(self.runs[k][2], deferred=True)
+        self._wait_all()
+        self.pending = {}
+
+
+class _MpiBuckets(_Buckets):
+    def __init__(self, group, solver):
+        super().__init__(group, solver)
+        self.MPI = _mpi()
+
+    def _start(self, run):
+        return self.group.comm.Iallreduce(self.MPI.IN_PLACE, run, op=self.MPI.SUM)
+
+    def _progress(self):
+        for request in self.pending.values():
+            request.Test()
+
+    def _wait_all(self):
         for request in self.pending.values():
             self.group._wait(_tested(request))
-        self.pending = {}
+
+
+class _NcclBuckets(_Buckets):
+    def __init__(self, group, solver):
+        super().__init__(group, solver)
+        self.stream = self.backend.xp.cuda.Stream(non_blocking=True)
+
+    def _start(self, run):
+        self.backend.queue_after(self.stream)  # the run's gradients, from either stream, are done
+        self.group.nccl.all_reduce(run, self.stream)
+
+    def _progress(self):
+        pass  # NCCL's kernels progress on their own
+
+    def _wait_all(self):
+        self.backend.stream.wait_event(self.stream.record(self.backend.xp.cuda.Event(disable_timing=True)))
 
 
 class _Nccl:
@@ -247,9 +288,10 @@ class _Nccl:
         return {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}[
             np.dtype(array.dtype)]
 
-    def all_reduce(self, flat):
+    def all_reduce(self, flat, stream=None):
+        """flat = its sum over the ranks, in place, queued on `stream` (default: the backend's)."""
         self.comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, self._type(flat), self.nccl.NCCL_SUM,
-                            self.backend.stream.ptr)
+                            (stream or self.backend.stream).ptr)
 
     def broadcast(self, array):
         self.comm.bcast(array.data.ptr, array.size, self._type(array), 0, self.backend.stream.ptr)

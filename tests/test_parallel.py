@@ -222,10 +222,12 @@ def test_a_train_data_layer_on_the_gpu_reads_its_shard(tmp_path, transform):
 
 
 @gpu_test
-def test_a_gpu_rank_all_reduces_over_nccl_inside_the_graph_and_trains_as_one_gpu(tmp_path):
+def test_a_gpu_rank_all_reduces_over_nccl_inside_the_graph_and_trains_as_one_gpu(tmp_path, monkeypatch):
     """One rank per GPU present (here the group is this process alone): NCCL's all-reduce runs
-    in the captured iteration and the weights are the single-GPU run's."""
+    in buckets started during the backward pass, on a stream of its own, captured in the
+    iteration's graph, and the weights are the single-GPU run's."""
     pytest.importorskip("mpi4py")
+    monkeypatch.setattr(espresso.parallel, "BUCKET_BYTES", 40000)  # LeNet's arena in three runs
     solver_path, _ = _solver(tmp_path, "nccl", 32, 6, 0)
     espresso.set_mode_gpu()
     try:
@@ -234,11 +236,15 @@ def test_a_gpu_rank_all_reduces_over_nccl_inside_the_graph_and_trains_as_one_gpu
         group = espresso.parallel.start()
         try:
             ranked = group.attach(espresso.get_solver(solver_path))
+            started = []  # the buckets started after each layer's backward, in the first (eager) pass
+            ranked.net.gradients_final.append(lambda i: started.append(len(group.buckets.pending)))
             ranked.solve()
         finally:
             espresso.set_solver_rank(0)
             espresso.set_solver_count(1)
         assert group.nccl is not None and ranked._loop is not None  # NCCL, in the graphed loop
+        runs, layers = len(group.buckets.runs), len(ranked.net.engine_layers)
+        assert runs == 3 and 0 < started[layers // 2] < runs == started[layers - 1]
         got, want = (s.net.backend.to_host(s.net.arena_data) for s in (ranked, plain))
     finally:
         espresso.set_mode_cpu()
@@ -253,7 +259,7 @@ def test_cpu_buckets_cover_the_arena_and_start_while_backward_goes_on(tmp_path, 
     solver_path, _ = _solver(tmp_path, "buckets", 16, 1, 0)
     solver = espresso.get_solver(solver_path)
     net = solver.net
-    buckets = espresso.parallel._Buckets(espresso.parallel.Group(MPI.COMM_SELF), solver)
+    buckets = espresso.parallel._MpiBuckets(espresso.parallel.Group(MPI.COMM_SELF), solver)
     names = list(net.layer_dict)
     # from the end: ip2 (20 kB) joins ip1 (1.6 MB); conv2 (100 kB); conv1; each ready below its lowest layer
     assert sorted(buckets.runs) == [[0, 520, names.index("conv1")], [520, 25570, names.index("conv2")],

@@ -47,6 +47,7 @@ class Net(PycaffeNet):
         self._host_sync = None if self.backend.host_arrays else host_sync(self.backend)
         self._graphs, self._loss = graphs.GraphCache(self.backend), self.backend.xp.zeros((), dtype)
         self._callbacks = {when: [] for when in CALLBACKS}  # pycaffe's before_forward(...) etc.
+        self.gradients_final = []  # f(i) after layer i's backward and its callbacks (data-parallel buckets)
         self._sums = None  # output_sums()
         builder = Builder(self.phase, param.force_backward, self.backend, self.dtype, allow_python)
         vars(self).update(builder.build(insert_splits(filter_layers(param, lines, self.source)), self.source))
@@ -182,6 +183,8 @@ class Net(PycaffeNet):
                         layer = self.engine_layers[i]
                         layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
                 self._call("after_backward", i)
+                for final in self.gradients_final:
+                    final(i)
 
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""

@@ -133,6 +133,12 @@ class CUDABackend(Backend):
                 self.cudnn.use_side(False)
             self._side_done = self.side.record(self.xp.cuda.Event(disable_timing=True))
 
+    def queue_after(self, stream):
+        """`stream`'s next work waits for all the work queued so far, on the main stream and aside."""
+        stream.wait_event(self.stream.record(self.xp.cuda.Event(disable_timing=True)))
+        if self._side_done is not None:
+            stream.wait_event(self._side_done)
+
     def join(self):
         """The main stream waits for the work put aside so far."""
         if self._side_done is not None:
