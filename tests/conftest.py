@@ -31,3 +31,10 @@ def _cpu_mode():
     espresso.set_mode_cpu()
     espresso.set_random_seed(1701)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _choice_cache(tmp_path_factory):
+    """The GPU's timed choices (espresso/backend/cuda/choices.py) go to this session's directory,
+    not the user's cache; subprocesses inherit it."""
+    os.environ["ESPRESSO_CACHE_DIR"] = str(tmp_path_factory.mktemp("espresso-cache"))

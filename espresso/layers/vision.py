@@ -5,6 +5,7 @@ Spatial parameters in either Caffe spelling (repeated kernel_size/stride/pad/dil
 fields (CAFFE, CUDNN) are accepted and ignored: every engine computes the same values here.
 """
 
+import json
 import math
 
 import numpy as np
@@ -308,8 +309,8 @@ class _BaseConvolution(Layer):
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on
         this layer's blobs (as graph replays), keep the fastest, then time that against im2col +
-        GEMM and keep the faster engine.  Param diffs are restored after (timing accumulates)."""
-        saved = [blob.diff.copy() for blob in self.blobs] if which else []
+        GEMM and keep the faster engine.  Param diffs are restored after (timing accumulates).
+        The choice is kept in the backend's on-disk cache, and taken from it when there."""
         if which == 0:
             directions = ["BackwardData" if self.transposed else "Forward"]
             cudnn, gemm = self._cudnn_forward, self._gemm_forward
@@ -317,18 +318,40 @@ class _BaseConvolution(Layer):
             to_image = "Forward" if self.transposed else "BackwardData"
             directions = ["BackwardFilter"] * self._want_params()[0] + [to_image] * any(args[1])
             cudnn, gemm = self._cudnn_backward, self._gemm_backward
+        options = {direction: self.plan.options(direction) for direction in directions}
+        key = json.dumps([self.backend.cudnn.policy, self.backend.cudnn.tf32, self.plan.key, self.transposed,
+                          directions, self.core is not None], default=int)  # (numpy integers)
+        if not self._recall(self.backend.choices.get(key), options, which):
+            self._time_choices(which, directions, options, {"cudnn": cudnn} | ({"gemm": gemm} if self.core else {}),
+                               args)
+            self.backend.choices.put(key, {"algos": {d: self.plan.algo[d][0] for d in directions},
+                                           "engine": self.engines[which]})
+        if self.engines == ["cudnn", "cudnn"]:
+            self.core = None  # its column buffers are not needed
+        return self.engines[which]
+
+    def _recall(self, known, options, which):
+        """Take a cached choice (True), unless there is none or it is no longer among the options."""
+        if known is None or (known["engine"] == "gemm" and self.core is None):
+            return False
+        algos = {d: [o for o in options[d] if o[0] == known["algos"].get(d)] for d in options}
+        if not all(algos.values()):
+            return False
+        for direction, (option, *_) in algos.items():
+            self.plan.algo[direction] = option
+        self.engines[which] = known["engine"]
+        return True
+
+    def _time_choices(self, which, directions, options, engines, args):
+        saved = [blob.diff.copy() for blob in self.blobs] if which else []
         for direction in directions:
-            options = self.plan.options(direction)
-            times = [self._time(self._with_algo, direction, option, cudnn, args) for option in options]
-            self.plan.algo[direction] = options[times.index(min(times))]
-        engines = {"cudnn": cudnn} | ({"gemm": gemm} if self.core else {})
+            times = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
+                     for option in options[direction]]
+            self.plan.algo[direction] = options[direction][times.index(min(times))]
         times = {name: self._time(run, *args) for name, run in engines.items()}
         self.engines[which] = min(times, key=times.get)
         for blob, diff in zip(self.blobs, saved):
             blob.diff[...] = diff
-        if self.engines == ["cudnn", "cudnn"]:
-            self.core = None  # its column buffers are not needed
-        return self.engines[which]
 
     def _with_algo(self, direction, option, run, args):
         self.plan.algo[direction] = option

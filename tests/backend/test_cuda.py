@@ -825,6 +825,33 @@ def test_2d_convolutions_take_cudnn_where_present():
     assert "cuDNN" in gpu.describe() and gpu.describe()["cuDNN"].startswith("9.")
 
 
+@gpu_test
+def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
+    """A second process (here: a fresh read of the cache file) running a convolution of a shape
+    timed before takes the kept choice instead of timing again, and runs as the first did."""
+    from espresso.backend.cuda.choices import Choices
+    from espresso.layers.vision import ConvolutionLayer
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    snippet, x = conv("num_output: 6 kernel_size: 3 pad: 1"), rng.standard_normal((3, 5, 7, 9))
+    dy = rng.standard_normal((3, 6, 7, 9))
+    first = LayerRun(snippet, [x], device="cuda:0")
+    first.forward()
+    first.backward([dy], [True])
+    assert gpu.choices.path is not None and gpu.choices.path.exists()
+    monkeypatch.setattr(gpu, "choices", Choices(gpu.choices.path.parent, gpu._setup()))
+    monkeypatch.setattr(ConvolutionLayer, "_time_choices", lambda *args: pytest.fail("timed again"))
+    second = LayerRun(snippet, [x], device="cuda:0")
+    second.layer.blobs[0].data[...] = first.layer.blobs[0].data
+    second.layer.blobs[1].data[...] = first.layer.blobs[1].data
+    np.testing.assert_array_equal(second.forward()[0], first.forward()[0])
+    assert second.layer.engines[0] == first.layer.engines[0]
+    second.backward([dy], [True])
+    assert second.layer.engines == first.layer.engines
+
+
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***
 # (n, Ci, H, W), (Co, kernel), stride, pad: LeNet's conv1 and conv2, a 3x3 layer of CaffeNet's
 # kind (Winograd's), CaffeNet's conv1 (11x11, stride 4)

@@ -23,7 +23,7 @@ import numpy as np
 
 from espresso import graphs
 from espresso.backend import Backend
-from espresso.backend.cuda import cudnn, kernels
+from espresso.backend.cuda import choices, cudnn, kernels
 from espresso.backend.cuda.blas import Blas
 from espresso.errors import BackendError, GraphCaptureError
 
@@ -65,6 +65,7 @@ class CUDABackend(Backend):
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
         self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
+        self.choices = choices.Choices(choices.cache_dir(), self._setup())  # timed ones, kept on disk
         self._overlap, self._side_done = False, None  # inside `overlapping`; the last aside's end event
         # deterministic: only kernels whose results never vary (im2col + GEMM for convolutions,
         # never a choice by timing); read by layers when they are set up
@@ -262,6 +263,14 @@ class CUDABackend(Backend):
         if isinstance(array, self.xp.ndarray):
             return self.xp.asnumpy(array)  # waits for the work that writes it
         return np.asarray(array)
+
+    def _setup(self):
+        """What the timed choices depend on besides the shapes: the GPU and the software stack."""
+        from espresso import __version__
+
+        described = self.describe()
+        return {what: described[what] for what in ("Device", "Compute capability", "Driver", "Runtime", "CuPy",
+                                                   "cuDNN")} | {"Espresso": __version__}
 
     def describe(self):
         runtime = self.xp.cuda.runtime

@@ -163,6 +163,8 @@ class Convolution:
 
     def __init__(self, cudnn, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
         self.cudnn = cudnn
+        # what the timed choices' cache knows this convolution by (JSON values)
+        self.key = (image_shape, data_shape, weight_shape, stride, pad, dilation, group, str(dtype))
         type_code, self.scalar = _DATA_TYPE[dtype]
         self.half = isinstance(dtype, str)  # 16-bit operands: float accumulation on tensor cores
         self.tensor = {side: self._tensor(type_code, shape) for side, shape in

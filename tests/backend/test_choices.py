@@ -1,0 +1,45 @@
+"""The on-disk cache of timed choices (espresso/backend/cuda/choices.py): plain files, no GPU."""
+
+import json
+
+from espresso.backend.cuda.choices import Choices, cache_dir
+
+SETUP = {"Device": "GPU 0: NVIDIA H100", "cuDNN": "9.1", "Espresso": "0.1.0"}
+
+
+def test_a_choice_outlives_the_process_that_made_it(tmp_path):
+    Choices(tmp_path, SETUP).put("conv", {"algos": {"Forward": 1}, "engine": "cudnn"})
+    assert Choices(tmp_path, SETUP).get("conv") == {"algos": {"Forward": 1}, "engine": "cudnn"}
+    assert Choices(tmp_path, SETUP | {"cuDNN": "9.2"}).get("conv") is None  # another set-up: its own file
+
+
+def test_writers_merge_rather_than_overwrite(tmp_path):
+    first, second = Choices(tmp_path, SETUP), Choices(tmp_path, SETUP)  # two ranks, opened together
+    first.put("a", 1)
+    second.put("b", 2)
+    assert Choices(tmp_path, SETUP).known == {"a": 1, "b": 2}
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left
+
+
+def test_a_damaged_or_unwritable_cache_is_no_cache(tmp_path):
+    Choices(tmp_path, SETUP).put("a", 1)
+    path = next(tmp_path.iterdir())
+    path.write_text("{not json")
+    assert Choices(tmp_path, SETUP).get("a") is None
+    path.write_text(json.dumps([1, 2]))
+    assert Choices(tmp_path, SETUP).get("a") is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    memory_only = Choices(blocked / "below", SETUP)  # a folder that cannot be made
+    memory_only.put("a", 1)
+    assert memory_only.get("a") == 1 and memory_only.path is None
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESPRESSO_CACHE_DIR", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("ESPRESSO_CACHE_DIR", "")
+    assert cache_dir() is None and Choices(None, SETUP).path is None
+    monkeypatch.delenv("ESPRESSO_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "espresso"
