@@ -23,8 +23,7 @@ import numpy as np
 
 from espresso import graphs
 from espresso.backend import Backend
-from espresso.backend.cuda import choices, cudnn, kernels
-from espresso.backend.cuda.blas import Blas
+from espresso.backend.cuda import blas, choices, cudnn, kernels
 from espresso.errors import BackendError, GraphCaptureError
 
 INSTALL_HINT = ("pip install cupy-cuda13x (CUDA 13 drivers) or cupy-cuda12x (CUDA 12); "
@@ -61,7 +60,7 @@ class CUDABackend(Backend):
         self.stream, self.side = cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)  # host-to-device batches (Uploader)
         self.stream.use()
-        self.blas, self._side_blas = Blas(cupy, self.stream, self), None
+        self.blas, self._side_blas = blas.Blas(cupy, self.stream, self, blas.WORKSPACE_BYTES), None
         kernels.bind_blas(index, self.blas)
         library = cudnn.library()
         self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
@@ -76,11 +75,11 @@ class CUDABackend(Backend):
 
     @property
     def side_blas(self):
-        """The side stream's cuBLAS handle, with a workspace of its own (32 MiB): made when a
+        """The side stream's cuBLAS handle, with a workspace of its own (SIDE_WORKSPACE_BYTES): made when a
         backward pass first puts work aside (in the eager run before a capture), never for
         inference."""
         if self._side_blas is None:
-            self._side_blas = Blas(self.xp, self.side, self)
+            self._side_blas = blas.Blas(self.xp, self.side, self, blas.SIDE_WORKSPACE_BYTES)
             self._side_blas.set_tf32(self.blas.tf32)
         return self._side_blas
 

@@ -24,6 +24,7 @@ from espresso.errors import BackendError
 OP_N, OP_T = 0, 1
 DEFAULT_MATH, TF32_MATH = 0, 3  # cublasMath_t: float32 semantics / TF32 tensor cores allowed
 WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
+SIDE_WORKSPACE_BYTES = 32 << 20  # the side stream's handle (parameter gradients put aside)
 MAX_PARTS, MIN_SLICE = 16, 64  # split-K: at most this many slices, each at least this long
 CUDA_R_32F, COMPUTE_32F, GEMM_DEFAULT = 0, 68, -1  # cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t
 CUDA_R_8I, CUDA_R_32I, COMPUTE_32I = 3, 10, 72
@@ -63,10 +64,10 @@ def _library():
 
 
 class Blas:
-    """One cuBLAS handle bound to `stream`, with its own workspace allocated by `xp`; `backend`'s
-    graphs are voided when a buffer of its moves."""
+    """One cuBLAS handle bound to `stream`, with a workspace of its own (`workspace_bytes`,
+    allocated by `xp`); `backend`'s graphs are voided when a buffer of its moves."""
 
-    def __init__(self, xp, stream, backend=None):
+    def __init__(self, xp, stream, backend, workspace_bytes):
         xp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, so ours is the same copy
         self.xp, self.backend, self.parts = xp, backend, {}  # parts: dtype -> (split-K buffer, ones)
         self.processors = xp.cuda.Device().attributes["MultiProcessorCount"]
@@ -74,10 +75,10 @@ class Blas:
         handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self.handle = handle
-        self.workspace = xp.empty(WORKSPACE_BYTES, np.uint8)
+        self.workspace = xp.empty(workspace_bytes, np.uint8)
         self._check(self.lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream")
         self._check(self.lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
-                                                   ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
+                                                   ctypes.c_size_t(workspace_bytes)), "cublasSetWorkspace")
         self.set_tf32(False)
 
     def set_tf32(self, allow):
