@@ -173,3 +173,27 @@ def test_a_large_blob_is_filled_row_block_by_row_block_with_the_values_of_one_dr
         filled.append(np.array(blob.data))
     np.testing.assert_array_equal(filled[0], filled[1])
     assert np.abs(filled[0]).sum() > 0
+
+
+def _openblas_timeouts():
+    import threadpoolctl
+
+    return [lib.dynlib.openblas_thread_timeout() for lib in
+            threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers
+            if hasattr(lib.dynlib, "openblas_thread_timeout")]
+
+
+def test_openblas_threads_stop_spinning_soon_unless_the_user_says(monkeypatch):
+    """OpenBLAS's idle threads spin 2^BLAS_SPIN_EXPONENT cycles, not its default 2^28, after
+    the CPU backend starts; a user's OPENBLAS_THREAD_TIMEOUT is left to work."""
+    from espresso.backend import cpu
+
+    if not _openblas_timeouts():
+        pytest.skip("NumPy's BLAS is not an OpenBLAS that exports its thread controls")
+    cpu.shorten_blas_spin()
+    assert set(_openblas_timeouts()) == {cpu.BLAS_SPIN_EXPONENT} and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    np.dot(np.ones((512, 512)), np.ones((512, 512)))  # the threads start again, and work
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "12")
+    monkeypatch.setattr(cpu, "BLAS_SPIN_EXPONENT", 6)
+    cpu.shorten_blas_spin()
+    assert set(_openblas_timeouts()) == {4}  # left alone: the user's variable is OpenBLAS's to read
