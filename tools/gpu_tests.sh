@@ -28,4 +28,9 @@ except Exception as e:  # the log then says why the GPU tests skip
     print(f"# no GPU backend: {e}")
 PY
 } > "$log"
-PYTHONPATH=.:${PYTHONPATH:-} python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$log"
+# unbuffered, so nothing is lost if the process dies at exit; its status goes into the log
+PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} python3 -X faulthandler -m pytest -q -p no:cacheprovider "$@" 2>&1 \
+    | tee -a "$log"
+status=${PIPESTATUS[0]}
+echo "# pytest exit status: $status" >> "$log"
+exit "$status"
