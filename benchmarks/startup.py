@@ -63,7 +63,10 @@ def run(caches, gpu, profile=None):
     whole = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return whole, float(_TOOK.search(done.stderr + done.stdout).group(1))
+    took = _TOOK.search(done.stderr + done.stdout)
+    if took is None:
+        sys.exit(f"{' '.join(command)} logged no 'Training took':\n{done.stderr[-3000:]}")
+    return whole, float(took.group(1))
 
 
 def profile_text(path):

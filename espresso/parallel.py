@@ -221,10 +221,15 @@ class _Buckets:
     def __init__(self, group, solver):
         net = solver.net
         self.group, self.solver, self.flat, self.backend = group, solver, net.arena_diff, net.backend
-        self.runs, self.pending = _bucket_runs(net), {}
+        self.runs, self.pending, self.last = _bucket_runs(net), {}, None
         net.gradients_final.append(self.layer_done)
 
     def layer_done(self, i, deferred=False):
+        if not deferred:
+            if self.last is not None and i >= self.last:  # a new pass (a pass goes down): the last one
+                self._wait_all()  # was not summed (a pycaffe backward, a failed capture); start over
+                self.pending = {}
+            self.last = i
         if self.solver._callbacks and not deferred:  # they may write the gradients: sum after them
             return
         for k, (start, end, ready) in enumerate(self.runs):
@@ -238,7 +243,7 @@ class _Buckets:
             if k not in self.pending:
                 self.layer_done(self.runs[k][2], deferred=True)
         self._wait_all()
-        self.pending = {}
+        self.pending, self.last = {}, None
 
 
 class _MpiBuckets(_Buckets):
@@ -291,7 +296,7 @@ class _Nccl:
     def all_reduce(self, flat, stream=None):
         """flat = its sum over the ranks, in place, queued on `stream` (default: the backend's)."""
         self.comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, self._type(flat), self.nccl.NCCL_SUM,
-                            (stream or self.backend.stream).ptr)
+                            (self.backend.stream if stream is None else stream).ptr)
 
     def broadcast(self, array):
         self.comm.bcast(array.data.ptr, array.size, self._type(array), 0, self.backend.stream.ptr)

@@ -1,10 +1,23 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import espresso
+
+# The GPU's timed choices (espresso/backend/cuda/choices.py) go to a directory of this session,
+# not the user's cache: set before any test module is imported (tests/devices.py makes the CUDA
+# backend then); subprocesses inherit it.
+_CHOICES = tempfile.mkdtemp(prefix="espresso-choices-")
+os.environ["ESPRESSO_CACHE_DIR"] = _CHOICES
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CHOICES, ignore_errors=True)
+
 
 # the prototxt files that ship with Caffe: ../shared/caffe-zoo beside the checkout, or $ESPRESSO_CAFFE_ZOO
 ZOO = Path(os.environ.get("ESPRESSO_CAFFE_ZOO", Path(__file__).resolve().parents[2] / "shared" / "caffe-zoo"))
@@ -31,10 +44,3 @@ def _cpu_mode():
     espresso.set_mode_cpu()
     espresso.set_random_seed(1701)
     yield
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _choice_cache(tmp_path_factory):
-    """The GPU's timed choices (espresso/backend/cuda/choices.py) go to this session's directory,
-    not the user's cache; subprocesses inherit it."""
-    os.environ["ESPRESSO_CACHE_DIR"] = str(tmp_path_factory.mktemp("espresso-cache"))

@@ -266,12 +266,17 @@ def test_cpu_buckets_cover_the_arena_and_start_while_backward_goes_on(tmp_path, 
                                     [25570, net.arena_diff.size, names.index("ip1")]]
     runs = buckets.runs
     started = []
-    net.after_backward(lambda i: started.append(len(buckets.pending)))
+    net.gradients_final.append(lambda i: started.append(len(buckets.pending)))  # after the buckets' own
     net.forward_backward()
     assert started == sorted(started) and 0 < started[len(started) // 2] < len(runs) == started[-1]
     gradients = net.arena_diff.copy()
     buckets.finish()
     np.testing.assert_array_equal(net.arena_diff, gradients)
+    net.forward_backward()  # a pass never summed (a pycaffe loop's backward), then one that is:
+    started.clear()
+    net.forward_backward()  # it starts every bucket again, rather than skip the stale ones
+    assert started[0] == 0 and started[-1] == len(runs)
+    buckets.finish()
     solver.add_callback(lambda: None, lambda: None)  # (fixed point rounds the gradients in one)
     started.clear()
     net.forward_backward()

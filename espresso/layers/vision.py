@@ -320,7 +320,8 @@ class _BaseConvolution(Layer):
             cudnn, gemm = self._cudnn_backward, self._gemm_backward
         options = {direction: self.plan.options(direction) for direction in directions}
         key = json.dumps([self.backend.cudnn.policy, self.backend.cudnn.tf32, self.plan.key, self.transposed,
-                          directions, self.core is not None], default=int)  # (numpy integers)
+                          self.p.bias_term, len(args[0]), directions, self.core is not None],
+                         default=int)  # (numpy integers)
         if not self._recall(self.backend.choices.get(key), options, which):
             self._time_choices(which, directions, options, {"cudnn": cudnn} | ({"gemm": gemm} if self.core else {}),
                                args)
@@ -331,15 +332,17 @@ class _BaseConvolution(Layer):
         return self.engines[which]
 
     def _recall(self, known, options, which):
-        """Take a cached choice (True), unless there is none or it is no longer among the options."""
-        if known is None or (known["engine"] == "gemm" and self.core is None):
+        """Take a cached choice (True), unless there is none, it is malformed, or it is no longer
+        among the options (another workspace limit, a gemm engine without its columns)."""
+        try:
+            engine, algos = known["engine"], {d: [o for o in options[d] if o[0] == known["algos"][d]] for d in options}
+        except (TypeError, KeyError):
             return False
-        algos = {d: [o for o in options[d] if o[0] == known["algos"].get(d)] for d in options}
-        if not all(algos.values()):
+        if engine not in ("cudnn", "gemm") or (engine == "gemm" and self.core is None) or not all(algos.values()):
             return False
         for direction, (option, *_) in algos.items():
             self.plan.algo[direction] = option
-        self.engines[which] = known["engine"]
+        self.engines[which] = engine
         return True
 
     def _time_choices(self, which, directions, options, engines, args):

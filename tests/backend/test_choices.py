@@ -1,8 +1,13 @@
 """The on-disk cache of timed choices (espresso/backend/cuda/choices.py): plain files, no GPU."""
 
 import json
+import types
+from pathlib import Path
+
+import numpy as np
 
 from espresso.backend.cuda.choices import Choices, cache_dir
+from espresso.testing import LayerRun
 
 SETUP = {"Device": "GPU 0: NVIDIA H100", "cuDNN": "9.1", "Espresso": "0.1.0"}
 
@@ -35,6 +40,22 @@ def test_a_damaged_or_unwritable_cache_is_no_cache(tmp_path):
     assert memory_only.get("a") == 1 and memory_only.path is None
 
 
+def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
+    """The layer's side (espresso/layers/vision.py): a malformed entry, an engine it does not
+    know, or an algorithm no longer among the candidates counts as no entry (it is timed anew)."""
+    layer = LayerRun('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
+                     [np.ones((1, 1, 5, 5))]).layer
+    layer.plan, layer.engines, layer.core = types.SimpleNamespace(algo={}), [None, None], None
+    options = {"Forward": [(1, 0), (6, 4096)]}
+    for known in [None, [], {"algos": {"Forward": 6}}, {"engine": "cudnn"}, {"engine": "cudnn", "algos": None},
+                  {"engine": "cudnn", "algos": {}}, {"engine": "fast", "algos": {"Forward": 6}},
+                  {"engine": "gemm", "algos": {"Forward": 6}},  # no columns to run im2col + GEMM with
+                  {"engine": "cudnn", "algos": {"Forward": 7}}]:
+        assert not layer._recall(known, options, 0) and layer.plan.algo == {} and layer.engines == [None, None]
+    assert layer._recall({"engine": "cudnn", "algos": {"Forward": 6}}, options, 0)
+    assert layer.plan.algo == {"Forward": (6, 4096)} and layer.engines == ["cudnn", None]
+
+
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ESPRESSO_CACHE_DIR", str(tmp_path))
     assert cache_dir() == tmp_path
@@ -43,3 +64,6 @@ def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ESPRESSO_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "espresso"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert cache_dir() is None  # a user with no home directory: no cache, no error

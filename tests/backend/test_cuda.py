@@ -843,13 +843,15 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     assert gpu.choices.path is not None and gpu.choices.path.exists()
     monkeypatch.setattr(gpu, "choices", Choices(gpu.choices.path.parent, gpu._setup()))
     monkeypatch.setattr(ConvolutionLayer, "_time_choices", lambda *args: pytest.fail("timed again"))
+    monkeypatch.setattr(gpu.cudnn, "_plans", {})  # a new plan, whose algorithms the cache alone sets
     second = LayerRun(snippet, [x], device="cuda:0")
     second.layer.blobs[0].data[...] = first.layer.blobs[0].data
     second.layer.blobs[1].data[...] = first.layer.blobs[1].data
     np.testing.assert_array_equal(second.forward()[0], first.forward()[0])
     assert second.layer.engines[0] == first.layer.engines[0]
     second.backward([dy], [True])
-    assert second.layer.engines == first.layer.engines
+    assert second.layer.engines == first.layer.engines and second.layer.plan is not first.layer.plan
+    assert second.layer.plan.algo == first.layer.plan.algo
 
 
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***

@@ -63,8 +63,9 @@ def shorten_blas_spin():
     beside the spinning threads, up to 10x slower on this 2-core VM (the SGD step 2.3 against
     0.22 ms); LeNet's step went 14.8 -> 13.0-13.7 ms.  OpenBLAS reads the variable when its
     threads start, so they are restarted (openblas_read_env, blas_thread_shutdown_: exported by
-    its builds; anything else is left alone)."""
-    if os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
+    its builds; anything else is left alone).  Called where the backend is made: no GEMM runs
+    on another thread then."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:  # (the user's, even empty: OpenBLAS's to read)
         return
     for lib in threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers:
         dynlib = lib.dynlib

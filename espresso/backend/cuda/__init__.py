@@ -189,6 +189,7 @@ class CUDABackend(Backend):
 
     def _best_replay_ms(self, run, copies, repeats):
         graph = self.capture(run)
+        self.device.synchronize()  # nothing else runs meanwhile (data-parallel buckets on their own stream)
         best = float("inf")
         for _ in range(repeats):
             start = self.mark()
@@ -267,9 +268,9 @@ class CUDABackend(Backend):
         """What the timed choices depend on besides the shapes: the GPU and the software stack."""
         from espresso import __version__
 
-        described = self.describe()
-        return {what: described[what] for what in ("Device", "Compute capability", "Driver", "Runtime", "CuPy",
-                                                   "cuDNN")} | {"Espresso": __version__}
+        described = self.describe()  # (its "Device" names the index too: ranks of one machine share a file)
+        return {what: described[what] for what in ("Compute capability", "Driver", "Runtime", "CuPy", "cuDNN")} | {
+            "GPU": described["Device"].split(": ", 1)[-1], "Espresso": __version__}
 
     def describe(self):
         runtime = self.xp.cuda.runtime

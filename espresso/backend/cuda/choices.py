@@ -1,14 +1,15 @@
 """Choices made by timing (a convolution's cuDNN algorithms and engine), kept on disk so that a
 process running a net this machine has run before skips the timing, as cuDNN's own users keep
-"find" results.  One JSON file per machine set-up: the GPU, its driver, CUDA, cuDNN and CuPy,
-Espresso's version and the options that change what is timed (the numerics policy, TF32) name
-it, so a change of any of them starts a new file rather than reusing stale choices.
+"find" results.  One JSON file per machine set-up: the GPU model, its driver, CUDA, cuDNN, CuPy,
+Espresso's version and this file's FORMAT name it, so a change of any of them starts a new file
+rather than reusing stale choices; what else a choice depends on (the shapes, the numerics
+policy, TF32) is in its key.
 
 The directory is $ESPRESSO_CACHE_DIR, else $XDG_CACHE_HOME/espresso, else ~/.cache/espresso;
 ESPRESSO_CACHE_DIR set empty turns the cache off.  Writes replace the file atomically (a
-temporary file and a rename), merged with what other processes (MPI ranks) wrote meanwhile; an
-unreadable file counts as empty.  Only choices are kept, never results: a cached choice runs the
-same kernels a fresh timing could have picked.
+temporary file and a rename), merged with what other processes (MPI ranks on the machine) wrote
+meanwhile; an unreadable file counts as empty, and the reader checks each entry it takes.  Only
+choices are kept, never results: a cached choice runs kernels a fresh timing could have picked.
 """
 
 import hashlib
@@ -17,13 +18,20 @@ import os
 import tempfile
 from pathlib import Path
 
+FORMAT = 1  # of the entries (espresso/layers/vision.py writes and checks them)
+
 
 def cache_dir():
     """Where the choice files live, or None when the cache is off."""
     chosen = os.environ.get("ESPRESSO_CACHE_DIR")
     if chosen is not None:
         return Path(chosen) if chosen else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home (a container's arbitrary user): no cache
+            return None
     return Path(base) / "espresso"
 
 
@@ -32,6 +40,7 @@ class Choices:
     a file in `folder` (None: in memory only)."""
 
     def __init__(self, folder, context):
+        context = {**context, "format": FORMAT}
         digest = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(folder) / f"choices-{digest}.json" if folder is not None else None
         self.known = self._read()
@@ -51,6 +60,7 @@ class Choices:
         self.known[key] = value
         if self.path is None:
             return
+        temporary = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.known = {**self._read(), **self.known}
@@ -58,5 +68,7 @@ class Choices:
             with os.fdopen(handle, "w") as f:
                 json.dump(self.known, f)
             os.replace(temporary, self.path)
-        except OSError:  # a read-only home: the choices are kept for this process only
+        except OSError:  # a read-only home, a full disk: the choices are kept for this process only
+            if temporary is not None and os.path.exists(temporary):
+                os.unlink(temporary)
             self.path = None
