@@ -61,7 +61,7 @@ def shorten_blas_spin():
     than its default 2^28 (about 0.1 s), unless the user set OPENBLAS_THREAD_TIMEOUT.  Between
     two GEMMs of a training step the single-threaded work (im2col, pooling, the SGD step) ran
     beside the spinning threads, up to 10x slower on this 2-core VM (the SGD step 2.3 against
-    0.22 ms); LeNet's step went 14.8 -> 13.0-13.7 ms.  OpenBLAS reads the variable when its
+    0.22 ms); LeNet's solver step went 14.8 -> 11.0-11.7 ms.  OpenBLAS reads the variable when its
     threads start, so they are restarted (openblas_read_env, blas_thread_shutdown_: exported by
     its builds; anything else is left alone).  Called where the backend is made: no GEMM runs
     on another thread then."""

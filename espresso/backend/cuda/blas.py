@@ -128,8 +128,8 @@ class Blas:
         for 26 us.  Split into p slices (p dividing k, each at least MIN_SLICE long) until about
         two blocks per multiprocessor, the partial products then summed by one more GEMM.  Only
         where the output leaves over half the multiprocessors idle (LeNet's training at batch
-        256, whose ip1 has 128 tiles, measured 0.370 ms with it split in two against 0.349
-        before; unconfirmed as the cause), and not where m or n is below 32: CaffeNet's fc6 at
+        256, whose ip1 has 128 tiles, took 0.370 ms with it split in two, 0.348-0.349 unsplit),
+        and not where m or n is below 32: CaffeNet's fc6 at
         batch 1 (a GEMV) ran slower split."""
         tiles = -(-m // 32) * -(-n // 32)
         if 2 * tiles > self.processors or k < 2 * MIN_SLICE or min(m, n) < 32:
@@ -146,8 +146,7 @@ class Blas:
         if dtype not in self.parts or self.parts[dtype][0].size < parts * m * n:
             # made or grown in the eager run that precedes a capture: never inside one
             self.parts[dtype] = (xp.empty(parts * m * n, dtype), xp.ones(MAX_PARTS, dtype))
-            if self.backend is not None:
-                graphs.invalidate(self.backend)
+            graphs.invalidate(self.backend)
         buffer, ones = self.parts[dtype]
         sliced_a = xp.lib.stride_tricks.as_strided(a, (parts, m, slice_k), (a.strides[1] * slice_k, *a.strides))
         sliced_b = xp.lib.stride_tricks.as_strided(b, (parts, slice_k, n), (b.strides[0] * slice_k, *b.strides))

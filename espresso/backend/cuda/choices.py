@@ -46,10 +46,12 @@ class Choices:
         self.known = self._read()
 
     def _read(self):
+        if self.path is None:
+            return {}
         try:
             known = json.loads(self.path.read_text())
             return known if isinstance(known, dict) else {}
-        except (AttributeError, OSError, ValueError):  # no file (or no cache), or a damaged one
+        except (OSError, ValueError):  # no file yet, or a damaged one
             return {}
 
     def get(self, key):
