@@ -11,7 +11,7 @@ from espresso import backend as backends
 from espresso.data import DatasetError, fashion_mnist_dir
 from espresso.data import fmnist as fmnist_module
 from espresso.data.convert import compute_image_mean, convert_imageset, convert_mnist
-from espresso.data.db import LMDBReader, LMDBWriter, decode_datum, encoded_datum, make_datum
+from espresso.data.db import LMDBReader, LMDBWriter, decode_datum, decode_datums, encoded_datum, make_datum
 from espresso.data.idx import read_idx, read_mnist, write_idx
 from espresso.data.image import decode_image, encode_image
 from espresso.data.prefetch import Prefetcher
@@ -133,6 +133,38 @@ def test_datum_float_data_and_encoded_png(tmp_path, rng):
     grey, _ = decode_datum(encoded_datum(png).SerializeToString(), color=False)
     assert grey.shape == (1, 4, 5)
     assert np.array_equal(decode_image(encode_image(bgr[:1], "png")), bgr[:1])  # grey stays grey natively
+
+
+@pytest.mark.parametrize("labels", [[0, 9, 3], [128, 300, 16383], [-1, -5, -2147483648]])  # one varint length each
+def test_decode_datums_equals_decoding_each_record(rng, labels):
+    items = rng.integers(0, 256, (3, 2, 3, 4), dtype=np.uint8)
+    values = [make_datum(item, label).SerializeToString() for item, label in zip(items, labels)]
+    data, got = decode_datums(values)
+    for value, item, label in zip(values, data, got):
+        want, want_label = decode_datum(value)
+        np.testing.assert_array_equal(item, want)
+        assert label == want_label
+    assert data.dtype == np.uint8 and data.shape == (3, 2, 3, 4)
+
+
+def test_decode_datums_declines_records_of_another_layout(rng):
+    item = rng.integers(0, 256, (1, 2, 2), dtype=np.uint8)
+    plain = make_datum(item, 1).SerializeToString()
+    unlabelled = caffe_pb2.Datum(channels=1, height=2, width=2, data=item.tobytes()).SerializeToString()
+    data, labels = decode_datums([unlabelled, unlabelled])
+    np.testing.assert_array_equal(data[1], item)
+    np.testing.assert_array_equal(labels, [0, 0])
+    flagged = caffe_pb2.Datum.FromString(plain)
+    flagged.encoded = False  # one more field after the label
+    other_tag = plain[:-2] + b"\x30" + plain[-1:]  # field 6 where the label should be
+    declined = {"label of another length": [plain, make_datum(item, 200).SerializeToString()],
+                "other dimensions": [plain, make_datum(item.reshape(2, 2, 1), 1).SerializeToString()],
+                "a field after the label": [flagged.SerializeToString()] * 2,
+                "another field where the label is": [plain, other_tag],
+                "float_data": [make_datum(item.astype(np.float32), 1).SerializeToString()] * 2,
+                "encoded": [encoded_datum(b"\x89PNG....", 1).SerializeToString()] * 2}
+    for why, records in declined.items():
+        assert decode_datums(records) is None, why
 
 
 def test_decode_datum_errors():

@@ -284,6 +284,44 @@ def parse_datum(value, what="record"):
     return datum
 
 
+def decode_datums(values):
+    """(N x C x H x W uint8 array, N int64 labels) of raw-pixel Datum records that all have the first
+    one's layout, as Caffe's converters write them: the same length, the same dimensions and a
+    label after the pixels (protobuf writes fields in number order).  Decoded in a few array
+    operations instead of a protobuf parse per record (0.8 s for Fashion-MNIST's 70,000).  None
+    where any record differs (float_data, encoded, other fields): decode those one by one."""
+    first = parse_datum(values[0])
+    if first.encoded or not first.data or first.float_data or len({len(v) for v in values}) != 1:
+        return None
+    shape = (first.channels, first.height, first.width)
+    pixels = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], data=first.data).SerializeToString()
+    start = len(pixels) - len(first.data)
+    if not values[0].startswith(pixels) or int(np.prod(shape)) != len(first.data):
+        return None
+    records = np.frombuffer(b"".join(values), np.uint8).reshape(len(values), -1)
+    if not (records[:, :start] == records[0, :start]).all():
+        return None
+    labels = _varint_labels(records[:, start + len(first.data):])
+    if labels is None:
+        return None
+    return records[:, start:start + len(first.data)].reshape((len(values),) + shape), labels
+
+
+def _varint_labels(tails):
+    """Each row's label from its bytes after the pixels: nothing (no label: 0), or field 5's tag and
+    one varint (int32 labels below zero take ten bytes, two's complement); None if not that."""
+    if tails.shape[1] == 0:
+        return np.zeros(len(tails), np.int64)
+    digits = tails[:, 1:]
+    if (tails[:, 0] != 0x28).any() or digits.shape[1] == 0 or (digits[:, -1] >= 0x80).any() \
+            or (digits[:, :-1] < 0x80).any():
+        return None
+    value = np.zeros(len(tails), np.uint64)
+    for i in range(digits.shape[1]):
+        value |= (digits[:, i] & 0x7F).astype(np.uint64) << np.uint64(7 * i)
+    return value.view(np.int64).astype(np.int32).astype(np.int64)
+
+
 def decode_datum(value, color=None, what="record"):
     """(C x H x W array, label) of a serialized Datum: uint8 from `data` (decoded if `encoded`;
     color None keeps the file's channels, True forces BGR, False grey), else float32 from

@@ -18,7 +18,7 @@ import numpy as np
 
 from espresso import cursor as saved
 from espresso.data import DatasetError, require
-from espresso.data.db import decode_datum, open_db
+from espresso.data.db import decode_datum, decode_datums, open_db
 from espresso.data.image import read_image, read_image_list
 from espresso.data.prefetch import Prefetcher
 from espresso.data.transformer import DataTransformer
@@ -183,13 +183,8 @@ class DataLayer(_DataLayerBase):
             self.fail(f"data_param.source: {e}", DatasetError)
 
     def _load_all(self, reader, skip):
-        shape, dtype = self.decode.expected
-        data, labels = np.empty((len(reader),) + shape, dtype), np.empty(len(reader))
-        try:
-            for i, (key, value) in enumerate(reader.items()):
-                data[i], labels[i] = self.decode(key, value)
-        except DatasetError as e:
-            self.fail(str(e), DatasetError)
+        records = list(reader.items())
+        data, labels = decode_datums([value for _, value in records]) or self._decode_each(records)
         self.cache = self.backend.to_device(data)  # uint8 stays uint8: 1 byte per pixel on the device
         self.cache_labels = self.backend.to_device(labels, self.dtype)
         self.pos = skip % len(data)
@@ -198,6 +193,16 @@ class DataLayer(_DataLayerBase):
             self.pos = self.xp.full((1,), self.pos, np.int64)
             self.batch_offsets, self.rows = self.xp.arange(batch) * ranks + rank, self.xp.empty(batch, np.int64)
             self.flat_mean = None  # the transform's mean, one value per value of an item
+
+    def _decode_each(self, records):
+        shape, dtype = self.decode.expected
+        data, labels = np.empty((len(records),) + shape, dtype), np.empty(len(records))
+        try:
+            for i, (key, value) in enumerate(records):
+                data[i], labels[i] = self.decode(key, value)
+        except DatasetError as e:
+            self.fail(str(e), DatasetError)
+        return data, labels
 
     @property
     def capturable(self):
