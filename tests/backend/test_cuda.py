@@ -829,6 +829,7 @@ def test_2d_convolutions_take_cudnn_where_present():
 def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     """A second process (here: a fresh read of the cache file) running a convolution of a shape
     timed before takes the kept choice instead of timing again, and runs as the first did."""
+    from espresso import graphs
     from espresso.backend.cuda.choices import Choices
     from espresso.layers.vision import ConvolutionLayer
 
@@ -844,6 +845,8 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     monkeypatch.setattr(gpu, "choices", Choices(gpu.choices.path.parent, gpu._setup()))
     monkeypatch.setattr(ConvolutionLayer, "_time_choices", lambda *args: pytest.fail("timed again"))
     monkeypatch.setattr(gpu.cudnn, "_plans", {})  # a new plan, whose algorithms the cache alone sets
+    gpu.cudnn.lanes[False][1] = gpu.xp.empty(0, np.uint8)  # as in a new process (graphs made void)
+    graphs.invalidate(gpu)
     second = LayerRun(snippet, [x], device="cuda:0")
     second.layer.blobs[0].data[...] = first.layer.blobs[0].data
     second.layer.blobs[1].data[...] = first.layer.blobs[1].data
@@ -852,6 +855,9 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     second.backward([dy], [True])
     assert second.layer.engines == first.layer.engines and second.layer.plan is not first.layer.plan
     assert second.layer.plan.algo == first.layer.plan.algo
+    # the workspace holds what the chosen algorithms need, not the largest candidate's
+    chosen = max(size for _, size in second.layer.plan.algo.values())
+    assert gpu.cudnn.lanes[False][1].nbytes == chosen
 
 
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***

@@ -191,8 +191,7 @@ class Convolution:
 
     def options(self, which):
         """[(algorithm, workspace bytes)] of direction `which` ("Forward", "BackwardData",
-        "BackwardFilter"), listed on first use, the workspace grown to hold them all: an
-        inference net's convolutions never size it for the backward directions."""
+        "BackwardFilter"), listed on first use."""
         if which not in self.candidates:
             image, data = self.tensor["image"], self.tensor["data"]
             operands = {"Forward": (image, self.weights, self.conv, data),
@@ -200,7 +199,6 @@ class Convolution:
                         "BackwardFilter": (image, data, self.conv, self.weights)}[which]
             self.candidates[which] = self._candidates(which, *operands)
             self.algo[which] = self.candidates[which][0]
-            self.cudnn.grow_workspace(max(size for _, size in self.candidates[which]))
         return self.candidates[which]
 
     def chosen(self, which):
@@ -235,6 +233,10 @@ class Convolution:
 
     def _run(self, which, operands, out, accumulate):
         c, (algo, size) = self.cudnn, self.chosen(which)
+        if not c.on_side:  # (the side's is grown by backend.aside, which knows when it is free)
+            # sized for what runs, not for every candidate listed: with the timed choices taken
+            # from the cache, the untried candidates' workspaces are never allocated
+            c.grow_workspace(size)
         alpha, beta = self.scalar(1), self.scalar(1 if accumulate else 0)
         c.call(f"cudnnConvolution{which}", c.handle, ctypes.byref(alpha), *operands, self.conv, algo,
                _ptr(c.workspace), ctypes.c_size_t(size), ctypes.byref(beta), *out)
