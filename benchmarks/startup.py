@@ -1,6 +1,6 @@
 """Start-up of a whole `espresso train` process, cold and warm (issue 20's start-up targets).
 
-    python benchmarks/startup.py [--gpu 0] [--repeats 3] [--profile DIR] [--out FILE]
+    python benchmarks/startup.py [--gpu 0] [--repeats 3] [--profile FILE] [--out FILE]
 
 Each run is a fresh process, `python -m espresso.cli train --solver examples/lenet/lenet_solver.prototxt`,
 in a scratch directory holding LeNet's prototxt files and the LMDBs `espresso prepare-fmnist` makes
@@ -11,10 +11,12 @@ A cold run is a machine that has never run Espresso: every cache the run could f
 binaries, Espresso's timed algorithm choices, Python's bytecode) points at a new, empty directory.
 A warm run reuses those of the cold run before it.  Runs alternate cold, warm.
 
---profile DIR also writes a cProfile of one cold and one warm run (DIR/cold.txt, DIR/warm.txt: the
-40 largest cumulative times) and counts the NVRTC compilations (the files CuPy's cache holds after
-the cold run).  Prints the medians, the spread and the two ratios the issue sets (cold / warm <= 2;
-warm whole / warm training <= 1.5).
+--profile FILE also profiles one cold and one warm run (cProfile) and writes, into that one text
+file, the largest cumulative and own times of each and the kernels the cold run compiled (CuPy
+keeps their sources with CUPY_CACHE_SAVE_CUDA_SOURCE=1).
+
+Prints the medians, the spread and the two ratios the issue sets (cold / warm <= 2; warm whole /
+warm training <= 1.5).
 """
 
 import argparse
@@ -56,6 +58,8 @@ def run(caches, gpu, profile=None):
     """(whole seconds, training seconds) of one `espresso train` process using `caches`."""
     env = dict(os.environ, CUPY_CACHE_DIR=str(caches / "cupy"), ESPRESSO_CACHE_DIR=str(caches / "espresso"),
                PYTHONPYCACHEPREFIX=str(caches / "pyc"), PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    if profile:
+        env["CUPY_CACHE_SAVE_CUDA_SOURCE"] = "1"  # for compiled_kernels
     command = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + [
         "-m", "espresso.cli", "train", "--solver", SOLVER] + (["--gpu", gpu] if gpu is not None else [])
     start = time.perf_counter()
@@ -74,15 +78,24 @@ def profile_text(path):
     import pstats
 
     text = io.StringIO()
-    pstats.Stats(str(path), stream=text).sort_stats("cumulative").print_stats(40)
+    stats = pstats.Stats(str(path), stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(30)
     return text.getvalue()
+
+
+def compiled_kernels(cupy_cache):
+    """The kernel names in the CUDA sources CuPy's cache kept, one line per source file."""
+    sources = sorted(cupy_cache.rglob("*.cu"))
+    names = [", ".join(re.findall(r"__global__\s+void\s+(\w+)", f.read_text(errors="replace"))) for f in sources]
+    return f"{len(sources)} kernel sources compiled:\n" + "\n".join(f"  {n}" for n in names) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", default=None, help="the GPU to train on (default: the CPU)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--profile", type=Path, default=None, help="one text file: profiles and compiled kernels")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = p.parse_args()
     runs = {"cold": [], "warm": []}
@@ -94,14 +107,14 @@ def main():
                 runs[kind].append(run(caches, args.gpu))
                 print(f"{kind}: whole {runs[kind][-1][0]:.2f} s, training {runs[kind][-1][1]:.2f} s", flush=True)
         if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            caches = scratch_copy(template, Path(scratch) / "profiled")
+            caches, text = scratch_copy(template, Path(scratch) / "profiled"), ""
             for kind in ("cold", "warm"):
-                run(caches, args.gpu, args.profile / f"{kind}.prof")
-                (args.profile / f"{kind}.txt").write_text(profile_text(args.profile / f"{kind}.prof"))
-            compiled = sum(1 for f in (caches / "cupy").rglob("*") if f.is_file())
-            (args.profile / "compiled.txt").write_text(f"{compiled} files in CuPy's kernel cache after a cold run\n")
-            print(f"{compiled} files in CuPy's kernel cache after a cold run")
+                whole, training = run(caches, args.gpu, caches / f"{kind}.prof")
+                text += f"### {kind}: whole {whole:.2f} s, training {training:.2f} s (profiled)\n"
+                text += profile_text(caches / f"{kind}.prof")
+                if kind == "cold":
+                    text += compiled_kernels(caches / "cupy")
+            args.profile.write_text(text)
     median = {kind: [statistics.median(r[j] for r in rs) for j in (0, 1)] for kind, rs in runs.items()}
     spread = {kind: [(min(r[j] for r in rs), max(r[j] for r in rs)) for j in (0, 1)] for kind, rs in runs.items()}
     for kind in runs:
