@@ -707,6 +707,10 @@ LAYERS = [
          [normal(4, 3, 1, 1), normal(4, 3, 1, 1), labels(2, 4, 1, 1, 1)], down=[True, True, False]),
     case("accuracy", 'type: "Accuracy" accuracy_param { top_k: 2 }', [normal(6, 5), labels(5, 6)], tops=2,
          grad=False),
+    # one top: the fused kernels; positions along an inner axis, ties (rounded scores), an ignored class
+    case("accuracy-fused", 'type: "Accuracy" accuracy_param { top_k: 2 ignore_label: 1 }',
+         [lambda r: np.round(r.standard_normal((7, 5, 3))), labels(5, 7, 3)], grad=False),
+    case("accuracy-fused-top1", 'type: "Accuracy"', [normal(64, 10), labels(10, 64)], grad=False),
     case("batchnorm-train", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], positive_params=True),
     case("batchnorm-test", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], phase=TEST, positive_params=True),
     case("scale-learned", 'type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true }',
@@ -811,6 +815,28 @@ def test_conv_without_cudnn_cpu_vs_cuda(snippet, bottoms, down, phase, tops, gra
     where the GPU machine has it)."""
     monkeypatch.setattr(backends.get("cuda:0"), "cudnn", None)
     test_layer_cpu_vs_cuda(snippet, bottoms, down, phase, tops, grad, positive_params, np.float32)
+
+
+@gpu_test
+def test_accuracy_with_one_top_takes_the_fused_kernels():
+    rng = np.random.default_rng(3)
+    bottoms = [rng.standard_normal((8, 4)), rng.integers(0, 4, 8).astype(np.float64)]
+    assert LayerRun('type: "Accuracy"', bottoms, device="cuda:0").layer.fused
+    assert not LayerRun('type: "Accuracy"', bottoms, tops=2, device="cuda:0").layer.fused  # per-class: xp code
+    assert not LayerRun('type: "Accuracy"', bottoms).layer.fused  # the CPU has no fused kernels
+
+
+@gpu_test
+def test_a_module_compiled_ahead_is_the_one_used():
+    backends.get("cuda:0")
+    family = ("lrn", "double", None)  # one no earlier test needed: compiled here
+    CUDA._module.cache_clear()
+    CUDA.compile_ahead(0, [family])
+    ahead = CUDA._AHEAD[("lrn", 0, "double", None)]
+    CUDA.finish_ahead()
+    assert ahead.done() and ahead.exception() is None
+    assert CUDA._module("lrn", 0, "double", None) is ahead.result()
+    assert ("lrn", 0, "double", None) not in CUDA._AHEAD
 
 
 @gpu_test

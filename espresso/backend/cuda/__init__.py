@@ -55,6 +55,7 @@ class CUDABackend(Backend):
         self.xp, self.index, self.name = cupy, index, f"cuda:{index}"
         self.device = cupy.cuda.Device(index)
         self.device.use()  # layers call xp.* without naming a device: this one is current
+        kernels.compile_ahead(index)  # in threads, while the rest is set up and nets are built
         # blocking (not non_blocking): work another thread puts on the legacy default stream
         # stays ordered with ours
         self.stream, self.side = cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
@@ -153,6 +154,7 @@ class CUDABackend(Backend):
         Raises GraphCaptureError when `run` does something a graph cannot hold (a host sync,
         a host-to-device copy from pageable memory, a library that refuses capture)."""
         run()
+        kernels.finish_ahead()
         # the eager run's temporaries sit cached in the default pool; the capture takes its own
         # from a private one: return the cached ones, so the two do not add up at the peak
         self.join()

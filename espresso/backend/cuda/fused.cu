@@ -1,6 +1,7 @@
 // Fused kernels for launch-bound nets: Caffe's SGD update over the whole parameter arena in one
 // pass, SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward) instead of
-// some thirty small ones, and Softmax's forward in one instead of five.  Same arithmetic, step by
+// some thirty small ones, Softmax's forward in one instead of five, and Accuracy in two instead of
+// some twenty (each of which a first run also compiles).  Same arithmetic, step by
 // step, as the xp code they replace (compiled with --fmad=false) but for the order of the
 // softmax's sum; the loss sum runs in a fixed order, so results are deterministic.
 //
@@ -66,10 +67,20 @@ __global__ void softmax_forward_kernel(int positions, int classes, int inner, co
     }
 }
 
+// Whether position p's label counts: not ignored and a class.  A label that is not a class (nor
+// ignored) counts as ignored and is recorded in `problem` (position + 1, label; the first recorded
+// stays) for the host to raise when it next reads values back.
+__device__ bool label_counts(int p, int label, int classes, int has_ignore, int ignore_label, long long* problem) {
+    const bool ignored = has_ignore && label == ignore_label;
+    const bool ok = !ignored && label >= 0 && label < classes;
+    if (!ignored && !ok && atomicCAS((unsigned long long*)problem, 0ULL, (unsigned long long)(p + 1)) == 0ULL) {
+        problem[1] = label;
+    }
+    return ok;
+}
+
 // One thread per position: the softmax over classes into prob, and that position's loss
-// -log(max(prob[label], FLT_MIN)) (0 where the label is ignored) and validity.  A label that is
-// not a class (nor ignored) counts as ignored and is recorded in `problem` (position + 1, label;
-// the first recorded stays) for the host to raise when it next reads values back.
+// -log(max(prob[label], FLT_MIN)) (0 where the label does not count) and validity.
 template <typename T>
 __global__ void softmax_loss_forward_kernel(int positions, int classes, int inner, const T* x, const T* labels,
                                             T* prob, T* losses, T* valid, int has_ignore, int ignore_label,
@@ -78,23 +89,38 @@ __global__ void softmax_loss_forward_kernel(int positions, int classes, int inne
         const long long base = (long long)(p / inner) * classes * inner + p % inner;
         softmax_at(x, prob, base, classes, inner);
         const int label = (int)labels[p];
-        const bool ignored = has_ignore && label == ignore_label;
-        const bool ok = !ignored && label >= 0 && label < classes;
-        if (!ignored && !ok &&
-            atomicCAS((unsigned long long*)problem, 0ULL, (unsigned long long)(p + 1)) == 0ULL) {
-            problem[1] = label;
-        }
+        const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
         const T picked = prob[base + (long long)(ok ? label : 0) * inner];
         losses[p] = ok ? -log(picked > flt_min ? picked : flt_min) : T(0);
         valid[p] = ok ? T(1) : T(0);
     }
 }
 
-// One block: loss = sum(losses) / normalizer, normalizer = max(1, valid count) when
+// Accuracy, one thread per position: hits = whether the label is among the top_k scores (Caffe's
+// rule: fewer than top_k other classes score at least as high as it, so a tie counts against),
+// valid = whether the label counts.  Then valid_mean_kernel gives the accuracy.
+template <typename T>
+__global__ void accuracy_kernel(int positions, int classes, int inner, const T* x, const T* labels, int top_k,
+                                T* hits, T* valid, int has_ignore, int ignore_label, long long* problem) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
+        const long long base = (long long)(p / inner) * classes * inner + p % inner;
+        const int label = (int)labels[p];
+        const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
+        int better = -1;  // the true class scores at least as high as itself
+        if (ok) {
+            const T truth = x[base + (long long)label * inner];
+            for (int c = 0; c < classes; ++c) better += x[base + (long long)c * inner] >= truth;
+        }
+        hits[p] = ok && better < top_k ? T(1) : T(0);
+        valid[p] = ok ? T(1) : T(0);
+    }
+}
+
+// One block: mean = sum(values) / normalizer, normalizer = max(1, valid count) when
 // `fixed_normalizer` < 0 (VALID), else fixed_normalizer.  Fixed order: deterministic.
 template <typename T>
-__global__ void softmax_loss_reduce_kernel(int positions, const T* losses, const T* valid, T* loss, T* normalizer,
-                                           T fixed_normalizer) {
+__global__ void valid_mean_kernel(int positions, const T* losses, const T* valid, T* loss, T* normalizer,
+                                  T fixed_normalizer) {
     __shared__ T part_loss[256], part_valid[256];
     T l = T(0), v = T(0);
     for (int p = threadIdx.x; p < positions; p += blockDim.x) {

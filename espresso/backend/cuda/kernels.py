@@ -56,8 +56,8 @@ def name_expressions(family, ctype, ndim):
                                                      "lrn_across_backward_kernel")]
     if family == "fused":
         return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_forward_kernel",
-                                                     "softmax_loss_forward_kernel", "softmax_loss_reduce_kernel",
-                                                     "softmax_loss_backward_kernel")]
+                                                     "softmax_loss_forward_kernel", "valid_mean_kernel",
+                                                     "softmax_loss_backward_kernel", "accuracy_kernel")]
     if family == "int8":
         return [f"{kernel}<{ctype}>" for kernel in ("int8_patches_kernel", "int8_output_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
@@ -69,13 +69,46 @@ def _cupy():
     return cupy
 
 
+# the families most nets use, as _module keys less the device: compiled ahead (compile_ahead)
+COMMON_FAMILIES = (("fused", "float", None), ("pooling", "float", 2), ("im2col", "float", 2))
+_AHEAD = {}  # (family, device, ctype, ndim) -> the Future of its module, compiling in a thread
+
+
+def compile_ahead(device, families=COMMON_FAMILIES):
+    """Start compiling `families` for `device`, a thread each, while the caller goes on (building
+    nets): NVRTC releases the GIL, so a first run on a machine overlaps the compilations with
+    each other and with its own work instead of paying them one by one at first use (CuPy's disk
+    cache makes later runs' loads quick).  finish_ahead() must precede any CUDA graph capture."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(len(families), "espresso-nvrtc")
+    for family, ctype, ndim in families:
+        key = (family, device, ctype, ndim)
+        _AHEAD[key] = pool.submit(_compile, *key)
+    pool.shutdown(wait=False)  # (the threads end with their compilations)
+
+
+def finish_ahead():
+    """Wait for the modules compiling ahead: a module loaded in another thread during a capture
+    would break the capture."""
+    for future in list(_AHEAD.values()):
+        future.exception()  # waits; a failure is raised where the module is first used
+
+
 @functools.lru_cache(maxsize=None)
 def _module(family, device, ctype, ndim):
+    ahead = _AHEAD.pop((family, device, ctype, ndim), None)
+    return ahead.result() if ahead is not None else _compile(family, device, ctype, ndim)
+
+
+def _compile(family, device, ctype, ndim):
     cupy = _cupy()
     code = (SOURCES / f"{family}.cu").read_text()
     with cupy.cuda.Device(device):
         names = name_expressions(family, ctype, ndim)
-        return cupy.RawModule(code=code, options=OPTIONS, name_expressions=names)
+        module = cupy.RawModule(code=code, options=OPTIONS, name_expressions=names)
+        module.compile()  # (else on first get_function)
+        return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -468,25 +501,49 @@ def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims,
     ctype, t = _float_type(x, prob, losses, valid, loss, normalizer), x.dtype.type
     outer, classes, inner = dims
     positions = outer * inner
-    ignore = (np.int32(0), np.int32(0)) if ignore_label is None else (np.int32(1), np.int32(ignore_label))
     labels = _input(labels.astype(x.dtype, copy=False))
     _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions,
             (np.int32(positions), np.int32(classes), np.int32(inner), _input(x), labels, prob, losses, valid,
-             *ignore, t(FLT_MIN), _output(problem, 2, "problem")))
-    fixed = t(-1 if fixed_normalizer is None else fixed_normalizer)
-    _launch("fused", f"softmax_loss_reduce_kernel<{ctype}>", ctype, None, BLOCK,  # one block
-            (np.int32(positions), losses, valid, loss, normalizer, fixed))
+             *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem")))
+    _valid_mean(ctype, positions, losses, valid, loss, normalizer, fixed_normalizer)
+
+
+def accuracy_forward(x, labels, hits, valid, accuracy, normalizer, dims, ignore_label, top_k, problem):
+    """Accuracy forward: accuracy (0-d) = the fraction of the positions of x (outer, classes, inner)
+    whose label is among the top_k scores (a tie counts against), over the labels that count (not
+    ignored).  hits / valid: per-position scratch (outer * inner); normalizer: 0-d scratch.
+    problem: int64 [2], where a label that is not a class is recorded, as in softmax_loss_forward."""
+    ctype = _float_type(x, hits, valid, accuracy, normalizer)
+    outer, classes, inner = dims
+    positions = outer * inner
+    _launch("fused", f"accuracy_kernel<{ctype}>", ctype, None, positions,
+            (np.int32(positions), np.int32(classes), np.int32(inner), _input(x),
+             _input(labels.astype(x.dtype, copy=False)), np.int32(top_k), hits, valid, *_ignore(ignore_label),
+             _output(problem, 2, "problem")))
+    _valid_mean(ctype, positions, hits, valid, accuracy, normalizer, None)
+
+
+def _ignore(ignore_label):
+    """(has_ignore, ignore_label) as the fused kernels take them."""
+    return (np.int32(0), np.int32(0)) if ignore_label is None else (np.int32(1), np.int32(ignore_label))
+
+
+def _valid_mean(ctype, positions, values, valid, mean, normalizer, fixed_normalizer):
+    """mean (0-d) = sum(values) / normalizer, normalizer = max(1, sum(valid)) or fixed_normalizer,
+    in one block (a fixed order: deterministic)."""
+    fixed = values.dtype.type(-1 if fixed_normalizer is None else fixed_normalizer)
+    _launch("fused", f"valid_mean_kernel<{ctype}>", ctype, None, BLOCK,  # one block
+            (np.int32(positions), values, valid, mean, normalizer, fixed))
 
 
 def softmax_loss_backward(prob, labels, top_diff, normalizer, dx, dims, ignore_label):
     """dx = (prob - onehot(label)) * valid * (top_diff / normalizer)."""
     ctype = _float_type(prob, dx, top_diff, normalizer)
     outer, classes, inner = dims
-    ignore = (np.int32(0), np.int32(0)) if ignore_label is None else (np.int32(1), np.int32(ignore_label))
     labels = _input(labels.astype(prob.dtype, copy=False))
     _launch("fused", f"softmax_loss_backward_kernel<{ctype}>", ctype, None, prob.size,
             (np.int64(prob.size), np.int32(classes), np.int32(inner), prob, labels, top_diff, normalizer,
-             _output(dx, prob.size, "dx"), *ignore))
+             _output(dx, prob.size, "dx"), *_ignore(ignore_label)))
 
 
 def instances_source(family):
