@@ -886,6 +886,33 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     assert gpu.cudnn.lanes[False][1].nbytes == chosen
 
 
+@gpu_test
+def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward(monkeypatch, rng):
+    from espresso.backend.cuda.choices import Choices
+    from espresso.layers.vision import ConvolutionLayer
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+
+    def cudnn_wins(layer, which, directions, options, engines, args):
+        for direction in directions:
+            layer.plan.algo[direction] = options[direction][0]
+        layer.engines[which] = "cudnn"
+
+    monkeypatch.setattr(ConvolutionLayer, "_time_choices", cudnn_wins)
+    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    snippet, x = conv("num_output: 4 kernel_size: 3"), rng.standard_normal((2, 3, 6, 6))
+    dy = rng.standard_normal((2, 4, 4, 4))
+    cpu, run = LayerRun(snippet, [x], phase=TEST), LayerRun(snippet, [x], phase=TEST, device="cuda:0")
+    _copy_params(cpu, run, rng, False)
+    assert run.layer.core is not None
+    assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "forward")
+    assert run.layer.core is None and run.layer.engines == ["cudnn", None]
+    assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
+    assert run.layer.engines == ["cudnn", "cudnn"]
+
+
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***
 # (n, Ci, H, W), (Co, kernel), stride, pad: LeNet's conv1 and conv2, a 3x3 layer of CaffeNet's
 # kind (Winograd's), CaffeNet's conv1 (11x11, stride 4)
