@@ -72,8 +72,11 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data.reshape(self.M, self.K)
         y = top[0].data.reshape(self.M, self.N)
-        w = self.blobs[0].data
-        self.k.matmul(x, w if self.p.transpose else w.T, out=y)
+        w = self.blobs[0].data if self.p.transpose else self.blobs[0].data.T
+        if self.p.bias_term and self.k.matmul_bias is not None:  # one kernel on a GPU
+            self.k.matmul_bias(x, w, self.blobs[1].data, y)
+            return
+        self.k.matmul(x, w, out=y)
         if self.p.bias_term:
             y += self.blobs[1].data
 

@@ -818,6 +818,24 @@ def test_conv_without_cudnn_cpu_vs_cuda(snippet, bottoms, down, phase, tops, gra
 
 
 @gpu_test
+def test_matmul_bias_is_the_gemm_plus_the_bias_at_any_alignment(rng):
+    """cuBLASLt's bias epilogue (InnerProduct's forward) on param-arena views at any offset,
+    and the GEMM-and-add where the output is split (LeNet's ip1 at batch 64)."""
+    gpu = backends.get("cuda:0")
+    xp = gpu.xp
+    for m, n, k, offset in [(1, 500, 800, 0), (1, 10, 500, 1), (64, 10, 500, 3), (5, 7, 3, 1), (64, 500, 800, 2)]:
+        arena = xp.asarray(rng.standard_normal(n * k + n + 8).astype(np.float32))
+        w, bias = arena[offset:offset + n * k].reshape(n, k), arena[offset + n * k:offset + n * k + n]
+        x = xp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+        out = xp.full((m, n), np.nan, np.float32)
+        gpu.blas.matmul_bias(x, w.T, bias, out)
+        want = x.get().astype(np.float64) @ w.get().T.astype(np.float64) + bias.get()
+        assert relative_error(out.get(), want) < 1e-6, (m, n, k, offset)
+    plans = gpu.blas.biased.values()
+    assert any(plan is not None for plan in plans) and any(plan is None for plan in plans)
+
+
+@gpu_test
 def test_accuracy_with_one_top_takes_the_fused_kernels():
     rng = np.random.default_rng(3)
     bottoms = [rng.standard_normal((8, 4)), rng.integers(0, 4, 8).astype(np.float64)]

@@ -31,6 +31,10 @@ MAX_PARTS, MIN_SLICE = 16, 64  # split-K: at most this many slices, each at leas
 CUDA_R_32F, COMPUTE_32F, GEMM_DEFAULT = 0, 68, -1  # cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t
 CUDA_R_8I, CUDA_R_32I, COMPUTE_32I = 3, 10, 72
 _HALF_TYPES = {"float16": 2, "bfloat16": 14}  # CUDA_R_16F, CUDA_R_16BF
+COMPUTE_TF32 = 77  # CUBLAS_COMPUTE_32F_FAST_TF32
+# cublasLtMatmulDescAttributes_t, cublasLtEpilogue_t, cublasLtMatmulPreferenceAttributes_t
+LT_TRANSA, LT_TRANSB, LT_EPILOGUE, LT_BIAS_POINTER, LT_EPILOGUE_BIAS, LT_PREF_MAX_WORKSPACE_BYTES = 3, 4, 7, 8, 4, 1
+LT_PREF_MIN_ALIGNMENTS = (5, 6, 7, 8)  # of A, B, C and D (uint32 bytes; 256 assumed if not set)
 _GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
          np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
 
@@ -47,22 +51,23 @@ def call_failed(lib, call, status, text_functions):
     return BackendError(f"{call} failed with status {status}" + (f": {', '.join(texts)}" if texts else ""))
 
 
-def _library():
-    """The libcublas this process already uses (CuPy loaded it), else the one the loader finds."""
+def _library(name="cublas"):
+    """The lib`name` this process already uses (CuPy loaded libcublas, which loads libcublasLt),
+    else the one the loader finds."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libcublas.so" in line}
+            paths = {line.split()[-1] for line in maps if f"/lib{name}.so" in line}
         if paths:
             return ctypes.CDLL(sorted(paths)[0])
     except OSError:
         pass
-    for name in ("libcublas.so.13", "libcublas.so.12", ctypes.util.find_library("cublas")):
-        if name:
+    for soname in (f"lib{name}.so.13", f"lib{name}.so.12", ctypes.util.find_library(name)):
+        if soname:
             try:
-                return ctypes.CDLL(name)
+                return ctypes.CDLL(soname)
             except OSError:
                 continue
-    raise OSError("libcublas not found (install CuPy with its CUDA libraries)")
+    raise OSError(f"lib{name} not found (install CuPy with its CUDA libraries)")
 
 
 class Blas:
@@ -81,6 +86,7 @@ class Blas:
         self._check(self.lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream")
         self._check(self.lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
                                                    ctypes.c_size_t(workspace_bytes)), "cublasSetWorkspace")
+        self.stream, self.lt, self.biased = stream, None, {}  # cuBLASLt: made on first use (matmul_bias)
         self.set_tf32(False)
 
     def set_tf32(self, allow):
@@ -122,6 +128,85 @@ class Blas:
             offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
             self._gemm(a, b, out, offsets, batched, accumulate)
         return out
+
+    def matmul_bias(self, a, b, bias, out):
+        """out = a @ b + bias (bias (n,) added to every row) for 2-D a (m, k) and b (k, n): one
+        cuBLASLt call with the bias in its epilogue where it can (float32, an output that is not
+        split, cuBLASLt finds an algorithm), else the GEMM and an add.  LeNet's inner products
+        at batch 1 ran as two kernels each."""
+        # (cuBLASLt picks algorithms for the pointers' alignments: a param arena's views have any)
+        aligned = tuple(_alignment(x) for x in (b, a, out, bias))
+        key = (a.shape, b.shape, a.strides, b.strides, out.strides, np.dtype(out.dtype).str, self.tf32, aligned)
+        if key not in self.biased:
+            self.biased[key] = self._bias_plan(a, b, bias, out, aligned)
+        plan = self.biased[key]
+        if plan is None:
+            self.matmul(a, b, out)
+            out += bias
+            return out
+        (desc, layouts, algo), one, zero = plan, ctypes.c_float(1), ctypes.c_float(0)
+        self._set_lt(desc, LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))
+        pa, pb, pc = (ctypes.c_void_p(x.data.ptr) for x in (a, b, out))
+        # column-major, out^T = b^T a^T: cuBLASLt's A is our b, its B our a (as in _gemm)
+        status = self.lt_lib.cublasLtMatmul(self.lt, desc, ctypes.byref(one), pb, layouts[0], pa, layouts[1],
+                                            ctypes.byref(zero), pc, layouts[2], pc, layouts[2], ctypes.byref(algo),
+                                            ctypes.c_void_p(self.workspace.data.ptr),
+                                            ctypes.c_size_t(self.workspace.nbytes), ctypes.c_void_p(self.stream.ptr))
+        self._check(status, "cublasLtMatmul")
+        return out
+
+    def _bias_plan(self, a, b, bias, out, aligned):
+        """(matmul descriptor, layouts of b, a and out, algorithm) for matmul_bias, or None where
+        cuBLASLt is not used.  `aligned`: the alignments of b, a, out and bias, in bytes."""
+        m, n, k = out.shape[0], out.shape[1], a.shape[1]
+        if (np.dtype(out.dtype) != np.float32 or a.dtype != out.dtype or b.dtype != out.dtype or a.ndim != 2
+                or b.ndim != 2 or not out.flags.c_contiguous or min(m, n, k) == 0 or self.split_parts(m, n, k) > 1
+                or any(_layout(x) is None or any(s % x.itemsize for s in x.strides) for x in (a, b))):
+            return None
+        if self.lt is None:
+            self.lt_lib, self.lt = _library("cublasLt"), ctypes.c_void_p()
+            self._check(self.lt_lib.cublasLtCreate(ctypes.byref(self.lt)), "cublasLtCreate")
+        (op_a, lda), (op_b, ldb) = _op_ld(a), _op_ld(b)
+        desc = ctypes.c_void_p()
+        self._check(self.lt_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), COMPUTE_TF32 if self.tf32 else COMPUTE_32F,
+                                                         CUDA_R_32F), "cublasLtMatmulDescCreate")
+        for attribute, value in ((LT_TRANSA, ctypes.c_int32(op_b)), (LT_TRANSB, ctypes.c_int32(op_a)),
+                                 (LT_EPILOGUE, ctypes.c_uint32(LT_EPILOGUE_BIAS)),
+                                 (LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))):  # (its alignment counts)
+            self._set_lt(desc, attribute, value)
+        stored = [(n, k) if op_b == OP_N else (k, n), (k, m) if op_a == OP_N else (m, k), (n, m)]
+        layouts = [self._lt_layout(rows, cols, ld) for (rows, cols), ld in zip(stored, (ldb, lda, n))]
+        algo = self._lt_algorithm(desc, layouts, aligned[:3] + aligned[2:3])  # C and D are both out
+        return None if algo is None else (desc, layouts, algo)
+
+    def _lt_layout(self, rows, cols, ld):
+        """A cuBLASLt float32 matrix layout: column-major rows x cols, leading dimension ld."""
+        layout = ctypes.c_void_p()
+        self._check(self.lt_lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), CUDA_R_32F, ctypes.c_uint64(rows),
+                                                           ctypes.c_uint64(cols), ctypes.c_int64(ld)),
+                    "cublasLtMatrixLayoutCreate")
+        return layout
+
+    def _lt_algorithm(self, desc, layouts, alignments):
+        """cuBLASLt's first choice for `desc` on `layouts` (A, B, C = D) within this handle's
+        workspace and the operands' `alignments` (A, B, C, D), or None if it has none."""
+        lib, preference = self.lt_lib, ctypes.c_void_p()
+        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(preference)), "cublasLtMatmulPreferenceCreate")
+        wants = [(LT_PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(self.workspace.nbytes))]
+        wants += [(attribute, ctypes.c_uint32(bytes_)) for attribute, bytes_ in zip(LT_PREF_MIN_ALIGNMENTS, alignments)]
+        for attribute, value in wants:
+            self._check(lib.cublasLtMatmulPreferenceSetAttribute(preference, attribute, ctypes.byref(value),
+                                                                 ctypes.sizeof(value)),
+                        "cublasLtMatmulPreferenceSetAttribute")
+        result, found = _LtHeuristic(), ctypes.c_int(0)
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self.lt, desc, layouts[0], layouts[1], layouts[2], layouts[2],
+                                                    preference, 1, ctypes.byref(result), ctypes.byref(found))
+        lib.cublasLtMatmulPreferenceDestroy(preference)
+        return result.algo if status == 0 and found.value and result.state == 0 else None
+
+    def _set_lt(self, desc, attribute, value):
+        self._check(self.lt_lib.cublasLtMatmulDescSetAttribute(desc, attribute, ctypes.byref(value),
+                                                               ctypes.sizeof(value)), "cublasLtMatmulDescSetAttribute")
 
     def split_parts(self, m, n, k):
         """Into how many slices of its inner dimension a small-output GEMM is split (1: none).
@@ -192,6 +277,12 @@ class Blas:
         self._check(status, strided if batched else single)
 
 
+class _LtHeuristic(ctypes.Structure):
+    """cublasLtMatmulHeuristicResult_t: an algorithm (cublasLtMatmulAlgo_t, 8 words) and what it needs."""
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
 def _half_gemm(blas, x16, w16, y, type_name):
     """y (M, N) float32 = x16 (M, K) @ w16 (N, K)^T, 16-bit operands of `type_name` (float16 or
     bfloat16) and float32 accumulation (cublasGemmEx, compute type 32F: tensor cores).
@@ -203,6 +294,12 @@ def _half_gemm(blas, x16, w16, y, type_name):
     status = blas.lib.cublasGemmEx(blas.handle, OP_T, OP_N, n, m, k, ctypes.byref(alpha), pw, data_type, k, px,
                                    data_type, k, ctypes.byref(beta), py, CUDA_R_32F, n, COMPUTE_32F, GEMM_DEFAULT)
     blas._check(status, "cublasGemmEx")
+
+
+def _alignment(x):
+    """The largest power of two (at most 256) dividing x's device address, in bytes."""
+    ptr = x.data.ptr
+    return min(256, ptr & -ptr) if ptr else 256
 
 
 def _layout(x):

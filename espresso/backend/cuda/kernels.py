@@ -140,6 +140,12 @@ def matmul(a, b, out, accumulate=False):
     return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out, accumulate)
 
 
+def matmul_bias(a, b, bias, out):
+    """out = a @ b + bias (n,) for 2-D a (m, k), b (k, n): where cuBLASLt can, one GEMM with the
+    bias in its epilogue (InnerProduct's forward), else the GEMM and an add."""
+    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul_bias(a, b, bias, out)
+
+
 def csr_matrix(values, indices, indptr, shape):
     """A cuSPARSE CSR matrix of device arrays (cupyx.scipy.sparse; `@` runs SpMV/SpMM), for the
     compressed models' sparse layers."""
