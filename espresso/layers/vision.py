@@ -329,7 +329,8 @@ class _BaseConvolution(Layer):
                                            "engine": self.engines[which]})
         # its column buffers are not needed once both directions take cuDNN, nor by a TEST net's
         # cuDNN forward (a backward there, pycaffe's, then takes cuDNN too): 12 MB in LeNet's b64
-        if self.engines == ["cudnn", "cudnn"] or (self.engines[0] == "cudnn" and self.phase == caffe_pb2.TEST):
+        if self.engines == ["cudnn", "cudnn"] or (self.engines[0] == "cudnn" and self.engines[1] != "gemm"
+                                                   and self.phase == caffe_pb2.TEST):
             self.core = None
         return self.engines[which]
 

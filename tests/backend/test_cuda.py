@@ -820,7 +820,8 @@ def test_conv_without_cudnn_cpu_vs_cuda(snippet, bottoms, down, phase, tops, gra
 @gpu_test
 def test_matmul_bias_is_the_gemm_plus_the_bias_at_any_alignment(rng):
     """cuBLASLt's bias epilogue (InnerProduct's forward) on param-arena views at any offset,
-    and the GEMM-and-add where the output is split (LeNet's ip1 at batch 64)."""
+    and the GEMM-and-add where the output is split (LeNet's ip1 at batch 64) or the bias is
+    less than 16-byte aligned (offsets 1 and 3)."""
     gpu = backends.get("cuda:0")
     xp = gpu.xp
     for m, n, k, offset in [(1, 500, 800, 0), (1, 10, 500, 1), (64, 10, 500, 3), (5, 7, 3, 1), (64, 500, 800, 2)]:
@@ -854,7 +855,6 @@ def test_a_module_compiled_ahead_is_the_one_used():
     CUDA.finish_ahead()
     assert ahead.done() and ahead.exception() is None
     assert CUDA._module("lrn", 0, "double", None) is ahead.result()
-    assert ("lrn", 0, "double", None) not in CUDA._AHEAD
 
 
 @gpu_test

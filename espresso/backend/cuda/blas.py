@@ -136,7 +136,8 @@ class Blas:
         at batch 1 ran as two kernels each."""
         # (cuBLASLt picks algorithms for the pointers' alignments: a param arena's views have any)
         aligned = tuple(_alignment(x) for x in (b, a, out, bias))
-        key = (a.shape, b.shape, a.strides, b.strides, out.strides, np.dtype(out.dtype).str, self.tf32, aligned)
+        key = (a.shape, b.shape, a.strides, b.strides, out.strides, bias.shape, bias.strides,
+               tuple(np.dtype(x.dtype).str for x in (a, b, out, bias)), self.tf32, aligned)
         if key not in self.biased:
             self.biased[key] = self._bias_plan(a, b, bias, out, aligned)
         plan = self.biased[key]
@@ -159,8 +160,11 @@ class Blas:
         """(matmul descriptor, layouts of b, a and out, algorithm) for matmul_bias, or None where
         cuBLASLt is not used.  `aligned`: the alignments of b, a, out and bias, in bytes."""
         m, n, k = out.shape[0], out.shape[1], a.shape[1]
+        # (no preference states the bias's alignment: cuBLASLt may assume 16 bytes, and a bias in
+        # a training net's param arena lies at any 4-byte offset; PyTorch declines those too)
         if (np.dtype(out.dtype) != np.float32 or a.dtype != out.dtype or b.dtype != out.dtype or a.ndim != 2
                 or b.ndim != 2 or not out.flags.c_contiguous or min(m, n, k) == 0 or self.split_parts(m, n, k) > 1
+                or aligned[3] < 16 or bias.dtype != out.dtype or bias.shape != (n,) or not bias.flags.c_contiguous
                 or any(_layout(x) is None or any(s % x.itemsize for s in x.strides) for x in (a, b))):
             return None
         if self.lt is None:
@@ -172,7 +176,7 @@ class Blas:
                                                          CUDA_R_32F), "cublasLtMatmulDescCreate")
         for attribute, value in ((LT_TRANSA, ctypes.c_int32(op_b)), (LT_TRANSB, ctypes.c_int32(op_a)),
                                  (LT_EPILOGUE, ctypes.c_uint32(LT_EPILOGUE_BIAS)),
-                                 (LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))):  # (its alignment counts)
+                                 (LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))):
             self._set_lt(desc, attribute, value)
         stored = [(n, k) if op_b == OP_N else (k, n), (k, m) if op_a == OP_N else (m, k), (n, m)]
         layouts = [self._lt_layout(rows, cols, ld) for (rows, cols), ld in zip(stored, (ldb, lda, n))]

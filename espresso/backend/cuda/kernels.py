@@ -97,7 +97,7 @@ def finish_ahead():
 
 @functools.lru_cache(maxsize=None)
 def _module(family, device, ctype, ndim):
-    ahead = _AHEAD.pop((family, device, ctype, ndim), None)
+    ahead = _AHEAD.get((family, device, ctype, ndim))  # (kept: finish_ahead waits for it, whoever else does)
     return ahead.result() if ahead is not None else _compile(family, device, ctype, ndim)
 
 
