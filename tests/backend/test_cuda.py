@@ -228,6 +228,23 @@ def test_gemm_plan_reads_views_in_place():
     assert [p[0] for p in plan] == [{1: 0}, {1: 1}] and plan[0][1] == (8, (0, 42, 30))  # groups looped
 
 
+def test_cublaslt_structures_and_alignment():
+    """cuBLASLt's heuristic result as cublasLt.h lays it out (an algorithm of 8 words, the
+    workspace size, a status, the waves, 4 reserved ints: 96 bytes), and the address alignment
+    that decides which matmul_bias plans apply (no GPU needed)."""
+    from types import SimpleNamespace
+
+    from espresso.backend.cuda import blas
+
+    assert ctypes.sizeof(blas._LtHeuristic) == 96 and blas._LtHeuristic.workspace_size.offset == 64
+
+    def at(ptr):
+        return SimpleNamespace(data=SimpleNamespace(ptr=ptr))
+
+    assert [blas._alignment(at(p)) for p in (0x7f0000000000, 0x7f0000000104, 0x7f0000000010, 0x7f0000000008)] == \
+        [256, 4, 16, 8]
+
+
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
     assert [p.stem for p in sources] == ["fused", "im2col", "int8", "lrn", "pooling"]
