@@ -139,7 +139,7 @@ def test_datum_float_data_and_encoded_png(tmp_path, rng):
 def test_decode_datums_equals_decoding_each_record(rng, labels):
     items = rng.integers(0, 256, (3, 2, 3, 4), dtype=np.uint8)
     values = [make_datum(item, label).SerializeToString() for item, label in zip(items, labels)]
-    data, got = decode_datums(values)
+    data, got = decode_datums(values, len(values))
     for value, item, label in zip(values, data, got):
         want, want_label = decode_datum(value)
         np.testing.assert_array_equal(item, want)
@@ -151,7 +151,7 @@ def test_decode_datums_declines_records_of_another_layout(rng):
     item = rng.integers(0, 256, (1, 2, 2), dtype=np.uint8)
     plain = make_datum(item, 1).SerializeToString()
     unlabelled = caffe_pb2.Datum(channels=1, height=2, width=2, data=item.tobytes()).SerializeToString()
-    data, labels = decode_datums([unlabelled, unlabelled])
+    data, labels = decode_datums([unlabelled, unlabelled], 2)
     np.testing.assert_array_equal(data[1], item)
     np.testing.assert_array_equal(labels, [0, 0])
     flagged = caffe_pb2.Datum.FromString(plain)
@@ -164,7 +164,8 @@ def test_decode_datums_declines_records_of_another_layout(rng):
                 "float_data": [make_datum(item.astype(np.float32), 1).SerializeToString()] * 2,
                 "encoded": [encoded_datum(b"\x89PNG....", 1).SerializeToString()] * 2}
     for why, records in declined.items():
-        assert decode_datums(records) is None, why
+        assert decode_datums(records, len(records)) is None, why
+    assert decode_datums([plain] * 2, 3) is None and decode_datums([plain] * 3, 2) is None  # not `count` records
 
 
 def test_decode_datum_errors():

@@ -8,6 +8,8 @@ pixels as uint8 bytes in `data` (C x H x W, BGR for colour images) or as `float_
 LevelDB the `leveldb` extra (plyvel, whose wheels carry LevelDB itself).
 """
 
+import itertools
+import math
 import os
 import threading
 
@@ -284,27 +286,31 @@ def parse_datum(value, what="record"):
     return datum
 
 
-def decode_datums(values):
-    """(N x C x H x W uint8 array, N int64 labels) of raw-pixel Datum records that all have the first
-    one's layout, as Caffe's converters write them: the same length, the same dimensions and a
-    label after the pixels (protobuf writes fields in number order).  Decoded in a few array
-    operations instead of a protobuf parse per record (0.8 s for Fashion-MNIST's 70,000).  None
-    where any record differs (float_data, encoded, other fields): decode those one by one."""
-    first = parse_datum(values[0])
-    if first.encoded or not first.data or first.float_data or len({len(v) for v in values}) != 1:
+def decode_datums(values, count):
+    """(N x C x H x W uint8 array, N int64 labels) of `count` raw-pixel Datum records (`values`,
+    read once) that all have the first one's layout, as Caffe's converters write them: the same
+    length, the same dimensions and a label after the pixels (protobuf writes fields in number
+    order).  Pixels and label bytes are copied out as the records stream by, the labels decoded
+    as arrays: no protobuf parse per record (0.8 s for Fashion-MNIST's 60,000 -> 0.14 s) and no
+    second copy of the data set in memory.  None where any record differs (float_data, encoded,
+    other fields): decode those one by one."""
+    values = iter(values)
+    head = next(values)
+    first = parse_datum(head)
+    shape, size = (first.channels, first.height, first.width), len(first.data)
+    leading = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], data=first.data).SerializeToString()
+    if first.encoded or first.float_data or not size or math.prod(shape) != size or not head.startswith(leading):
         return None
-    shape = (first.channels, first.height, first.width)
-    pixels = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], data=first.data).SerializeToString()
-    start = len(pixels) - len(first.data)
-    if not values[0].startswith(pixels) or int(np.prod(shape)) != len(first.data):
-        return None
-    records = np.frombuffer(b"".join(values), np.uint8).reshape(len(values), -1)
-    if not (records[:, :start] == records[0, :start]).all():
-        return None
-    labels = _varint_labels(records[:, start + len(first.data):])
-    if labels is None:
-        return None
-    return records[:, start:start + len(first.data)].reshape((len(values),) + shape), labels
+    start, length = len(leading) - size, len(head)  # (the dimensions' fields and the pixels' tag and length)
+    header, tail = head[:start], length - len(leading)
+    pixels, tails = bytearray(count * size), bytearray(count * tail)
+    for i, value in enumerate(itertools.chain([head], values)):
+        if i >= count or len(value) != length or not value.startswith(header):
+            return None
+        pixels[i * size:(i + 1) * size] = value[start:start + size]
+        tails[i * tail:(i + 1) * tail] = value[start + size:]
+    labels = _varint_labels(np.frombuffer(tails, np.uint8).reshape(count, tail)) if i + 1 == count else None
+    return None if labels is None else (np.frombuffer(pixels, np.uint8).reshape((count,) + shape), labels)
 
 
 def _varint_labels(tails):

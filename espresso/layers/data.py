@@ -183,8 +183,8 @@ class DataLayer(_DataLayerBase):
             self.fail(f"data_param.source: {e}", DatasetError)
 
     def _load_all(self, reader, skip):
-        records = list(reader.items())
-        data, labels = decode_datums([value for _, value in records]) or self._decode_each(records)
+        decoded = decode_datums((value for _, value in reader.items()), len(reader))
+        data, labels = decoded if decoded is not None else self._decode_each(reader)
         self.cache = self.backend.to_device(data)  # uint8 stays uint8: 1 byte per pixel on the device
         self.cache_labels = self.backend.to_device(labels, self.dtype)
         self.pos = skip % len(data)
@@ -194,11 +194,11 @@ class DataLayer(_DataLayerBase):
             self.batch_offsets, self.rows = self.xp.arange(batch) * ranks + rank, self.xp.empty(batch, np.int64)
             self.flat_mean = None  # the transform's mean, one value per value of an item
 
-    def _decode_each(self, records):
+    def _decode_each(self, reader):
         shape, dtype = self.decode.expected
-        data, labels = np.empty((len(records),) + shape, dtype), np.empty(len(records))
+        data, labels = np.empty((len(reader),) + shape, dtype), np.empty(len(reader))
         try:
-            for i, (key, value) in enumerate(records):
+            for i, (key, value) in enumerate(reader.items()):
                 data[i], labels[i] = self.decode(key, value)
         except DatasetError as e:
             self.fail(str(e), DatasetError)
