@@ -46,13 +46,13 @@ from espresso import graphs
 from espresso.errors import BackendError
 
 # every backend's `k` defines these (tests/backend/test_contract.py)
-KERNELS = ("matmul", "im2col_workspace_size", "im2col", "col2im", "pool_workspace_size",
+KERNELS = ("matmul", "matmul_bias", "im2col_workspace_size", "im2col", "col2im", "pool_workspace_size",
            "max_pool_forward", "max_pool_backward", "ave_pool_forward", "ave_pool_backward",
            "stochastic_pool_forward_train", "stochastic_pool_forward_test", "stochastic_pool_backward",
            "lrn_workspace_size", "lrn_across_forward", "lrn_across_backward")
 # fused fast paths: a function, or None where the backend has none (callers then use xp code)
 FUSED_KERNELS = ("relu_forward", "relu_backward", "softmax_forward", "softmax_loss_forward", "softmax_loss_backward",
-                 "accuracy_forward", "matmul_bias", "sgd_update", "gather_batch", "record_iteration", "csr_matrix")
+                 "accuracy_forward", "sgd_update", "gather_batch", "record_iteration", "csr_matrix")
 
 _CACHE = {}
 _MODULES = {"cpu": "espresso.backend.cpu", "cuda": "espresso.backend.cuda"}

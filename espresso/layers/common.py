@@ -73,12 +73,10 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.M, self.K)
         y = top[0].data.reshape(self.M, self.N)
         w = self.blobs[0].data if self.p.transpose else self.blobs[0].data.T
-        if self.p.bias_term and self.k.matmul_bias is not None:  # one kernel on a GPU
-            self.k.matmul_bias(x, w, self.blobs[1].data, y)
-            return
-        self.k.matmul(x, w, out=y)
         if self.p.bias_term:
-            y += self.blobs[1].data
+            self.k.matmul_bias(x, w, self.blobs[1].data, y)  # (one kernel on a GPU)
+        else:
+            self.k.matmul(x, w, out=y)
 
     def backward(self, top, propagate_down, bottom):
         w = self.blobs[0]

@@ -34,7 +34,7 @@ FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stoch
 # the contract's fused fast paths (espresso/backend/__init__.py): the SGD step where Numba is,
 # the rest none (layers use xp code)
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
-accuracy_forward = matmul_bias = None
+accuracy_forward = None
 gather_batch = record_iteration = csr_matrix = None
 
 
@@ -122,6 +122,13 @@ def matmul(a, b, out, accumulate=False):
     for lo in range(0, m, block):
         rows = out[..., lo:lo + block, :]
         np.add(rows, np.matmul(a[..., lo:lo + block, :], b, out=_product(rows.shape, out.dtype)), out=rows)
+    return out
+
+
+def matmul_bias(a, b, bias, out):
+    """out = a @ b + bias (n,) for 2-D a (m, k) and b (k, n): InnerProduct's forward."""
+    np.matmul(a, b, out=out)
+    out += bias
     return out
 
 
