@@ -27,6 +27,9 @@ TIMED_COLUMNS = 64 << 20
 # A weight gradient computed aside (a second stream) while the bottom gradient is computed needs
 # a second column buffer for the latter: only up to this size; larger layers keep one stream
 SPARE_COLUMNS = 64 << 20
+# The direct kernel (a GPU's `direct_conv_forward`) is timed for a forward of at most this many
+# multiply-adds: beyond, cuDNN wins by far and timing the kernel would only cost time
+DIRECT_WORK = 1 << 28
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -300,7 +303,7 @@ class _BaseConvolution(Layer):
 
     def forward(self, bottom, top):
         engine = self.engines[0] or self._choose(0, bottom, top)
-        (self._cudnn_forward if engine == "cudnn" else self._gemm_forward)(bottom, top)
+        {"cudnn": self._cudnn_forward, "gemm": self._gemm_forward, "direct": self._direct_forward}[engine](bottom, top)
 
     def backward(self, top, propagate_down, bottom):
         engine = self.engines[1] or self._choose(1, top, propagate_down, bottom)
@@ -311,37 +314,49 @@ class _BaseConvolution(Layer):
         this layer's blobs (as graph replays), keep the fastest, then time that against im2col +
         GEMM and keep the faster engine.  Param diffs are restored after (timing accumulates).
         The choice is kept in the backend's on-disk cache, and taken from it when there."""
+        engines = {}
         if which == 0:
             directions = ["BackwardData" if self.transposed else "Forward"]
-            cudnn, gemm = self._cudnn_forward, self._gemm_forward
+            engines["cudnn"], engines["gemm"] = self._cudnn_forward, self._gemm_forward
+            if self._direct_allowed():
+                engines["direct"] = self._direct_forward
         else:
             to_image = "Forward" if self.transposed else "BackwardData"
             directions = ["BackwardFilter"] * self._want_params()[0] + [to_image] * any(args[1])
-            cudnn, gemm = self._cudnn_backward, self._gemm_backward
+            engines["cudnn"], engines["gemm"] = self._cudnn_backward, self._gemm_backward
+        if self.core is None:
+            del engines["gemm"]
         options = {direction: self.plan.options(direction) for direction in directions}
         key = json.dumps([self.backend.cudnn.policy, self.backend.cudnn.tf32, self.plan.key, self.transposed,
-                          self.p.bias_term, len(args[0]), directions, self.core is not None],
+                          self.p.bias_term, len(args[0]), directions, sorted(engines)],
                          default=int)  # (numpy integers)
-        if not self._recall(self.backend.choices.get(key), options, which):
-            self._time_choices(which, directions, options, {"cudnn": cudnn} | ({"gemm": gemm} if self.core else {}),
-                               args)
+        if not self._recall(self.backend.choices.get(key), options, which, engines):
+            self._time_choices(which, directions, options, engines, args)
             self.backend.choices.put(key, {"algos": {d: self.plan.algo[d][0] for d in directions},
                                            "engine": self.engines[which]})
-        # its column buffers are not needed once both directions take cuDNN, nor by a TEST net's
-        # cuDNN forward (a backward there, pycaffe's, then takes cuDNN too): 12 MB in LeNet's b64
-        if self.engines == ["cudnn", "cudnn"] or (self.engines[0] == "cudnn" and self.engines[1] != "gemm"
-                                                   and self.phase == caffe_pb2.TEST):
+        # its column buffers are not needed once neither direction takes im2col + GEMM, nor by a
+        # TEST net's forward (a backward there, pycaffe's, then takes cuDNN too): 12 MB in LeNet's b64
+        forward, backward = self.engines
+        if forward in ("cudnn", "direct") and (backward == "cudnn" or (backward is None
+                                                                       and self.phase == caffe_pb2.TEST)):
             self.core = None
         return self.engines[which]
 
-    def _recall(self, known, options, which):
+    def _direct_allowed(self):
+        """Whether the backend's direct kernel may run this forward (timed against the others): a
+        2-D convolution of (N, C, H, W) blobs, of at most DIRECT_WORK multiply-adds."""
+        work = self.num * self.p.num_output * self.top_pixels * self.blobs[0].data[0].size
+        return (self.k.direct_conv_forward is not None and not self.transposed and self.axis == 1
+                and len(self.kernel) == 2 and work <= DIRECT_WORK)
+
+    def _recall(self, known, options, which, engines):
         """Take a cached choice (True), unless there is none, it is malformed, or it is no longer
         among the options (another workspace limit, a gemm engine without its columns)."""
         try:
             engine, algos = known["engine"], {d: [o for o in options[d] if o[0] == known["algos"][d]] for d in options}
         except (TypeError, KeyError):
             return False
-        if engine not in ("cudnn", "gemm") or (engine == "gemm" and self.core is None) or not all(algos.values()):
+        if engine not in engines or not all(algos.values()):
             return False
         for direction, (option, *_) in algos.items():
             self.plan.algo[direction] = option
@@ -376,6 +391,13 @@ class _BaseConvolution(Layer):
                 plan.forward(b.data, weights, t.data)
             if self.p.bias_term:
                 plan.add_bias(self.blobs[1].data, t.data, "image" if self.transposed else "data")
+
+    def _direct_forward(self, bottom, top):
+        self.cols_ready = False  # as _cudnn_forward
+        bias = self.blobs[1].data if self.p.bias_term else None
+        for b, t in zip(bottom, top):
+            self.k.direct_conv_forward(b.data, self.blobs[0].data, bias, t.data, self.stride, self.pad,
+                                       self.dilation, self.p.group)
 
     def _cudnn_backward(self, top, propagate_down, bottom):
         plan, weights = self.plan, self.blobs[0].data

@@ -41,18 +41,20 @@ def test_a_damaged_or_unwritable_cache_is_no_cache(tmp_path):
 
 
 def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
-    """The layer's side (espresso/layers/vision.py): a malformed entry, an engine it does not
-    know, or an algorithm no longer among the candidates counts as no entry (it is timed anew)."""
+    """The layer's side (espresso/layers/vision.py): a malformed entry, an engine not offered
+    now, or an algorithm no longer among the candidates counts as no entry (it is timed anew)."""
     layer = LayerRun('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
                      [np.ones((1, 1, 5, 5))]).layer
     layer.plan, layer.engines, layer.core = types.SimpleNamespace(algo={}), [None, None], None
-    options = {"Forward": [(1, 0), (6, 4096)]}
+    options, engines = {"Forward": [(1, 0), (6, 4096)]}, {"cudnn": None}  # engines offered now
     for known in [None, [], {"algos": {"Forward": 6}}, {"engine": "cudnn"}, {"engine": "cudnn", "algos": None},
                   {"engine": "cudnn", "algos": {}}, {"engine": "fast", "algos": {"Forward": 6}},
                   {"engine": "gemm", "algos": {"Forward": 6}},  # no columns to run im2col + GEMM with
+                  {"engine": "direct", "algos": {"Forward": 6}},  # (as where the backend has no direct kernel)
                   {"engine": "cudnn", "algos": {"Forward": 7}}]:
-        assert not layer._recall(known, options, 0) and layer.plan.algo == {} and layer.engines == [None, None]
-    assert layer._recall({"engine": "cudnn", "algos": {"Forward": 6}}, options, 0)
+        assert not layer._recall(known, options, 0, engines) and layer.plan.algo == {}
+        assert layer.engines == [None, None]
+    assert layer._recall({"engine": "cudnn", "algos": {"Forward": 6}}, options, 0, engines)
     assert layer.plan.algo == {"Forward": (6, 4096)} and layer.engines == ["cudnn", None]
 
 

@@ -67,6 +67,7 @@ class Device:
 # grid-stride loop.  It checks indexing, windows and summation order, not races or the GPU.
 EMULATION_SHIM = """
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <math.h>
 #include <type_traits>
@@ -83,6 +84,8 @@ inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long e
     return old;
 }
 #define __forceinline__ inline
+template <typename T>
+T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 template <typename... A, size_t... I>
@@ -247,7 +250,7 @@ def test_cublaslt_structures_and_alignment():
 
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
-    assert [p.stem for p in sources] == ["fused", "im2col", "int8", "lrn", "pooling"]
+    assert [p.stem for p in sources] == ["direct", "fused", "im2col", "int8", "lrn", "pooling"]
     for path in sources:
         lines = path.read_text().splitlines()
         header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("//"))]
@@ -567,6 +570,60 @@ def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
     labels.ravel()[3] = -1 if ignore != -1 else classes  # not a class: recorded, and read as ignored
     dev.k.softmax_loss_forward(gx, dev.put(labels), gprob, *scratch, gloss, gnorm, dims, ignore, fixed, problem)
     assert dev.get(problem).tolist() == [4, -1]
+
+
+def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
+    """The 2-D convolution in float64, a tap at a time over the zero-padded image."""
+    n, _, height, width = x.shape
+    filters, group_channels, kernel_h, kernel_w = w.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    out = [(s + 2 * p - d * (k - 1) - 1) // t + 1
+           for s, k, t, p, d in zip((height, width), (kernel_h, kernel_w), stride, pad, dilation)]
+    y = np.zeros((n, groups, filters // groups, *out))
+    for ky in range(kernel_h):
+        for kx in range(kernel_w):
+            top, left = ky * dilation[0], kx * dilation[1]
+            patch = padded[:, :, top:top + stride[0] * (out[0] - 1) + 1:stride[0],
+                           left:left + stride[1] * (out[1] - 1) + 1:stride[1]]
+            taps = w[:, :, ky, kx].reshape(groups, filters // groups, group_channels)
+            y += np.einsum("gmc,ngcyx->ngmyx", taps, patch.reshape(n, groups, group_channels, *out))
+    y = y.reshape(n, filters, *out)
+    return y if bias is None else y + bias[:, None, None]
+
+
+# x, w shapes, stride, pad, dilation, groups; with the lanes (threads per output) each takes
+DIRECT_CASES = [((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # 4 lanes
+                ((1, 4, 11, 7), (6, 2, 5, 3), (2, 1), (0, 2), (1, 2), 2),  # groups, strides, dilation: 4
+                ((64, 1, 28, 28), (20, 1, 5, 5), (1, 1), (0, 0), (1, 1), 1),  # LeNet's conv1 at b64: 1
+                ((1, 20, 12, 12), (50, 20, 5, 5), (1, 1), (0, 0), (1, 1), 1)]  # LeNet's conv2 at b1: 32
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad, dilation, groups", DIRECT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_direct_conv_forward(dev, monkeypatch, x_shape, w_shape, stride, pad, dilation, groups, dtype, with_bias):
+    if isinstance(dev.backend, HostArrays):  # the emulation runs one thread: one lane per output
+        monkeypatch.setattr(CUDA, "_direct_lanes", lambda outputs, taps: 1)
+    x, w = rand(x_shape, 1, dtype), rand(w_shape, 2, dtype)
+    bias = rand(w_shape[:1], 3, dtype) if with_bias else None
+    want = _reference_convolution(x, w, bias, stride, pad, dilation, groups)
+    y = dev.poisoned(want.shape, dtype)
+    dev.k.direct_conv_forward(dev.put(x), dev.put(w), None if bias is None else dev.put(bias), y, stride, pad,
+                              dilation, groups)
+    assert_matches(dev.get(y), want, dtype, f"direct convolution {x_shape} * {w_shape} {dtype.__name__}")
+
+
+def test_direct_convolution_lanes_and_checks():
+    assert [CUDA._direct_lanes(math.prod(o), w[1] * w[2] * w[3]) for o, w in
+            [((2, 4, 9, 8), (4, 3, 3, 3)), ((1, 6, 4, 7), (6, 2, 5, 3)), ((64, 20, 24, 24), (20, 1, 5, 5)),
+             ((1, 50, 8, 8), (50, 20, 5, 5))]] == [4, 4, 1, 32]
+    x, w = np.zeros((1, 4, 8, 8), np.float32), np.zeros((6, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"y should be \(1, 6, 6, 6\)"):
+        CUDA.direct_conv_forward(x, w, None, np.zeros((1, 6, 8, 8), np.float32), (1, 1), (0, 0), (1, 1), 2)
+    with pytest.raises(ValueError, match="do not fit"):  # 4 channels are not 3 groups of 2
+        CUDA.direct_conv_forward(x, w, None, np.zeros((1, 6, 6, 6), np.float32), (1, 1), (0, 0), (1, 1), 3)
+    with pytest.raises(ValueError, match="4-D"):
+        CUDA.direct_conv_forward(x[0], w, None, np.zeros((6, 6, 6), np.float32), (1, 1), (0, 0), (1, 1), 2)
 
 
 def test_primitive_argument_checks(dev):
@@ -946,6 +1003,39 @@ def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward
     assert run.layer.core is None and run.layer.engines == ["cudnn", None]
     assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
     assert run.layer.engines == ["cudnn", "cudnn"]
+
+
+@gpu_test
+@pytest.mark.parametrize("phase", [TRAIN, TEST])
+def test_a_convolution_whose_timing_picks_the_direct_kernel(monkeypatch, rng, phase):
+    """The direct kernel is offered to a small forward (not to a backward); where it wins, the
+    forward matches the CPU, a TEST net drops the columns, and backward runs as before."""
+    from espresso.backend.cuda.choices import Choices
+    from espresso.layers.vision import ConvolutionLayer
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    offered = []
+
+    def direct_wins(layer, which, directions, options, engines, args):
+        offered.append(sorted(engines))
+        for direction in directions:
+            layer.plan.algo[direction] = options[direction][0]
+        layer.engines[which] = "direct" if which == 0 else "cudnn"
+
+    monkeypatch.setattr(ConvolutionLayer, "_time_choices", direct_wins)
+    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    snippet, x = conv("num_output: 50 kernel_size: 5 group: 2 pad: 1"), rng.standard_normal((1, 20, 12, 12))
+    dy = rng.standard_normal((1, 50, 10, 10))
+    cpu, run = LayerRun(snippet, [x], phase=phase), LayerRun(snippet, [x], phase=phase, device="cuda:0")
+    _copy_params(cpu, run, rng, False)
+    assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "direct forward")
+    assert run.layer.engines == ["direct", None] and (run.layer.core is None) == (phase == TEST)
+    assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
+    for got, want in zip(run.param_diffs(), cpu.param_diffs()):
+        assert_matches(got, want, np.float64, "param diff")
+    assert offered == [["cudnn", "direct", "gemm"], ["cudnn"] + ["gemm"] * (phase == TRAIN)]
 
 
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***

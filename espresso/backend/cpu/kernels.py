@@ -34,7 +34,7 @@ FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stoch
 # the contract's fused fast paths (espresso/backend/__init__.py): the SGD step where Numba is,
 # the rest none (layers use xp code)
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
-accuracy_forward = None
+accuracy_forward = direct_conv_forward = None
 gather_batch = record_iteration = csr_matrix = None
 
 

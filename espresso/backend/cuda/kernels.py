@@ -58,6 +58,8 @@ def name_expressions(family, ctype, ndim):
         return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_forward_kernel",
                                                      "softmax_loss_forward_kernel", "valid_mean_kernel",
                                                      "softmax_loss_backward_kernel", "accuracy_kernel")]
+    if family == "direct":
+        return [f"conv_forward_kernel<{ctype}>"]
     if family == "int8":
         return [f"{kernel}<{ctype}>" for kernel in ("int8_patches_kernel", "int8_output_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
@@ -70,7 +72,8 @@ def _cupy():
 
 
 # the families most nets use, as _module keys less the device: compiled ahead (compile_ahead)
-COMMON_FAMILIES = (("fused", "float", None), ("pooling", "float", 2), ("im2col", "float", 2))
+COMMON_FAMILIES = (("fused", "float", None), ("pooling", "float", 2), ("im2col", "float", 2),
+                   ("direct", "float", None))
 _AHEAD = {}  # (family, device, ctype, ndim) -> the Future of its module, compiling in a thread
 
 
@@ -527,6 +530,43 @@ def accuracy_forward(x, labels, hits, valid, accuracy, normalizer, dims, ignore_
              _input(labels.astype(x.dtype, copy=False)), np.int32(top_k), hits, valid, *_ignore(ignore_label),
              _output(problem, 2, "problem")))
     _valid_mean(ctype, positions, hits, valid, accuracy, normalizer, None)
+
+
+# *** direct convolution (CUDA only, as the fused kernels: a convolution engine the layer times) ***
+DIRECT_THREADS = 1 << 17  # about half the threads an H100 holds: fewer outputs split their sums
+
+
+def _direct_lanes(outputs, taps):
+    """Threads per output in direct.cu: more while the outputs alone would leave the GPU idle,
+    each lane keeping at least 4 taps."""
+    lanes = 1
+    while lanes < 32 and outputs * lanes < DIRECT_THREADS and taps >= 8 * lanes:
+        lanes *= 2
+    return lanes
+
+
+def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
+    """y (N, M, OH, OW) = the 2-D convolution of x (N, C, H, W) with w (M, C/groups, KH, KW), plus
+    bias (M,) unless None, in one kernel (direct.cu): for convolutions too small for cuDNN's and
+    im2col's launches to pay."""
+    ctype = _float_type(x, w, y, *([] if bias is None else [bias]))
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"direct convolution: x {x.shape} and w {w.shape} must be 4-D (2-D images and filters)")
+    (n, channels, height, width), (filters, _, kernel_h, kernel_w) = x.shape, w.shape
+    spatial = [(s + 2 * p - d * (k - 1) - 1) // t + 1
+               for s, k, t, p, d in zip((height, width), w.shape[2:], stride, pad, dilation)]
+    if (filters % groups or w.shape[1] * groups != channels or y.shape != (n, filters, *spatial)
+            or (bias is not None and bias.shape != (filters,))):
+        raise ValueError(f"direct convolution of x {x.shape} with w {w.shape} in {groups} groups into y {y.shape}: "
+                         f"the shapes do not fit (y should be {(n, filters, *spatial)})")
+    lanes = _direct_lanes(y.size, w[0].size)
+    if y.size * lanes >= _INT_LIMIT:
+        raise ValueError(f"direct convolution of {y.size} outputs: too many for 32-bit indexing")
+    geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
+                              *dilation, groups))
+    args = (np.int32(y.size), np.int32(lanes), _input(x), _input(w), np.int64(0) if bias is None else _input(bias),
+            _output(y, y.size, "y"), *geometry)
+    _launch("direct", f"conv_forward_kernel<{ctype}>", ctype, None, y.size * lanes, args)
 
 
 def _ignore(ignore_label):
