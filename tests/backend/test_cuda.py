@@ -66,6 +66,7 @@ class Device:
 # instantiation through ctypes with one thread (blockDim = gridDim = 1), which walks the whole
 # grid-stride loop.  It checks indexing, windows and summation order, not races or the GPU.
 EMULATION_SHIM = """
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -84,6 +85,7 @@ inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long e
     return old;
 }
 #define __forceinline__ inline
+using std::min;
 template <typename T>
 T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -595,7 +597,8 @@ def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
 DIRECT_CASES = [((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # 4 lanes
                 ((1, 4, 11, 7), (6, 2, 5, 3), (2, 1), (0, 2), (1, 2), 2),  # groups, strides, dilation: 4
                 ((64, 1, 28, 28), (20, 1, 5, 5), (1, 1), (0, 0), (1, 1), 1),  # LeNet's conv1 at b64: 1
-                ((1, 20, 12, 12), (50, 20, 5, 5), (1, 1), (0, 0), (1, 1), 1)]  # LeNet's conv2 at b1: 32
+                ((1, 20, 12, 12), (50, 20, 5, 5), (1, 1), (0, 0), (1, 1), 1),  # LeNet's conv2 at b1: 32
+                ((2, 48, 6, 6), (3, 48, 5, 5), (1, 1), (1, 1), (1, 1), 1)]  # 1200 taps: two tables, 32
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, pad, dilation, groups", DIRECT_CASES)
@@ -939,7 +942,7 @@ def test_2d_convolutions_take_cudnn_where_present():
     run = LayerRun(conv("num_output: 4 kernel_size: 3 group: 2"), [np.ones((2, 4, 6, 6))], device="cuda:0")
     assert run.layer.plan is not None and run.layer.engines == [None, None]
     run.forward()
-    assert run.layer.engines[0] in ("cudnn", "gemm") and run.layer.engines[1] is None
+    assert run.layer.engines[0] in ("cudnn", "gemm", "direct") and run.layer.engines[1] is None
     assert "cuDNN" in gpu.describe() and gpu.describe()["cuDNN"].startswith("9.")
 
 
