@@ -86,6 +86,8 @@ inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long e
 }
 #define __forceinline__ inline
 using std::min;
+struct int4 { int x, y, z, w; };
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 template <typename T>
 T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -593,7 +595,7 @@ def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
     return y if bias is None else y + bias[:, None, None]
 
 
-# x, w shapes, stride, pad, dilation, groups; with the lanes (threads per output) each takes
+# x, w shapes, stride, pad, dilation, groups; with the lanes (threads per position) each takes
 DIRECT_CASES = [((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # 4 lanes
                 ((1, 4, 11, 7), (6, 2, 5, 3), (2, 1), (0, 2), (1, 2), 2),  # groups, strides, dilation: 4
                 ((64, 1, 28, 28), (20, 1, 5, 5), (1, 1), (0, 0), (1, 1), 1),  # LeNet's conv1 at b64: 1
@@ -617,9 +619,8 @@ def test_direct_conv_forward(dev, monkeypatch, x_shape, w_shape, stride, pad, di
 
 
 def test_direct_convolution_lanes_and_checks():
-    assert [CUDA._direct_lanes(math.prod(o), w[1] * w[2] * w[3]) for o, w in
-            [((2, 4, 9, 8), (4, 3, 3, 3)), ((1, 6, 4, 7), (6, 2, 5, 3)), ((64, 20, 24, 24), (20, 1, 5, 5)),
-             ((1, 50, 8, 8), (50, 20, 5, 5))]] == [4, 4, 1, 32]
+    # positions (images x groups x blocks of 4 filters x output pixels) and taps of DIRECT_CASES
+    assert [CUDA._direct_lanes(*case) for case in [(144, 27), (56, 30), (184320, 25), (832, 500)]] == [4, 4, 1, 32]
     x, w = np.zeros((1, 4, 8, 8), np.float32), np.zeros((6, 2, 3, 3), np.float32)
     with pytest.raises(ValueError, match=r"y should be \(1, 6, 6, 6\)"):
         CUDA.direct_conv_forward(x, w, None, np.zeros((1, 6, 8, 8), np.float32), (1, 1), (0, 0), (1, 1), 2)

@@ -534,13 +534,14 @@ def accuracy_forward(x, labels, hits, valid, accuracy, normalizer, dims, ignore_
 
 # *** direct convolution (CUDA only, as the fused kernels: a convolution engine the layer times) ***
 DIRECT_THREADS = 1 << 17  # about half the threads an H100 holds: fewer outputs split their sums
+DIRECT_FILTERS = 4  # filters per thread (direct.cu's FILTERS)
 
 
-def _direct_lanes(outputs, taps):
-    """Threads per output in direct.cu: more while the outputs alone would leave the GPU idle,
-    each lane keeping at least 4 taps."""
+def _direct_lanes(positions, taps):
+    """Threads per output position in direct.cu: more while the positions alone would leave the
+    GPU idle, each lane keeping at least 4 taps."""
     lanes = 1
-    while lanes < 32 and outputs * lanes < DIRECT_THREADS and taps >= 8 * lanes:
+    while lanes < 32 and positions * lanes < DIRECT_THREADS and taps >= 8 * lanes:
         lanes *= 2
     return lanes
 
@@ -559,14 +560,15 @@ def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
             or (bias is not None and bias.shape != (filters,))):
         raise ValueError(f"direct convolution of x {x.shape} with w {w.shape} in {groups} groups into y {y.shape}: "
                          f"the shapes do not fit (y should be {(n, filters, *spatial)})")
-    lanes = _direct_lanes(y.size, w[0].size)
-    if y.size * lanes >= _INT_LIMIT:
+    positions = n * groups * -(-filters // groups // DIRECT_FILTERS) * math.prod(spatial)
+    lanes = _direct_lanes(positions, w[0].size)
+    if positions * lanes >= _INT_LIMIT or y.size >= _INT_LIMIT:
         raise ValueError(f"direct convolution of {y.size} outputs: too many for 32-bit indexing")
     geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
                               *dilation, groups))
-    args = (np.int32(y.size), np.int32(lanes), _input(x), _input(w), np.int64(0) if bias is None else _input(bias),
+    args = (np.int32(positions), np.int32(lanes), _input(x), _input(w), np.int64(0) if bias is None else _input(bias),
             _output(y, y.size, "y"), *geometry)
-    _launch("direct", f"conv_forward_kernel<{ctype}>", ctype, None, y.size * lanes, args)
+    _launch("direct", f"conv_forward_kernel<{ctype}>", ctype, None, positions * lanes, args)
 
 
 def _ignore(ignore_label):
