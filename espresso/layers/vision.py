@@ -384,13 +384,14 @@ class _BaseConvolution(Layer):
     def _cudnn_forward(self, bottom, top):
         plan, weights = self.plan, self.blobs[0].data
         self.cols_ready = False  # the GEMM path's columns (if any) are not of this bottom
+        bias = self.blobs[1].data if self.p.bias_term else None
         for b, t in zip(bottom, top):
-            if self.transposed:
-                plan.backward_data(weights, b.data, t.data)
+            if not self.transposed:
+                plan.forward(b.data, weights, t.data, bias)  # (the bias added in cuDNN's kernel, where it can)
             else:
-                plan.forward(b.data, weights, t.data)
-            if self.p.bias_term:
-                plan.add_bias(self.blobs[1].data, t.data, "image" if self.transposed else "data")
+                plan.backward_data(weights, b.data, t.data)
+                if bias is not None:
+                    plan.add_bias(bias, t.data, "image")
 
     def _direct_forward(self, bottom, top):
         self.cols_ready = False  # as _cudnn_forward

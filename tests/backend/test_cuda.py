@@ -1042,6 +1042,29 @@ def test_a_convolution_whose_timing_picks_the_direct_kernel(monkeypatch, rng, ph
     assert offered == [["cudnn", "direct", "gemm"], ["cudnn"] + ["gemm"] * (phase == TRAIN)]
 
 
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cudnn_adds_the_bias_in_the_convolutions_kernel_where_it_can(rng, dtype):
+    """With the precomputed implicit GEMM, the forward's bias goes into cuDNN's fused call (its
+    output poisoned first: with alpha2 0 the call must not read it)."""
+    from espresso.backend.cuda import cudnn
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    x, w, bias = rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
+    plan = gpu.cudnn.plan((2, 3, 9, 8), (2, 5, 7, 6), (5, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1, np.dtype(dtype))
+    options = dict(plan.options("Forward"))
+    if cudnn.FUSED_BIAS_ALGO not in options:
+        pytest.skip("cuDNN does not offer the precomputed implicit GEMM here")
+    plan.algo["Forward"] = (cudnn.FUSED_BIAS_ALGO, options[cudnn.FUSED_BIAS_ALGO])
+    y = gpu.to_device(np.full((2, 5, 7, 6), np.nan), dtype)
+    plan.forward(*(gpu.to_device(a, dtype) for a in (x, w)), y, gpu.to_device(bias, dtype))
+    assert plan.fuses_bias  # cuDNN took the fused call
+    want = _reference_convolution(x, w, bias, (1, 1), (0, 0), (1, 1), 1)
+    assert_matches(gpu.to_host(y), want, dtype, f"cuDNN forward with its bias {np.dtype(dtype).name}")
+
+
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***
 # (n, Ci, H, W), (Co, kernel), stride, pad: LeNet's conv1 and conv2, a 3x3 layer of CaffeNet's
 # kind (Winograd's), CaffeNet's conv1 (11x11, stride 4)

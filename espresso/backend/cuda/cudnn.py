@@ -31,6 +31,10 @@ from espresso.backend.cuda.blas import call_failed
 from espresso.errors import BackendError
 
 FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
+# the forward algorithm whose kernel adds a bias itself (cudnnConvolutionBiasActivationForward with
+# the identity activation runs with it alone): IMPLICIT_PRECOMP_GEMM
+FUSED_BIAS_ALGO = 1
+IDENTITY, NOT_PROPAGATE_NAN = 5, 0  # cudnnActivationMode_t, cudnnNanPropagation_t
 CROSS_CORRELATION, NCHW = 1, 0
 # CaffeNet's Winograd convolutions need up to 530 MB; larger workspaces bought little there
 WORKSPACE_LIMIT = 640 << 20
@@ -98,6 +102,9 @@ class Cudnn:
         self.policy = policy_from_environment()
         self.lanes = {False: [self._handle(backend.stream), self.xp.empty(0, np.uint8)],
                       True: [self._handle(backend.side), self.xp.empty(0, np.uint8)]}
+        self.identity = ctypes.c_void_p()  # the activation of a forward that adds the bias itself
+        self.call("cudnnCreateActivationDescriptor", ctypes.byref(self.identity))
+        self.call("cudnnSetActivationDescriptor", self.identity, IDENTITY, NOT_PROPAGATE_NAN, ctypes.c_double(0))
 
     def _handle(self, stream):
         handle = ctypes.c_void_p()
@@ -176,6 +183,7 @@ class Convolution:
             2 if self.half else np.dtype(dtype).itemsize)
         self.workspace_limit = min(WORKSPACE_LIMIT, max(WORKSPACE_FLOOR, WORKSPACE_RATIO * operands))
         cudnn.call("cudnnSetFilter4dDescriptor", self.weights, type_code, NCHW, *weight_shape)
+        self.fuses_bias = not self.half  # until cuDNN refuses it
         self.conv = self._descriptor("Convolution")
         cudnn.call("cudnnSetConvolution2dDescriptor", self.conv, *pad, *stride, *dilation, CROSS_CORRELATION,
                    _FLOAT if self.half else type_code)
@@ -231,20 +239,32 @@ class Convolution:
             raise BackendError(f"cuDNN offers no {which} algorithm for this convolution")
         return list(options.items())
 
-    def _run(self, which, operands, out, accumulate):
+    def _run(self, which, operands, out, accumulate, function=None):
         c, (algo, size) = self.cudnn, self.chosen(which)
         if not c.on_side:  # (the side's is grown by backend.aside, which knows when it is free)
             # sized for what runs, not for every candidate listed: with the timed choices taken
             # from the cache, the untried candidates' workspaces are never allocated
             c.grow_workspace(size)
         alpha, beta = self.scalar(1), self.scalar(1 if accumulate else 0)
-        c.call(f"cudnnConvolution{which}", c.handle, ctypes.byref(alpha), *operands, self.conv, algo,
+        c.call(function or f"cudnnConvolution{which}", c.handle, ctypes.byref(alpha), *operands, self.conv, algo,
                _ptr(c.workspace), ctypes.c_size_t(size), ctypes.byref(beta), *out)
 
-    def forward(self, x, w, y):
-        """y (data side) = w * x (image side)."""
-        self._run("Forward", (self.tensor["image"], _ptr(x), self.weights, _ptr(w)),
-                  (self.tensor["data"], _ptr(y)), accumulate=False)
+    def forward(self, x, w, y, bias=None):
+        """y (data side) = w * x (image side), plus bias per channel unless None: in the
+        convolution's own kernel where the chosen algorithm adds it (the same sum, rounded once
+        and the bias added: one launch less), else by cudnnAddTensor after."""
+        operands = (self.tensor["image"], _ptr(x), self.weights, _ptr(w))
+        if bias is not None and self.fuses_bias and self.chosen("Forward")[0] == FUSED_BIAS_ALGO:
+            data = self.tensor["data"]
+            try:  # y = identity(conv + 0 * z + bias), z = y (with alpha2 0, cuDNN does not read it)
+                self._run("Forward", operands, (data, _ptr(y), self.bias["data"], _ptr(bias), self.cudnn.identity,
+                                                data, _ptr(y)), False, "cudnnConvolutionBiasActivationForward")
+                return
+            except BackendError:  # refused (checked before any launch): the two calls from now on
+                self.fuses_bias = False
+        self._run("Forward", operands, (self.tensor["data"], _ptr(y)), accumulate=False)
+        if bias is not None:
+            self.add_bias(bias, y, "data")
 
     def backward_data(self, w, dy, dx):
         """dx (image side) = w^T * dy (data side)."""
