@@ -17,7 +17,6 @@ from espresso.proto.weights import blob_array
 FULL, VALID, BATCH_SIZE, NONE = (caffe_pb2.LossParameter.FULL, caffe_pb2.LossParameter.VALID,
                                  caffe_pb2.LossParameter.BATCH_SIZE, caffe_pb2.LossParameter.NONE)
 FLT_MIN = float(np.finfo(np.float32).tiny)  # SoftmaxWithLoss clamps at FLT_MIN, even in double
-FUSED_CLASSES = 64  # Softmax(WithLoss) uses the fused CUDA kernels (a thread per position) up to this many classes
 LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD (MultinomialLogisticLoss, InfogainLoss)
 _LOSS_FIELDS = ("ignore_label", "normalization", "normalize")
 
@@ -127,7 +126,7 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottom, top):
         xp, x, y = self.xp, bottom[0].data.reshape(self.dims), top[0].data.reshape(self.dims)
-        if self.k.softmax_forward is not None and self.dims[1] <= FUSED_CLASSES:  # one kernel (GPU)
+        if self.k.softmax_forward is not None:  # one kernel (GPU)
             return self.k.softmax_forward(x, y, self.dims)
         x.max(axis=1, keepdims=True, out=self.scale)  # methods: NumPy's wrappers cost 2 us a call
         xp.subtract(x, self.scale, out=y)
@@ -244,9 +243,7 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
 
     def reshape(self, bottom, top):
         self.reshape_softmax(bottom, top)
-        # the fused kernels give each position one thread: right for launch-bound small nets,
-        # while many classes (ImageNet's 1000) are faster through the parallel xp reductions
-        self.fused = self.k.softmax_loss_forward is not None and self.classes <= FUSED_CLASSES
+        self.fused = self.k.softmax_loss_forward is not None
         if self.fused:  # per-position scratch and the normalizer, for the fused CUDA kernels
             positions = self.outer * self.inner
             _workspace(self, "position_loss", (2, positions), self.dtype)

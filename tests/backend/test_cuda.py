@@ -90,6 +90,8 @@ struct int4 { int x, y, z, w; };
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 template <typename T>
 T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
+template <typename T>
+T __shfl_xor_sync(unsigned, T, int, int) { std::abort(); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 template <typename... A, size_t... I>
@@ -165,6 +167,7 @@ def dev(request, monkeypatch):
     if request.param == "cuda":
         return Device(backends.get("cuda:0"))
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    monkeypatch.setattr(CUDA, "LANES", 1)  # one thread runs the grid: no lanes sharing an item
     return Device(HostArrays())
 
 
@@ -533,7 +536,8 @@ def test_split_k_gemm_matches_the_plain_product(accumulate, transposed):
     assert_matches(gpu.to_host(got), want, np.float32, "split-K GEMM")
 
 
-@pytest.mark.parametrize("dims", [(6, 5, 1), (3, 4, 5), (1, 10, 1)])
+# on a GPU: 4, 8, 8 and 32 lanes (threads) per position, the last two sharing 37 and 1000 classes
+@pytest.mark.parametrize("dims", [(6, 5, 1), (3, 4, 5), (1, 10, 1), (2, 37, 3), (1, 1000, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_softmax_forward(dev, dims, dtype, in_place):
@@ -546,7 +550,8 @@ def test_fused_softmax_forward(dev, dims, dtype, in_place):
     assert_matches(dev.get(gy), want, dtype, f"softmax {dims}")
 
 
-@pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0)])
+@pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0),
+                                                 ((4, 300, 1), 7, None)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
     outer, classes, inner = dims
@@ -606,9 +611,7 @@ DIRECT_CASES = [((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # 4 la
 @pytest.mark.parametrize("x_shape, w_shape, stride, pad, dilation, groups", DIRECT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_direct_conv_forward(dev, monkeypatch, x_shape, w_shape, stride, pad, dilation, groups, dtype, with_bias):
-    if isinstance(dev.backend, HostArrays):  # the emulation runs one thread: one lane per output
-        monkeypatch.setattr(CUDA, "_direct_lanes", lambda outputs, taps: 1)
+def test_direct_conv_forward(dev, x_shape, w_shape, stride, pad, dilation, groups, dtype, with_bias):
     x, w = rand(x_shape, 1, dtype), rand(w_shape, 2, dtype)
     bias = rand(w_shape[:1], 3, dtype) if with_bias else None
     want = _reference_convolution(x, w, bias, stride, pad, dilation, groups)

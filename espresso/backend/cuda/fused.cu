@@ -8,8 +8,9 @@
 // Parameters are segments of the arena: segment s covers [ends[s-1], ends[s]) and has its own
 // lr_mult and decay (weight_decay * decay_mult).  Softmax positions are (outer, inner) pairs of an
 // (outer, classes, inner) array; labels are floats truncated to int, as Caffe's static_cast.
-// Launch: grid-stride loops, one thread per arena element / softmax position / input element;
-// the loss sum is one block of 256 threads.
+// Launch: grid-stride loops, one thread per arena element / input element, `lanes` threads per
+// softmax position (a warp's part: the classes split between them); the loss sum is one block of
+// 256 threads.
 // Assumptions: positions and classes below 2^31; labels in [0, classes) unless ignored (Caffe
 // only DCHECKs it); few segments (each thread finds its own by a linear scan of `ends`).
 
@@ -42,28 +43,46 @@ __global__ void sgd_update_kernel(long long n, T* w, T* g, T* h, int segments, c
     }
 }
 
-// The softmax over classes of the position at `base` (stride `inner`) into prob (may be x).
+// The softmax over classes of the position at `base` (stride `inner`) into prob (may be x), by
+// the `lanes` threads that share the position (a power of two up to 32, consecutive in one warp):
+// lane l takes the classes l, l + lanes, ...; the lanes' maxima and sums are combined by xor
+// shuffles, whose fixed tree gives every lane the same sum.  `live`: whether this thread has a
+// position (the others join the shuffles only).
 template <typename T>
-__device__ void softmax_at(const T* x, T* prob, long long base, int classes, int inner) {
-    T top = x[base];
-    for (int c = 1; c < classes; ++c) {
+__device__ void softmax_at(const T* x, T* prob, long long base, int classes, int inner, int lane, int lanes,
+                           bool live) {
+    const int mine = live ? classes : 0;
+    T top = live ? x[base] : T(0);
+    for (int c = lane; c < mine; c += lanes) {
         const T v = x[base + (long long)c * inner];
         top = v > top ? v : top;
     }
+    for (int offset = lanes / 2; offset > 0; offset /= 2) {
+        const T other = __shfl_xor_sync(0xffffffffu, top, offset, lanes);
+        top = other > top ? other : top;
+    }
     T sum = T(0);
-    for (int c = 0; c < classes; ++c) {
+    for (int c = lane; c < mine; c += lanes) {
         T e = exp(x[base + (long long)c * inner] - top);
         prob[base + (long long)c * inner] = e;
         sum += e;
     }
-    for (int c = 0; c < classes; ++c) prob[base + (long long)c * inner] /= sum;
+    for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, lanes);
+    for (int c = lane; c < mine; c += lanes) prob[base + (long long)c * inner] /= sum;
 }
 
-// Softmax forward: one thread per (outer, inner) position; y may be x (in place).
+// Softmax forward: `lanes` threads per (outer, inner) position; y may be x (in place).
+// Grid-stride loop whose trip count is the same for every thread of a block (the shuffles need
+// whole warps).
 template <typename T>
-__global__ void softmax_forward_kernel(int positions, int classes, int inner, const T* x, T* y) {
-    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
-        softmax_at(x, y, (long long)(p / inner) * classes * inner + p % inner, classes, inner);
+__global__ void softmax_forward_kernel(int positions, int lanes, int classes, int inner, const T* x, T* y) {
+    const long long threads = (long long)positions * lanes;
+    for (long long first = (long long)blockIdx.x * blockDim.x; first < threads;
+         first += (long long)blockDim.x * gridDim.x) {
+        const long long t = first + threadIdx.x;
+        const bool live = t < threads;
+        const int p = live ? (int)(t / lanes) : 0, lane = (int)(t % lanes);
+        softmax_at(x, y, (long long)(p / inner) * classes * inner + p % inner, classes, inner, lane, lanes, live);
     }
 }
 
@@ -79,15 +98,21 @@ __device__ bool label_counts(int p, int label, int classes, int has_ignore, int 
     return ok;
 }
 
-// One thread per position: the softmax over classes into prob, and that position's loss
-// -log(max(prob[label], FLT_MIN)) (0 where the label does not count) and validity.
+// `lanes` threads per position: the softmax over classes into prob, and (lane 0) that position's
+// loss -log(max(prob[label], FLT_MIN)) (0 where the label does not count) and validity.
 template <typename T>
-__global__ void softmax_loss_forward_kernel(int positions, int classes, int inner, const T* x, const T* labels,
-                                            T* prob, T* losses, T* valid, int has_ignore, int ignore_label,
-                                            T flt_min, long long* problem) {
-    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < positions; p += blockDim.x * gridDim.x) {
+__global__ void softmax_loss_forward_kernel(int positions, int lanes, int classes, int inner, const T* x,
+                                            const T* labels, T* prob, T* losses, T* valid, int has_ignore,
+                                            int ignore_label, T flt_min, long long* problem) {
+    const long long threads = (long long)positions * lanes;
+    for (long long first = (long long)blockIdx.x * blockDim.x; first < threads;  // (as softmax_forward_kernel)
+         first += (long long)blockDim.x * gridDim.x) {
+        const long long t = first + threadIdx.x;
+        const bool live = t < threads;
+        const int p = live ? (int)(t / lanes) : 0, lane = (int)(t % lanes);
         const long long base = (long long)(p / inner) * classes * inner + p % inner;
-        softmax_at(x, prob, base, classes, inner);
+        softmax_at(x, prob, base, classes, inner, lane, lanes, live);
+        if (!live || lane != 0) continue;
         const int label = (int)labels[p];
         const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
         const T picked = prob[base + (long long)(ok ? label : 0) * inner];

@@ -129,6 +129,21 @@ def _launch(family, expression, ctype, ndim, count, args):
     _function(family, expression, device, ctype, ndim)((blocks,), (BLOCK,), args)
 
 
+# several threads of a warp may share one item (a softmax position, a convolution's output) and
+# combine their parts by shuffles: up to LANES of them, while fewer than SPREAD threads would work
+LANES = 32
+SPREAD = 1 << 17  # about half the threads an H100 holds
+
+
+def _lanes(items, work, least):
+    """Threads per item (a power of two up to LANES): doubled while the items alone would leave the
+    GPU idle and each lane keeps at least `least` of an item's `work`."""
+    lanes = 1
+    while lanes < LANES and items * lanes < SPREAD and work >= 2 * least * lanes:
+        lanes *= 2
+    return lanes
+
+
 # *** GEMM ***
 _BLAS = {}  # device index -> its backend's Blas (the handle bound to the backend's stream)
 
@@ -493,11 +508,13 @@ def record_iteration(loss, weight, rates, ring, slot, rate):
 
 def softmax_forward(x, y, dims):
     """Softmax forward: y = softmax of x (outer, classes, inner) over classes, one kernel (the
-    xp steps took five); y may be x."""
+    xp steps took five), the classes of a position split between a warp's threads when positions
+    are few; y may be x."""
     ctype = _float_type(x, y)
     outer, classes, inner = dims
-    _launch("fused", f"softmax_forward_kernel<{ctype}>", ctype, None, outer * inner,
-            (np.int32(outer * inner), np.int32(classes), np.int32(inner), _input(x), y))
+    lanes = _lanes(outer * inner, classes, 1)
+    _launch("fused", f"softmax_forward_kernel<{ctype}>", ctype, None, outer * inner * lanes,
+            (np.int32(outer * inner), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), y))
 
 
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
@@ -510,10 +527,10 @@ def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims,
     ctype, t = _float_type(x, prob, losses, valid, loss, normalizer), x.dtype.type
     outer, classes, inner = dims
     positions = outer * inner
-    labels = _input(labels.astype(x.dtype, copy=False))
-    _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions,
-            (np.int32(positions), np.int32(classes), np.int32(inner), _input(x), labels, prob, losses, valid,
-             *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem")))
+    labels, lanes = _input(labels.astype(x.dtype, copy=False)), _lanes(positions, classes, 1)
+    _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions * lanes,
+            (np.int32(positions), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), labels, prob,
+             losses, valid, *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem")))
     _valid_mean(ctype, positions, losses, valid, loss, normalizer, fixed_normalizer)
 
 
@@ -533,17 +550,12 @@ def accuracy_forward(x, labels, hits, valid, accuracy, normalizer, dims, ignore_
 
 
 # *** direct convolution (CUDA only, as the fused kernels: a convolution engine the layer times) ***
-DIRECT_THREADS = 1 << 17  # about half the threads an H100 holds: fewer outputs split their sums
 DIRECT_FILTERS = 4  # filters per thread (direct.cu's FILTERS)
 
 
 def _direct_lanes(positions, taps):
-    """Threads per output position in direct.cu: more while the positions alone would leave the
-    GPU idle, each lane keeping at least 4 taps."""
-    lanes = 1
-    while lanes < 32 and positions * lanes < DIRECT_THREADS and taps >= 8 * lanes:
-        lanes *= 2
-    return lanes
+    """Threads per output position in direct.cu: each lane keeps at least 4 taps."""
+    return _lanes(positions, taps, 4)
 
 
 def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
