@@ -92,6 +92,7 @@ template <typename T>
 T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
 template <typename T>
 T __shfl_xor_sync(unsigned, T, int, int) { std::abort(); }
+inline void __syncwarp() {}
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 template <typename... A, size_t... I>

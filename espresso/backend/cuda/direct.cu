@@ -8,8 +8,9 @@
 // Launch: each thread group computes FILTERS neighbouring filters of one group at one output
 // position (each image read serves them all); `lanes` consecutive threads (a power of two, at
 // most 32: one warp's part) share such a group.  Lane l sums the taps l, l + lanes, ... in order
-// (taps flattened as a row of w), then the lanes' sums are added by shuffles in a fixed tree: the
-// result does not depend on the launch, and is deterministic.  Neighbouring groups take
+// (taps flattened as a row of w), then the lanes' sums are added by shuffles in a fixed tree: for
+// given shapes the result is deterministic (the lanes, and so the order of the sums, follow the
+// number of positions: another batch size may round differently).  Neighbouring groups take
 // neighbouring positions: the weight reads are broadcasts, the image reads nearly coalesced.
 // More lanes split long sums when there are too few outputs to fill the GPU.  Each block first
 // writes where each tap reads (relative to the window's corner) into shared memory, TABLE taps

@@ -112,6 +112,7 @@ __global__ void softmax_loss_forward_kernel(int positions, int lanes, int classe
         const int p = live ? (int)(t / lanes) : 0, lane = (int)(t % lanes);
         const long long base = (long long)(p / inner) * classes * inner + p % inner;
         softmax_at(x, prob, base, classes, inner, lane, lanes, live);
+        __syncwarp();  // lane 0 reads prob[label], which another lane may have written
         if (!live || lane != 0) continue;
         const int label = (int)labels[p];
         const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
