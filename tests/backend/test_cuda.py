@@ -63,36 +63,71 @@ class Device:
 
 # Host emulation, so that CI (which has no GPU) still runs the kernels' logic: each .cu file is
 # compiled by g++ with this shim for the CUDA built-ins it uses, and kernels._launch calls the
-# instantiation through ctypes with one thread (blockDim = gridDim = 1), which walks the whole
-# grid-stride loop.  It checks indexing, windows and summation order, not races or the GPU.
+# instantiation through ctypes as one block of EMULATED_THREADS threads (real threads, gridDim 1,
+# so every grid-stride loop walks the whole grid).  __syncthreads and __syncwarp wait at a
+# barrier of the block, a shuffle exchanges values through a slot per thread between two such
+# waits, and atomicCAS is atomic: lanes sharing an item, warps and barriers run as on a GPU
+# (every thread of a block must reach each of them, as there).  It checks indexing, windows,
+# summation order and the lanes' cooperation; not the GPU's speed or memory model.
+EMULATED_THREADS = 64  # two warps
 EMULATION_SHIM = """
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <math.h>
+#include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 struct EmuDim3 { unsigned x, y, z; };
-static const EmuDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+static const EmuDim3 blockIdx = {0, 0, 0}, gridDim = {1, 1, 1};
+static EmuDim3 blockDim = {1, 1, 1};
+static thread_local EmuDim3 threadIdx = {0, 0, 0};
 #define __global__
 #define __device__
 #define __shared__ static
-inline void __syncthreads() {}
-inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long expected, unsigned long long value) {
-    unsigned long long old = *at;
-    if (old == expected) *at = value;
-    return old;
-}
 #define __forceinline__ inline
+struct EmuBarrier {  // waiting threads yield the CPU: a block outnumbers the cores
+    std::atomic<unsigned> waiting{0}, generation{0};
+    void wait() {
+        unsigned gen = generation.load();
+        if (waiting.fetch_add(1) + 1 == blockDim.x) {
+            waiting.store(0);
+            generation.fetch_add(1);
+        } else {
+            while (generation.load() == gen) std::this_thread::yield();
+        }
+    }
+};
+static EmuBarrier emu_barrier;
+inline void __syncthreads() { emu_barrier.wait(); }
+inline void __syncwarp() { emu_barrier.wait(); }
+template <typename T>
+T emu_exchange(T value, unsigned source) {  // every thread of the block takes part
+    static T slots[1024];
+    slots[threadIdx.x] = value;
+    emu_barrier.wait();
+    T got = slots[source];
+    emu_barrier.wait();
+    return got;
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T value, int offset, int width = 32) {
+    unsigned lane = threadIdx.x % width;
+    return emu_exchange(value, lane + offset < (unsigned)width ? threadIdx.x + offset : threadIdx.x);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int mask, int width = 32) {
+    return emu_exchange(value, threadIdx.x / width * width + (threadIdx.x % width ^ mask));
+}
+inline unsigned long long atomicCAS(unsigned long long* at, unsigned long long expected, unsigned long long value) {
+    __atomic_compare_exchange_n(at, &expected, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return expected;  // (the old value, whether or not it was swapped)
+}
 using std::min;
 struct int4 { int x, y, z, w; };
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-template <typename T>
-T __shfl_down_sync(unsigned, T, int, int) { std::abort(); }  // one thread: the tests run one lane
-template <typename T>
-T __shfl_xor_sync(unsigned, T, int, int) { std::abort(); }
-inline void __syncwarp() {}
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 template <typename... A, size_t... I>
@@ -100,7 +135,16 @@ void emu_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*reinterpret_cast<std::remove_reference_t<A>*>(args[I])...);
 }
 template <typename... A>
-void emu_call(void (*f)(A...), void** args) { emu_call(f, args, std::index_sequence_for<A...>{}); }
+void emu_call(void (*f)(A...), void** args, unsigned threads) {  // one block of `threads`
+    blockDim.x = threads;
+    std::vector<std::thread> block;
+    for (unsigned t = 0; t < threads; ++t)
+        block.emplace_back([=] {
+            threadIdx.x = t;
+            emu_call(f, args, std::index_sequence_for<A...>{});
+        });
+    for (auto& thread : block) thread.join();
+}
 """
 _C_SCALARS = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
               np.float64: ctypes.c_double}
@@ -121,10 +165,10 @@ class Emulator:
             names = dict.fromkeys(n for ctype in ("float", "double") for d in range(1, CUDA.MAX_AXES + 1)
                                   for n in CUDA.name_expressions(family, ctype, d))
             lines = [EMULATION_SHIM, f'#include "{CUDA.SOURCES / (family + ".cu")}"']
-            lines += [f'extern "C" void {_symbol(n)}(void** a) {{ emu_call(&{n}, a); }}' for n in names]
+            lines += [f'extern "C" void {_symbol(n)}(void** a, unsigned t) {{ emu_call(&{n}, a, t); }}' for n in names]
             source, library = self.folder / f"{family}.cpp", self.folder / f"lib{family}.so"
             source.write_text("\n".join(lines) + "\n")
-            flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC"]
+            flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-pthread"]
             subprocess.run(["g++", *flags, "-o", str(library), str(source)], check=True, capture_output=True)
             self.libraries[family] = ctypes.CDLL(str(library))
         return self.libraries[family]
@@ -136,7 +180,7 @@ class Emulator:
         values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a)
                   for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        getattr(self.library(family), _symbol(expression))(pointers)
+        getattr(self.library(family), _symbol(expression))(pointers, ctypes.c_uint(EMULATED_THREADS))
 
 
 class HostArrays:
@@ -168,7 +212,6 @@ def dev(request, monkeypatch):
     if request.param == "cuda":
         return Device(backends.get("cuda:0"))
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
-    monkeypatch.setattr(CUDA, "LANES", 1)  # one thread runs the grid: no lanes sharing an item
     return Device(HostArrays())
 
 
