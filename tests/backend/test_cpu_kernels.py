@@ -199,6 +199,29 @@ def test_max_pool_all_equal_picks_first_cell_not_padding():
     np.testing.assert_array_equal(m[0, 0], [[0, 1], [3, 4]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_skips_nan_and_minus_infinity_as_caffe(dtype):
+    """Caffe's rule: the running maximum starts at -FLT_MAX with mask -1 and takes a cell only
+    when strictly above it, so NaN is never picked and a window of -inf and NaN alone gives
+    -FLT_MAX and mask -1, whose gradient backward drops."""
+    nan, inf = np.nan, np.inf
+    x = np.array([[[[nan, 1.0, -inf, nan],
+                    [2.0, 0.5, nan, -inf],
+                    [3.0, -1.0, 4.0, 5.0],
+                    [nan, 7.0, 6.0, 5.0]]]], dtype)
+    y, mask = np.empty((1, 1, 2, 2), dtype), np.empty((1, 1, 2, 2), dtype)
+    K.max_pool_forward(x, y, mask, (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(y[0, 0], [[2.0, -K.FLT_MAX], [7.0, 6.0]])
+    np.testing.assert_array_equal(mask[0, 0], [[4, -1], [13, 14]])
+    dx = np.full(x.shape, 9.0, dtype)
+    K.max_pool_backward(np.ones_like(y), mask, dx, (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(np.argwhere(dx[0, 0] == 1).tolist(), [[1, 0], [3, 1], [3, 2]])
+    assert dx.sum() == 3
+    K.max_pool_backward(np.ones_like(y), mask, dx, (3, 3), (1, 1), (0, 0), pool_work(x.shape, (2, 2), (3, 3),
+                                                                                      (1, 1), (0, 0)))
+    assert dx.sum() == 3  # (the overlapping windows' path drops mask -1 too)
+
+
 def test_stochastic_pool():
     x = np.abs(rand((2, 2, 5, 5))) + 0.1
     out, kernel, stride = (2, 2), (3, 3), (2, 2)

@@ -456,6 +456,28 @@ def test_max_pool(dev, shape, kernel, stride, pad, ties, mask_dtype, dtype):
     assert_matches(dev.get(gdx), dx, dtype, what + " dx")
 
 
+@pytest.mark.parametrize("mask_dtype", [np.int32, np.float32])
+def test_max_pool_skips_nan_and_minus_infinity_as_the_cpu(dev, mask_dtype):
+    """Caffe's rule on both devices: NaN never picked; a window of -inf and NaN alone gives
+    -FLT_MAX and mask -1, whose gradient backward drops (test_cpu_kernels.py states the values)."""
+    x = rand((2, 3, 6, 5), 7, np.float32)
+    x[0, 0, :2, :2], x[0, 1, 2, 2], x[1, 2, :, 0] = np.nan, -np.inf, np.nan
+    x[1, 0, 2:4, 2:4] = [[-np.inf, np.nan], [np.nan, -np.inf]]
+    for kernel, stride, pad in [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1))]:
+        out = pool_case(x.shape, kernel, stride, pad)
+        y, mask, dx = np.empty(out, np.float32), np.empty(out, mask_dtype), np.empty(x.shape, np.float32)
+        CPU.max_pool_forward(x, y, mask, kernel, stride, pad)
+        assert (mask == -1).any() and (y == -CPU.FLT_MAX).any()
+        gy, gmask, gdx = dev.poisoned(out, np.float32), dev.poisoned(out, mask_dtype), dev.poisoned(x.shape, np.float32)
+        dev.k.max_pool_forward(dev.put(x), gy, gmask, kernel, stride, pad, None)
+        np.testing.assert_array_equal(dev.get(gy), y)
+        np.testing.assert_array_equal(dev.get(gmask), mask)
+        dy = rand(out, 8, np.float32)
+        CPU.max_pool_backward(dy, mask, dx, kernel, stride, pad)
+        dev.k.max_pool_backward(dev.put(dy), gmask, gdx, kernel, stride, pad, None)
+        assert_matches(dev.get(gdx), dx, np.float32, f"max pool dx with NaN and -inf, kernel {kernel}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel, stride, pad", POOL_GEOMETRIES, ids=POOL_IDS)
 def test_ave_pool(dev, shape, kernel, stride, pad, dtype):

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 _JIT = dict(nogil=True, cache=True)
+FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maximum starts at -FLT_MAX
 
 
 def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw):
@@ -44,12 +45,12 @@ def _max_pool_forward(kh, kw, sh, sw):
                 for ow in range(out_w):
                     w0 = ow * sw - pw
                     if h0 >= 0 and w0 >= 0 and h0 + kh <= height and w0 + kw <= width:
-                        best, where = x[p, h0, w0], h0 * width + w0
+                        best, where = -FLT_MAX, -1  # Caffe's start: no cell (all -inf or NaN) leaves -1
                         for i in range(kh):
                             for j in range(kw):
                                 v = x[p, h0 + i, w0 + j]
-                                take = v > best  # strict: the first maximum wins ties
-                                best = max(best, v)
+                                take = v > best  # strict: the first maximum wins ties; NaN never
+                                best = v if take else best
                                 where = (h0 + i) * width + w0 + j if take else where
                     else:
                         best, where = _clipped_max(x[p], h0, w0, kh, kw)
@@ -65,7 +66,7 @@ def _clipped_max(plane, h0, w0, kh, kw):
     height, width = plane.shape
     h1, w1 = min(h0 + kh, height), min(w0 + kw, width)
     h0, w0 = max(h0, 0), max(w0, 0)
-    best, where = plane[h0, w0], h0 * width + w0
+    best, where = -FLT_MAX, -1
     for h in range(h0, h1):
         for w in range(w0, w1):
             if plane[h, w] > best:
@@ -75,12 +76,15 @@ def _clipped_max(plane, h0, w0, kh, kw):
 
 @numba.njit(**_JIT)
 def max_pool_backward_2d(dy, mask, dx):
-    """dx (P, H*W) = dy routed to the cells `mask` names, summed where windows overlap."""
+    """dx (P, H*W) = dy routed to the cells `mask` names, summed where windows overlap (mask -1:
+    a window that picked none, dropped)."""
     planes, size = dy.shape
     for p in range(planes):
         dx[p, :] = 0
         for o in range(size):
-            dx[p, int(mask[p, o])] += dy[p, o]
+            m = int(mask[p, o])
+            if m >= 0:
+                dx[p, m] += dy[p, o]
 
 
 @numba.njit(**_JIT)

@@ -31,6 +31,7 @@ except ImportError:
     fast = None
 
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
+FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maximum starts at -FLT_MAX
 # the contract's fused fast paths (espresso/backend/__init__.py): the SGD step where Numba is,
 # the rest none (layers use xp code)
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
@@ -325,8 +326,9 @@ def _store_index(index, first, spatial, out, kernel, stride, pad):
 
 def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
     """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
-    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
-    Padding cells read as -inf, so they are never picked."""
+    a flat h*W+w index into the unpadded input: the first maximum in scan order of the cells
+    above -FLT_MAX (NaN never is), as Caffe; a window with none (all -inf or NaN) gives -FLT_MAX
+    and mask -1, as Caffe.  Padding cells read as -inf, so they are never picked."""
     if _fast_2d(x, y, mask):
         planes = x.shape[0] * x.shape[1]
         fast.max_pool_forward_2d(_view(x, (planes, *x.shape[2:])), _view(y, (planes, *y.shape[2:])),
@@ -334,13 +336,16 @@ def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
         return
     planes = _planes(x, y.shape[2:], kernel, stride, pad, -np.inf, work)
     flat = _view(y, (-1,))
-    np.max(planes, axis=0, out=flat)
-    _store_index(mask, _first_hits(planes == flat), x.shape[2:], y.shape[2:], kernel, stride, pad)
+    np.fmax.reduce(planes, axis=0, out=flat)  # (NaN skipped)
+    np.fmax(flat, -FLT_MAX, out=flat)
+    first = _first_hits((planes == flat) & (planes > -FLT_MAX))
+    _store_index(mask, first, x.shape[2:], y.shape[2:], kernel, stride, pad)
+    _view(mask, (-1,))[first == planes.shape[0]] = -1  # no cell above -FLT_MAX
 
 
 def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
     """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
-    overlap."""
+    overlap; mask -1 (a window that picked no cell) is dropped."""
     if _fast_2d(dx, dy, mask):
         planes = dx.shape[0] * dx.shape[1]
         fast.max_pool_backward_2d(_view(dy, (planes, -1)), _view(mask, (planes, -1)), _view(dx, (planes, -1)))
@@ -348,8 +353,9 @@ def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
     if all(s >= k for s, k in zip(stride, kernel)):  # windows never overlap: a plain scatter
         n, c, *spatial = dx.shape
         planes = np.arange(n * c, dtype=np.intp).reshape(n, c, *(1,) * len(spatial)) * math.prod(spatial)
+        picked = (mask >= 0).reshape(-1)
         dx[...] = 0
-        _view(dx, (-1,))[(mask.astype(np.intp) + planes).reshape(-1)] = dy.reshape(-1)
+        _view(dx, (-1,))[(mask.astype(np.intp) + planes).reshape(-1)[picked]] = dy.reshape(-1)[picked]
         return
     _route_backward(dy, mask, dx, kernel, stride, pad, work)
 
@@ -360,7 +366,7 @@ def _route_backward(dy, index, dx, kernel, stride, pad, work):
     acc = _accumulator(dy, dx, kernel, stride, pad, work)
     out = dy.shape[2:]
     cells, base = _index_tables(tuple(dx.shape[2:]), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
-    relative = index - base  # the chosen cell relative to each window's first cell
+    relative = np.where(index >= 0, index - base, -1)  # the chosen cell from each window's first cell
     for o, offset in enumerate(_offsets(kernel)):
         acc[_window_taps(offset, stride, out)] += dy * (relative == cells[o])
     if acc is not dx:

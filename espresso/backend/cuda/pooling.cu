@@ -2,8 +2,10 @@
 // espresso/backend/cpu/kernels.py (Caffe's):
 //   x, dx (N, C, *size) and y, dy, mask (N, C, *out), C-contiguous, one window per output:
 //   start_i = o_i*stride_i - pad_i, cells [max(start, 0), min(start + kernel, size)).
-//   MAX: the first maximum in scan order (last axis fastest); mask (int or float type M) gets its
-//     flat index into the unpadded input plane (h*W + w in 2-D).  Padding is never picked.
+//   MAX: the first maximum in scan order (last axis fastest) of the cells above -FLT_MAX (NaN
+//     never is); mask (int or float type M) gets its flat index into the unpadded input plane
+//     (h*W + w in 2-D), or -1 (and y -FLT_MAX) where no cell is, as Caffe.  Padding is never
+//     picked; backward drops mask -1.
 //   AVE: window sum over Caffe's divisor, the window clipped to [-pad, size + pad).
 //   STOCHASTIC (no padding): TRAIN picks the first cell whose running sum reaches rand * sum;
 //     TEST gives sum(x^2) / (FLT_MIN + sum(x)).
@@ -31,19 +33,10 @@ struct Geometry {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (count);      \
          i += (long long)blockDim.x * gridDim.x)
 
-template <typename T>
-__device__ __forceinline__ T negative_infinity();
-template <>
-__device__ __forceinline__ float negative_infinity<float>() {
-    return __int_as_float((int)0xff800000u);
-}
-template <>
-__device__ __forceinline__ double negative_infinity<double>() {
-    return __longlong_as_double((long long)0xfff0000000000000ull);
-}
-
 // FLT_MIN, the seed of STOCHASTIC pooling's TEST sums in Caffe's GPU code (also in double).
 #define ESPRESSO_FLT_MIN 1.17549435082228750797e-38f
+// FLT_MAX: MAX pooling's running maximum starts at -FLT_MAX (also in double), as Caffe's.
+#define ESPRESSO_FLT_MAX 3.40282346638528859812e+38f
 
 // Elements in one (n, c) plane of the input and of the output.
 template <int D>
@@ -114,8 +107,8 @@ __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
         int start[3], lo[3], hi[3];
         window<D>(g, i % outs, start, lo, hi);
         const T* src = x + (long long)(i / outs) * plane;
-        T best = negative_infinity<T>();
-        int arg = -1;
+        T best = T(-ESPRESSO_FLT_MAX);
+        int arg = -1;  // stays -1 where no cell exceeds -FLT_MAX (all -inf or NaN), as Caffe
         for_each_cell<D>(lo, hi, g.size, [&](int flat) {
             T v = src[flat];
             if (v > best) {  // strictly: the first maximum in scan order wins
@@ -124,7 +117,6 @@ __global__ void max_pool_forward_kernel(const T* __restrict__ x, T* __restrict__
             }
             return false;
         });
-        if (arg < 0) arg = flat_position<D>(g, start);  // all -inf: the CPU's first window cell
         y[index] = best;
         mask[index] = M(arg);
     }
