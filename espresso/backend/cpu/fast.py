@@ -24,7 +24,8 @@ FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maxi
 
 def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw):
     """y = window max, mask = h*W+w of the first maximum in scan order (Caffe's rule)."""
-    _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw)
+    lowest = x.dtype.type(-FLT_MAX)
+    _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw, lowest)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +37,7 @@ def _max_pool_forward(kh, kw, sh, sw):
     kernel instead of compiling it for 0.8 s."""
 
     @numba.njit(**_JIT)
-    def pool(x, y, mask, ph, pw):
+    def pool(x, y, mask, ph, pw, lowest):
         planes, height, width = x.shape
         out_h, out_w = y.shape[1], y.shape[2]
         for p in range(planes):
@@ -45,15 +46,17 @@ def _max_pool_forward(kh, kw, sh, sw):
                 for ow in range(out_w):
                     w0 = ow * sw - pw
                     if h0 >= 0 and w0 >= 0 and h0 + kh <= height and w0 + kw <= width:
-                        best, where = -FLT_MAX, -1  # Caffe's start: no cell (all -inf or NaN) leaves -1
+                        best, where = x[p, h0, w0], h0 * width + w0
                         for i in range(kh):
                             for j in range(kw):
                                 v = x[p, h0 + i, w0 + j]
-                                take = v > best  # strict: the first maximum wins ties; NaN never
-                                best = v if take else best
+                                take = v > best  # strict: the first maximum wins ties
+                                best = max(best, v)
                                 where = (h0 + i) * width + w0 + j if take else where
+                        if not best > lowest:  # (a first cell of NaN or -inf): Caffe's rule, exactly
+                            best, where = _clipped_max(x[p], h0, w0, kh, kw, lowest)
                     else:
-                        best, where = _clipped_max(x[p], h0, w0, kh, kw)
+                        best, where = _clipped_max(x[p], h0, w0, kh, kw, lowest)
                     y[p, oh, ow] = best
                     mask[p, oh, ow] = where
 
@@ -61,12 +64,13 @@ def _max_pool_forward(kh, kw, sh, sw):
 
 
 @numba.njit(nogil=True)
-def _clipped_max(plane, h0, w0, kh, kw):
-    """Max and flat index over the window clipped to the image (Caffe's hstart/hend rule)."""
+def _clipped_max(plane, h0, w0, kh, kw, lowest):
+    """Max and flat index over the window clipped to the image (Caffe's hstart/hend rule), from
+    Caffe's start: `lowest` (-FLT_MAX) and -1, kept where no cell is above it."""
     height, width = plane.shape
     h1, w1 = min(h0 + kh, height), min(w0 + kw, width)
     h0, w0 = max(h0, 0), max(w0, 0)
-    best, where = -FLT_MAX, -1
+    best, where = lowest, -1
     for h in range(h0, h1):
         for w in range(w0, w1):
             if plane[h, w] > best:
