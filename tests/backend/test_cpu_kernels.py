@@ -213,13 +213,15 @@ def test_max_pool_skips_nan_and_minus_infinity_as_caffe(dtype):
     K.max_pool_forward(x, y, mask, (2, 2), (2, 2), (0, 0))
     np.testing.assert_array_equal(y[0, 0], [[2.0, -K.FLT_MAX], [7.0, 6.0]])
     np.testing.assert_array_equal(mask[0, 0], [[4, -1], [13, 14]])
-    dx = np.full(x.shape, 9.0, dtype)
-    K.max_pool_backward(np.ones_like(y), mask, dx, (2, 2), (2, 2), (0, 0))
+    dx, dy = np.full(x.shape, 9.0, dtype), np.where(mask == -1, nan, 1.0).astype(dtype)  # (a dropped NaN)
+    K.max_pool_backward(dy, mask, dx, (2, 2), (2, 2), (0, 0))
     np.testing.assert_array_equal(np.argwhere(dx[0, 0] == 1).tolist(), [[1, 0], [3, 1], [3, 2]])
     assert dx.sum() == 3
-    K.max_pool_backward(np.ones_like(y), mask, dx, (3, 3), (1, 1), (0, 0), pool_work(x.shape, (2, 2), (3, 3),
-                                                                                      (1, 1), (0, 0)))
+    K.max_pool_backward(dy, mask, dx, (3, 3), (1, 1), (0, 0), pool_work(x.shape, (2, 2), (3, 3), (1, 1), (0, 0)))
     assert dx.sum() == 3  # (the overlapping windows' path drops mask -1 too)
+    strided = np.empty((1, 1, 2, 2), np.int64).transpose(0, 1, 3, 2)  # any mask layout
+    K.max_pool_forward(x, y, strided, (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(strided, mask.astype(np.int64))
 
 
 def test_stochastic_pool():

@@ -73,7 +73,10 @@ EMULATED_THREADS = 64  # two warps
 EMULATION_SHIM = """
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <math.h>
 #include <thread>
@@ -89,14 +92,23 @@ static thread_local EmuDim3 threadIdx = {0, 0, 0};
 #define __shared__ static
 #define __forceinline__ inline
 struct EmuBarrier {  // waiting threads yield the CPU: a block outnumbers the cores
-    std::atomic<unsigned> waiting{0}, generation{0};
+    std::atomic<unsigned> waiting{0}, generation{0}, exited{0};
     void wait() {
         unsigned gen = generation.load();
         if (waiting.fetch_add(1) + 1 == blockDim.x) {
             waiting.store(0);
             generation.fetch_add(1);
-        } else {
-            while (generation.load() == gen) std::this_thread::yield();
+            return;
+        }
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+        while (generation.load() == gen) {
+            unsigned gone = exited.load();  // threads that left the kernel without this barrier:
+            if ((gone && waiting.load() + gone == blockDim.x) || std::chrono::steady_clock::now() > deadline) {
+                std::fprintf(stderr, "emulated kernel: a barrier or shuffle that not every thread of the block "
+                                     "reaches (a GPU would hang there too)\\n");
+                std::abort();  // (fails the test run loudly instead of hanging it)
+            }
+            std::this_thread::yield();
         }
     }
 };
@@ -137,11 +149,14 @@ void emu_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
 template <typename... A>
 void emu_call(void (*f)(A...), void** args, unsigned threads) {  // one block of `threads`
     blockDim.x = threads;
+    emu_barrier.waiting = 0;
+    emu_barrier.exited = 0;
     std::vector<std::thread> block;
     for (unsigned t = 0; t < threads; ++t)
         block.emplace_back([=] {
             threadIdx.x = t;
             emu_call(f, args, std::index_sequence_for<A...>{});
+            ++emu_barrier.exited;
         });
     for (auto& thread : block) thread.join();
 }

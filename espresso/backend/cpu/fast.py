@@ -23,7 +23,8 @@ FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maxi
 
 
 def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw):
-    """y = window max, mask = h*W+w of the first maximum in scan order (Caffe's rule)."""
+    """y = window max, mask = h*W+w of the first maximum in scan order of the cells above
+    -FLT_MAX; -FLT_MAX and -1 where none is (Caffe's rule)."""
     lowest = x.dtype.type(-FLT_MAX)
     _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw, lowest)
 

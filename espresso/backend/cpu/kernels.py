@@ -340,7 +340,7 @@ def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
     np.fmax(flat, -FLT_MAX, out=flat)
     first = _first_hits((planes == flat) & (planes > -FLT_MAX))
     _store_index(mask, first, x.shape[2:], y.shape[2:], kernel, stride, pad)
-    _view(mask, (-1,))[first == planes.shape[0]] = -1  # no cell above -FLT_MAX
+    mask[(first == planes.shape[0]).reshape(mask.shape)] = -1  # no cell above -FLT_MAX
 
 
 def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
@@ -367,8 +367,9 @@ def _route_backward(dy, index, dx, kernel, stride, pad, work):
     out = dy.shape[2:]
     cells, base = _index_tables(tuple(dx.shape[2:]), tuple(out), tuple(kernel), tuple(stride), tuple(pad))
     relative = np.where(index >= 0, index - base, -1)  # the chosen cell from each window's first cell
-    for o, offset in enumerate(_offsets(kernel)):
-        acc[_window_taps(offset, stride, out)] += dy * (relative == cells[o])
+    for o, offset in enumerate(_offsets(kernel)):  # (where=: a NaN dy stays in its own cell)
+        taps = acc[_window_taps(offset, stride, out)]
+        np.add(taps, dy, out=taps, where=relative == cells[o])
     if acc is not dx:
         _unstage(acc, dx, 2, pad, False)
 

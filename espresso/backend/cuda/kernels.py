@@ -362,8 +362,9 @@ def _pool_args(x_shape, y_shape, kernel, stride, pad):
 
 def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
     """MAX pooling of x (N, C, *S) into y (N, C, *O); mask (int or float) gets the argmax as
-    a flat h*W+w index into the unpadded input: the first maximum in scan order, as Caffe.
-    Padding cells read as -inf, so they are never picked."""
+    a flat h*W+w index into the unpadded input: the first maximum in scan order of the cells
+    above -FLT_MAX (NaN never is), as Caffe; -FLT_MAX and -1 where none is.  Padding cells are
+    never picked."""
     ctype, m, d = _float_type(x, y), _index_type(mask), _spatial_axes(x.shape)
     geometry = _pool_args(x.shape, y.shape, kernel, stride, pad)
     args = (_input(x), _output(y, y.size, "y"), _output(mask, y.size, "mask"), np.int32(y.size), *geometry)
@@ -381,7 +382,7 @@ def _route_backward(dy, index, dx, kernel, stride, pad):
 
 def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
     """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
-    overlap."""
+    overlap; mask -1 (a window that picked no cell) names none."""
     _route_backward(dy, mask, dx, kernel, stride, pad)
 
 
