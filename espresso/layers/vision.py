@@ -312,8 +312,9 @@ class _BaseConvolution(Layer):
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on
         this layer's blobs (as graph replays), keep the fastest, then time that against im2col +
-        GEMM and keep the faster engine.  Param diffs are restored after (timing accumulates).
-        The choice is kept in the backend's on-disk cache, and taken from it when there."""
+        GEMM (and, for a small forward, the direct kernel) and keep the fastest engine.  Param
+        diffs are restored after (timing accumulates).  The choice is kept in the backend's
+        on-disk cache, and taken from it when there."""
         engines = {}
         if which == 0:
             directions = ["BackwardData" if self.transposed else "Forward"]
@@ -351,7 +352,8 @@ class _BaseConvolution(Layer):
 
     def _recall(self, known, options, which, engines):
         """Take a cached choice (True), unless there is none, it is malformed, or it is no longer
-        among the options (another workspace limit, a gemm engine without its columns)."""
+        among the options (another workspace limit) or the engines offered now (gemm without its
+        columns, direct where the backend has no such kernel)."""
         try:
             engine, algos = known["engine"], {d: [o for o in options[d] if o[0] == known["algos"][d]] for d in options}
         except (TypeError, KeyError):

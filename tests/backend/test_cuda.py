@@ -1066,22 +1066,32 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     assert gpu.cudnn.lanes[False][1].nbytes == chosen
 
 
-@gpu_test
-def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward(monkeypatch, rng):
+def _engines_chosen_as(monkeypatch, forward, backward):
+    """Convolutions take cuDNN's first candidate algorithms and the given engines instead of
+    timing them (nothing kept in the cache for later tests); the engines each choice was
+    offered are listed in the returned list."""
     from espresso.backend.cuda.choices import Choices
     from espresso.layers.vision import ConvolutionLayer
 
     gpu = backends.get("cuda:0")
     if gpu.cudnn is None:
         pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    offered = []
 
-    def cudnn_wins(layer, which, directions, options, engines, args):
+    def chosen(layer, which, directions, options, engines, args):
+        offered.append(sorted(engines))
         for direction in directions:
             layer.plan.algo[direction] = options[direction][0]
-        layer.engines[which] = "cudnn"
+        layer.engines[which] = backward if which else forward
 
-    monkeypatch.setattr(ConvolutionLayer, "_time_choices", cudnn_wins)
-    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    monkeypatch.setattr(ConvolutionLayer, "_time_choices", chosen)
+    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))
+    return offered
+
+
+@gpu_test
+def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward(monkeypatch, rng):
+    _engines_chosen_as(monkeypatch, "cudnn", "cudnn")
     snippet, x = conv("num_output: 4 kernel_size: 3"), rng.standard_normal((2, 3, 6, 6))
     dy = rng.standard_normal((2, 4, 4, 4))
     cpu, run = LayerRun(snippet, [x], phase=TEST), LayerRun(snippet, [x], phase=TEST, device="cuda:0")
@@ -1098,22 +1108,7 @@ def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward
 def test_a_convolution_whose_timing_picks_the_direct_kernel(monkeypatch, rng, phase):
     """The direct kernel is offered to a small forward (not to a backward); where it wins, the
     forward matches the CPU, a TEST net drops the columns, and backward runs as before."""
-    from espresso.backend.cuda.choices import Choices
-    from espresso.layers.vision import ConvolutionLayer
-
-    gpu = backends.get("cuda:0")
-    if gpu.cudnn is None:
-        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
-    offered = []
-
-    def direct_wins(layer, which, directions, options, engines, args):
-        offered.append(sorted(engines))
-        for direction in directions:
-            layer.plan.algo[direction] = options[direction][0]
-        layer.engines[which] = "direct" if which == 0 else "cudnn"
-
-    monkeypatch.setattr(ConvolutionLayer, "_time_choices", direct_wins)
-    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    offered = _engines_chosen_as(monkeypatch, "direct", "cudnn")
     snippet, x = conv("num_output: 50 kernel_size: 5 group: 2 pad: 1"), rng.standard_normal((1, 20, 12, 12))
     dy = rng.standard_normal((1, 50, 10, 10))
     cpu, run = LayerRun(snippet, [x], phase=phase), LayerRun(snippet, [x], phase=phase, device="cuda:0")

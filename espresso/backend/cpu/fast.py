@@ -19,13 +19,11 @@ import numba
 import numpy as np
 
 _JIT = dict(nogil=True, cache=True)
-FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maximum starts at -FLT_MAX
 
 
-def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw):
+def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw, lowest):
     """y = window max, mask = h*W+w of the first maximum in scan order of the cells above
-    -FLT_MAX; -FLT_MAX and -1 where none is (Caffe's rule)."""
-    lowest = x.dtype.type(-FLT_MAX)
+    `lowest` (-FLT_MAX in x's type); `lowest` and -1 where none is (Caffe's rule)."""
     _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw, lowest)
 
 

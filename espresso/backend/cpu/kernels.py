@@ -332,7 +332,7 @@ def max_pool_forward(x, y, mask, kernel, stride, pad, work=None):
     if _fast_2d(x, y, mask):
         planes = x.shape[0] * x.shape[1]
         fast.max_pool_forward_2d(_view(x, (planes, *x.shape[2:])), _view(y, (planes, *y.shape[2:])),
-                                 _view(mask, (planes, *y.shape[2:])), *kernel, *stride, *pad)
+                                 _view(mask, (planes, *y.shape[2:])), *kernel, *stride, *pad, x.dtype.type(-FLT_MAX))
         return
     planes = _planes(x, y.shape[2:], kernel, stride, pad, -np.inf, work)
     flat = _view(y, (-1,))

@@ -574,7 +574,7 @@ def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
         raise ValueError(f"direct convolution of x {x.shape} with w {w.shape} in {groups} groups into y {y.shape}: "
                          f"the shapes do not fit (y should be {(n, filters, *spatial)})")
     positions = n * groups * -(-filters // groups // DIRECT_FILTERS) * math.prod(spatial)
-    lanes = _direct_lanes(positions, w[0].size)
+    lanes = _direct_lanes(positions, math.prod(w.shape[1:]))
     if positions * lanes >= _INT_LIMIT or y.size >= _INT_LIMIT:
         raise ValueError(f"direct convolution of {y.size} outputs: too many for 32-bit indexing")
     geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
