@@ -99,6 +99,8 @@ def test_the_torch_peer_computes_what_espresso_computes(rng):
         expected = net.forward()["prob"].copy()
         peer = TorchCase(param, net, {"data": data}, train=False, device="cpu")
         np.testing.assert_allclose(peer._once().numpy(), expected, rtol=1e-3, atol=1e-6)
+    import torch  # the peer computes as Espresso does, in float32 (PyTorch's cuDNN defaults to TF32)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def test_bench_end_to_end_writes_the_report(tmp_path, capsys):

@@ -169,7 +169,8 @@ def _heading(results):
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores; " +
                  (f"GPU {m['gpu_backend'].get('Device', '')}; " if "gpu_backend" in m else "no GPU; ") +
                  ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "espresso", "cupy", "torch") if k in m) +
-                 f"; {m['date']}; {results['seconds']:.0f} s in all.")
+                 f"; {m['date']}; {results['seconds']:.0f} s in all.  Every framework computes in strict "
+                 "float32 (TF32 off, PyTorch's cuDNN default included).")
     for device, e in results["energy"].items():
         text = f"Energy on the {device.upper()}: {e['kind']}"
         if e.get("idle_watts") is not None:

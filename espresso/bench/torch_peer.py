@@ -107,6 +107,8 @@ class TorchCase:
 
     def __init__(self, net_param, net, inputs, train, device, graph=False):
         self.device = torch.device("cuda" if device == "gpu" else "cpu")
+        # strict float32 like Espresso's default: PyTorch's cuDNN convolutions default to TF32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         shapes = {name: blob.shape for name, blob in net.blobs.items()}
         self.model = CaffeModule(net_param, shapes).to(self.device)
         self.model.copy_from(net)
