@@ -50,7 +50,8 @@ def name_expressions(family, ctype, ndim):
                   "stochastic_pool_forward_train_kernel")
         plain = ("ave_pool_forward_kernel", "ave_pool_backward_kernel", "stochastic_pool_forward_test_kernel")
         return ([f"{kernel}<{ctype}, {m}, {ndim}>" for kernel in masked for m in masks]
-                + [f"{kernel}<{ctype}, {ndim}>" for kernel in plain])
+                + [f"{kernel}<{ctype}, {ndim}>" for kernel in plain]
+                + [f"pool_scatter_backward_kernel<{ctype}, {m}>" for m in masks])
     if family == "lrn":
         return [f"{kernel}<{ctype}>" for kernel in ("lrn_across_forward_kernel",
                                                      "lrn_across_backward_kernel")]
@@ -382,8 +383,19 @@ def _route_backward(dy, index, dx, kernel, stride, pad):
 
 def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
     """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
-    overlap; mask -1 (a window that picked no cell) names none."""
-    _route_backward(dy, mask, dx, kernel, stride, pad)
+    overlap; mask -1 (a window that picked no cell) names none.  Where windows never overlap, dx
+    is zeroed and each output writes its cell: a thread per output, not per input cell with its
+    windows' arithmetic (LeNet's pool1 at batch 256: the gather took 23 us)."""
+    if not all(s >= k for s, k in zip(stride, kernel)):
+        return _route_backward(dy, mask, dx, kernel, stride, pad)
+    ctype, m, d = _float_type(dy, dx), _index_type(mask), _spatial_axes(dx.shape)
+    _pool_args(dx.shape, dy.shape, kernel, stride, pad)  # (the shapes' checks)
+    if mask.size != dy.size:
+        raise ValueError(f"the index holds {mask.size} elements, dy {dy.size}")
+    _output(dx, dx.size, "dx").fill(0)
+    args = (_input(dy), _input(mask), dx, np.int32(dy.size), np.int32(math.prod(dy.shape[2:])),
+            np.int32(math.prod(dx.shape[2:])))
+    _launch("pooling", f"pool_scatter_backward_kernel<{ctype}, {m}>", ctype, d, dy.size, args)
 
 
 def ave_pool_forward(x, y, kernel, stride, pad, work=None):

@@ -11,7 +11,8 @@
 //     TEST gives sum(x^2) / (FLT_MIN + sum(x)).
 // Forward kernels: one thread per output element.  Backward kernels: one thread per input
 // element, gathering from the outputs whose windows hold it (no atomics, deterministic, dx is
-// overwritten).  Sums run in scan order, as the CPU's do.
+// overwritten); MAX's where windows never overlap: one thread per output, writing its one cell
+// of dx zeroed first (deterministic too).  Sums run in scan order, as the CPU's do.
 // Launch: 1-D grid of 1-D blocks, any sizes (grid-stride loops).
 // Assumptions (checked by kernels.py): C-contiguous arrays, float type T for the data, every
 // element count < 2^31, unused axes of the geometry padded with size/kernel/stride/out 1, pad 0.
@@ -146,6 +147,19 @@ __global__ void pool_route_backward_kernel(const T* __restrict__ dy, const M* __
             return false;
         });
         dx[index] = sum;
+    }
+}
+
+// MAX backward where windows never overlap (stride >= kernel on every axis): at most one output
+// picks each input cell, so each output writes its gradient to the cell it picked, one thread per
+// output, into dx the caller zeroed (as the CPU's scatter).  A pick outside the input plane (an
+// all -inf window's first cell, in the padding) is dropped.
+template <typename T, typename M>
+__global__ void pool_scatter_backward_kernel(const T* __restrict__ dy, const M* __restrict__ mask,
+                                             T* __restrict__ dx, int count, int outs, int plane) {
+    GRID_STRIDE_LOOP(index, count) {
+        const long long cell = (long long)mask[index];
+        if (cell >= 0 && cell < plane) dx[index / outs * plane + cell] = dy[index];
     }
 }
 
