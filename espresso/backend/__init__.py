@@ -52,8 +52,8 @@ KERNELS = ("matmul", "matmul_bias", "im2col_workspace_size", "im2col", "col2im",
            "lrn_workspace_size", "lrn_across_forward", "lrn_across_backward")
 # fused fast paths: a function, or None where the backend has none (callers then use xp code)
 FUSED_KERNELS = ("relu_forward", "relu_backward", "softmax_forward", "softmax_loss_forward", "softmax_loss_backward",
-                 "accuracy_forward", "direct_conv_forward", "sgd_update", "gather_batch", "record_iteration",
-                 "csr_matrix")
+                 "accuracy_forward", "direct_conv_forward", "direct_conv_weight_grad", "sgd_update", "gather_batch",
+                 "record_iteration", "csr_matrix")
 
 _CACHE = {}
 _MODULES = {"cpu": "espresso.backend.cpu", "cuda": "espresso.backend.cuda"}

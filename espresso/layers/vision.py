@@ -325,6 +325,8 @@ class _BaseConvolution(Layer):
             to_image = "Forward" if self.transposed else "BackwardData"
             directions = ["BackwardFilter"] * self._want_params()[0] + [to_image] * any(args[1])
             engines["cudnn"], engines["gemm"] = self._cudnn_backward, self._gemm_backward
+            if self._direct_grad_allowed(args[1]):
+                engines["direct"] = self._direct_backward
         if self.core is None:
             del engines["gemm"]
         options = {direction: self.plan.options(direction) for direction in directions}
@@ -338,8 +340,8 @@ class _BaseConvolution(Layer):
         # its column buffers are not needed once neither direction takes im2col + GEMM, nor by a
         # TEST net's forward (a backward there, pycaffe's, then takes cuDNN too): 12 MB in LeNet's b64
         forward, backward = self.engines
-        if forward in ("cudnn", "direct") and (backward == "cudnn" or (backward is None
-                                                                       and self.phase == caffe_pb2.TEST)):
+        if forward in ("cudnn", "direct") and (backward in ("cudnn", "direct")
+                                               or (backward is None and self.phase == caffe_pb2.TEST)):
             self.core = None
         return self.engines[which]
 
@@ -347,8 +349,18 @@ class _BaseConvolution(Layer):
         """Whether the backend's direct kernel may run this forward (timed against the others): a
         2-D convolution of (N, C, H, W) blobs, of at most DIRECT_WORK multiply-adds."""
         work = self.num * self.p.num_output * self.top_pixels * self.blobs[0].data[0].size
-        return (self.k.direct_conv_forward is not None and not self.transposed and self.axis == 1
-                and len(self.kernel) == 2 and work <= DIRECT_WORK)
+        return self.k.direct_conv_forward is not None and self._plain() and work <= DIRECT_WORK
+
+    def _direct_grad_allowed(self, propagate_down):
+        """Whether the backend's direct weight gradient may run this backward: no bottom
+        gradient wanted, and filters of few taps (a first layer's)."""
+        grad = self.k.direct_conv_weight_grad
+        return (grad is not None and self._plain() and not any(propagate_down) and self._want_params()[0]
+                and self.blobs[0].data[0].size <= grad.max_taps)
+
+    def _plain(self):
+        """A 2-D convolution (not transposed) of (N, C, H, W) blobs: what the direct kernels take."""
+        return not self.transposed and self.axis == 1 and len(self.kernel) == 2
 
     def _recall(self, known, options, which, engines):
         """Take a cached choice (True), unless there is none, it is malformed, or it is no longer
@@ -401,6 +413,12 @@ class _BaseConvolution(Layer):
         for b, t in zip(bottom, top):
             self.k.direct_conv_forward(b.data, self.blobs[0].data, bias, t.data, self.stride, self.pad,
                                        self.dilation, self.p.group)
+
+    def _direct_backward(self, top, propagate_down, bottom):
+        bias = self.blobs[1].diff if self._want_params()[1] else None
+        for t, b in zip(top, bottom):  # (no bottom gradient: _direct_grad_allowed)
+            self.k.direct_conv_weight_grad(b.data, t.diff, self.blobs[0].diff, bias, self.stride, self.pad,
+                                           self.dilation, self.p.group)
 
     def _cudnn_backward(self, top, propagate_down, bottom):
         plan, weights = self.plan, self.blobs[0].data

@@ -703,6 +703,46 @@ def test_direct_conv_forward(dev, x_shape, w_shape, stride, pad, dilation, group
     assert_matches(dev.get(y), want, dtype, f"direct convolution {x_shape} * {w_shape} {dtype.__name__}")
 
 
+# x, dw shapes, stride, pad, dilation, groups: filters of at most 32 taps
+GRAD_CASES = [((2, 1, 9, 8), (4, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+              ((2, 4, 7, 6), (6, 2, 2, 3), (2, 1), (1, 0), (1, 2), 2),
+              ((64, 1, 28, 28), (20, 1, 5, 5), (1, 1), (0, 0), (1, 1), 1)]  # LeNet's conv1 at b64: 18 slices
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad, dilation, groups", GRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_direct_conv_weight_grad(dev, x_shape, w_shape, stride, pad, dilation, groups, dtype, with_bias):
+    x, w = rand(x_shape, 1, dtype), rand(w_shape, 2, dtype)
+    dy = rand(_reference_convolution(x, w, None, stride, pad, dilation, groups).shape, 3, dtype)
+    dw, db = rand(w_shape, 4, dtype), rand(w_shape[:1], 5, dtype)  # accumulated into, as Caffe's diffs
+    want_dw = dw + _reference_weight_grad(x, dy, w_shape, stride, pad, dilation, groups)
+    want_db = db + dy.astype(np.float64).sum(axis=(0, 2, 3))
+    got_dw, got_db = dev.put(dw), dev.put(db)
+    dev.k.direct_conv_weight_grad(dev.put(x), dev.put(dy), got_dw, got_db if with_bias else None, stride, pad,
+                                  dilation, groups)
+    what = f"direct weight gradient {x_shape} * {w_shape} {dtype.__name__}"
+    assert_matches(dev.get(got_dw), want_dw, dtype, what)
+    assert_matches(dev.get(got_db), want_db if with_bias else db, dtype, what + " bias")
+
+
+def _reference_weight_grad(x, dy, w_shape, stride, pad, dilation, groups):
+    """The weight gradient in float64, a tap at a time (as _reference_convolution)."""
+    n, filters, out_h, out_w = dy.shape
+    group_channels, kernel_h, kernel_w = w_shape[1:]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    dw = np.zeros(w_shape)
+    g = dy.astype(np.float64).reshape(n, groups, filters // groups, out_h, out_w)
+    for ky in range(kernel_h):
+        for kx in range(kernel_w):
+            top, left = ky * dilation[0], kx * dilation[1]
+            patch = padded[:, :, top:top + stride[0] * (out_h - 1) + 1:stride[0],
+                           left:left + stride[1] * (out_w - 1) + 1:stride[1]]
+            patch = patch.reshape(n, groups, group_channels, out_h, out_w)
+            dw[:, :, ky, kx] = np.einsum("ngmyx,ngcyx->gmc", g, patch).reshape(filters, group_channels)
+    return dw
+
+
 def test_direct_convolution_lanes_and_checks():
     # positions (images x groups x blocks of 4 filters x output pixels) and taps of DIRECT_CASES
     assert [CUDA._direct_lanes(*case) for case in [(144, 27), (56, 30), (184320, 25), (832, 500)]] == [4, 4, 1, 32]
@@ -713,6 +753,9 @@ def test_direct_convolution_lanes_and_checks():
         CUDA.direct_conv_forward(x, w, None, np.zeros((1, 6, 6, 6), np.float32), (1, 1), (0, 0), (1, 1), 3)
     with pytest.raises(ValueError, match="4-D"):
         CUDA.direct_conv_forward(x[0], w, None, np.zeros((6, 6, 6), np.float32), (1, 1), (0, 0), (1, 1), 2)
+    big = np.zeros((6, 4, 3, 3), np.float32)  # 36 taps: more than the weight gradient's 32
+    with pytest.raises(ValueError, match="at most 32 taps"):
+        CUDA.direct_conv_weight_grad(x, np.zeros((1, 6, 6, 6), np.float32), big, None, (1, 1), (0, 0), (1, 1), 1)
 
 
 def test_primitive_argument_checks(dev):
@@ -1143,6 +1186,40 @@ def test_cudnn_adds_the_bias_in_the_convolutions_kernel_where_it_can(rng, dtype)
     assert plan.fuses_bias  # cuDNN took the fused call
     want = _reference_convolution(x, w, bias, (1, 1), (0, 0), (1, 1), 1)
     assert_matches(gpu.to_host(y), want, dtype, f"cuDNN forward with its bias {np.dtype(dtype).name}")
+
+
+@gpu_test
+def test_a_first_convolution_whose_timing_picks_the_direct_weight_gradient(monkeypatch, rng):
+    """A backward that wants no bottom gradient, of filters of few taps, is offered the direct
+    weight gradient; where it wins, the param diffs match the CPU and the columns go."""
+    from espresso.backend.cuda.choices import Choices
+    from espresso.layers.vision import ConvolutionLayer
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    offered = []
+
+    def direct_wins(layer, which, directions, options, engines, args):
+        offered.append(sorted(engines))
+        for direction in directions:
+            layer.plan.algo[direction] = options[direction][0]
+        layer.engines[which] = "direct"
+
+    monkeypatch.setattr(ConvolutionLayer, "_time_choices", direct_wins)
+    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    snippet, x = conv("num_output: 6 kernel_size: 5 pad: 1"), rng.standard_normal((4, 1, 10, 10))
+    dy = rng.standard_normal((4, 6, 8, 8))
+    cpu, run = LayerRun(snippet, [x]), LayerRun(snippet, [x], device="cuda:0")
+    _copy_params(cpu, run, rng, False)
+    for r in (cpu, run):
+        r.zero_param_diffs()
+        r.forward()
+        r.backward([dy], [False])
+    for got, want in zip(run.param_diffs(), cpu.param_diffs()):
+        assert_matches(got, want, np.float64, "direct param diff")
+    assert run.layer.engines == ["direct", "direct"] and run.layer.core is None
+    assert offered == [["cudnn", "direct", "gemm"], ["cudnn", "direct", "gemm"]]
 
 
 # *** the numerics policy of cuDNN's algorithms (docs/gpu_numerics.md) ***

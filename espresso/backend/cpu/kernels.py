@@ -35,7 +35,7 @@ FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maxi
 # the contract's fused fast paths (espresso/backend/__init__.py): the SGD step where Numba is,
 # the rest none (layers use xp code)
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
-accuracy_forward = direct_conv_forward = None
+accuracy_forward = direct_conv_forward = direct_conv_weight_grad = None
 gather_batch = record_iteration = csr_matrix = None
 
 

@@ -77,3 +77,84 @@ __global__ void conv_forward_kernel(int positions, int lanes, const T* __restric
         }
     }
 }
+
+// Direct 2-D convolution weight and bias gradients for filters of few taps (at most GRAD_TAPS:
+// a first layer's, as LeNet's conv1 of 25), where cuDNN ran four FFT kernels and a GEMV:
+//   dw[m, c, ky, kx] += sum over (n, oy, ox) of dy[n, m, oy, ox] * x[n, g*C/groups + c, iy, ix]
+//   db[m] += sum of dy[n, m, oy, ox]  (when db is not null)
+// Two kernels.  conv_grad_parts_kernel: block b = (slice s, filter m) sums the output positions
+// of slice s (slices of `per_slice` consecutive flat (n, oy, ox) positions), each thread holding
+// every tap's sum (and the bias's) in registers over its positions, then the block adds them:
+// shuffles within each warp, then the warps in order; parts[s, m, k] gets the result (k = taps:
+// the bias).  conv_grad_sum_kernel: one thread per (m, k) adds the slices' parts in order into
+// dw (or db).  Fixed orders throughout: deterministic.  Blocks of at most 1024 threads; the
+// block loop is grid-stride (any grid).
+
+#define GRAD_TAPS 32
+
+template <typename T>
+__global__ void conv_grad_parts_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ parts,
+                                       long long positions, int slices, int per_slice, int channels, int height,
+                                       int width, int filters, int out_h, int out_w, int kernel_h, int kernel_w,
+                                       int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h,
+                                       int dilation_w, int groups) {
+    __shared__ int4 table[GRAD_TAPS];  // a tap's (offset, row, column) from the window's corner
+    __shared__ T warp_sums[32][GRAD_TAPS + 1];
+    const int group_channels = channels / groups, taps = group_channels * kernel_h * kernel_w;
+    const int pixels = out_h * out_w, warps = (blockDim.x + 31) / 32, lane = threadIdx.x % 32;
+    for (int k = threadIdx.x; k < taps; k += blockDim.x) {
+        const int c = k / (kernel_h * kernel_w), r = k % (kernel_h * kernel_w);
+        const int row = r / kernel_w * dilation_h, column = r % kernel_w * dilation_w;
+        table[k] = make_int4((c * height + row) * width + column, row, column, 0);
+    }
+    __syncthreads();
+    for (int b = blockIdx.x; b < slices * filters; b += gridDim.x) {
+        const int s = b / filters, m = b % filters, group = m / (filters / groups);
+        T sums[GRAD_TAPS + 1];
+#pragma unroll
+        for (int k = 0; k <= GRAD_TAPS; ++k) sums[k] = T(0);
+        const long long end = min(positions, (long long)(s + 1) * per_slice);
+        for (long long q = (long long)s * per_slice + threadIdx.x; q < end; q += blockDim.x) {
+            const int n = (int)(q / pixels), pixel = (int)(q % pixels);  // q: flat (n, oy, ox)
+            const T g = dy[((long long)n * filters + m) * pixels + pixel];
+            const int top = pixel / out_w * stride_h - pad_h, left = pixel % out_w * stride_w - pad_w;
+            const T* image = x + ((long long)n * channels + (long long)group * group_channels) * height * width;
+            const long long corner = (long long)top * width + left;
+#pragma unroll
+            for (int k = 0; k < GRAD_TAPS; ++k) {
+                if (k >= taps) break;
+                const int4 tap = table[k];
+                const bool inside = (unsigned)(top + tap.y) < (unsigned)height && (unsigned)(left + tap.z) < (unsigned)width;
+                sums[k] += g * (inside ? image[corner + tap.x] : T(0));
+            }
+            sums[GRAD_TAPS] += g;
+        }
+#pragma unroll
+        for (int k = 0; k <= GRAD_TAPS; ++k) {  // within each warp (none in a block of one thread)
+            for (int offset = (blockDim.x < 32 ? blockDim.x : 32) / 2; offset > 0; offset /= 2)
+                sums[k] += __shfl_down_sync(0xffffffffu, sums[k], offset);
+            if (lane == 0) warp_sums[threadIdx.x / 32][k] = sums[k];
+        }
+        __syncthreads();
+        for (int k = threadIdx.x; k <= taps; k += blockDim.x) {  // then the warps, in order
+            T total = T(0);
+            for (int w = 0; w < warps; ++w) total += warp_sums[w][k < taps ? k : GRAD_TAPS];
+            parts[((long long)s * filters + m) * (taps + 1) + k] = total;
+        }
+        __syncthreads();  // (before the next block's pass rewrites warp_sums)
+    }
+}
+
+template <typename T>
+__global__ void conv_grad_sum_kernel(const T* __restrict__ parts, T* __restrict__ dw, T* __restrict__ db,
+                                     int slices, int filters, int taps) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < filters * (taps + 1); i += blockDim.x * gridDim.x) {
+        const int m = i / (taps + 1), k = i % (taps + 1);
+        T total = T(0);
+        for (int s = 0; s < slices; ++s) total += parts[((long long)s * filters + m) * (taps + 1) + k];
+        if (k < taps)
+            dw[(long long)m * taps + k] += total;
+        else if (db)
+            db[m] += total;
+    }
+}

@@ -60,7 +60,8 @@ def name_expressions(family, ctype, ndim):
                                                      "softmax_loss_forward_kernel", "valid_mean_kernel",
                                                      "softmax_loss_backward_kernel", "accuracy_kernel")]
     if family == "direct":
-        return [f"conv_forward_kernel<{ctype}>"]
+        return [f"{kernel}<{ctype}>" for kernel in ("conv_forward_kernel", "conv_grad_parts_kernel",
+                                                     "conv_grad_sum_kernel")]
     if family == "int8":
         return [f"{kernel}<{ctype}>" for kernel in ("int8_patches_kernel", "int8_output_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
@@ -594,6 +595,53 @@ def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
     args = (np.int32(positions), np.int32(lanes), _input(x), _input(w), np.int64(0) if bias is None else _input(bias),
             _output(y, y.size, "y"), *geometry)
     _launch("direct", f"conv_forward_kernel<{ctype}>", ctype, None, positions * lanes, args)
+
+
+GRAD_TAPS = 32  # direct.cu's: the direct weight gradient takes filters of at most this many taps
+GRAD_SLICES = 64  # at most this many slices of the positions, each thread summing >= 8 of them
+
+
+def direct_conv_weight_grad(x, dy, dw, db, stride, pad, dilation, groups):
+    """dw (M, C/groups, KH, KW) += the weight gradient of the 2-D convolution of x (N, C, H, W)
+    whose output gradient is dy (N, M, OH, OW), and db (M,) += dy summed per filter unless None,
+    in two kernels (direct.cu): for filters of at most GRAD_TAPS taps (a first layer's), where
+    cuDNN's FFT took five."""
+    ctype = _float_type(x, dy, dw, *([] if db is None else [db]))
+    if x.ndim != 4 or dw.ndim != 4:
+        raise ValueError(f"direct weight gradient: x {x.shape} and dw {dw.shape} must be 4-D")
+    (n, channels, height, width), (filters, _, kernel_h, kernel_w) = x.shape, dw.shape
+    spatial = [(s + 2 * p - d * (k - 1) - 1) // t + 1
+               for s, k, t, p, d in zip((height, width), dw.shape[2:], stride, pad, dilation)]
+    taps = math.prod(dw.shape[1:])
+    if (filters % groups or dw.shape[1] * groups != channels or dy.shape != (n, filters, *spatial)
+            or (db is not None and db.shape != (filters,)) or taps > GRAD_TAPS):
+        raise ValueError(f"direct weight gradient of x {x.shape} and dy {dy.shape} into dw {dw.shape} in {groups} "
+                         f"groups: the shapes do not fit (dy should be {(n, filters, *spatial)}, at most "
+                         f"{GRAD_TAPS} taps)")
+    positions = n * math.prod(spatial)
+    slices = max(1, min(GRAD_SLICES, positions // (8 * BLOCK)))
+    per_slice = -(-positions // slices)
+    parts = _parts(getattr(x.data, "device_id", None), np.dtype(x.dtype), slices * filters * (taps + 1))
+    geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
+                              *dilation, groups))
+    _launch("direct", f"conv_grad_parts_kernel<{ctype}>", ctype, None, slices * filters * BLOCK,
+            (_input(x), _input(dy), parts, np.int64(positions), np.int32(slices), np.int32(per_slice), *geometry))
+    _launch("direct", f"conv_grad_sum_kernel<{ctype}>", ctype, None, filters * (taps + 1),
+            (parts, _output(dw, dw.size, "dw"), np.int64(0) if db is None else _output(db, filters, "db"),
+             np.int32(slices), np.int32(filters), np.int32(taps)))
+
+
+direct_conv_weight_grad.max_taps = GRAD_TAPS
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(device, dtype, size):
+    """The per-slice partial sums of direct_conv_weight_grad: one buffer per device, type and
+    size, made on the first (eager) call and never freed, as graphs captured later hold it."""
+    if device is None:  # (host arrays: the kernels' emulation in tests)
+        return np.empty(size, dtype)
+    with _cupy().cuda.Device(device):
+        return _cupy().empty(size, dtype)
 
 
 def _ignore(ignore_label):
