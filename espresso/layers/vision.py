@@ -307,7 +307,10 @@ class _BaseConvolution(Layer):
 
     def backward(self, top, propagate_down, bottom):
         engine = self.engines[1] or self._choose(1, top, propagate_down, bottom)
-        (self._cudnn_backward if engine == "cudnn" else self._gemm_backward)(top, propagate_down, bottom)
+        if engine == "direct" and any(propagate_down):  # (chosen where no bottom gradient was wanted)
+            engine = "cudnn"
+        {"cudnn": self._cudnn_backward, "gemm": self._gemm_backward, "direct": self._direct_backward}[engine](
+            top, propagate_down, bottom)
 
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on

@@ -87,7 +87,8 @@ __global__ void conv_forward_kernel(int positions, int lanes, const T* __restric
 // every tap's sum (and the bias's) in registers over its positions, then the block adds them:
 // shuffles within each warp, then the warps in order; parts[s, m, k] gets the result (k = taps:
 // the bias).  conv_grad_sum_kernel: one thread per (m, k) adds the slices' parts in order into
-// dw (or db).  Fixed orders throughout: deterministic.  Blocks of at most 1024 threads; the
+// dw (or db).  Fixed orders throughout: deterministic.  Blocks of a multiple of 32 threads up to
+// 1024 (the shuffles take whole warps), or of one thread (no shuffles); the
 // block loop is grid-stride (any grid).
 
 #define GRAD_TAPS 32

@@ -13,7 +13,8 @@ Conventions, beyond the CPU module's:
 - No workspace: the *_workspace_size functions return 0 and `work` is ignored.
 - Sums run in the CPU version's order and the kernels are compiled without FMA contraction, so
   results match the CPU to rounding (bit for bit where no math-library call is involved).
-- Every primitive writes each element of its output (backward passes gather, never scatter).
+- Every primitive writes each element of its output (backward passes gather; MAX pooling's where
+  windows never overlap zeroes its output, then scatters).
 CuPy is imported on first launch, so this module (and its signatures) can be read without it.
 """
 

@@ -152,8 +152,7 @@ __global__ void pool_route_backward_kernel(const T* __restrict__ dy, const M* __
 
 // MAX backward where windows never overlap (stride >= kernel on every axis): at most one output
 // picks each input cell, so each output writes its gradient to the cell it picked, one thread per
-// output, into dx the caller zeroed (as the CPU's scatter).  A pick outside the input plane (an
-// all -inf window's first cell, in the padding) is dropped.
+// output, into dx the caller zeroed.  Mask -1 (a window that picked no cell) is dropped.
 template <typename T, typename M>
 __global__ void pool_scatter_backward_kernel(const T* __restrict__ dy, const M* __restrict__ mask,
                                              T* __restrict__ dx, int count, int outs, int plane) {
