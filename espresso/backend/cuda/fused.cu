@@ -53,6 +53,9 @@ __device__ void softmax_at(const T* x, T* prob, long long base, int classes, int
                            bool live) {
     const int mine = live ? classes : 0;
     T top = live ? x[base] : T(0);
+    // (unrolled: each lane's loads issue several at a time; a 1000-class softmax walked 31
+    // classes a lane three times, one dependent load after another: 11.5 us on an H100)
+#pragma unroll 4
     for (int c = lane; c < mine; c += lanes) {
         const T v = x[base + (long long)c * inner];
         top = v > top ? v : top;
@@ -62,12 +65,14 @@ __device__ void softmax_at(const T* x, T* prob, long long base, int classes, int
         top = other > top ? other : top;
     }
     T sum = T(0);
+#pragma unroll 4
     for (int c = lane; c < mine; c += lanes) {
         T e = exp(x[base + (long long)c * inner] - top);
         prob[base + (long long)c * inner] = e;
         sum += e;
     }
     for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, lanes);
+#pragma unroll 4
     for (int c = lane; c < mine; c += lanes) prob[base + (long long)c * inner] /= sum;
 }
 
