@@ -1192,22 +1192,7 @@ def test_cudnn_adds_the_bias_in_the_convolutions_kernel_where_it_can(rng, dtype)
 def test_a_first_convolution_whose_timing_picks_the_direct_weight_gradient(monkeypatch, rng):
     """A backward that wants no bottom gradient, of filters of few taps, is offered the direct
     weight gradient; where it wins, the param diffs match the CPU and the columns go."""
-    from espresso.backend.cuda.choices import Choices
-    from espresso.layers.vision import ConvolutionLayer
-
-    gpu = backends.get("cuda:0")
-    if gpu.cudnn is None:
-        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
-    offered = []
-
-    def direct_wins(layer, which, directions, options, engines, args):
-        offered.append(sorted(engines))
-        for direction in directions:
-            layer.plan.algo[direction] = options[direction][0]
-        layer.engines[which] = "direct"
-
-    monkeypatch.setattr(ConvolutionLayer, "_time_choices", direct_wins)
-    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing kept for later tests
+    offered = _engines_chosen_as(monkeypatch, "direct", "direct")
     snippet, x = conv("num_output: 6 kernel_size: 5 pad: 1"), rng.standard_normal((4, 1, 10, 10))
     dy = rng.standard_normal((4, 6, 8, 8))
     cpu, run = LayerRun(snippet, [x]), LayerRun(snippet, [x], device="cuda:0")
