@@ -67,6 +67,9 @@ class Layer:
     # forward/backward only queue device work into preallocated memory (no host reads, no
     # host-to-device copies, no Python state that must change per call): a CUDA graph can hold it
     capturable = True
+    # the net runs this layer's backward (Caffe's layer_need_backward, set once the net is
+    # built): when False, forward keeps nothing for a backward pass (a TEST net's copies)
+    backward_runs = True
 
     def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):
         self.lp = copy.deepcopy(layer_param)  # Caffe copies; setup may add defaults to it

@@ -28,8 +28,9 @@ class BatchNormLayer(Layer):
     blobs: running sum of means, of (unbiased) variances, and their weight s, shape (1,); the
     statistics used in global mode are blob / s (0 when s == 0).  As Caffe, the three blobs get
     lr_mult 0 (added to this layer's `param` specs); a non-zero lr_mult on them is an error.
-    Keeps its own copy of the normalized values, so it may run in place and later in-place
-    layers (Scale, ReLU) may overwrite its top."""
+    Where the net runs its backward with batch statistics it keeps its own copy of the
+    normalized values, so it may run in place and later in-place layers (Scale, ReLU) may
+    overwrite its top."""
 
     type = "BatchNorm"
     param = "batch_norm_param"
@@ -46,11 +47,13 @@ class BatchNormLayer(Layer):
         self.channels = c = _channels(bottom[0])
         self.blobs = [self.new_blob((c,)), self.new_blob((c,)), self.new_blob((1,))]  # zeros
         self._freeze_statistics()
-        # workspaces: per-channel mean, var, std, two gradient means; 1/s and its mask
+        # workspaces: per-channel mean, var, std, two gradient sums; 1/s and its mask
         self.mean, self.var, self.std = self.new_blob((c,)), self.new_blob((c,)), self.new_blob((c,))
-        self.dy_mean, self.dyy_mean = self.new_blob((c,)), self.new_blob((c,))
+        self.dy_sum, self.dyy_sum = self.new_blob((c,)), self.new_blob((c,))
         self.factor, self.nonzero = self.new_blob((1,)), self.new_blob((1,))
-        self.x_norm, self.temp = self.new_blob(()), self.new_blob(())
+        # sized by forward, where needed: a TEST net keeps no copy, a GPU no temporary
+        self.x_norm, self.temp, self.work = self.new_blob(()), self.new_blob(()), self.new_blob(())
+        self.fused = self.k.channel_sums is not None
 
     def _freeze_statistics(self):
         """Caffe masks the statistics from the solver by giving them lr_mult 0."""
@@ -67,26 +70,49 @@ class BatchNormLayer(Layer):
             self.fail(f"bottom must have {self.channels} channels on axis 1, got shape {bottom[0].shape}",
                       ShapeError)
         top[0].reshape(bottom[0].shape)
-        self.x_norm.reshape(bottom[0].shape)
-        self.temp.reshape(bottom[0].shape)
+        self.dims = _per_channel(bottom[0].data, self.channels).shape
+        if self.fused:
+            self.work.reshape(self.k.channel_sums_workspace_size(self.dims))
 
     def forward(self, bottom, top):
-        xp, c = self.xp, self.channels
+        c = self.channels
         x, y = _per_channel(bottom[0].data, c), _per_channel(top[0].data, c)
+        x_norm = None
+        if self.backward_runs and not self.use_global:  # backward reads the normalized values
+            self.x_norm.reshape(bottom[0].shape)
+            x_norm = self.x_norm.data
         if self.use_global:
             self._global_statistics()
-        else:
+        (self._forward_fused if self.fused else self._forward_xp)(x, y, x_norm, bottom[0].count // c)
+
+    def _forward_fused(self, x, y, x_norm, m):
+        """Two channel sums (mean, then the variance about it) and one pass that normalizes."""
+        k, work = self.k, self.work.data
+        if not self.use_global:
+            k.channel_sums(x, self.dims, work, sums=self.mean.data, scale=1 / m)
+            k.channel_sums(x, self.dims, work, dots=self.var.data, shift=self.mean.data, scale=1 / m)
+            self._update_statistics(m)
+        self._std()
+        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims)
+
+    def _forward_xp(self, x, y, x_norm, m):
+        xp = self.xp
+        if not self.use_global:
             xp.mean(x, axis=(0, 2), out=self.mean.data)
         xp.subtract(x, _col(self.mean.data), out=y)  # in place too: x is read first
         if not self.use_global:
-            t = _per_channel(self.temp.data, c)
-            xp.multiply(y, y, out=t)
-            xp.mean(t, axis=(0, 2), out=self.var.data)  # biased batch variance
-            self._update_statistics(bottom[0].count // c)
-        xp.add(self.var.data, self.eps, out=self.std.data)
-        xp.sqrt(self.std.data, out=self.std.data)
+            self.temp.reshape(x.shape)
+            xp.multiply(y, y, out=self.temp.data)
+            xp.mean(self.temp.data, axis=(0, 2), out=self.var.data)  # biased batch variance
+            self._update_statistics(m)
+        self._std()
         y /= _col(self.std.data)
-        self.x_norm.data[...] = top[0].data
+        if x_norm is not None:
+            x_norm.reshape(y.shape)[...] = y
+
+    def _std(self):
+        self.xp.add(self.var.data, self.eps, out=self.std.data)
+        self.xp.sqrt(self.std.data, out=self.std.data)
 
     def _global_statistics(self):
         """mean = blob0 / s and var = blob1 / s, with 1/s taken as 0 when s == 0 (as Caffe)."""
@@ -121,15 +147,21 @@ class BatchNormLayer(Layer):
         if self.use_global:
             xp.divide(dy, std, out=dx)
             return
-        # dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps), means over (N, S) per channel;
-        # both means are taken before dx is written (dx is dy in place)
-        y, t = _per_channel(self.x_norm.data, c), _per_channel(self.temp.data, c)
+        # Caffe's steps: dx = (dy - (y * sum(dy * y) + sum(dy)) / m) / sqrt(var + eps), sums over
+        # (N, S) per channel, both taken before dx is written (dx may be dy)
+        y, m = _per_channel(self.x_norm.data, c), bottom[0].count // c
+        if self.fused:
+            self.k.channel_sums(dy, self.dims, self.work.data, sums=self.dy_sum.data, dots=self.dyy_sum.data, y=y)
+            self.k.batch_norm_backward(dy, y, self.dy_sum.data, self.dyy_sum.data, self.std.data, dx, self.dims)
+            return
+        t = self.temp.data.reshape(dy.shape)
         xp.multiply(dy, y, out=t)
-        xp.mean(t, axis=(0, 2), out=self.dyy_mean.data)
-        xp.mean(dy, axis=(0, 2), out=self.dy_mean.data)
-        xp.multiply(y, _col(self.dyy_mean.data), out=t)
-        xp.subtract(dy, t, out=dx)
-        dx -= _col(self.dy_mean.data)
+        xp.sum(t, axis=(0, 2), out=self.dyy_sum.data)
+        xp.sum(dy, axis=(0, 2), out=self.dy_sum.data)
+        xp.multiply(y, _col(self.dyy_sum.data), out=t)
+        t += _col(self.dy_sum.data)
+        t *= self.dtype.type(-1.0 / m)  # Caffe's axpby: dy + (-1/m) t
+        xp.add(dy, t, out=dx)
         dx /= std
 
 
@@ -168,8 +200,23 @@ class _Broadcast(Layer):
     def _operand(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
 
-    def _reduce(self, array, out, accumulate):
-        """Sum an (outer, dim, inner) array over outer and inner into the (dim,) `out`."""
+    def _reshape_sums(self):
+        """The per-channel sums' buffers: the GPU's channel_sums workspace, else a (dim,) sum."""
+        if self.k.channel_sums is not None:
+            self.sum.reshape(self.k.channel_sums_workspace_size(self.dims))
+        else:
+            self.sum.reshape(self.dims[1])
+
+    def _reduce(self, array, out, accumulate, times=None):
+        """Sum an (outer, dim, inner) array (times another, unless None) over outer and inner into
+        the (dim,) `out`."""
+        if self.k.channel_sums is not None:
+            which = {"sums": out} if times is None else {"dots": out, "y": times}
+            self.k.channel_sums(array, self.dims, self.sum.data, accumulate=accumulate, **which)
+            return
+        if times is not None:  # the product into temp, which may hold `times` (the bottom's copy)
+            self.temp.reshape(self.dims)
+            array = self.xp.multiply(array, times, out=self.temp.data)
         if accumulate:
             self.xp.sum(array, axis=(0, 2), out=self.sum.data)
             out += self.sum.data
@@ -203,7 +250,7 @@ class ScaleLayer(_Broadcast):
             num_axes = bottom[1].num_axes if len(bottom) > 1 else p.num_axes
             self.bias_index = len(self.blobs)
             self.blobs.append(self.new_blob(self._param_shape(bottom[0], num_axes), p.bias_filler))
-        self.temp, self.sum = self.new_blob(()), self.new_blob(())
+        self.temp, self.sum = self.new_blob(()), self.new_blob(())  # sized where needed
 
     def reshape(self, bottom, top):
         self.dims = self._dims(bottom[0], self._operand(bottom))
@@ -211,26 +258,29 @@ class ScaleLayer(_Broadcast):
             self._dims(bottom[0], self.blobs[self.bias_index])
         self.in_place = top[0] is bottom[0]
         top[0].reshape(bottom[0].shape)
-        self.temp.reshape(bottom[0].shape)  # the bottom's copy in place, else the scale gradient
-        self.sum.reshape(self.dims[1])
+        self._reshape_sums()
 
     def forward(self, bottom, top):
-        if self.in_place:
-            self.temp.data[...] = bottom[0].data
+        if self.in_place and self.backward_runs:  # the scale gradient reads the bottom
+            self.temp.reshape(self.dims)
+            self.temp.data[...] = self._split(bottom[0].data)
+        scale = self._operand(bottom).data
+        bias = None if self.bias_index is None else self.blobs[self.bias_index].data
+        if self.k.scale_forward is not None:
+            self.k.scale_forward(bottom[0].data, scale, bias, top[0].data, self.dims)
+            return
         y = self._split(top[0].data)
-        self.xp.multiply(self._split(bottom[0].data), _col(self._operand(bottom).data), out=y)
-        if self.bias_index is not None:
-            y += _col(self.blobs[self.bias_index].data)
+        self.xp.multiply(self._split(bottom[0].data), _col(scale), out=y)
+        if bias is not None:
+            y += _col(bias)
 
     def backward(self, top, propagate_down, bottom):
         dy, learned = self._split(top[0].diff), len(bottom) == 1
         if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
             self._reduce(dy, self.blobs[self.bias_index].diff.reshape(-1), accumulate=True)
         if self.param_propagate_down[0] if learned else propagate_down[1]:
-            x = self.temp.data if self.in_place else bottom[0].data
-            product = self._split(self.temp.data)
-            self.xp.multiply(dy, self._split(x), out=product)
-            self._reduce(product, self._operand(bottom).diff.reshape(-1), accumulate=learned)
+            x = self.temp.data if self.in_place else self._split(bottom[0].data)
+            self._reduce(dy, self._operand(bottom).diff.reshape(-1), accumulate=learned, times=x)
         if propagate_down[0]:
             self.xp.multiply(dy, _col(self._operand(bottom).data), out=self._split(bottom[0].diff))
 
@@ -251,7 +301,7 @@ class BiasLayer(_Broadcast):
     def reshape(self, bottom, top):
         self.dims = self._dims(bottom[0], self._operand(bottom))
         top[0].reshape(bottom[0].shape)
-        self.sum.reshape(self.dims[1])
+        self._reshape_sums()
 
     def forward(self, bottom, top):
         y = self._split(top[0].data)

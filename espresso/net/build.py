@@ -161,6 +161,8 @@ class Builder:
         self.bottom_vecs = [self.blobs_of(ids) for ids in self._bottom_ids]
         self.top_vecs = [self.blobs_of(ids) for ids in self._top_ids]
         self._analyze_backward()
+        for layer, runs in zip(self.engine_layers, self.layer_need_backward):
+            layer.backward_runs = runs
         self._check_inplace()
         return {name: getattr(self, name) for name in BUILT}
 

@@ -316,7 +316,7 @@ def test_cublaslt_structures_and_alignment():
 
 def test_every_cu_file_opens_with_a_description():
     sources = sorted(CUDA.SOURCES.glob("*.cu"))
-    assert [p.stem for p in sources] == ["direct", "fused", "im2col", "int8", "lrn", "pooling"]
+    assert [p.stem for p in sources] == ["channels", "direct", "fused", "im2col", "int8", "lrn", "pooling"]
     for path in sources:
         lines = path.read_text().splitlines()
         header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("//"))]
@@ -663,6 +663,55 @@ def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
     assert dev.get(problem).tolist() == [4, -1]
 
 
+# (outer, channels, inner): inner 1 and 3 (a block's step wraps rows), 700 (a step within a row),
+# 9000 cells a channel (two parts)
+CHANNEL_DIMS = [(2, 3, 5), (7, 2, 1), (30, 2, 3), (8, 1, 700), (1, 4, 9000)]
+
+
+@pytest.mark.parametrize("dims", CHANNEL_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_sums(dev, dims, dtype):
+    x, y, shift = rand(dims, 1, dtype), rand(dims, 2, dtype), rand(dims[1], 3, dtype)
+    old = rand(dims[1], 4, dtype)
+    work = dev.poisoned((CUDA.channel_sums_workspace_size(dims),), dtype)
+    gx, gy, gshift = dev.put(x), dev.put(y), dev.put(shift)
+    sums, dots = dev.poisoned(dims[1:2], dtype), dev.put(old)
+    dev.k.channel_sums(gx, dims, work, sums=sums, dots=dots, y=gy, scale=0.5, accumulate=False)
+    assert_matches(dev.get(sums), 0.5 * x.sum(axis=(0, 2), dtype=np.float64), dtype, f"channel sums {dims}")
+    assert_matches(dev.get(dots), 0.5 * (x * y).sum(axis=(0, 2), dtype=np.float64), dtype, f"channel dots {dims}")
+    dots, a = dev.put(old), x.astype(np.float64) - shift[:, None]
+    dev.k.channel_sums(gx, dims, work, dots=dots, shift=gshift, accumulate=True)  # no y: a * a
+    assert_matches(dev.get(dots), old + (a * a).sum(axis=(0, 2)), dtype, f"channel squares about a shift {dims}")
+
+
+@pytest.mark.parametrize("dims", CHANNEL_DIMS[:3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_and_scale_maps(dev, dims, dtype, in_place):
+    x, dy = rand(dims, 5, dtype), rand(dims, 6, dtype)
+    mean, std, scale, bias = (rand(dims[1], seed, dtype) for seed in (7, 8, 9, 10))
+    std, col = np.abs(std) + 0.5, lambda v: v[:, None]  # noqa: E731
+    gx = dev.put(x)
+    y = gx if in_place else dev.poisoned(dims, dtype)
+    x_norm = dev.poisoned(dims, dtype)
+    dev.k.batch_norm_forward(gx, dev.put(mean), dev.put(std), y, x_norm, dims)
+    want = (x - col(mean)) / col(std)
+    assert_matches(dev.get(y), want, dtype, f"batch norm forward {dims}")
+    assert_matches(dev.get(x_norm), want, dtype, f"batch norm's copy {dims}")
+    m = dims[0] * dims[2]
+    sum_dy, sum_dyy = dy.sum(axis=(0, 2)), (dy * want).sum(axis=(0, 2))
+    gdy = dev.put(dy)
+    dx = gdy if in_place else dev.poisoned(dims, dtype)
+    dev.k.batch_norm_backward(gdy, x_norm, dev.put(sum_dy), dev.put(sum_dyy), dev.put(std), dx, dims)
+    want_dx = (dy - (want * col(sum_dyy) + col(sum_dy)) / m) / col(std)
+    assert_matches(dev.get(dx), want_dx, dtype, f"batch norm backward {dims}")
+    for b in (bias, None):
+        gx = dev.put(x)
+        y = gx if in_place else dev.poisoned(dims, dtype)
+        dev.k.scale_forward(gx, dev.put(scale), None if b is None else dev.put(b), y, dims)
+        assert_matches(dev.get(y), x * col(scale) + (0 if b is None else col(b)), dtype, f"scale forward {dims}")
+
+
 def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
     """The 2-D convolution in float64, a tap at a time over the zero-padded image."""
     n, _, height, width = x.shape
@@ -919,6 +968,7 @@ LAYERS = [
     case("accuracy-fused-top1", 'type: "Accuracy"', [normal(64, 10), labels(10, 64)], grad=False),
     case("batchnorm-train", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], positive_params=True),
     case("batchnorm-test", 'type: "BatchNorm"', [normal(4, 3, 2, 2)], phase=TEST, positive_params=True),
+    case("batchnorm-train-parts", 'type: "BatchNorm"', [normal(2, 3, 70, 70)], positive_params=True),  # 2 parts
     case("scale-learned", 'type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true }',
          [normal(2, 3, 4)]),
     case("scale-bottom", 'type: "Scale" scale_param { axis: 1 }', [normal(2, 3, 4), normal(3)]),

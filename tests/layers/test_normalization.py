@@ -383,3 +383,26 @@ def test_float32_matches_float64(text, bottoms):
     assert_close(got, want, rtol=1e-5, atol=1e-5)
     dy = data(SHAPE, 9)
     assert_close(runs[1].backward([dy])[0], runs[0].backward([dy])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss, force, kept", [(False, False, False), (True, False, True), (False, True, True)])
+def test_only_a_net_that_runs_backward_keeps_copies_for_it(loss, force, kept):
+    """BatchNorm's normalized values and an in-place Scale's bottom are kept for the backward
+    pass: a net with no loss to reach (Caffe's layer_need_backward false: a deploy net) holds
+    neither, unless force_backward."""
+    import espresso as caffe
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import parse_text
+
+    text = f"""force_backward: {str(force).lower()}
+        layer {{ name: "data" type: "Input" top: "x" top: "label"
+                input_param {{ shape {{ dim: 4 dim: 3 dim: 5 dim: 5 }} shape {{ dim: 4 }} }} }}
+        layer {{ name: "bn" type: "BatchNorm" bottom: "x" top: "x" batch_norm_param {{ use_global_stats: false }} }}
+        layer {{ name: "scale" type: "Scale" bottom: "x" top: "x" scale_param {{ bias_term: true }} }}
+        layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "ip" inner_product_param {{ num_output: 2 }} }}
+    """ + ('layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }' if loss else "")
+    net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN)
+    net.blobs["x"].data[...] = data((4, 3, 5, 5))
+    net.forward()
+    bn, scale = (net.layers[list(net._layer_names).index(name)] for name in ("bn", "scale"))
+    assert (bn.x_norm.count, scale.temp.count) == ((300, 300) if kept else (1, 1))  # (shape (): one element)

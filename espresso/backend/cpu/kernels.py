@@ -36,6 +36,7 @@ FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maxi
 # the rest none (layers use xp code)
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
 accuracy_forward = direct_conv_forward = direct_conv_weight_grad = None
+channel_sums_workspace_size = channel_sums = batch_norm_forward = batch_norm_backward = scale_forward = None
 gather_batch = record_iteration = csr_matrix = None
 
 

@@ -63,6 +63,10 @@ def name_expressions(family, ctype, ndim):
     if family == "direct":
         return [f"{kernel}<{ctype}>" for kernel in ("conv_forward_kernel", "conv_grad_parts_kernel",
                                                      "conv_grad_sum_kernel")]
+    if family == "channels":
+        return [f"{kernel}<{ctype}>" for kernel in ("channel_parts_kernel", "channel_sums_kernel",
+                                                     "batch_norm_forward_kernel", "batch_norm_backward_kernel",
+                                                     "scale_forward_kernel")]
     if family == "int8":
         return [f"{kernel}<{ctype}>" for kernel in ("int8_patches_kernel", "int8_output_kernel")]
     raise ValueError(f"unknown kernel family '{family}'")
@@ -643,6 +647,87 @@ def _parts(device, dtype, size):
         return np.empty(size, dtype)
     with _cupy().cuda.Device(device):
         return _cupy().empty(size, dtype)
+
+
+# *** per-channel sums and maps (CUDA only, as the fused kernels: BatchNorm, Scale and Bias) ***
+CHANNEL_BLOCKS = 1024  # (channel, part) blocks the sums aim for: some 8 per SM of an H100
+CHANNEL_SHARE = 4096  # the fewest cells a part sums
+
+
+def _channel_parts(dims):
+    outer, channels, inner = dims
+    return max(1, min(outer * inner // CHANNEL_SHARE, -(-CHANNEL_BLOCKS // max(channels, 1))))
+
+
+def channel_sums_workspace_size(dims):
+    """Elements of the `work` buffer channel_sums takes for an (outer, channels, inner) array."""
+    return 2 * dims[1] * _channel_parts(dims)
+
+
+def _maybe(array):
+    """A kernel's pointer argument that may be absent: the array, or a null pointer."""
+    return np.int64(0) if array is None else _input(array)
+
+
+def _channel_dims(dims, *arrays):
+    """(outer, channels, inner) as int64/int32 kernel arguments, after checking the arrays' sizes."""
+    outer, channels, inner = dims
+    if any(a.size != outer * channels * inner for a in arrays):
+        raise ValueError(f"arrays of {[a.size for a in arrays]} elements do not fit dims {tuple(dims)}")
+    return np.int64(outer), np.int32(channels), np.int64(inner)
+
+
+def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=1.0, accumulate=False):
+    """Per channel c of x seen as dims (outer, channels, inner): sums[c] = scale * the sum of a
+    and dots[c] = scale * the sum of a * y (a * a without y) over its cells, a = x - shift[c]
+    (x without shift), added to their values when `accumulate`; either may be None.  Two
+    kernels in a fixed order (deterministic).  work: channel_sums_workspace_size(dims) elements."""
+    ctype = _float_type(*(a for a in (x, y, shift, sums, dots, work) if a is not None))
+    outer, channels, inner = _channel_dims(dims, x, *([] if y is None else [y]))
+    parts = _channel_parts(dims)
+    if work.size < 2 * channels * parts or not work.flags.c_contiguous:
+        raise ValueError(f"work: needs {2 * channels * parts} contiguous elements, got {work.size}")
+    outputs = [None if a is None else _output(a, channels, what) for a, what in ((sums, "sums"), (dots, "dots"))]
+    if x.size == 0:
+        for out in outputs:
+            if out is not None and not accumulate:
+                out.fill(0)
+        return
+    _launch("channels", f"channel_parts_kernel<{ctype}>", ctype, None, channels * parts * BLOCK,
+            (outer, channels, inner, np.int32(parts), _input(x), _maybe(y), _maybe(shift), work))
+    _launch("channels", f"channel_sums_kernel<{ctype}>", ctype, None, channels,
+            (channels, np.int32(parts), work, x.dtype.type(scale), np.int32(accumulate), *map(_maybe, outputs)))
+
+
+def batch_norm_forward(x, mean, std, y, x_norm, dims):
+    """y = (x - mean[c]) / std[c] over x seen as dims (outer, channels, inner), one pass; x_norm
+    (None: none) keeps a copy.  y may be x."""
+    ctype = _float_type(x, mean, std, y, *([] if x_norm is None else [x_norm]))
+    outer, channels, inner = _channel_dims(dims, x, y)
+    _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
+            (np.int64(x.size), channels, inner, _input(x), _input(mean), _input(std), _output(y, x.size, "y"),
+             _maybe(x_norm)))
+
+
+def batch_norm_backward(dy, y, sum_dy, sum_dyy, std, dx, dims):
+    """BatchNorm's gradient with batch statistics, Caffe's steps: dx = (dy - (y * sum_dyy[c] +
+    sum_dy[c]) / m) / std[c], m = outer * inner (sum_dy, sum_dyy: channel_sums of dy and dy * y).
+    dx may be dy."""
+    ctype = _float_type(dy, y, sum_dy, sum_dyy, std, dx)
+    outer, channels, inner = _channel_dims(dims, dy, y, dx)
+    neg_inv_m = dy.dtype.type(-1.0 / (int(outer) * int(inner)))  # Caffe's Dtype(-1. / (num * spatial_dim))
+    _launch("channels", f"batch_norm_backward_kernel<{ctype}>", ctype, None, dy.size,
+            (np.int64(dy.size), channels, inner, _input(dy), _input(y), _input(sum_dy), _input(sum_dyy), _input(std),
+             neg_inv_m, _output(dx, dy.size, "dx")))
+
+
+def scale_forward(x, scale, bias, y, dims):
+    """y = x * scale[c] (+ bias[c] unless None) over x seen as dims (outer, channels, inner), one
+    pass.  y may be x."""
+    ctype = _float_type(x, scale, y, *([] if bias is None else [bias]))
+    outer, channels, inner = _channel_dims(dims, x, y)
+    _launch("channels", f"scale_forward_kernel<{ctype}>", ctype, None, x.size,
+            (np.int64(x.size), channels, inner, _input(x), _input(scale), _maybe(bias), _output(y, x.size, "y")))
 
 
 def _ignore(ignore_label):

@@ -1,0 +1,112 @@
+// Per-channel kernels for BatchNorm, Scale and Bias over an (outer, channels, inner) array: the
+// channel of element i is i / inner % channels.  CuPy's reductions over axes (0, 2) gave each
+// channel one block, so a layer with 64 channels and a million cells each kept a few SMs busy:
+// ResNet-50's BatchNorm and Scale layers took more of its step than its convolutions.
+//
+// channel_parts_kernel + channel_sums_kernel: sums[c] = scale * sum of a and dots[c] = scale *
+// sum of a * b over channel c's cells, a = x - shift[c] (no shift: x), b = y (no y: a).  Block
+// item (c, part) adds its share of the cells into partial[2 * (c * parts + part) + {0, 1}] (a
+// tree in shared memory), then one thread per channel adds the parts in order: a fixed order
+// for given shapes, so results are deterministic.  Null pointers (0) stand for what is absent.
+// The elementwise kernels repeat Caffe's arithmetic step by step (compiled with --fmad=false).
+// Launch: grid-stride loops; a block of at most 256 threads (a power of two).
+// Assumptions: the parts' count and channels * parts below 2^31; inner > 0 wherever cells exist.
+
+template <typename T>
+__global__ void channel_parts_kernel(long long outer, int channels, long long inner, int parts, const T* x,
+                                     const T* y, const T* shift, T* partial) {
+    __shared__ T tree_a[256], tree_ab[256];
+    const long long cells = outer * inner, share = (cells + parts - 1) / parts;
+    const long long outer_step = blockDim.x / inner, inner_step = blockDim.x % inner;
+    for (long long item = blockIdx.x; item < (long long)channels * parts; item += gridDim.x) {
+        const int c = (int)(item / parts);
+        const long long start = item % parts * share, end = min(cells, start + share), first = start + threadIdx.x;
+        const T s = shift ? shift[c] : T(0);
+        long long o = first / inner, i = first % inner;  // then stepped, with no division
+        T sum_a = T(0), sum_ab = T(0);
+        for (long long j = first; j < end; j += blockDim.x) {
+            const long long at = (o * channels + c) * inner + i;
+            const T a = x[at] - s;
+            sum_a += a;
+            sum_ab += a * (y ? y[at] : a);
+            o += outer_step;
+            i += inner_step;
+            if (i >= inner) {
+                i -= inner;
+                ++o;
+            }
+        }
+        tree_a[threadIdx.x] = sum_a;
+        tree_ab[threadIdx.x] = sum_ab;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half /= 2) {
+            if (threadIdx.x < half) {
+                tree_a[threadIdx.x] += tree_a[threadIdx.x + half];
+                tree_ab[threadIdx.x] += tree_ab[threadIdx.x + half];
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            partial[2 * item] = tree_a[0];
+            partial[2 * item + 1] = tree_ab[0];
+        }
+        __syncthreads();  // the tree is read before the next item overwrites it
+    }
+}
+
+// sums / dots (either may be null) = scale * the parts' totals, plus their old values when
+// `accumulate` (a gradient added to, as Caffe's beta = 1).
+template <typename T>
+__global__ void channel_sums_kernel(int channels, int parts, const T* partial, T scale, int accumulate, T* sums,
+                                    T* dots) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < channels; c += blockDim.x * gridDim.x) {
+        T sum_a = T(0), sum_ab = T(0);
+        for (int p = 0; p < parts; ++p) {
+            sum_a += partial[2 * ((long long)c * parts + p)];
+            sum_ab += partial[2 * ((long long)c * parts + p) + 1];
+        }
+        if (sums) sums[c] = accumulate ? sums[c] + sum_a * scale : sum_a * scale;
+        if (dots) dots[c] = accumulate ? dots[c] + sum_ab * scale : sum_ab * scale;
+    }
+}
+
+// BatchNorm forward: y = (x - mean[c]) / std[c] (Caffe: x - mean, then a division); x_norm,
+// unless null, keeps a copy for the backward pass.  y may be x.
+template <typename T>
+__global__ void batch_norm_forward_kernel(long long count, int channels, long long inner, const T* x, const T* mean,
+                                          const T* std, T* y, T* x_norm) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int c = (int)(i / inner % channels);
+        const T v = (x[i] - mean[c]) / std[c];
+        y[i] = v;
+        if (x_norm) x_norm[i] = v;
+    }
+}
+
+// BatchNorm backward with batch statistics, Caffe's steps: t = y * sum_dyy[c] + sum_dy[c], then
+// dx = (dy + neg_inv_m * t) / std[c] (neg_inv_m = -1 / (outer * inner)).  dx may be dy.
+template <typename T>
+__global__ void batch_norm_backward_kernel(long long count, int channels, long long inner, const T* dy,
+                                           const T* y, const T* sum_dy, const T* sum_dyy, const T* std,
+                                           T neg_inv_m, T* dx) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int c = (int)(i / inner % channels);
+        const T t = y[i] * sum_dyy[c] + sum_dy[c];
+        dx[i] = (dy[i] + neg_inv_m * t) / std[c];
+    }
+}
+
+// Scale forward: y = x * scale[c], then + bias[c] unless bias is null.  y may be x.
+template <typename T>
+__global__ void scale_forward_kernel(long long count, int channels, long long inner, const T* x, const T* scale,
+                                     const T* bias, T* y) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int c = (int)(i / inner % channels);
+        T v = x[i] * scale[c];
+        if (bias) v = v + bias[c];
+        y[i] = v;
+    }
+}
