@@ -251,6 +251,7 @@ class ScaleLayer(_Broadcast):
             self.bias_index = len(self.blobs)
             self.blobs.append(self.new_blob(self._param_shape(bottom[0], num_axes), p.bias_filler))
         self.temp, self.sum = self.new_blob(()), self.new_blob(())  # sized where needed
+        self.bottom_copy = None  # the net may name a blob that holds the bottom's values (BatchNorm's)
 
     def reshape(self, bottom, top):
         self.dims = self._dims(bottom[0], self._operand(bottom))
@@ -261,7 +262,7 @@ class ScaleLayer(_Broadcast):
         self._reshape_sums()
 
     def forward(self, bottom, top):
-        if self.in_place and self.backward_runs:  # the scale gradient reads the bottom
+        if self.in_place and self.backward_runs and self.bottom_copy is None:  # the scale gradient reads it
             self.temp.reshape(self.dims)
             self.temp.data[...] = self._split(bottom[0].data)
         scale = self._operand(bottom).data
@@ -274,12 +275,18 @@ class ScaleLayer(_Broadcast):
         if bias is not None:
             y += _col(bias)
 
+    def _bottom_values(self, bottom):
+        """The bottom's values as forward read them (in place, later layers overwrite the bottom)."""
+        if not self.in_place:
+            return self._split(bottom[0].data)
+        return self._split((self.temp if self.bottom_copy is None else self.bottom_copy).data)
+
     def backward(self, top, propagate_down, bottom):
         dy, learned = self._split(top[0].diff), len(bottom) == 1
         if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
             self._reduce(dy, self.blobs[self.bias_index].diff.reshape(-1), accumulate=True)
         if self.param_propagate_down[0] if learned else propagate_down[1]:
-            x = self.temp.data if self.in_place else self._split(bottom[0].data)
+            x = self._bottom_values(bottom)
             self._reduce(dy, self._operand(bottom).diff.reshape(-1), accumulate=learned, times=x)
         if propagate_down[0]:
             self.xp.multiply(dy, _col(self._operand(bottom).data), out=self._split(bottom[0].diff))

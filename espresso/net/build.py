@@ -163,6 +163,7 @@ class Builder:
         self._analyze_backward()
         for layer, runs in zip(self.engine_layers, self.layer_need_backward):
             layer.backward_runs = runs
+        self._share_normalized_copies()
         self._check_inplace()
         return {name: getattr(self, name) for name in BUILT}
 
@@ -329,6 +330,18 @@ class Builder:
                     skip.add(names[b])
         if self.force_backward:
             self._force_backward()
+
+    def _share_normalized_copies(self):
+        """A Scale whose bottom a BatchNorm wrote last (ResNet's BatchNorm, Scale, ReLU, all in
+        place) reads that BatchNorm's copy of its normalized values for its scale gradient instead
+        of keeping a copy of its own of the same values."""
+        for i, layer in enumerate(self.engine_layers):
+            if layer.type != "Scale" or not layer.backward_runs:
+                continue
+            writers = [w for w in self._writers[self._bottom_ids[i][0]] if w < i]
+            last = self.engine_layers[writers[-1]] if writers else None
+            if last is not None and last.type == "BatchNorm" and last.backward_runs and not last.use_global:
+                layer.bottom_copy = last.x_norm
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

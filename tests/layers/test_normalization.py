@@ -405,4 +405,44 @@ def test_only_a_net_that_runs_backward_keeps_copies_for_it(loss, force, kept):
     net.blobs["x"].data[...] = data((4, 3, 5, 5))
     net.forward()
     bn, scale = (net.layers[list(net._layer_names).index(name)] for name in ("bn", "scale"))
-    assert (bn.x_norm.count, scale.temp.count) == ((300, 300) if kept else (1, 1))  # (shape (): one element)
+    assert bn.x_norm.count == (300 if kept else 1)  # (shape (): one element)
+    assert scale.temp.count == 1  # after an in-place BatchNorm, Scale reads its copy, if any
+    assert scale.bottom_copy is (bn.x_norm if kept else None)
+
+
+def test_scale_after_batch_norm_reads_its_copy_and_gets_the_same_gradients():
+    """Scale in place after BatchNorm in place (ResNet's pattern), then ReLU in place, which
+    overwrites both layers' top: the gradients through BatchNorm's shared copy equal those of
+    a net whose layers keep their own blobs."""
+    import espresso as caffe
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import parse_text
+
+    def net(in_place):
+        x, s, r = ("x", "x", "x") if in_place else ("x", "n", "s")
+        text = f"""force_backward: true
+            layer {{ name: "data" type: "Input" top: "x" top: "label"
+                input_param {{ shape {{ dim: 4 dim: 3 dim: 5 dim: 5 }} shape {{ dim: 4 }} }} }}
+            layer {{ name: "bn" type: "BatchNorm" bottom: "x" top: "{s}" }}
+            layer {{ name: "scale" type: "Scale" bottom: "{s}" top: "{s if in_place else 's'}"
+                     scale_param {{ bias_term: true filler {{ type: "uniform" min: 0.5 max: 2 }} }} }}
+            layer {{ name: "relu" type: "ReLU" bottom: "{r if in_place else 's'}" top: "{r if in_place else 'r'}" }}
+            layer {{ name: "ip" type: "InnerProduct" bottom: "{r if in_place else 'r'}" top: "ip"
+                     inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.5 }} }} }}
+            layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}"""
+        return caffe.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN)
+
+    shared, apart = net(True), net(False)
+    assert shared.layers[2].bottom_copy is shared.layers[1].x_norm
+    for name in ("scale", "ip"):
+        for a, b in zip(apart.params[name], shared.params[name], strict=True):
+            b.data[...] = a.data
+    for n in (shared, apart):
+        n.blobs["x"].data[...] = data((4, 3, 5, 5), 5)
+        n.blobs["label"].data[...] = [0, 1, 1, 0]
+        n.forward()
+        n.backward()
+    for name in ("scale", "ip"):
+        for a, b in zip(apart.params[name], shared.params[name], strict=True):
+            assert_close(b.diff, a.diff)
+    assert_close(shared.blobs["x"].diff, apart.blobs["x"].diff)
