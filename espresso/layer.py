@@ -70,6 +70,10 @@ class Layer:
     # the net runs this layer's backward (Caffe's layer_need_backward, set once the net is
     # built): when False, forward keeps nothing for a backward pass (a TEST net's copies)
     backward_runs = True
+    # (layer index, blob): an earlier layer's blob that holds this layer's bottom values as that
+    # layer wrote them, which forward may read instead of copying the bottom (see
+    # Net.forward_layers); bottom_copy is that blob in the current forward, else None
+    copy_source = bottom_copy = None
 
     def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):
         self.lp = copy.deepcopy(layer_param)  # Caffe copies; setup may add defaults to it

@@ -10,6 +10,9 @@ def _channels(blob):
     return 1 if blob.num_axes == 1 else blob.shape[1]
 
 
+FUSED_CELLS = 32  # the fewest cells a channel for Scale's and Bias's sums by channel_sums
+
+
 def _per_channel(array, channels):
     """(N, C, S) view of an (N, C, ...) array, S = product of the remaining axes."""
     return array.reshape(array.shape[0], channels, -1) if array.ndim else array.reshape(1, 1, 1)
@@ -201,8 +204,11 @@ class _Broadcast(Layer):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
 
     def _reshape_sums(self):
-        """The per-channel sums' buffers: the GPU's channel_sums workspace, else a (dim,) sum."""
-        if self.k.channel_sums is not None:
+        """The per-channel sums' buffers: the GPU's channel_sums workspace, else a (dim,) sum.
+        channel_sums gives each channel a block: for few cells a channel (an elementwise operand)
+        the xp code's reduction does better."""
+        self.fused_sums = self.k.channel_sums is not None and self.dims[0] * self.dims[2] >= FUSED_CELLS
+        if self.fused_sums:
             self.sum.reshape(self.k.channel_sums_workspace_size(self.dims))
         else:
             self.sum.reshape(self.dims[1])
@@ -210,7 +216,7 @@ class _Broadcast(Layer):
     def _reduce(self, array, out, accumulate, times=None):
         """Sum an (outer, dim, inner) array (times another, unless None) over outer and inner into
         the (dim,) `out`."""
-        if self.k.channel_sums is not None:
+        if self.fused_sums:
             which = {"sums": out} if times is None else {"dots": out, "y": times}
             self.k.channel_sums(array, self.dims, self.sum.data, accumulate=accumulate, **which)
             return
@@ -251,7 +257,6 @@ class ScaleLayer(_Broadcast):
             self.bias_index = len(self.blobs)
             self.blobs.append(self.new_blob(self._param_shape(bottom[0], num_axes), p.bias_filler))
         self.temp, self.sum = self.new_blob(()), self.new_blob(())  # sized where needed
-        self.bottom_copy = None  # the net may name a blob that holds the bottom's values (BatchNorm's)
 
     def reshape(self, bottom, top):
         self.dims = self._dims(bottom[0], self._operand(bottom))

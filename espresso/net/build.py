@@ -333,15 +333,16 @@ class Builder:
 
     def _share_normalized_copies(self):
         """A Scale whose bottom a BatchNorm wrote last (ResNet's BatchNorm, Scale, ReLU, all in
-        place) reads that BatchNorm's copy of its normalized values for its scale gradient instead
-        of keeping a copy of its own of the same values."""
+        place) may read that BatchNorm's copy of its normalized values for its scale gradient
+        instead of keeping a copy of its own of the same values: in a forward that runs the
+        BatchNorm too, with no callbacks (Net.forward_layers decides, per call)."""
         for i, layer in enumerate(self.engine_layers):
             if layer.type != "Scale" or not layer.backward_runs:
                 continue
             writers = [w for w in self._writers[self._bottom_ids[i][0]] if w < i]
             last = self.engine_layers[writers[-1]] if writers else None
             if last is not None and last.type == "BatchNorm" and last.backward_runs and not last.use_global:
-                layer.bottom_copy = last.x_norm
+                layer.copy_source = (writers[-1], last.x_norm)
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

@@ -163,6 +163,9 @@ class Net(PycaffeNet):
                     layer.reshape(bottom, top)
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = graphs.version(self.backend)
+            if layer.copy_source is not None:  # (a hook may change a blob between the two layers)
+                writer, blob = layer.copy_source
+                layer.bottom_copy = blob if start <= writer and not hooks else None
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]

@@ -684,6 +684,16 @@ def test_channel_sums(dev, dims, dtype):
     assert_matches(dev.get(dots), old + (a * a).sum(axis=(0, 2)), dtype, f"channel squares about a shift {dims}")
 
 
+def test_channel_sums_launch_counts_do_not_wrap(monkeypatch):
+    """2^23 channels of one cell: the blocks' count passes int32 (NumPy keeps int32 products)."""
+    launched = []
+    monkeypatch.setattr(CUDA, "_launch", lambda family, expression, ctype, ndim, count, args: launched.append(count))
+    dims = (1, 2 ** 23 + 5, 1)
+    x, work = np.zeros(dims[1], np.float32), np.zeros(CUDA.channel_sums_workspace_size(dims), np.float32)
+    CUDA.channel_sums(x, dims, work, sums=np.zeros(dims[1], np.float32))
+    assert launched == [dims[1] * CUDA.BLOCK, dims[1]]
+
+
 @pytest.mark.parametrize("dims", CHANNEL_DIMS[:3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [False, True])
@@ -973,6 +983,11 @@ LAYERS = [
          [normal(2, 3, 4)]),
     case("scale-bottom", 'type: "Scale" scale_param { axis: 1 }', [normal(2, 3, 4), normal(3)]),
     case("bias", 'type: "Bias" bias_param { axis: 1 num_axes: 1 }', [normal(2, 3, 4)]),
+    # 64 cells a channel: the sums by channel_sums (the cases above have too few, and take xp code)
+    case("scale-learned-sums", 'type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true }',
+         [normal(4, 3, 4, 4)]),
+    case("scale-bottom-sums", 'type: "Scale" scale_param { axis: 1 }', [normal(4, 3, 16), normal(3)]),
+    case("bias-sums", 'type: "Bias" bias_param { axis: 1 num_axes: 1 }', [normal(4, 3, 16)]),
     case("mvn", 'type: "MVN"', [normal(2, 3, 4, 5)]),
     case("mvn-across", 'type: "MVN" mvn_param { across_channels: true normalize_variance: true }',
          [normal(2, 3, 4, 5)]),

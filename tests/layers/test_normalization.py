@@ -413,36 +413,55 @@ def test_only_a_net_that_runs_backward_keeps_copies_for_it(loss, force, kept):
 def test_scale_after_batch_norm_reads_its_copy_and_gets_the_same_gradients():
     """Scale in place after BatchNorm in place (ResNet's pattern), then ReLU in place, which
     overwrites both layers' top: the gradients through BatchNorm's shared copy equal those of
-    a net whose layers keep their own blobs."""
+    a net whose layers keep their own blobs; so do those of a forward that starts at the Scale
+    and of one whose callback rounds BatchNorm's top (fixed-point training's), which take a
+    copy of the bottom instead."""
     import espresso as caffe
     from espresso.proto import caffe_pb2
     from espresso.proto.text import parse_text
 
     def net(in_place):
-        x, s, r = ("x", "x", "x") if in_place else ("x", "n", "s")
+        s, r = ("x", "x") if in_place else ("n", "s")
         text = f"""force_backward: true
             layer {{ name: "data" type: "Input" top: "x" top: "label"
                 input_param {{ shape {{ dim: 4 dim: 3 dim: 5 dim: 5 }} shape {{ dim: 4 }} }} }}
             layer {{ name: "bn" type: "BatchNorm" bottom: "x" top: "{s}" }}
-            layer {{ name: "scale" type: "Scale" bottom: "{s}" top: "{s if in_place else 's'}"
+            layer {{ name: "scale" type: "Scale" bottom: "{s}" top: "{r}"
                      scale_param {{ bias_term: true filler {{ type: "uniform" min: 0.5 max: 2 }} }} }}
-            layer {{ name: "relu" type: "ReLU" bottom: "{r if in_place else 's'}" top: "{r if in_place else 'r'}" }}
-            layer {{ name: "ip" type: "InnerProduct" bottom: "{r if in_place else 'r'}" top: "ip"
+            layer {{ name: "relu" type: "ReLU" bottom: "{r}" top: "{r}" }}
+            layer {{ name: "ip" type: "InnerProduct" bottom: "{r}" top: "ip"
                      inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.5 }} }} }}
             layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}"""
-        return caffe.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN)
-
-    shared, apart = net(True), net(False)
-    assert shared.layers[2].bottom_copy is shared.layers[1].x_norm
-    for name in ("scale", "ip"):
-        for a, b in zip(apart.params[name], shared.params[name], strict=True):
-            b.data[...] = a.data
-    for n in (shared, apart):
+        n = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN)
         n.blobs["x"].data[...] = data((4, 3, 5, 5), 5)
         n.blobs["label"].data[...] = [0, 1, 1, 0]
-        n.forward()
-        n.backward()
-    for name in ("scale", "ip"):
-        for a, b in zip(apart.params[name], shared.params[name], strict=True):
-            assert_close(b.diff, a.diff)
-    assert_close(shared.blobs["x"].diff, apart.blobs["x"].diff)
+        return n
+
+    def same_gradients(shared, apart, **forward):
+        for name in ("scale", "ip"):
+            for a, b in zip(apart.params[name], shared.params[name], strict=True):
+                b.data[...] = a.data
+        for n in (shared, apart):
+            n.forward()
+        if forward:  # the Scale's bottom changed since BatchNorm ran
+            shared.blobs["x"].data[...] = apart.blobs["n"].data[...] = data((4, 3, 5, 5), 6)
+            shared.forward(**forward)
+            apart.forward(**forward)
+        for n in (shared, apart):
+            n.backward()
+        for name in ("scale", "ip"):
+            for a, b in zip(apart.params[name], shared.params[name], strict=True):
+                assert_close(b.diff, a.diff)
+        if not forward:
+            assert_close(shared.blobs["x"].diff, apart.blobs["x"].diff)
+
+    shared = net(True)
+    same_gradients(shared, net(False))
+    assert shared.layers[2].bottom_copy is shared.layers[1].x_norm
+    same_gradients(net(True), net(False), start="scale")
+    shared, apart = net(True), net(False)
+    for n, top in ((shared, "x"), (apart, "n")):
+        n.after_forward(lambda i, n=n, top=top: i == 1 and n.blobs[top].data.__setitem__(
+            Ellipsis, np.round(n.blobs[top].data * 2) / 2))
+    same_gradients(shared, apart)
+    assert shared.layers[2].bottom_copy is None

@@ -684,18 +684,18 @@ def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=
     kernels in a fixed order (deterministic).  work: channel_sums_workspace_size(dims) elements."""
     ctype = _float_type(*(a for a in (x, y, shift, sums, dots, work) if a is not None))
     outer, channels, inner = _channel_dims(dims, x, *([] if y is None else [y]))
-    parts = _channel_parts(dims)
-    if work.size < 2 * channels * parts or not work.flags.c_contiguous:
-        raise ValueError(f"work: needs {2 * channels * parts} contiguous elements, got {work.size}")
+    parts, blocks = _channel_parts(dims), int(channels) * _channel_parts(dims)  # (Python ints: no int32 wrap)
+    if work.size < 2 * blocks or not work.flags.c_contiguous:
+        raise ValueError(f"work: needs {2 * blocks} contiguous elements, got {work.size}")
     outputs = [None if a is None else _output(a, channels, what) for a, what in ((sums, "sums"), (dots, "dots"))]
     if x.size == 0:
         for out in outputs:
             if out is not None and not accumulate:
                 out.fill(0)
         return
-    _launch("channels", f"channel_parts_kernel<{ctype}>", ctype, None, channels * parts * BLOCK,
+    _launch("channels", f"channel_parts_kernel<{ctype}>", ctype, None, blocks * BLOCK,
             (outer, channels, inner, np.int32(parts), _input(x), _maybe(y), _maybe(shift), work))
-    _launch("channels", f"channel_sums_kernel<{ctype}>", ctype, None, channels,
+    _launch("channels", f"channel_sums_kernel<{ctype}>", ctype, None, int(channels),
             (channels, np.int32(parts), work, x.dtype.type(scale), np.int32(accumulate), *map(_maybe, outputs)))
 
 
@@ -706,7 +706,7 @@ def batch_norm_forward(x, mean, std, y, x_norm, dims):
     outer, channels, inner = _channel_dims(dims, x, y)
     _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
             (np.int64(x.size), channels, inner, _input(x), _input(mean), _input(std), _output(y, x.size, "y"),
-             _maybe(x_norm)))
+             np.int64(0) if x_norm is None else _output(x_norm, x.size, "x_norm")))
 
 
 def batch_norm_backward(dy, y, sum_dy, sum_dyy, std, dx, dims):
