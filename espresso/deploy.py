@@ -160,9 +160,10 @@ def _scale_outputs(lp, arrays, a, c):
 
 def _cheap_in_place(layer):
     """Run in place where the layer is safe so (Layer.inplace) and keeps no copy of its bottom
-    there: Scale and the neuron layers that save their bottom would copy it in every forward,
-    which costs more than the buffer saves.  A Python layer's safety is its author's call."""
-    return layer.inplace and not getattr(layer, "saves_bottom", False) and layer.type not in ("Scale", "Python")
+    there: the neuron layers that save their bottom would copy it in every forward, which costs
+    more than the buffer saves (Scale copies only for a backward, which a deploy net does not
+    run).  A Python layer's safety is its author's call."""
+    return layer.inplace and not getattr(layer, "saves_bottom", False) and layer.type != "Python"
 
 
 class _Graph:

@@ -218,11 +218,14 @@ def test_layers_of_several_bottoms_are_left(rng):
 
 
 def test_layers_that_copy_their_bottom_in_place_are_left(rng):
+    """A leaky ReLU saves its bottom in every forward; a Scale copies it only for a backward,
+    which the deploy net does not run, so it goes in place."""
     leaky = layer("ReLU", "leaky", "fc", "l", "relu_param { negative_slope: -0.5 }")  # keeps a copy of "fc"
     text = (data(2, 6) + ip("fc", "data", "fc") + leaky
             + layer("TanH", "tanh", "l", "t") + scale("s", "t", "s") + relu("r", "s", "r"))
     result = check(build(text, rng), rng)
-    assert result.report["in_place"] == ["tanh"]
+    assert result.report["in_place"] == ["tanh", "s"]
+    assert result.net.layer_dict["s"].temp.count == 1  # (shape (): never sized)
 
 
 # *** files ***
