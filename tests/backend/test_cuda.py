@@ -722,6 +722,47 @@ def test_batch_norm_and_scale_maps(dev, dims, dtype, in_place):
         assert_matches(dev.get(y), x * col(scale) + (0 if b is None else col(b)), dtype, f"scale forward {dims}")
 
 
+CHANNEL_KERNELS = ("channel_sums_workspace_size", "channel_sums", "batch_norm_forward", "batch_norm_backward",
+                   "scale_forward")
+CHANNEL_LAYERS = [  # (snippet, bottom shapes); every Scale and Bias with >= 32 cells a channel
+    ('type: "BatchNorm"', [(4, 3, 10, 10)]),
+    ('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [(4, 3, 10, 10)]),
+    ('type: "BatchNorm"', [(64, 5)]),
+    ('type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true }', [(4, 3, 4, 4)]),
+    ('type: "Scale" scale_param { axis: 1 }', [(4, 3, 16), (3,)]),
+    ('type: "Bias" bias_param { axis: 1 num_axes: 1 }', [(4, 3, 16)]),
+]
+
+
+@NO_GPP
+@pytest.mark.parametrize("snippet, shapes, in_place", [  # (in place: the one-bottom layers)
+    (snippet, shapes, in_place) for snippet, shapes in CHANNEL_LAYERS
+    for in_place in ((False, True) if len(shapes) == 1 else (False,))])
+def test_layers_through_the_emulated_channel_kernels_match_their_xp_code(snippet, shapes, in_place, monkeypatch,
+                                                                        request):
+    """BatchNorm, Scale and Bias on the CPU backend with the CUDA channel kernels (emulated) in
+    place of its None: their fused path against their xp code, forward and backward."""
+    rng = np.random.default_rng(12)
+    bottoms = [rng.standard_normal(shape) for shape in shapes]
+    dy = rng.standard_normal(shapes[0])
+    want = LayerRun(snippet, bottoms, inplace=in_place)
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    for name in CHANNEL_KERNELS:
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    got = LayerRun(snippet, bottoms, inplace=in_place)
+    for a, b in zip(want.layer.blobs, got.layer.blobs):
+        a.data[...] = rng.random(a.shape) + 0.5
+        b.data[...] = a.data
+    assert_matches(got.forward()[0], want.forward()[0], np.float64, f"{snippet} forward")
+    for run in (want, got):
+        run.zero_param_diffs()
+    down = [True] * len(shapes)
+    for g, w in zip(got.backward([dy], down), want.backward([dy], down)):
+        assert_matches(g, w, np.float64, f"{snippet} bottom diff")
+    for g, w in zip(got.param_diffs(), want.param_diffs()):
+        assert_matches(g, w, np.float64, f"{snippet} param diff")
+
+
 def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
     """The 2-D convolution in float64, a tap at a time over the zero-padded image."""
     n, _, height, width = x.shape
