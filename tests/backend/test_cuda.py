@@ -745,22 +745,24 @@ def test_layers_through_the_emulated_channel_kernels_match_their_xp_code(snippet
     rng = np.random.default_rng(12)
     bottoms = [rng.standard_normal(shape) for shape in shapes]
     dy = rng.standard_normal(shapes[0])
-    want = LayerRun(snippet, bottoms, inplace=in_place)
+    params = {}
+
+    def results():
+        run = LayerRun(snippet, bottoms, inplace=in_place)
+        for k, blob in enumerate(run.layer.blobs):
+            blob.data[...] = params.setdefault(k, rng.random(blob.shape) + 0.5)
+        y = np.array(run.forward()[0])
+        run.zero_param_diffs()
+        return [y, *run.backward([dy], [True] * len(shapes)), *run.param_diffs()]
+
+    want = results()  # (before the patch: a layer looks its kernels up as it runs)
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
-    got = LayerRun(snippet, bottoms, inplace=in_place)
-    for a, b in zip(want.layer.blobs, got.layer.blobs):
-        a.data[...] = rng.random(a.shape) + 0.5
-        b.data[...] = a.data
-    assert_matches(got.forward()[0], want.forward()[0], np.float64, f"{snippet} forward")
-    for run in (want, got):
-        run.zero_param_diffs()
-    down = [True] * len(shapes)
-    for g, w in zip(got.backward([dy], down), want.backward([dy], down)):
-        assert_matches(g, w, np.float64, f"{snippet} bottom diff")
-    for g, w in zip(got.param_diffs(), want.param_diffs()):
-        assert_matches(g, w, np.float64, f"{snippet} param diff")
+    got = results()
+    assert len(got) == len(want)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_matches(g, w, np.float64, f"{snippet} result {k} (top, bottom diffs, param diffs)")
 
 
 def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
