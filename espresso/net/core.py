@@ -105,8 +105,12 @@ class Net(PycaffeNet):
 
     def replace_layer(self, index, layer):
         """Run `layer` in place of layer `index`, on the same bottoms and tops (an add-on's
-        stand-in for a built layer); graphs captured before are void."""
+        stand-in for a built layer); graphs captured before are void, and a layer that read the
+        replaced one's copy of its values (copy_source) copies its bottom again."""
         self.engine_layers[index] = layer
+        for other in self.engine_layers:
+            if other.copy_source is not None and other.copy_source[0] == index:
+                other.copy_source = other.bottom_copy = None
         graphs.invalidate(self.backend)
 
     # *** running ***

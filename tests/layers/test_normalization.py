@@ -465,3 +465,37 @@ def test_scale_after_batch_norm_reads_its_copy_and_gets_the_same_gradients():
             Ellipsis, np.round(n.blobs[top].data * 2) / 2))
     same_gradients(shared, apart)
     assert shared.layers[2].bottom_copy is None
+
+
+def test_a_stand_in_for_the_batch_norm_leaves_the_scale_its_own_copy():
+    """Net.replace_layer (an add-on's stand-in) puts a new BatchNorm before the Scale that read
+    the old one's copy: the Scale copies its bottom again, and its gradient stays right."""
+    import espresso as caffe
+    from espresso.layers.normalization import BatchNormLayer
+    from espresso.proto import caffe_pb2
+    from espresso.proto.text import parse_text
+
+    text = """force_backward: true
+        layer { name: "data" type: "Input" top: "x" top: "label"
+                input_param { shape { dim: 4 dim: 3 dim: 5 dim: 5 } shape { dim: 4 } } }
+        layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }
+        layer { name: "scale" type: "Scale" bottom: "x" top: "x" scale_param { bias_term: true } }
+        layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+        layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+                inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.5 } } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }"""
+    nets = [caffe.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN) for _ in range(2)]
+    replaced = nets[1]
+    old = replaced.engine_layers[1]
+    new = BatchNormLayer(old.lp, old.backend, old.phase, dtype=old.dtype)
+    new.setup_all(replaced.bottom_vecs[1], replaced.top_vecs[1])
+    replaced.replace_layer(1, new)
+    assert replaced.engine_layers[2].copy_source is None
+    for net in nets:
+        net.params["ip"][0].data[...] = nets[0].params["ip"][0].data
+        net.params["scale"][0].data[...] = [0.5, 1.5, 2.0]
+        net.blobs["x"].data[...] = data((4, 3, 5, 5), 7)
+        net.blobs["label"].data[...] = [0, 1, 1, 0]
+        net.forward()
+        net.backward()
+    assert_close(replaced.params["scale"][0].diff, nets[0].params["scale"][0].diff)
