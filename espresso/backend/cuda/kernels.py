@@ -577,26 +577,35 @@ def _direct_lanes(positions, taps):
     return _lanes(positions, taps, 4)
 
 
-def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
-    """y (N, M, OH, OW) = the 2-D convolution of x (N, C, H, W) with w (M, C/groups, KH, KW), plus
-    bias (M,) unless None, in one kernel (direct.cu): for convolutions too small for cuDNN's and
-    im2col's launches to pay."""
-    ctype = _float_type(x, w, y, *([] if bias is None else [bias]))
+def _direct_geometry(x, w, out, bias, stride, pad, dilation, groups, what):
+    """(output spatial sizes, direct.cu's int32 geometry arguments) of the 2-D convolution of x
+    (N, C, H, W) with filters shaped as w (M, C/groups, KH, KW) into `out` (the output or its
+    gradient, named `what`) and a per-filter bias (or None), after checking that the shapes fit."""
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"direct convolution: x {x.shape} and w {w.shape} must be 4-D (2-D images and filters)")
     (n, channels, height, width), (filters, _, kernel_h, kernel_w) = x.shape, w.shape
     spatial = [(s + 2 * p - d * (k - 1) - 1) // t + 1
                for s, k, t, p, d in zip((height, width), w.shape[2:], stride, pad, dilation)]
-    if (filters % groups or w.shape[1] * groups != channels or y.shape != (n, filters, *spatial)
+    if (filters % groups or w.shape[1] * groups != channels or out.shape != (n, filters, *spatial)
             or (bias is not None and bias.shape != (filters,))):
-        raise ValueError(f"direct convolution of x {x.shape} with w {w.shape} in {groups} groups into y {y.shape}: "
-                         f"the shapes do not fit (y should be {(n, filters, *spatial)})")
+        raise ValueError(f"direct convolution of x {x.shape} with w {w.shape} in {groups} groups into {what} "
+                         f"{out.shape}: the shapes do not fit ({what} should be {(n, filters, *spatial)})")
+    geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
+                              *dilation, groups))
+    return spatial, list(geometry)
+
+
+def direct_conv_forward(x, w, bias, y, stride, pad, dilation, groups):
+    """y (N, M, OH, OW) = the 2-D convolution of x (N, C, H, W) with w (M, C/groups, KH, KW), plus
+    bias (M,) unless None, in one kernel (direct.cu): for convolutions too small for cuDNN's and
+    im2col's launches to pay."""
+    ctype = _float_type(x, w, y, *([] if bias is None else [bias]))
+    spatial, geometry = _direct_geometry(x, w, y, bias, stride, pad, dilation, groups, "y")
+    n, filters = x.shape[0], w.shape[0]
     positions = n * groups * -(-filters // groups // DIRECT_FILTERS) * math.prod(spatial)
     lanes = _direct_lanes(positions, math.prod(w.shape[1:]))
     if positions * lanes >= _INT_LIMIT or y.size >= _INT_LIMIT:
         raise ValueError(f"direct convolution of {y.size} outputs: too many for 32-bit indexing")
-    geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
-                              *dilation, groups))
     args = (np.int32(positions), np.int32(lanes), _input(x), _input(w), np.int64(0) if bias is None else _input(bias),
             _output(y, y.size, "y"), *geometry)
     _launch("direct", f"conv_forward_kernel<{ctype}>", ctype, None, positions * lanes, args)
@@ -612,23 +621,14 @@ def direct_conv_weight_grad(x, dy, dw, db, stride, pad, dilation, groups):
     in two kernels (direct.cu): for filters of at most GRAD_TAPS taps (a first layer's), where
     cuDNN's FFT took five."""
     ctype = _float_type(x, dy, dw, *([] if db is None else [db]))
-    if x.ndim != 4 or dw.ndim != 4:
-        raise ValueError(f"direct weight gradient: x {x.shape} and dw {dw.shape} must be 4-D")
-    (n, channels, height, width), (filters, _, kernel_h, kernel_w) = x.shape, dw.shape
-    spatial = [(s + 2 * p - d * (k - 1) - 1) // t + 1
-               for s, k, t, p, d in zip((height, width), dw.shape[2:], stride, pad, dilation)]
-    taps = math.prod(dw.shape[1:])
-    if (filters % groups or dw.shape[1] * groups != channels or dy.shape != (n, filters, *spatial)
-            or (db is not None and db.shape != (filters,)) or taps > GRAD_TAPS):
-        raise ValueError(f"direct weight gradient of x {x.shape} and dy {dy.shape} into dw {dw.shape} in {groups} "
-                         f"groups: the shapes do not fit (dy should be {(n, filters, *spatial)}, at most "
-                         f"{GRAD_TAPS} taps)")
+    spatial, geometry = _direct_geometry(x, dw, dy, db, stride, pad, dilation, groups, "dy")
+    n, filters, taps = x.shape[0], dw.shape[0], math.prod(dw.shape[1:])
+    if taps > GRAD_TAPS:
+        raise ValueError(f"direct weight gradient of filters {dw.shape}: at most {GRAD_TAPS} taps")
     positions = n * math.prod(spatial)
     slices = max(1, min(GRAD_SLICES, positions // (8 * BLOCK)))
     per_slice = -(-positions // slices)
     parts = _parts(getattr(x.data, "device_id", None), np.dtype(x.dtype), slices * filters * (taps + 1))
-    geometry = map(np.int32, (channels, height, width, filters, *spatial, kernel_h, kernel_w, *stride, *pad,
-                              *dilation, groups))
     _launch("direct", f"conv_grad_parts_kernel<{ctype}>", ctype, None, slices * filters * BLOCK,
             (_input(x), _input(dy), parts, np.int64(positions), np.int32(slices), np.int32(per_slice), *geometry))
     _launch("direct", f"conv_grad_sum_kernel<{ctype}>", ctype, None, filters * (taps + 1),
