@@ -303,14 +303,13 @@ class _BaseConvolution(Layer):
 
     def forward(self, bottom, top):
         engine = self.engines[0] or self._choose(0, bottom, top)
-        {"cudnn": self._cudnn_forward, "gemm": self._gemm_forward, "direct": self._direct_forward}[engine](bottom, top)
+        getattr(self, f"_{engine}_forward")(bottom, top)  # _cudnn_forward, _gemm_forward or _direct_forward
 
     def backward(self, top, propagate_down, bottom):
         engine = self.engines[1] or self._choose(1, top, propagate_down, bottom)
         if engine == "direct" and any(propagate_down):  # (chosen where no bottom gradient was wanted)
             engine = "cudnn"
-        {"cudnn": self._cudnn_backward, "gemm": self._gemm_backward, "direct": self._direct_backward}[engine](
-            top, propagate_down, bottom)
+        getattr(self, f"_{engine}_backward")(top, propagate_down, bottom)
 
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on

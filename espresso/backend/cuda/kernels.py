@@ -670,11 +670,11 @@ def _maybe(array):
 
 
 def _channel_dims(dims, *arrays):
-    """(outer, channels, inner) as int64/int32 kernel arguments, after checking the arrays' sizes."""
-    outer, channels, inner = dims
+    """(outer, channels, inner) as Python ints, after checking the arrays' sizes."""
+    outer, channels, inner = map(int, dims)
     if any(a.size != outer * channels * inner for a in arrays):
         raise ValueError(f"arrays of {[a.size for a in arrays]} elements do not fit dims {tuple(dims)}")
-    return np.int64(outer), np.int32(channels), np.int64(inner)
+    return outer, channels, inner
 
 
 def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=1.0, accumulate=False):
@@ -684,7 +684,8 @@ def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=
     kernels in a fixed order (deterministic).  work: channel_sums_workspace_size(dims) elements."""
     ctype = _float_type(*(a for a in (x, y, shift, sums, dots, work) if a is not None))
     outer, channels, inner = _channel_dims(dims, x, *([] if y is None else [y]))
-    parts, blocks = _channel_parts(dims), int(channels) * _channel_parts(dims)  # (Python ints: no int32 wrap)
+    parts = _channel_parts(dims)
+    blocks = channels * parts
     if work.size < 2 * blocks or not work.flags.c_contiguous:
         raise ValueError(f"work: needs {2 * blocks} contiguous elements, got {work.size}")
     outputs = [None if a is None else _output(a, channels, what) for a, what in ((sums, "sums"), (dots, "dots"))]
@@ -694,9 +695,11 @@ def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=
                 out.fill(0)
         return
     _launch("channels", f"channel_parts_kernel<{ctype}>", ctype, None, blocks * BLOCK,
-            (outer, channels, inner, np.int32(parts), _input(x), _maybe(y), _maybe(shift), work))
-    _launch("channels", f"channel_sums_kernel<{ctype}>", ctype, None, int(channels),
-            (channels, np.int32(parts), work, x.dtype.type(scale), np.int32(accumulate), *map(_maybe, outputs)))
+            (np.int64(outer), np.int32(channels), np.int64(inner), np.int32(parts), _input(x), _maybe(y),
+             _maybe(shift), work))
+    _launch("channels", f"channel_sums_kernel<{ctype}>", ctype, None, channels,
+            (np.int32(channels), np.int32(parts), work, x.dtype.type(scale), np.int32(accumulate),
+             *map(_maybe, outputs)))
 
 
 def batch_norm_forward(x, mean, std, y, x_norm, dims):
@@ -705,7 +708,8 @@ def batch_norm_forward(x, mean, std, y, x_norm, dims):
     ctype = _float_type(x, mean, std, y, *([] if x_norm is None else [x_norm]))
     outer, channels, inner = _channel_dims(dims, x, y)
     _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
-            (np.int64(x.size), channels, inner, _input(x), _input(mean), _input(std), _output(y, x.size, "y"),
+            (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(mean), _input(std),
+             _output(y, x.size, "y"),
              np.int64(0) if x_norm is None else _output(x_norm, x.size, "x_norm")))
 
 
@@ -715,10 +719,10 @@ def batch_norm_backward(dy, y, sum_dy, sum_dyy, std, dx, dims):
     dx may be dy."""
     ctype = _float_type(dy, y, sum_dy, sum_dyy, std, dx)
     outer, channels, inner = _channel_dims(dims, dy, y, dx)
-    neg_inv_m = dy.dtype.type(-1.0 / (int(outer) * int(inner)))  # Caffe's Dtype(-1. / (num * spatial_dim))
+    neg_inv_m = dy.dtype.type(-1.0 / (outer * inner))  # Caffe's Dtype(-1. / (num * spatial_dim))
     _launch("channels", f"batch_norm_backward_kernel<{ctype}>", ctype, None, dy.size,
-            (np.int64(dy.size), channels, inner, _input(dy), _input(y), _input(sum_dy), _input(sum_dyy), _input(std),
-             neg_inv_m, _output(dx, dy.size, "dx")))
+            (np.int64(dy.size), np.int32(channels), np.int64(inner), _input(dy), _input(y), _input(sum_dy),
+             _input(sum_dyy), _input(std), neg_inv_m, _output(dx, dy.size, "dx")))
 
 
 def scale_forward(x, scale, bias, y, dims):
@@ -727,7 +731,8 @@ def scale_forward(x, scale, bias, y, dims):
     ctype = _float_type(x, scale, y, *([] if bias is None else [bias]))
     outer, channels, inner = _channel_dims(dims, x, y)
     _launch("channels", f"scale_forward_kernel<{ctype}>", ctype, None, x.size,
-            (np.int64(x.size), channels, inner, _input(x), _input(scale), _maybe(bias), _output(y, x.size, "y")))
+            (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(scale), _maybe(bias),
+             _output(y, x.size, "y")))
 
 
 def _ignore(ignore_label):
