@@ -96,7 +96,9 @@ class BatchNormLayer(Layer):
             k.channel_sums(x, self.dims, work, dots=self.var.data, shift=self.mean.data, scale=1 / m)
             self._update_statistics(m)
         self._std()
-        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims)
+        scale = self.fold_pair[1] if self.fold else None  # its Scale, folded in
+        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims,
+                             *(() if scale is None else scale.parameters()))
 
     def _forward_xp(self, x, y, x_norm, m):
         xp = self.xp
@@ -266,7 +268,13 @@ class ScaleLayer(_Broadcast):
         top[0].reshape(bottom[0].shape)
         self._reshape_sums()
 
+    def parameters(self):
+        """(scale, bias or None) of a learned Scale: what a BatchNorm that folds it in applies."""
+        return self.blobs[0].data, None if self.bias_index is None else self.blobs[self.bias_index].data
+
     def forward(self, bottom, top):
+        if self.fold:  # the BatchNorm before did this layer's work too
+            return
         if self.in_place and self.backward_runs and self.bottom_copy is None:  # the scale gradient reads it
             self.temp.reshape(self.dims)
             self.temp.data[...] = self._split(bottom[0].data)

@@ -343,6 +343,21 @@ class Builder:
             last = self.engine_layers[writers[-1]] if writers else None
             if last is not None and last.type == "BatchNorm" and last.backward_runs and not last.use_global:
                 layer.copy_source = (writers[-1], last.x_norm)
+        self._fold_scales()
+
+    def _fold_scales(self):
+        """A learned per-channel Scale right after a BatchNorm, both in place on one blob: the
+        BatchNorm's forward kernel applies the Scale too (one pass; on backends that fold), where
+        the Scale's own gradient, if it runs, can read BatchNorm's copy (the blob never holds
+        the values between the two)."""
+        for i in range(1, len(self.engine_layers)):
+            bn, scale = self.engine_layers[i - 1], self.engine_layers[i]
+            blob = self._bottom_ids[i][0] if scale.type == "Scale" and len(self._bottom_ids[i]) == 1 else None
+            if (bn.type != "BatchNorm" or blob is None or not bn.fused or self._top_ids[i] != [blob]
+                    or self._bottom_ids[i - 1] != [blob] or self._top_ids[i - 1] != [blob]
+                    or scale.dims != bn.dims or (scale.backward_runs and scale.copy_source is None)):
+                continue
+            bn.fold_pair, scale.fold_pair = ("first", scale), ("second", bn)
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

@@ -170,6 +170,8 @@ class Net(PycaffeNet):
             if layer.copy_source is not None:  # (a hook may change a blob between the two layers)
                 writer, blob = layer.copy_source
                 layer.bottom_copy = blob if start <= writer and not hooks else None
+            if layer.fold_pair is not None:
+                layer.fold = not hooks and (end > i if layer.fold_pair[0] == "first" else start < i)
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]

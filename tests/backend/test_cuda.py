@@ -765,6 +765,100 @@ def test_layers_through_the_emulated_channel_kernels_match_their_xp_code(snippet
         assert_matches(g, w, np.float64, f"{snippet} result {k} (top, bottom diffs, param diffs)")
 
 
+FOLD_NET = """{force}
+    layer {{ name: "data" type: "Input" top: "x" top: "label"
+             input_param {{ shape {{ dim: 4 dim: 3 dim: 6 dim: 6 }} shape {{ dim: 4 }} }} }}
+    layer {{ name: "conv" type: "Convolution" bottom: "x" top: "c"
+             convolution_param {{ num_output: 5 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+    layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "c" }}
+    layer {{ name: "scale" type: "Scale" bottom: "c" top: "c" scale_param {{ bias_term: true }} }}
+    layer {{ name: "relu" type: "ReLU" bottom: "c" top: "c" }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "c" top: "ip"
+             inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+    {loss}"""
+
+
+@NO_GPP
+@pytest.mark.parametrize("phase", [TRAIN, TEST])
+def test_batch_norm_folds_its_scale_with_the_results_of_both(phase, monkeypatch, request):
+    """BatchNorm then Scale, in place (ResNet's): with the channel kernels (emulated, patched into
+    the CPU backend) BatchNorm's kernel applies the Scale too; outputs and gradients are those of
+    the two layers apart (the CPU's xp code), and so is a forward that stops at the BatchNorm
+    (no fold there) or starts at the Scale.  TEST: a deploy net (no loss, no backward)."""
+    train = phase == TRAIN
+    text = FOLD_NET.format(force="force_backward: true" if train else "",
+                           loss='layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                                'top: "loss" }' if train else "")
+    rng = np.random.default_rng(13)
+    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
+    params = {}
+
+    def results():
+        """The outputs and gradients of a whole pass, then the BatchNorm's top after a forward
+        that stops there, then the output of one that starts at the Scale; and the net."""
+        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64)
+        for name, blobs in net.params.items():
+            params.setdefault(name, [rng.random(b.data.shape) + 0.5 for b in blobs])
+            for blob, values in zip(blobs, params[name]):
+                blob.data[...] = values
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = label
+        net.forward()
+        out = [net.blobs["ip"].data.copy()]
+        if train:
+            net.backward()
+            out += [b.diff.copy() for blobs in net.params.values() for b in blobs] + [net.blobs["x"].diff.copy()]
+        folds = [net.layer_dict["bn"].fold]
+        net.forward(end="bn")
+        out.append(net.blobs["c"].data.copy())
+        folds.append(net.layer_dict["bn"].fold)
+        net.forward(start="scale")
+        return out + [net.blobs["ip"].data.copy()], folds + [net.layer_dict["scale"].fold], net
+
+    apart, apart_folds, _ = results()  # (before the patch: a layer looks its kernels up as it runs)
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    for name in CHANNEL_KERNELS:
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    folded, folds, net = results()
+    bn, scale = net.layer_dict["bn"], net.layer_dict["scale"]
+    assert bn.fold_pair == ("first", scale) and scale.fold_pair == ("second", bn)
+    assert folds == [True, False, False] and apart_folds == [False, False, False]
+    assert len(folded) == len(apart)
+    for k, (g, w) in enumerate(zip(folded, apart)):  # (absolute: conv's bias gradient cancels to rounding)
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=f"result {k}")
+
+
+@gpu_test
+@pytest.mark.parametrize("phase", [TRAIN, TEST])
+def test_batch_norm_folds_its_scale_on_a_gpu_as_the_cpu_computes_both(phase):
+    train = phase == TRAIN
+    text = FOLD_NET.format(force="force_backward: true" if train else "",
+                           loss='layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                                'top: "loss" }' if train else "")
+    rng = np.random.default_rng(14)
+    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
+    nets = []
+    for device in ("cpu", "cuda:0"):
+        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64,
+                           backend=backends.get(device))
+        for blobs in net.params.values():
+            for blob in blobs:
+                blob.data[...] = net.backend.to_device(np.random.default_rng(blob.count).random(blob.shape) + 0.5)
+        net.blobs["x"].data[...] = net.backend.to_device(x)
+        net.blobs["label"].data[...] = net.backend.to_device(label.astype(np.float64))
+        net.forward()
+        if train:
+            net.backward()
+        nets.append(net)
+    cpu, gpu = nets
+    assert gpu.layer_dict["bn"].fold and not cpu.layer_dict["bn"].fold
+    assert_matches(gpu.blobs["ip"].host_data(), cpu.blobs["ip"].host_data(), np.float64, "folded on a GPU: ip")
+    if train:
+        for name in cpu.params:
+            for a, b in zip(cpu.params[name], gpu.params[name]):
+                np.testing.assert_allclose(b.host_diff(), a.host_diff(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
 def _reference_convolution(x, w, bias, stride, pad, dilation, groups):
     """The 2-D convolution in float64, a tap at a time over the zero-padded image."""
     n, _, height, width = x.shape
