@@ -74,11 +74,11 @@ class Layer:
     # layer wrote them, which forward may read instead of copying the bottom (see
     # Net.forward_layers); bottom_copy is that blob in the current forward, else None
     copy_source = bottom_copy = None
-    # ("first" | "second", the other layer): set by the net where this layer's forward can also
-    # do the next one's (first) or leave its own to the layer before (second), as BatchNorm and
-    # its Scale in one pass; `fold` says whether it does so in the current forward (both layers
+    # "first" or "second": set by the net where this layer's forward can also do the next one's
+    # (first: BatchNorm, holding its Scale's parameters) or leave its own to the layer before
+    # (second: that Scale); `fold` says whether it does so in the current forward (both layers
     # run in it, with no callbacks: Net.forward_layers decides per call)
-    fold_pair = None
+    fold_role = None
     fold = False
 
     def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):

@@ -56,6 +56,7 @@ class BatchNormLayer(Layer):
         self.factor, self.nonzero = self.new_blob((1,)), self.new_blob((1,))
         # sized by forward, where needed: a TEST net keeps no copy, a GPU no temporary
         self.x_norm, self.temp, self.work = self.new_blob(()), self.new_blob(()), self.new_blob(())
+        self.folded_params = []  # the next Scale's scale (and bias) blobs, where the net folds it in
         self.fused = self.k.channel_sums is not None
 
     def _freeze_statistics(self):
@@ -96,9 +97,8 @@ class BatchNormLayer(Layer):
             k.channel_sums(x, self.dims, work, dots=self.var.data, shift=self.mean.data, scale=1 / m)
             self._update_statistics(m)
         self._std()
-        scale = self.fold_pair[1] if self.fold else None  # its Scale, folded in
-        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims,
-                             *(() if scale is None else scale.parameters()))
+        folded = [blob.data for blob in self.folded_params] if self.fold else []  # its Scale's, folded in
+        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims, *folded)
 
     def _forward_xp(self, x, y, x_norm, m):
         xp = self.xp
@@ -267,10 +267,6 @@ class ScaleLayer(_Broadcast):
         self.in_place = top[0] is bottom[0]
         top[0].reshape(bottom[0].shape)
         self._reshape_sums()
-
-    def parameters(self):
-        """(scale, bias or None) of a learned Scale: what a BatchNorm that folds it in applies."""
-        return self.blobs[0].data, None if self.bias_index is None else self.blobs[self.bias_index].data
 
     def forward(self, bottom, top):
         if self.fold:  # the BatchNorm before did this layer's work too

@@ -357,7 +357,10 @@ class Builder:
                     or self._bottom_ids[i - 1] != [blob] or self._top_ids[i - 1] != [blob]
                     or scale.dims != bn.dims or (scale.backward_runs and scale.copy_source is None)):
                 continue
-            bn.fold_pair, scale.fold_pair = ("first", scale), ("second", bn)
+            bn.fold_role, scale.fold_role = "first", "second"
+            bn.folded_params = [scale.blobs[0]]  # (blobs, not the layer: no cycle between the two layers)
+            if scale.bias_index is not None:
+                bn.folded_params.append(scale.blobs[scale.bias_index])
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

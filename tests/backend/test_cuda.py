@@ -708,6 +708,12 @@ def test_batch_norm_and_scale_maps(dev, dims, dtype, in_place):
     want = (x - col(mean)) / col(std)
     assert_matches(dev.get(y), want, dtype, f"batch norm forward {dims}")
     assert_matches(dev.get(x_norm), want, dtype, f"batch norm's copy {dims}")
+    for b in (bias, None):  # a Scale folded in
+        y, x_norm = dev.poisoned(dims, dtype), dev.poisoned(dims, dtype)
+        dev.k.batch_norm_forward(dev.put(x), dev.put(mean), dev.put(std), y, x_norm, dims, dev.put(scale),
+                                 None if b is None else dev.put(b))
+        assert_matches(dev.get(y), want * col(scale) + (0 if b is None else col(b)), dtype, f"folded {dims}")
+        assert_matches(dev.get(x_norm), want, dtype, f"folded batch norm's copy {dims}")
     m = dims[0] * dims[2]
     sum_dy, sum_dyy = dy.sum(axis=(0, 2)), (dy * want).sum(axis=(0, 2))
     gdy = dev.put(dy)
@@ -768,49 +774,67 @@ def test_layers_through_the_emulated_channel_kernels_match_their_xp_code(snippet
 FOLD_NET = """{force}
     layer {{ name: "data" type: "Input" top: "x" top: "label"
              input_param {{ shape {{ dim: 4 dim: 3 dim: 6 dim: 6 }} shape {{ dim: 4 }} }} }}
-    layer {{ name: "conv" type: "Convolution" bottom: "x" top: "c"
-             convolution_param {{ num_output: 5 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
-    layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "c" }}
-    layer {{ name: "scale" type: "Scale" bottom: "c" top: "c" scale_param {{ bias_term: true }} }}
-    layer {{ name: "relu" type: "ReLU" bottom: "c" top: "c" }}
-    layer {{ name: "ip" type: "InnerProduct" bottom: "c" top: "ip"
+    {below}
+    layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "{top}" {bn} }}
+    layer {{ name: "scale" type: "Scale" bottom: "{top}" top: "{top}" scale_param {{ bias_term: {bias} {scale} }} }}
+    layer {{ name: "relu" type: "ReLU" bottom: "{top}" top: "{top}" }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "{top}" top: "ip"
              inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
     {loss}"""
+FOLD_CONV = ('layer { name: "conv" type: "Convolution" bottom: "x" top: "c" '
+             'convolution_param { num_output: 5 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }')
+FOLD_LOSS = 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }'
+FOLD_CASES = {  # name: (phase, net fields, a callback, whether BatchNorm folds its Scale in)
+    "train": (TRAIN, {}, False, True),
+    "deploy, no bias": (TEST, {"force": "", "loss": "", "bias": "false"}, False, True),
+    "a callback": (TRAIN, {}, True, False),
+    # BatchNorm's backward does not run (nothing below learns, its statistics say lr_mult 0: Caffe
+    # reads the net's specs), so it keeps no copy; Scale's does
+    "input-fed": (TRAIN, {"force": "", "below": 'layer { name: "conv" type: "Power" bottom: "x" top: "c" }',
+                          "bn": "param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }"}, False, False),
+    "scale over two axes": (TRAIN, {"scale": "axis: 1 num_axes: 2"}, False, False),
+    "batch norm not in place": (TRAIN, {"top": "b"}, False, False),
+}
+
+
+def _fold_net(phase, fields, backend=None):
+    text = FOLD_NET.format(**{"force": "force_backward: true", "below": FOLD_CONV, "top": "c", "bias": "true",
+                              "scale": "", "bn": "", "loss": FOLD_LOSS, **fields})
+    return espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64, backend=backend)
 
 
 @NO_GPP
-@pytest.mark.parametrize("phase", [TRAIN, TEST])
-def test_batch_norm_folds_its_scale_with_the_results_of_both(phase, monkeypatch, request):
+@pytest.mark.parametrize("case", FOLD_CASES)
+def test_batch_norm_folds_its_scale_with_the_results_of_both(case, monkeypatch, request):
     """BatchNorm then Scale, in place (ResNet's): with the channel kernels (emulated, patched into
-    the CPU backend) BatchNorm's kernel applies the Scale too; outputs and gradients are those of
-    the two layers apart (the CPU's xp code), and so is a forward that stops at the BatchNorm
-    (no fold there) or starts at the Scale.  TEST: a deploy net (no loss, no backward)."""
-    train = phase == TRAIN
-    text = FOLD_NET.format(force="force_backward: true" if train else "",
-                           loss='layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
-                                'top: "loss" }' if train else "")
+    the CPU backend) BatchNorm's kernel applies the Scale too where it may; outputs and gradients
+    are those of the two layers apart (the CPU's xp code), and so is a forward that stops at the
+    BatchNorm (no fold there) or starts at the Scale.  Where it may not, nothing folds."""
+    phase, fields, callback, folds = FOLD_CASES[case]
     rng = np.random.default_rng(13)
     x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
-    params = {}
+    params, top = {}, fields.get("top", "c")
 
     def results():
         """The outputs and gradients of a whole pass, then the BatchNorm's top after a forward
-        that stops there, then the output of one that starts at the Scale; and the net."""
-        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64)
+        that stops there, then the output of one that starts at the Scale; the folds; the net."""
+        net = _fold_net(phase, fields)
         for name, blobs in net.params.items():
             params.setdefault(name, [rng.random(b.data.shape) + 0.5 for b in blobs])
             for blob, values in zip(blobs, params[name]):
                 blob.data[...] = values
         net.blobs["x"].data[...] = x
         net.blobs["label"].data[...] = label
+        if callback:
+            net.after_forward(lambda i: None)
         net.forward()
         out = [net.blobs["ip"].data.copy()]
-        if train:
+        if phase == TRAIN:
             net.backward()
             out += [b.diff.copy() for blobs in net.params.values() for b in blobs] + [net.blobs["x"].diff.copy()]
         folds = [net.layer_dict["bn"].fold]
         net.forward(end="bn")
-        out.append(net.blobs["c"].data.copy())
+        out.append(net.blobs[top].data.copy())
         folds.append(net.layer_dict["bn"].fold)
         net.forward(start="scale")
         return out + [net.blobs["ip"].data.copy()], folds + [net.layer_dict["scale"].fold], net
@@ -819,28 +843,57 @@ def test_batch_norm_folds_its_scale_with_the_results_of_both(phase, monkeypatch,
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
-    folded, folds, net = results()
-    bn, scale = net.layer_dict["bn"], net.layer_dict["scale"]
-    assert bn.fold_pair == ("first", scale) and scale.fold_pair == ("second", bn)
-    assert folds == [True, False, False] and apart_folds == [False, False, False]
+    folded, fold_flags, net = results()
+    roles = [net.layer_dict[name].fold_role for name in ("bn", "scale")]
+    assert (roles == ["first", "second"]) == (folds or callback)  # (paired at build; a callback stops it per call)
+    assert fold_flags == [folds, False, False] and apart_folds == [False, False, False]
     assert len(folded) == len(apart)
     for k, (g, w) in enumerate(zip(folded, apart)):  # (absolute: conv's bias gradient cancels to rounding)
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=f"result {k}")
+
+
+@NO_GPP
+def test_a_stand_in_for_either_layer_undoes_the_fold(monkeypatch, request):
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    for name in CHANNEL_KERNELS:
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    for index in (2, 3):  # the BatchNorm, the Scale
+        net = _fold_net(TRAIN, {})
+        layer = net.engine_layers[index]
+        stand_in = type(layer)(layer.lp, layer.backend, layer.phase, dtype=layer.dtype)
+        stand_in.setup_all(net.bottom_vecs[index], net.top_vecs[index])
+        net.replace_layer(index, stand_in)
+        assert [layer.fold_role for layer in net.engine_layers[2:4]] == [None, None]
+
+
+def test_a_folding_net_is_freed_without_the_cycle_collector(monkeypatch):
+    """BatchNorm holds its Scale's blobs, not the Scale: no reference cycle keeps a deleted net's
+    memory (on a GPU, what the next net's memory limit is read from)."""
+    import gc
+    import weakref
+
+    for name in CHANNEL_KERNELS:  # (enough to fold: nothing runs)
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    net = _fold_net(TRAIN, {})
+    assert net.layer_dict["bn"].fold_role == "first"
+    layer = weakref.ref(net.layer_dict["bn"])
+    gc.disable()
+    try:
+        del net
+        assert layer() is None
+    finally:
+        gc.enable()
 
 
 @gpu_test
 @pytest.mark.parametrize("phase", [TRAIN, TEST])
 def test_batch_norm_folds_its_scale_on_a_gpu_as_the_cpu_computes_both(phase):
     train = phase == TRAIN
-    text = FOLD_NET.format(force="force_backward: true" if train else "",
-                           loss='layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
-                                'top: "loss" }' if train else "")
     rng = np.random.default_rng(14)
     x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
     nets = []
     for device in ("cpu", "cuda:0"):
-        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64,
-                           backend=backends.get(device))
+        net = _fold_net(phase, {} if train else {"force": "", "loss": ""}, backends.get(device))
         for blobs in net.params.values():
             for blob in blobs:
                 blob.data[...] = net.backend.to_device(np.random.default_rng(blob.count).random(blob.shape) + 0.5)
