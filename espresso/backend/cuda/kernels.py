@@ -708,7 +708,7 @@ def batch_norm_forward(x, mean, std, y, x_norm, dims, scale=None, bias=None):
     x_norm still the normalized values.  y may be x."""
     ctype = _float_type(x, mean, std, y, *(a for a in (x_norm, scale, bias) if a is not None))
     outer, channels, inner = _channel_dims(dims, x, y)
-    if any(a is not None and a.size != int(channels) for a in (mean, std, scale, bias)):
+    if any(a is not None and a.size != channels for a in (mean, std, scale, bias)):
         raise ValueError(f"batch norm of {int(channels)} channels: mean, std, scale and bias need one value each")
     _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
             (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(mean), _input(std),
