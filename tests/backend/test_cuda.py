@@ -896,9 +896,9 @@ def test_batch_norm_folds_its_scale_on_a_gpu_as_the_cpu_computes_both(phase):
         net = _fold_net(phase, {} if train else {"force": "", "loss": ""}, backends.get(device))
         for blobs in net.params.values():
             for blob in blobs:
-                blob.data[...] = net.backend.to_device(np.random.default_rng(blob.count).random(blob.shape) + 0.5)
-        net.blobs["x"].data[...] = net.backend.to_device(x)
-        net.blobs["label"].data[...] = net.backend.to_device(label.astype(np.float64))
+                blob.data[...] = np.random.default_rng(blob.count).random(blob.shape) + 0.5
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = label
         net.forward()
         if train:
             net.backward()
