@@ -252,8 +252,14 @@ class EltwiseLayer(Layer):
             y *= x
 
     def _sum(self, xs, y):
-        self.xp.multiply(xs[0], self.coeffs[0], out=y)  # first: in place, y is xs[0]
-        for x, c in zip(xs[1:], self.coeffs[1:], strict=True):
+        # the first bottom goes into the top first: in place, y is xs[0]; unweighted, it is added
+        # to the second in one pass (ResNet's shortcuts), Caffe's 0 + 1 * a + 1 * b to the bit
+        first = 2 if self.coeffs[:2] == [1, 1] else 1
+        if first == 2:
+            self.xp.add(xs[0], xs[1], out=y)
+        else:
+            self.xp.multiply(xs[0], self.coeffs[0], out=y)
+        for x, c in zip(xs[first:], self.coeffs[first:], strict=True):
             if c == 1:
                 y += x
             else:
@@ -277,7 +283,8 @@ class EltwiseLayer(Layer):
                 continue
             dx = bottom[i].diff
             if self.op == ELTWISE.SUM:
-                self.xp.multiply(dy, self.coeffs[i], out=dx)
+                if not (bottom[i] is top[0] and self.coeffs[i] == 1):  # (in place, unweighted: dx is dy)
+                    self.xp.multiply(dy, self.coeffs[i], out=dx)
                 continue
             self._local_grad(i, top[0], bottom, dx)
             dx *= dy

@@ -342,7 +342,7 @@ def eltwise_ref(op, bottoms, coeffs=None):
 @pytest.mark.parametrize("op, n, extra", [
     ("PROD", 2, ""), ("PROD", 3, ""), ("PROD", 3, "stable_prod_grad: false"),
     ("SUM", 2, ""), ("SUM", 3, "coeff: 1 coeff: -2 coeff: 0.5"), ("SUM", 3, "coeff: -1 coeff: 1 coeff: 1"),
-    ("MAX", 2, ""), ("MAX", 4, ""),
+    ("SUM", 3, "coeff: 1 coeff: 1 coeff: -2"), ("MAX", 2, ""), ("MAX", 4, ""),
 ])
 def test_eltwise(op, n, extra):
     bottoms = [away_from_zero(2, 3, 2, seed=k) for k in range(n)]
@@ -364,14 +364,16 @@ def test_eltwise_flags():
     assert fast.backward_reads_top
 
 
-def test_eltwise_sum_in_place_gives_every_bottom_its_gradient():
-    bottoms = [randn(2, 3, seed=k) for k in range(3)]
-    snippet = 'type: "Eltwise" eltwise_param { coeff: -1 coeff: 2 coeff: 0.5 }'
+@pytest.mark.parametrize("coeffs", [(-1, 2, 0.5), (1, 1, 0.5), (1, 1)])
+def test_eltwise_sum_in_place_gives_every_bottom_its_gradient(coeffs):
+    """In place (the top is bottom 0), weighted or not: (1, 1) first adds the two in one pass."""
+    bottoms = [randn(2, 3, seed=k) for k in range(len(coeffs))]
+    snippet = f'type: "Eltwise" eltwise_param {{ {" ".join(f"coeff: {c}" for c in coeffs)} }}'
     run = LayerRun(snippet, bottoms, inplace=True)
     assert run.top[0] is run.bottom[0]
-    assert_close(run.forward()[0], eltwise_ref("SUM", bottoms, [-1, 2, 0.5]))
+    assert_close(run.forward()[0], eltwise_ref("SUM", bottoms, list(coeffs)))
     g = randn(2, 3, seed=5)
-    for dx, c in zip(run.backward([g]), (-1, 2, 0.5), strict=True):
+    for dx, c in zip(run.backward([g]), coeffs, strict=True):
         assert_close(dx, c * g)
 
 
