@@ -100,6 +100,10 @@ class ReLULayer(NeuronLayer):
         self.saves_bottom = self.slope < 0
         super().setup(bottom, top)
 
+    def forward(self, bottom, top):
+        if not self.fold:  # (else the BatchNorm two layers before did this layer's work too)
+            super().forward(bottom, top)
+
     def forward_values(self, x, y):
         xp = self.xp
         if self.k.relu_forward is not None:  # the backend's fused kernel

@@ -56,7 +56,8 @@ class BatchNormLayer(Layer):
         self.factor, self.nonzero = self.new_blob((1,)), self.new_blob((1,))
         # sized by forward, where needed: a TEST net keeps no copy, a GPU no temporary
         self.x_norm, self.temp, self.work = self.new_blob(()), self.new_blob(()), self.new_blob(())
-        self.folded_params = []  # the next Scale's scale (and bias) blobs, where the net folds it in
+        # where the net folds the next Scale in: its scale (and bias) blobs; and a ReLU's slope
+        self.folded_params, self.folded_slope = [], None
         self.fused = self.k.channel_sums is not None
 
     def _freeze_statistics(self):
@@ -98,7 +99,8 @@ class BatchNormLayer(Layer):
             self._update_statistics(m)
         self._std()
         folded = [blob.data for blob in self.folded_params] if self.fold else []  # its Scale's, folded in
-        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims, *folded)
+        slope = self.folded_slope if self.fold > 1 else None  # the ReLU's after that
+        k.batch_norm_forward(x, self.mean.data, self.std.data, y, x_norm, self.dims, *folded, slope=slope)
 
     def _forward_xp(self, x, y, x_norm, m):
         xp = self.xp

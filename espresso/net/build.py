@@ -343,24 +343,30 @@ class Builder:
             last = self.engine_layers[writers[-1]] if writers else None
             if last is not None and last.type == "BatchNorm" and last.backward_runs and not last.use_global:
                 layer.copy_source = (writers[-1], last.x_norm)
-        self._fold_scales()
+        self._fold_into_batch_norms()
 
-    def _fold_scales(self):
+    def _fold_into_batch_norms(self):
         """A learned per-channel Scale right after a BatchNorm, both in place on one blob: the
         BatchNorm's forward kernel applies the Scale too (one pass; on backends that fold), where
         the Scale's own gradient, if it runs, can read BatchNorm's copy (the blob never holds
-        the values between the two)."""
-        for i in range(1, len(self.engine_layers)):
-            bn, scale = self.engine_layers[i - 1], self.engine_layers[i]
+        the values between the two); and then the ReLU after them, in place on the same blob,
+        unless it keeps a copy of its bottom (a negative slope): its gradient reads its top."""
+        layers = self.engine_layers
+        for i in range(1, len(layers)):
+            bn, scale = layers[i - 1], layers[i]
             blob = self._bottom_ids[i][0] if scale.type == "Scale" and len(self._bottom_ids[i]) == 1 else None
             if (bn.type != "BatchNorm" or blob is None or not bn.fused or self._top_ids[i] != [blob]
                     or self._bottom_ids[i - 1] != [blob] or self._top_ids[i - 1] != [blob]
                     or scale.dims != bn.dims or (scale.backward_runs and scale.copy_source is None)):
                 continue
-            bn.fold_role, scale.fold_role = "first", "second"
+            bn.fold_followers, scale.fold_leader = 1, 1
             bn.folded_params = [scale.blobs[0]]  # (blobs, not the layer: no cycle between the two layers)
             if scale.bias_index is not None:
                 bn.folded_params.append(scale.blobs[scale.bias_index])
+            relu = layers[i + 1] if i + 1 < len(layers) else None
+            if (relu is not None and relu.type == "ReLU" and self._bottom_ids[i + 1] == [blob]
+                    and self._top_ids[i + 1] == [blob] and not relu.saves_bottom):
+                bn.fold_followers, relu.fold_leader, bn.folded_slope = 2, 2, relu.slope
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

@@ -106,17 +106,17 @@ class Net(PycaffeNet):
     def replace_layer(self, index, layer):
         """Run `layer` in place of layer `index`, on the same bottoms and tops (an add-on's
         stand-in for a built layer); graphs captured before are void, a layer that read the
-        replaced one's copy of its values (copy_source) copies its bottom again, and a fold with
-        it (fold_role) is undone."""
+        replaced one's copy of its values (copy_source) copies its bottom again, and a fold it
+        was part of (a BatchNorm and the layers it folds in) is undone."""
+        replaced = self.engine_layers[index]
+        leader = index - replaced.fold_leader if replaced.fold_leader else index
+        span = (replaced if leader == index else self.engine_layers[leader]).fold_followers
         self.engine_layers[index] = layer
         for other in self.engine_layers:
             if other.copy_source is not None and other.copy_source[0] == index:
                 other.copy_source = other.bottom_copy = None
-        # a BatchNorm and Scale pair the replaced layer was part of is undone
-        for neighbour, role in ((index - 1, "first"), (index + 1, "second")):
-            other = self.engine_layers[neighbour] if 0 <= neighbour < len(self.engine_layers) else None
-            if other is not None and other.fold_role == role:
-                other.fold_role, other.fold = None, False
+        for other in self.engine_layers[leader: leader + span + 1] if span else []:
+            other.fold_followers = other.fold_leader = other.fold = 0
         graphs.invalidate(self.backend)
 
     # *** running ***
@@ -176,8 +176,10 @@ class Net(PycaffeNet):
             if layer.copy_source is not None:  # (a hook may change a blob between the two layers)
                 writer, blob = layer.copy_source
                 layer.bottom_copy = blob if start <= writer and not hooks else None
-            if layer.fold_role is not None:
-                layer.fold = not hooks and (end > i if layer.fold_role == "first" else start < i)
+            if layer.fold_followers:  # the ones that run in this forward
+                layer.fold = 0 if hooks else min(layer.fold_followers, end - i)
+            elif layer.fold_leader:  # where the BatchNorm runs in it too
+                layer.fold = not hooks and start <= i - layer.fold_leader
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]

@@ -708,11 +708,14 @@ def test_batch_norm_and_scale_maps(dev, dims, dtype, in_place):
     want = (x - col(mean)) / col(std)
     assert_matches(dev.get(y), want, dtype, f"batch norm forward {dims}")
     assert_matches(dev.get(x_norm), want, dtype, f"batch norm's copy {dims}")
-    for b in (bias, None):  # a Scale folded in
+    for b, slope in ((bias, None), (None, None), (bias, 0.0), (None, -0.5)):  # a Scale folded in, a ReLU
         y, x_norm = dev.poisoned(dims, dtype), dev.poisoned(dims, dtype)
         dev.k.batch_norm_forward(dev.put(x), dev.put(mean), dev.put(std), y, x_norm, dims, dev.put(scale),
-                                 None if b is None else dev.put(b))
-        assert_matches(dev.get(y), want * col(scale) + (0 if b is None else col(b)), dtype, f"folded {dims}")
+                                 None if b is None else dev.put(b), slope=slope)
+        scaled = want * col(scale) + (0 if b is None else col(b))
+        if slope is not None:
+            scaled = np.maximum(scaled, 0) + slope * np.minimum(scaled, 0)
+        assert_matches(dev.get(y), scaled, dtype, f"folded {dims}, ReLU slope {slope}")
         assert_matches(dev.get(x_norm), want, dtype, f"folded batch norm's copy {dims}")
     m = dims[0] * dims[2]
     sum_dy, sum_dyy = dy.sum(axis=(0, 2)), (dy * want).sum(axis=(0, 2))
@@ -777,47 +780,53 @@ FOLD_NET = """{force}
     {below}
     layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "{top}" {bn} }}
     layer {{ name: "scale" type: "Scale" bottom: "{top}" top: "{top}" scale_param {{ bias_term: {bias} {scale} }} }}
-    layer {{ name: "relu" type: "ReLU" bottom: "{top}" top: "{top}" }}
-    layer {{ name: "ip" type: "InnerProduct" bottom: "{top}" top: "ip"
+    layer {{ name: "relu" type: "ReLU" bottom: "{top}" top: "{relu_top}" {relu} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "{relu_top}" top: "ip"
              inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
     {loss}"""
 FOLD_CONV = ('layer { name: "conv" type: "Convolution" bottom: "x" top: "c" '
              'convolution_param { num_output: 5 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }')
 FOLD_LOSS = 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }'
-FOLD_CASES = {  # name: (phase, net fields, a callback, whether BatchNorm folds its Scale in)
-    "train": (TRAIN, {}, False, True),
-    "deploy, no bias": (TEST, {"force": "", "loss": "", "bias": "false"}, False, True),
-    "a callback": (TRAIN, {}, True, False),
+FOLD_CASES = {  # name: (phase, net fields, a callback, how many layers BatchNorm folds in: Scale, ReLU)
+    "train": (TRAIN, {}, False, 2),
+    "deploy, no bias": (TEST, {"force": "", "loss": "", "bias": "false"}, False, 2),
+    "a leaky ReLU": (TRAIN, {"relu": "relu_param { negative_slope: 0.25 }"}, False, 2),
+    "a ReLU keeping its bottom": (TRAIN, {"relu": "relu_param { negative_slope: -0.5 }"}, False, 1),
+    "a ReLU not in place": (TRAIN, {"relu_top": "r"}, False, 1),
+    "a callback": (TRAIN, {}, True, 0),
     # BatchNorm's backward does not run (nothing below learns, its statistics say lr_mult 0: Caffe
     # reads the net's specs), so it keeps no copy; Scale's does
     "input-fed": (TRAIN, {"force": "", "below": 'layer { name: "conv" type: "Power" bottom: "x" top: "c" }',
-                          "bn": "param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }"}, False, False),
-    "scale over two axes": (TRAIN, {"scale": "axis: 1 num_axes: 2"}, False, False),
-    "batch norm not in place": (TRAIN, {"top": "b"}, False, False),
+                          "bn": "param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }"}, False, 0),
+    "scale over two axes": (TRAIN, {"scale": "axis: 1 num_axes: 2"}, False, 0),
+    "batch norm not in place": (TRAIN, {"top": "b"}, False, 0),
 }
 
 
 def _fold_net(phase, fields, backend=None):
     text = FOLD_NET.format(**{"force": "force_backward: true", "below": FOLD_CONV, "top": "c", "bias": "true",
-                              "scale": "", "bn": "", "loss": FOLD_LOSS, **fields})
+                              "scale": "", "bn": "", "relu": "", "relu_top": fields.get("top", "c"), "loss": FOLD_LOSS,
+                              **fields})
     return espresso.Net(parse_text(text, caffe_pb2.NetParameter()), phase, dtype=np.float64, backend=backend)
 
 
 @NO_GPP
 @pytest.mark.parametrize("case", FOLD_CASES)
-def test_batch_norm_folds_its_scale_with_the_results_of_both(case, monkeypatch, request):
-    """BatchNorm then Scale, in place (ResNet's): with the channel kernels (emulated, patched into
-    the CPU backend) BatchNorm's kernel applies the Scale too where it may; outputs and gradients
-    are those of the two layers apart (the CPU's xp code), and so is a forward that stops at the
-    BatchNorm (no fold there) or starts at the Scale.  Where it may not, nothing folds."""
+def test_batch_norm_folds_the_layers_after_it_with_the_results_of_each(case, monkeypatch, request):
+    """BatchNorm, Scale and ReLU in place (ResNet's): with the channel kernels (emulated,
+    patched into the CPU backend) BatchNorm's kernel does the Scale's and the ReLU's work too
+    where it may; outputs and gradients are those of the layers apart (the CPU's xp code), and
+    so are forwards that stop at the BatchNorm or the Scale (folding less) or start at the Scale
+    or the ReLU (folding nothing).  Where it may not, nothing folds."""
     phase, fields, callback, folds = FOLD_CASES[case]
     rng = np.random.default_rng(13)
     x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
     params, top = {}, fields.get("top", "c")
 
     def results():
-        """The outputs and gradients of a whole pass, then the BatchNorm's top after a forward
-        that stops there, then the output of one that starts at the Scale; the folds; the net."""
+        """The outputs and gradients of a whole pass, then the blob after forwards that stop at
+        the BatchNorm and at the Scale, then the output of ones that start at the Scale and at
+        the ReLU; BatchNorm's folds in each of these, then the Scale's and the ReLU's; the net."""
         net = _fold_net(phase, fields)
         for name, blobs in net.params.items():
             params.setdefault(name, [rng.random(b.data.shape) + 0.5 for b in blobs])
@@ -832,38 +841,47 @@ def test_batch_norm_folds_its_scale_with_the_results_of_both(case, monkeypatch, 
         if phase == TRAIN:
             net.backward()
             out += [b.diff.copy() for blobs in net.params.values() for b in blobs] + [net.blobs["x"].diff.copy()]
-        folds = [net.layer_dict["bn"].fold]
-        net.forward(end="bn")
-        out.append(net.blobs[top].data.copy())
-        folds.append(net.layer_dict["bn"].fold)
-        net.forward(start="scale")
-        return out + [net.blobs["ip"].data.copy()], folds + [net.layer_dict["scale"].fold], net
+        bn, scale, relu = (net.layer_dict[name] for name in ("bn", "scale", "relu"))
+        flags = [bn.fold]
+        for end in ("bn", "scale"):
+            net.forward(end=end)
+            out.append(net.blobs[top].data.copy())
+            flags.append(bn.fold)
+        for start in ("scale", "relu"):
+            net.forward(start=start)
+            out.append(net.blobs["ip"].data.copy())
+            flags += [scale.fold, relu.fold]
+        return out, flags, net
 
     apart, apart_folds, _ = results()  # (before the patch: a layer looks its kernels up as it runs)
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
     folded, fold_flags, net = results()
-    roles = [net.layer_dict[name].fold_role for name in ("bn", "scale")]
-    assert (roles == ["first", "second"]) == (folds or callback)  # (paired at build; a callback stops it per call)
-    assert fold_flags == [folds, False, False] and apart_folds == [False, False, False]
+    links = [net.layer_dict[name].fold_followers or net.layer_dict[name].fold_leader for name in ("bn", "scale", "relu")]
+    paired = folds or (2 if callback else 0)  # (paired at build; a callback stops it per call)
+    assert links == [paired, min(paired, 1), 2 if paired > 1 else 0]
+    assert fold_flags == [folds, 0, min(folds, 1)] + [False] * 4 and not any(apart_folds)
     assert len(folded) == len(apart)
     for k, (g, w) in enumerate(zip(folded, apart)):  # (absolute: conv's bias gradient cancels to rounding)
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=f"result {k}")
 
 
 @NO_GPP
-def test_a_stand_in_for_either_layer_undoes_the_fold(monkeypatch, request):
+def test_a_stand_in_for_any_layer_of_a_fold_undoes_it(monkeypatch, request):
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
-    for index in (2, 3):  # the BatchNorm, the Scale
+    for index in (2, 3, 4):  # the BatchNorm, the Scale, the ReLU
         net = _fold_net(TRAIN, {})
+        assert [(layer.fold_followers, layer.fold_leader) for layer in net.engine_layers[2:5]] == [(2, 0), (0, 1), (0, 2)]
         layer = net.engine_layers[index]
         stand_in = type(layer)(layer.lp, layer.backend, layer.phase, dtype=layer.dtype)
         stand_in.setup_all(net.bottom_vecs[index], net.top_vecs[index])
         net.replace_layer(index, stand_in)
-        assert [layer.fold_role for layer in net.engine_layers[2:4]] == [None, None]
+        assert [(layer.fold_followers, layer.fold_leader) for layer in net.engine_layers[2:5]] == [(0, 0)] * 3
+        net.forward()
+        assert not any(layer.fold for layer in net.engine_layers)
 
 
 def test_a_folding_net_is_freed_without_the_cycle_collector(monkeypatch):
@@ -875,7 +893,7 @@ def test_a_folding_net_is_freed_without_the_cycle_collector(monkeypatch):
     for name in CHANNEL_KERNELS:  # (enough to fold: nothing runs)
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
     net = _fold_net(TRAIN, {})
-    assert net.layer_dict["bn"].fold_role == "first"
+    assert net.layer_dict["bn"].fold_followers == 2
     layer = weakref.ref(net.layer_dict["bn"])
     gc.disable()
     try:

@@ -72,10 +72,12 @@ __global__ void channel_sums_kernel(int channels, int parts, const T* partial, T
 
 // BatchNorm forward: y = (x - mean[c]) / std[c] (Caffe: x - mean, then a division); x_norm,
 // unless null, keeps a copy for the backward pass.  A Scale that follows may be folded in:
-// then y = that * scale[c] (+ bias[c] unless null), Scale's own steps.  y may be x.
+// then y = that * scale[c] (+ bias[c] unless null), Scale's own steps; and after it a ReLU
+// (relu != 0): y = max(v, 0) + slope * min(v, 0), ReLU's expression.  y may be x.
 template <typename T>
 __global__ void batch_norm_forward_kernel(long long count, int channels, long long inner, const T* x, const T* mean,
-                                          const T* std, T* y, T* x_norm, const T* scale, const T* bias) {
+                                          const T* std, T* y, T* x_norm, const T* scale, const T* bias, int relu,
+                                          T slope) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
          i += (long long)blockDim.x * gridDim.x) {
         const int c = (int)(i / inner % channels);
@@ -83,6 +85,7 @@ __global__ void batch_norm_forward_kernel(long long count, int channels, long lo
         if (x_norm) x_norm[i] = v;
         if (scale) v = v * scale[c];
         if (bias) v = v + bias[c];
+        if (relu) v = (v > 0 ? v : T(0)) + slope * (v < 0 ? v : T(0));
         y[i] = v;
     }
 }

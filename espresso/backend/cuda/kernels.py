@@ -702,10 +702,11 @@ def channel_sums(x, dims, work, sums=None, dots=None, y=None, shift=None, scale=
              *map(_maybe, outputs)))
 
 
-def batch_norm_forward(x, mean, std, y, x_norm, dims, scale=None, bias=None):
+def batch_norm_forward(x, mean, std, y, x_norm, dims, scale=None, bias=None, slope=None):
     """y = (x - mean[c]) / std[c] over x seen as dims (outer, channels, inner), one pass; x_norm
     (None: none) keeps a copy.  A following Scale folded in: y = that * scale[c] (+ bias[c]),
-    x_norm still the normalized values.  y may be x."""
+    x_norm still the normalized values; then a ReLU of negative slope `slope` (None: none).  y
+    may be x."""
     ctype = _float_type(x, mean, std, y, *(a for a in (x_norm, scale, bias) if a is not None))
     outer, channels, inner = _channel_dims(dims, x, y)
     if any(a is not None and a.size != channels for a in (mean, std, scale, bias)):
@@ -713,7 +714,7 @@ def batch_norm_forward(x, mean, std, y, x_norm, dims, scale=None, bias=None):
     _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
             (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(mean), _input(std),
              _output(y, x.size, "y"), np.int64(0) if x_norm is None else _output(x_norm, x.size, "x_norm"),
-             _maybe(scale), _maybe(bias)))
+             _maybe(scale), _maybe(bias), np.int32(slope is not None), x.dtype.type(slope or 0)))
 
 
 def batch_norm_backward(dy, y, sum_dy, sum_dyy, std, dx, dims):
