@@ -694,10 +694,12 @@ def test_channel_sums_launch_counts_do_not_wrap(monkeypatch):
     assert launched == [dims[1] * CUDA.BLOCK, dims[1]]
 
 
-@pytest.mark.parametrize("dims", CHANNEL_DIMS[:3])
+@pytest.mark.parametrize("dims", CHANNEL_DIMS + [(5, 7, 13)])  # (the last: a row and a channel wrap in one step)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [False, True])
 def test_batch_norm_and_scale_maps(dev, dims, dtype, in_place):
+    """The elementwise channel passes, over arrays of fewer elements than threads and of many
+    grid-stride steps (each thread tracks its element's channel as it steps)."""
     x, dy = rand(dims, 5, dtype), rand(dims, 6, dtype)
     mean, std, scale, bias = (rand(dims[1], seed, dtype) for seed in (7, 8, 9, 10))
     std, col = np.abs(std) + 0.5, lambda v: v[:, None]  # noqa: E731

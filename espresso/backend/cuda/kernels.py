@@ -651,6 +651,7 @@ def _parts(device, dtype, size):
 
 # *** per-channel sums and maps (CUDA only, as the fused kernels: BatchNorm, Scale and Bias) ***
 CHANNEL_BLOCKS = 1024  # (channel, part) blocks the sums aim for: some 8 per SM of an H100
+CHANNEL_ILP = 4  # elements a thread in channels.cu's elementwise passes (its ILP)
 CHANNEL_SHARE = 4096  # the fewest cells a part sums
 
 
@@ -711,7 +712,7 @@ def batch_norm_forward(x, mean, std, y, x_norm, dims, scale=None, bias=None, slo
     outer, channels, inner = _channel_dims(dims, x, y)
     if any(a is not None and a.size != channels for a in (mean, std, scale, bias)):
         raise ValueError(f"batch norm of {int(channels)} channels: mean, std, scale and bias need one value each")
-    _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, x.size,
+    _launch("channels", f"batch_norm_forward_kernel<{ctype}>", ctype, None, -(-x.size // CHANNEL_ILP),
             (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(mean), _input(std),
              _output(y, x.size, "y"), np.int64(0) if x_norm is None else _output(x_norm, x.size, "x_norm"),
              _maybe(scale), _maybe(bias), np.int32(slope is not None), x.dtype.type(slope or 0)))
@@ -724,7 +725,7 @@ def batch_norm_backward(dy, y, sum_dy, sum_dyy, std, dx, dims):
     ctype = _float_type(dy, y, sum_dy, sum_dyy, std, dx)
     outer, channels, inner = _channel_dims(dims, dy, y, dx)
     neg_inv_m = dy.dtype.type(-1.0 / (outer * inner))  # Caffe's Dtype(-1. / (num * spatial_dim))
-    _launch("channels", f"batch_norm_backward_kernel<{ctype}>", ctype, None, dy.size,
+    _launch("channels", f"batch_norm_backward_kernel<{ctype}>", ctype, None, -(-dy.size // CHANNEL_ILP),
             (np.int64(dy.size), np.int32(channels), np.int64(inner), _input(dy), _input(y), _input(sum_dy),
              _input(sum_dyy), _input(std), neg_inv_m, _output(dx, dy.size, "dx")))
 
@@ -734,7 +735,7 @@ def scale_forward(x, scale, bias, y, dims):
     pass.  y may be x."""
     ctype = _float_type(x, scale, y, *([] if bias is None else [bias]))
     outer, channels, inner = _channel_dims(dims, x, y)
-    _launch("channels", f"scale_forward_kernel<{ctype}>", ctype, None, x.size,
+    _launch("channels", f"scale_forward_kernel<{ctype}>", ctype, None, -(-x.size // CHANNEL_ILP),
             (np.int64(x.size), np.int32(channels), np.int64(inner), _input(x), _input(scale), _maybe(bias),
              _output(y, x.size, "y")))
 
