@@ -74,12 +74,12 @@ class Layer:
     # layer wrote them, which forward may read instead of copying the bottom (see
     # Net.forward_layers); bottom_copy is that blob in the current forward, else None
     copy_source = bottom_copy = None
-    # Set by the net where a BatchNorm's forward kernel can also do the work of the layers after
-    # it (its in-place Scale, then an in-place ReLU): on the BatchNorm, fold_followers counts
-    # them; on each of them, fold_leader is how many layers back the BatchNorm is.  `fold` says
-    # what happens in the current forward (Net.forward_layers decides per call: the layers that
-    # run in it with no callbacks fold): on the BatchNorm, how many it does; on a follower,
-    # whether its work was done for it
+    # Set by the net where a layer's forward kernel can also do the work of the layers after it
+    # (a BatchNorm: its in-place Scale, then an in-place ReLU; an Eltwise SUM: its ReLU; see
+    # Builder._fold_layers): on the leader, fold_followers counts them; on each of them,
+    # fold_leader is how many layers back the leader is.  `fold` says what happens in the current
+    # forward (Net.forward_layers decides per call: the layers that run in it with no callbacks
+    # fold): on the leader, how many it does; on a follower, whether its work was done for it
     fold_followers = fold_leader = fold = 0
 
     def __init__(self, layer_param, backend, phase, dtype=np.float32, source=""):

@@ -224,6 +224,8 @@ class EltwiseLayer(Layer):
         self.mask = Blob((), np.int32, self.backend)  # MAX: which bottom won
         self.better = Blob((), np.bool_, self.backend)  # MAX: where a later bottom beats the max
         self.scaled = self.new_blob(())  # SUM: coeff * bottom
+        self.adds_two = self.op == ELTWISE.SUM and self.coeffs == [1, 1]
+        self.folded_slope = None  # where the net folds the in-place ReLU after it in (adds_two only)
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -252,9 +254,12 @@ class EltwiseLayer(Layer):
             y *= x
 
     def _sum(self, xs, y):
+        if self.fold:  # and the ReLU after it, in one pass
+            self.k.add_relu(xs[0], xs[1], y, self.folded_slope)
+            return
         # the first bottom goes into the top first: in place, y is xs[0]; unweighted, it is added
         # to the second in one pass (ResNet's shortcuts), Caffe's 0 + 1 * a + 1 * b to the bit
-        first = 2 if self.coeffs[:2] == [1, 1] else 1
+        first = 2 if self.coeffs[:2] == [1, 1] else 1  # (adds_two, or more bottoms)
         if first == 2:
             self.xp.add(xs[0], xs[1], out=y)
         else:

@@ -101,7 +101,7 @@ class ReLULayer(NeuronLayer):
         super().setup(bottom, top)
 
     def forward(self, bottom, top):
-        if not self.fold:  # (else the BatchNorm two layers before did this layer's work too)
+        if not self.fold:  # (else the layer that folds it in did its work too: Builder._fold_layers)
             super().forward(bottom, top)
 
     def forward_values(self, x, y):

@@ -343,30 +343,39 @@ class Builder:
             last = self.engine_layers[writers[-1]] if writers else None
             if last is not None and last.type == "BatchNorm" and last.backward_runs and not last.use_global:
                 layer.copy_source = (writers[-1], last.x_norm)
-        self._fold_into_batch_norms()
+        self._fold_layers()
 
-    def _fold_into_batch_norms(self):
-        """A learned per-channel Scale right after a BatchNorm, both in place on one blob: the
-        BatchNorm's forward kernel applies the Scale too (one pass; on backends that fold), where
-        the Scale's own gradient, if it runs, can read BatchNorm's copy (the blob never holds
-        the values between the two); and then the ReLU after them, in place on the same blob,
-        unless it keeps a copy of its bottom (a negative slope): its gradient reads its top."""
+    def _fold_layers(self):
+        """Where a backend's kernel for a layer can do the next ones' work too (one pass): a
+        BatchNorm followed by a learned per-channel Scale, both in place on one blob, where the
+        Scale's own gradient, if it runs, can read BatchNorm's copy (the blob never holds the
+        values between the two); then an in-place ReLU after them, or after an unweighted
+        two-bottom Eltwise SUM (ResNet's shortcuts)."""
         layers = self.engine_layers
-        for i in range(1, len(layers)):
-            bn, scale = layers[i - 1], layers[i]
-            blob = self._bottom_ids[i][0] if scale.type == "Scale" and len(self._bottom_ids[i]) == 1 else None
-            if (bn.type != "BatchNorm" or blob is None or not bn.fused or self._top_ids[i] != [blob]
-                    or self._bottom_ids[i - 1] != [blob] or self._top_ids[i - 1] != [blob]
-                    or scale.dims != bn.dims or (scale.backward_runs and scale.copy_source is None)):
+        for i, layer in enumerate(layers):
+            blob = self._top_ids[i][0] if len(self._top_ids[i]) == 1 else None
+            if layer.type == "Eltwise" and layer.adds_two and layer.k.add_relu is not None:
+                self._fold_relu(i, i + 1, blob)
+            if layer.type != "BatchNorm" or not layer.fused or i + 1 == len(layers) or self._bottom_ids[i] != [blob]:
                 continue
-            bn.fold_followers, scale.fold_leader = 1, 1
-            bn.folded_params = [scale.blobs[0]]  # (blobs, not the layer: no cycle between the two layers)
+            scale = layers[i + 1]
+            if (scale.type != "Scale" or self._bottom_ids[i + 1] != [blob] or self._top_ids[i + 1] != [blob]
+                    or scale.dims != layer.dims or (scale.backward_runs and scale.copy_source is None)):
+                continue
+            layer.fold_followers, scale.fold_leader = 1, 1
+            layer.folded_params = [scale.blobs[0]]  # (blobs, not the layer: no cycle between the two layers)
             if scale.bias_index is not None:
-                bn.folded_params.append(scale.blobs[scale.bias_index])
-            relu = layers[i + 1] if i + 1 < len(layers) else None
-            if (relu is not None and relu.type == "ReLU" and self._bottom_ids[i + 1] == [blob]
-                    and self._top_ids[i + 1] == [blob] and not relu.saves_bottom):
-                bn.fold_followers, relu.fold_leader, bn.folded_slope = 2, 2, relu.slope
+                layer.folded_params.append(scale.blobs[scale.bias_index])
+            self._fold_relu(i, i + 2, blob)
+
+    def _fold_relu(self, leader, at, blob):
+        """Layer `at`, if an in-place ReLU on `blob`, folds into layer `leader`, unless it keeps a
+        copy of its bottom (a negative slope; its gradient reads its top otherwise)."""
+        relu = self.engine_layers[at] if at < len(self.engine_layers) else None
+        if (relu is not None and relu.type == "ReLU" and self._bottom_ids[at] == [blob] and self._top_ids[at] == [blob]
+                and not relu.saves_bottom):
+            self.engine_layers[leader].fold_followers = relu.fold_leader = at - leader
+            self.engine_layers[leader].folded_slope = relu.slope
 
     def _force_backward(self):
         for i, layer in enumerate(self.engine_layers):

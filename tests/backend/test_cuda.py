@@ -860,7 +860,7 @@ def test_batch_norm_folds_the_layers_after_it_with_the_results_of_each(case, mon
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
     folded, fold_flags, net = results()
-    links = [net.layer_dict[name].fold_followers or net.layer_dict[name].fold_leader for name in ("bn", "scale", "relu")]
+    links = [layer.fold_followers or layer.fold_leader for layer in map(net.layer_dict.get, ("bn", "scale", "relu"))]
     paired = folds or (2 if callback else 0)  # (paired at build; a callback stops it per call)
     assert links == [paired, min(paired, 1), 2 if paired > 1 else 0]
     assert fold_flags == [folds, 0, min(folds, 1)] + [False] * 4 and not any(apart_folds)
@@ -874,16 +874,119 @@ def test_a_stand_in_for_any_layer_of_a_fold_undoes_it(monkeypatch, request):
     monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
     for name in CHANNEL_KERNELS:
         monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    def links(net):
+        return [(layer.fold_followers, layer.fold_leader) for layer in net.engine_layers[2:5]]
+
     for index in (2, 3, 4):  # the BatchNorm, the Scale, the ReLU
         net = _fold_net(TRAIN, {})
-        assert [(layer.fold_followers, layer.fold_leader) for layer in net.engine_layers[2:5]] == [(2, 0), (0, 1), (0, 2)]
+        assert links(net) == [(2, 0), (0, 1), (0, 2)]
         layer = net.engine_layers[index]
         stand_in = type(layer)(layer.lp, layer.backend, layer.phase, dtype=layer.dtype)
         stand_in.setup_all(net.bottom_vecs[index], net.top_vecs[index])
         net.replace_layer(index, stand_in)
-        assert [(layer.fold_followers, layer.fold_leader) for layer in net.engine_layers[2:5]] == [(0, 0)] * 3
+        assert links(net) == [(0, 0)] * 3
         net.forward()
         assert not any(layer.fold for layer in net.engine_layers)
+
+
+SUM_RELU_NET = """force_backward: true
+    layer { name: "data" type: "Input" top: "x" top: "label"
+            input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 } } }
+    layer { name: "conv" type: "Convolution" bottom: "x" top: "c"
+            convolution_param { num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+    layer { name: "sum" type: "Eltwise" bottom: "c" bottom: "x" %s top: "s" %s }
+    layer { name: "relu" type: "ReLU" bottom: "s" top: "%s" %s }
+    layer { name: "ip" type: "InnerProduct" bottom: "%s" top: "ip"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }"""
+SUM_RELU_CASES = {  # name: (a third bottom, eltwise_param, the ReLU's top, relu_param, whether it folds)
+    "ResNet's": ("", "", "s", "", True),
+    "a leaky ReLU": ("", "", "s", "relu_param { negative_slope: 0.25 }", True),
+    "weighted": ("", "eltwise_param { coeff: 1 coeff: 2 }", "s", "", False),
+    "three bottoms": ('bottom: "c"', "", "s", "", False),
+    "a ReLU keeping its bottom": ("", "", "s", "relu_param { negative_slope: -0.5 }", False),
+    "a ReLU not in place": ("", "", "r", "", False),
+}
+
+
+def _add_relu_on_the_host(a, b, y, slope):
+    """A stand-in for the CUDA add_relu (a CuPy kernel, not emulated): the two layers' steps."""
+    np.add(a, b, out=y)
+    np.add(np.maximum(y, 0), slope * np.minimum(y, 0), out=y)
+
+
+@pytest.mark.parametrize("case", SUM_RELU_CASES)
+def test_an_eltwise_sum_folds_the_relu_after_it(case, monkeypatch):
+    """An unweighted two-bottom Eltwise SUM then an in-place ReLU (ResNet's shortcut): on a
+    backend with add_relu the sum does the ReLU's work too, in a forward that runs both; the
+    results are the layers' apart.  Weighted sums, more bottoms and ReLUs that keep their bottom
+    or write elsewhere do not fold."""
+    third, param, relu_top, relu_param, folds = SUM_RELU_CASES[case]
+    text = SUM_RELU_NET % (third, param, relu_top, relu_param, relu_top)
+    rng = np.random.default_rng(15)
+    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
+
+    def results():
+        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64)
+        for k, blobs in enumerate(net.params.values()):
+            for blob in blobs:
+                blob.data[...] = np.random.default_rng(k).standard_normal(blob.shape)
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = label
+        net.forward()
+        net.backward()
+        out = [net.blobs["ip"].data.copy(), net.blobs["x"].diff.copy()]
+        out += [b.diff.copy() for blobs in net.params.values() for b in blobs]
+        eltwise, relu = net.layer_dict["sum"], net.layer_dict["relu"]
+        flags = [eltwise.fold, relu.fold]
+        net.forward(end="sum")
+        flags.append(eltwise.fold)
+        net.forward(start="relu")
+        return out + [net.blobs["ip"].data.copy()], flags + [relu.fold], [eltwise.fold_followers, relu.fold_leader]
+
+    apart, apart_flags, apart_links = results()
+    monkeypatch.setattr(CPU, "add_relu", _add_relu_on_the_host)
+    folded, flags, links = results()
+    assert links == [folds, folds] and apart_links == [0, 0] and not any(apart_flags)
+    assert flags == [folds, folds, 0, False]
+    for k, (g, w) in enumerate(zip(folded, apart)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, err_msg=f"result {k}")
+
+
+@gpu_test
+def test_an_eltwise_sum_folds_its_relu_on_a_gpu_as_the_cpu_computes_both():
+    text = SUM_RELU_NET % ("", "", "s", "", "s")
+    rng = np.random.default_rng(17)
+    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
+    nets = []
+    for device in ("cpu", "cuda:0"):
+        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64,
+                           backend=backends.get(device))
+        for k, blobs in enumerate(net.params.values()):
+            for blob in blobs:
+                blob.data[...] = np.random.default_rng(k).standard_normal(blob.shape)
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = label
+        net.forward()
+        net.backward()
+        nets.append(net)
+    cpu, gpu = nets
+    assert gpu.layer_dict["sum"].fold and not cpu.layer_dict["sum"].fold
+    assert_matches(gpu.blobs["ip"].host_data(), cpu.blobs["ip"].host_data(), np.float64, "sum and ReLU folded: ip")
+    np.testing.assert_allclose(gpu.blobs["x"].host_diff(), cpu.blobs["x"].host_diff(), rtol=1e-9, atol=1e-12)
+
+
+@gpu_test
+@pytest.mark.parametrize("slope", [0.0, 0.25])
+def test_add_relu_on_a_gpu(slope):
+    gpu = backends.get("cuda:0")
+    rng = np.random.default_rng(16)
+    a, b = (rng.standard_normal(1000).astype(np.float32) for _ in range(2))
+    want = a + b
+    want = np.maximum(want, 0) + np.float32(slope) * np.minimum(want, 0)
+    ga = gpu.to_device(a)
+    gpu.k.add_relu(ga, gpu.to_device(b), ga, slope)  # in place, as the Eltwise runs
+    np.testing.assert_array_equal(gpu.to_host(ga), want)
 
 
 def test_a_folding_net_is_freed_without_the_cycle_collector(monkeypatch):

@@ -185,6 +185,13 @@ def relu_forward(x, y, slope):
         x, x.dtype.type(slope), y)
 
 
+def add_relu(a, b, y, slope):
+    """y = relu(a + b) of negative slope `slope`, in one kernel: an Eltwise SUM and the ReLU after it.
+    y may be a or b."""
+    _elementwise("add_relu", "T a, T b, T slope", "T y",
+                 "T v = a + b; y = (v > 0 ? v : T(0)) + slope * (v < 0 ? v : T(0))")(a, b, a.dtype.type(slope), y)
+
+
 def relu_backward(x, dy, dx, slope):
     """dx = dy * ((x > 0) + slope * (x <= 0)), Caffe's expression, in one kernel."""
     _elementwise("relu_backward", "T x, T dy, T slope", "T dx", "dx = dy * (T(x > 0) + slope * T(x <= 0))")(
