@@ -107,7 +107,7 @@ class Net(PycaffeNet):
         """Run `layer` in place of layer `index`, on the same bottoms and tops (an add-on's
         stand-in for a built layer); graphs captured before are void, a layer that read the
         replaced one's copy of its values (copy_source) copies its bottom again, and a fold it
-        was part of (a BatchNorm and the layers it folds in) is undone."""
+        was part of (a leader and the layers it folds in) is undone."""
         replaced = self.engine_layers[index]
         leader = index - replaced.fold_leader if replaced.fold_leader else index
         span = (replaced if leader == index else self.engine_layers[leader]).fold_followers
@@ -178,7 +178,7 @@ class Net(PycaffeNet):
                 layer.bottom_copy = blob if start <= writer and not hooks else None
             if layer.fold_followers:  # the ones that run in this forward
                 layer.fold = 0 if hooks else min(layer.fold_followers, end - i)
-            elif layer.fold_leader:  # where the BatchNorm runs in it too
+            elif layer.fold_leader:  # where its leader runs in it too
                 layer.fold = not hooks and start <= i - layer.fold_leader
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
