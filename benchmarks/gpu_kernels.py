@@ -55,8 +55,10 @@ def timeline(kernels, iters):
     """Text: the kernels of one iteration in the middle of the run (those starting within one mean
     period from the middle iteration's first kernel), with their start offsets and streams."""
     period = (max(end for _, _, end, _ in kernels) - kernels[0][1]) / iters
-    names = [name for name, *_ in kernels]
-    first = names[0]  # an iteration's first kernel: its middle occurrence starts the window
+    counts = collections.Counter(name for name, *_ in kernels)
+    # an iteration's first kernel: the earliest of those that run once an iteration (not a copy
+    # made once before the loop); its middle occurrence starts the window
+    first = next((name for name, *_ in kernels if counts[name] == iters), kernels[0][0])
     starts = [start for name, start, _, _ in kernels if name == first]
     t0 = starts[len(starts) // 2]
     lines = ["  one iteration: start us, duration us, stream, kernel"]
