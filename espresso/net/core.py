@@ -53,6 +53,7 @@ class Net(PycaffeNet):
         vars(self).update(builder.build(insert_splits(filter_layers(param, lines, self.source)), self.source))
         self._reshaped_for = [[b.shape for b in bottom] for bottom in self.bottom_vecs]
         self._checked_at = [None] * len(self.engine_layers)  # the graphs version when layer i's bottoms were checked
+        self._find_per_call()
         self._make_arena()
         if weights:
             self.copy_from(weights)
@@ -115,8 +116,11 @@ class Net(PycaffeNet):
         for other in self.engine_layers:
             if other.copy_source is not None and other.copy_source[0] == index:
                 other.copy_source = other.bottom_copy = None
-        for other in self.engine_layers[leader: leader + span + 1] if span else []:
+        # the replaced layer too: a stand-in may run it, which must then do its own work alone
+        for other in [replaced] + (self.engine_layers[leader: leader + span + 1] if span else []):
             other.fold_followers = other.fold_leader = other.fold = 0
+        replaced.copy_source = replaced.bottom_copy = None
+        self._find_per_call()
         graphs.invalidate(self.backend)
 
     # *** running ***
@@ -144,6 +148,7 @@ class Net(PycaffeNet):
 
         self.sync()
         if self.eager_reason(start, end) is None:
+            self._decide_per_call(start, end, False)  # (a replay runs no Python: backward reads these)
             self._graphs.run(("forward", start, end, sums is not None), run)
         else:
             run()
@@ -159,10 +164,31 @@ class Net(PycaffeNet):
             array.fill(0)
         return self._sums
 
+    def _find_per_call(self):
+        self._per_call = [i for i, layer in enumerate(self.engine_layers)
+                          if layer.copy_source is not None or layer.fold_followers or layer.fold_leader]
+
+    def _decide_per_call(self, start, end, hooks):
+        """What a forward of layers start..end decides per call (Builder's copy_source and folds):
+        a layer reads another's copy of its bottom where that layer runs in the forward, and folds
+        where its leader and it both run; never with callbacks (a hook may change a blob between)."""
+        for i in self._per_call:
+            if not start <= i <= end:
+                continue
+            layer = self.engine_layers[i]
+            if layer.copy_source is not None:
+                writer, blob = layer.copy_source
+                layer.bottom_copy = blob if start <= writer and not hooks else None
+            if layer.fold_followers:  # the ones that run in this forward
+                layer.fold = 0 if hooks else min(layer.fold_followers, end - i)
+            elif layer.fold_leader:  # where its leader runs in it too
+                layer.fold = not hooks and start <= i - layer.fold_leader
+
     def forward_layers(self, start, end, losses=True):
         """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed
         (not computed when not `losses`)."""
         terms, hooks = [], any(self._callbacks.values())  # (a call per layer less at batch 1)
+        self._decide_per_call(start, end, hooks)
         for i in range(start, end + 1):
             layer, bottom, top = self.engine_layers[i], self.bottom_vecs[i], self.top_vecs[i]
             if hooks:
@@ -173,13 +199,6 @@ class Net(PycaffeNet):
                     layer.reshape(bottom, top)
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = graphs.version(self.backend)
-            if layer.copy_source is not None:  # (a hook may change a blob between the two layers)
-                writer, blob = layer.copy_source
-                layer.bottom_copy = blob if start <= writer and not hooks else None
-            if layer.fold_followers:  # the ones that run in this forward
-                layer.fold = 0 if hooks else min(layer.fold_followers, end - i)
-            elif layer.fold_leader:  # where its leader runs in it too
-                layer.fold = not hooks and start <= i - layer.fold_leader
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]

@@ -70,6 +70,7 @@ class Device:
 # (every thread of a block must reach each of them, as there).  It checks indexing, windows,
 # summation order and the lanes' cooperation; not the GPU's speed or memory model.
 EMULATED_THREADS = 64  # two warps
+EMULATED_BLOCKS = 3  # at most, run one after another: grid-stride loops over several blocks
 EMULATION_SHIM = """
 #include <algorithm>
 #include <atomic>
@@ -84,7 +85,7 @@ EMULATION_SHIM = """
 #include <utility>
 #include <vector>
 struct EmuDim3 { unsigned x, y, z; };
-static const EmuDim3 blockIdx = {0, 0, 0}, gridDim = {1, 1, 1};
+static EmuDim3 blockIdx = {0, 0, 0}, gridDim = {1, 1, 1};
 static EmuDim3 blockDim = {1, 1, 1};
 static thread_local EmuDim3 threadIdx = {0, 0, 0};
 #define __global__
@@ -147,18 +148,22 @@ void emu_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*reinterpret_cast<std::remove_reference_t<A>*>(args[I])...);
 }
 template <typename... A>
-void emu_call(void (*f)(A...), void** args, unsigned threads) {  // one block of `threads`
+void emu_call(void (*f)(A...), void** args, unsigned threads, unsigned blocks) {  // blocks of `threads`
     blockDim.x = threads;
-    emu_barrier.waiting = 0;
-    emu_barrier.exited = 0;
-    std::vector<std::thread> block;
-    for (unsigned t = 0; t < threads; ++t)
-        block.emplace_back([=] {
-            threadIdx.x = t;
-            emu_call(f, args, std::index_sequence_for<A...>{});
-            ++emu_barrier.exited;
-        });
-    for (auto& thread : block) thread.join();
+    gridDim.x = blocks;
+    for (unsigned b = 0; b < blocks; ++b) {  // one after another
+        blockIdx.x = b;
+        emu_barrier.waiting = 0;
+        emu_barrier.exited = 0;
+        std::vector<std::thread> block;
+        for (unsigned t = 0; t < threads; ++t)
+            block.emplace_back([=] {
+                threadIdx.x = t;
+                emu_call(f, args, std::index_sequence_for<A...>{});
+                ++emu_barrier.exited;
+            });
+        for (auto& thread : block) thread.join();
+    }
 }
 """
 _C_SCALARS = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
@@ -180,7 +185,8 @@ class Emulator:
             names = dict.fromkeys(n for ctype in ("float", "double") for d in range(1, CUDA.MAX_AXES + 1)
                                   for n in CUDA.name_expressions(family, ctype, d))
             lines = [EMULATION_SHIM, f'#include "{CUDA.SOURCES / (family + ".cu")}"']
-            lines += [f'extern "C" void {_symbol(n)}(void** a, unsigned t) {{ emu_call(&{n}, a, t); }}' for n in names]
+            lines += [f'extern "C" void {_symbol(n)}(void** a, unsigned t, unsigned b) {{ emu_call(&{n}, a, t, b); }}'
+                      for n in names]
             source, library = self.folder / f"{family}.cpp", self.folder / f"lib{family}.so"
             source.write_text("\n".join(lines) + "\n")
             flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-pthread"]
@@ -195,7 +201,9 @@ class Emulator:
         values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _C_SCALARS[type(a)](a)
                   for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        getattr(self.library(family), _symbol(expression))(pointers, ctypes.c_uint(EMULATED_THREADS))
+        blocks = max(1, min(-(-count // EMULATED_THREADS), EMULATED_BLOCKS))  # (count: the threads asked for)
+        getattr(self.library(family), _symbol(expression))(pointers, ctypes.c_uint(EMULATED_THREADS),
+                                                            ctypes.c_uint(blocks))
 
 
 class HostArrays:
@@ -887,6 +895,72 @@ def test_a_stand_in_for_any_layer_of_a_fold_undoes_it(monkeypatch, request):
         assert links(net) == [(0, 0)] * 3
         net.forward()
         assert not any(layer.fold for layer in net.engine_layers)
+
+
+class _Delegate:
+    """A stand-in that runs the layer it replaces (as the compressed runtime's wrappers do)."""
+
+    def __init__(self, inner):
+        self.inner, self.loss_weights, self.is_loss = inner, inner.loss_weights, inner.is_loss
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, bottom, top):
+        self.inner.forward(bottom, top)
+
+
+def _filled_fold_net():
+    net = _fold_net(TRAIN, {})
+    rng = np.random.default_rng(18)
+    for blobs in net.params.values():
+        for blob in blobs:
+            blob.data[...] = rng.random(blob.shape) + 0.5
+    net.blobs["x"].data[...] = rng.standard_normal((4, 3, 6, 6))
+    net.blobs["label"].data[...] = [0, 1, 1, 0]
+    return net
+
+
+def _pass(net):
+    net.forward()
+    net.backward()
+    return [net.blobs["ip"].data.copy()] + [b.diff.copy() for blobs in net.params.values() for b in blobs]
+
+
+@NO_GPP
+@pytest.mark.parametrize("index", [2, 3, 4])  # the BatchNorm, the Scale, the ReLU
+def test_a_stand_in_running_the_replaced_layer_does_that_layers_work_alone(index, monkeypatch, request):
+    """After a forward that folded, a stand-in running the replaced layer: that layer must not
+    keep its fold (BatchNorm would apply the Scale and ReLU twice, a Scale or ReLU skip its work)
+    nor another layer's copy of its bottom."""
+    want = _pass(_filled_fold_net())  # the CPU's xp code, nothing folded
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    for name in CHANNEL_KERNELS:
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    net = _filled_fold_net()
+    net.forward()
+    assert net.layer_dict["bn"].fold == 2
+    net.replace_layer(index, _Delegate(net.engine_layers[index]))
+    for k, (g, w) in enumerate(zip(_pass(net), want)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=f"result {k}")
+
+
+@NO_GPP
+def test_a_replayed_forward_sets_what_the_backward_reads(monkeypatch, request):
+    """A graph replay runs no Python, so the per-call decisions (which copy Scale's gradient
+    reads, what folds) are made before it: after a replayed forward that starts at the Scale,
+    the Scale reads its own copy, not BatchNorm's from the forward before."""
+    monkeypatch.setattr(CUDA, "_launch", request.getfixturevalue("emulator").launch)
+    for name in CHANNEL_KERNELS:
+        monkeypatch.setattr(CPU, name, getattr(CUDA, name))
+    net = _filled_fold_net()
+    scale = net.layer_dict["scale"]
+    net.forward()
+    assert scale.bottom_copy is net.layer_dict["bn"].x_norm and scale.fold
+    monkeypatch.setattr(net, "eager_reason", lambda start, end: None)
+    monkeypatch.setattr(net._graphs, "run", lambda key, run: None)  # a replay: no layer's Python runs
+    net.forward(start="scale")
+    assert scale.bottom_copy is None and not scale.fold
 
 
 SUM_RELU_NET = """force_backward: true
