@@ -72,13 +72,13 @@ class Layer:
     backward_runs = True
     # (layer index, blob): an earlier layer's blob that holds this layer's bottom values as that
     # layer wrote them, which forward may read instead of copying the bottom (see
-    # Net.forward_layers); bottom_copy is that blob in the current forward, else None
+    # Net._decide_per_call); bottom_copy is that blob in the current forward, else None
     copy_source = bottom_copy = None
     # Set by the net where a layer's forward kernel can also do the work of the layers after it
     # (a BatchNorm: its in-place Scale, then an in-place ReLU; an Eltwise SUM: its ReLU; see
     # Builder._fold_layers): on the leader, fold_followers counts them; on each of them,
     # fold_leader is how many layers back the leader is.  `fold` says what happens in the current
-    # forward (Net.forward_layers decides per call: the layers that run in it with no callbacks
+    # forward (Net._decide_per_call decides per call: the layers that run in it with no callbacks
     # fold): on the leader, how many it does; on a follower, whether its work was done for it
     fold_followers = fold_leader = fold = 0
 

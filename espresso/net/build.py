@@ -335,7 +335,7 @@ class Builder:
         """A Scale whose bottom a BatchNorm wrote last (ResNet's BatchNorm, Scale, ReLU, all in
         place) may read that BatchNorm's copy of its normalized values for its scale gradient
         instead of keeping a copy of its own of the same values: in a forward that runs the
-        BatchNorm too, with no callbacks (Net.forward_layers decides, per call)."""
+        BatchNorm too, with no callbacks (Net._decide_per_call decides, per call)."""
         for i, layer in enumerate(self.engine_layers):
             if layer.type != "Scale" or not layer.backward_runs:
                 continue
