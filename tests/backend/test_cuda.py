@@ -989,6 +989,17 @@ def _add_relu_on_the_host(a, b, y, slope):
     np.add(np.maximum(y, 0), slope * np.minimum(y, 0), out=y)
 
 
+def _filled_sum_relu_net(text, backend=None):
+    """A SUM_RELU_NET in float64 with its params, input and labels set (the same every call)."""
+    net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64, backend=backend)
+    for k, blobs in enumerate(net.params.values()):
+        for blob in blobs:
+            blob.data[...] = np.random.default_rng(k).standard_normal(blob.shape)
+    net.blobs["x"].data[...] = np.random.default_rng(15).standard_normal((4, 3, 6, 6))
+    net.blobs["label"].data[...] = [0, 1, 1, 0]
+    return net
+
+
 @pytest.mark.parametrize("case", SUM_RELU_CASES)
 def test_an_eltwise_sum_folds_the_relu_after_it(case, monkeypatch):
     """An unweighted two-bottom Eltwise SUM then an in-place ReLU (ResNet's shortcut): on a
@@ -997,16 +1008,9 @@ def test_an_eltwise_sum_folds_the_relu_after_it(case, monkeypatch):
     or write elsewhere do not fold."""
     third, param, relu_top, relu_param, folds = SUM_RELU_CASES[case]
     text = SUM_RELU_NET % (third, param, relu_top, relu_param, relu_top)
-    rng = np.random.default_rng(15)
-    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
 
     def results():
-        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64)
-        for k, blobs in enumerate(net.params.values()):
-            for blob in blobs:
-                blob.data[...] = np.random.default_rng(k).standard_normal(blob.shape)
-        net.blobs["x"].data[...] = x
-        net.blobs["label"].data[...] = label
+        net = _filled_sum_relu_net(text)
         net.forward()
         net.backward()
         out = [net.blobs["ip"].data.copy(), net.blobs["x"].diff.copy()]
@@ -1029,18 +1033,9 @@ def test_an_eltwise_sum_folds_the_relu_after_it(case, monkeypatch):
 
 @gpu_test
 def test_an_eltwise_sum_folds_its_relu_on_a_gpu_as_the_cpu_computes_both():
-    text = SUM_RELU_NET % ("", "", "s", "", "s")
-    rng = np.random.default_rng(17)
-    x, label = rng.standard_normal((4, 3, 6, 6)), np.array([0, 1, 1, 0])
     nets = []
     for device in ("cpu", "cuda:0"):
-        net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64,
-                           backend=backends.get(device))
-        for k, blobs in enumerate(net.params.values()):
-            for blob in blobs:
-                blob.data[...] = np.random.default_rng(k).standard_normal(blob.shape)
-        net.blobs["x"].data[...] = x
-        net.blobs["label"].data[...] = label
+        net = _filled_sum_relu_net(SUM_RELU_NET % ("", "", "s", "", "s"), backends.get(device))
         net.forward()
         net.backward()
         nets.append(net)
