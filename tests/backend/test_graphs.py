@@ -163,9 +163,9 @@ def test_param_grads_aside_run_on_the_side_stream_with_one_streams_results(gpu, 
     monkeypatch.setattr(gpu, "aside", counted)
     solver.net.forward()
     solver.net.backward()
-    # weights and biases of ip2, ip1 and conv2, conv1's weights; conv1's bias is summed on the
-    # main stream meanwhile (conv1 has no bottom gradient); joined at the end of the pass
-    per_pass = [True] * 7 + [False]
+    # weights and biases of ip2, ip1 and conv2, conv1's bias; conv1's weights (it has no bottom
+    # gradient) on the main stream meanwhile; joined at the end of the pass
+    per_pass = [True] * 6 + [False, True]
     assert forks == per_pass and gpu._side_done is None
     monkeypatch.setattr(gpu, "overlapping", contextlib.nullcontext)
     one_stream.step(20)
