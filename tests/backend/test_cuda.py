@@ -611,19 +611,75 @@ def test_split_k_rule():
     assert blas.split_parts(1, 4096, 9216) == 1  # a GEMV: memory-bound, not split
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias"])
 @pytest.mark.parametrize("transposed", [False, True])
 @gpu_test
-def test_split_k_gemm_matches_the_plain_product(accumulate, transposed):
+def test_split_k_gemm_matches_the_plain_product(mode, transposed):
+    """LeNet's ip1 forward at batch 64 (split in 8), with the bias of matmul_bias added in the sum."""
     gpu = backends.get("cuda:0")
     a, w = rand((64, 800), 8, np.float32), rand((500, 800), 9, np.float32)
     b = w.T if transposed else np.ascontiguousarray(w.T)
-    out = rand((64, 500), 10, np.float32)
-    want = (out if accumulate else 0) + a.astype(np.float64) @ b
+    out, bias = rand((64, 500), 10, np.float32), rand((500,), 11, np.float32)
+    want = (out if mode == "accumulate" else 0) + a.astype(np.float64) @ b + (bias if mode == "bias" else 0)
     assert gpu.blas.split_parts(64, 500, 800) > 1
-    got = gpu.to_device(out)
-    gpu.blas.matmul(gpu.to_device(a), gpu.to_device(w).T if transposed else gpu.to_device(b), got, accumulate)
-    assert_matches(gpu.to_host(got), want, np.float32, "split-K GEMM")
+    got, ga, gb = gpu.to_device(out), gpu.to_device(a), gpu.to_device(w).T if transposed else gpu.to_device(b)
+    if mode == "bias":
+        gpu.blas.matmul_bias(ga, gb, gpu.to_device(bias), got)
+    else:
+        gpu.blas.matmul(ga, gb, got, mode == "accumulate")
+    assert_matches(gpu.to_host(got), want, np.float32, f"split-K GEMM {mode}")
+
+
+def test_small_product_rule():
+    """Products with few rows, columns or terms and little work run in small_gemm; GEMVs and
+    products that fill cuBLAS's tiles do not."""
+    def small(m, n, k, dtype=np.float32):
+        return CUDA._small_product(np.zeros((m, k), dtype), np.zeros((k, n), dtype), np.zeros((m, n), dtype))
+
+    assert small(64, 10, 500) and small(64, 500, 10) and small(10, 500, 64)  # LeNet's ip2 at batch 64
+    assert small(256, 10, 500) and small(2, 3, 4, np.float64)
+    assert not small(64, 500, 800) and not small(500, 800, 64)  # ip1: cuBLAS's tiles fill
+    assert not small(1, 10, 500) and not small(1, 4096, 9216) and not small(64, 1, 500)  # GEMVs
+    assert not small(16, 4096, 9216)  # over SMALL_GEMM_WORK
+    assert not small(8, 8, 8, np.float16)  # (cuBLAS says what it takes)
+    a = np.zeros((8, 8), np.float32)
+    assert not CUDA._small_product(a, a, a.T)  # an output that is not C-contiguous
+
+
+# lanes per output: 32 (k 300), 1 (k 9) and 4 (k 20)
+@pytest.mark.parametrize("m, n, k", [(6, 5, 300), (7, 40, 9), (5, 33, 20)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias", "transposed"])
+def test_small_products_through_matmul(dev, m, n, k, dtype, mode):
+    """matmul and matmul_bias run small products in small_gemm (the emulated device has no
+    cuBLAS to fall back on): out = a @ b, out += a @ b, a @ b + bias, and transposed views."""
+    a, b, old, bias = rand((m, k), 1, dtype), rand((k, n), 2, dtype), rand((m, n), 3, dtype), rand((n,), 4, dtype)
+    if mode == "transposed":
+        ga, gb = dev.put(a.T.copy()).T, dev.put(b.T.copy()).T
+    else:
+        ga, gb = dev.put(a), dev.put(b)
+    out = dev.put(old) if mode == "accumulate" else dev.poisoned((m, n), dtype)
+    if mode == "bias":
+        dev.k.matmul_bias(ga, gb, dev.put(bias), out)
+    else:
+        dev.k.matmul(ga, gb, out, accumulate=mode == "accumulate")
+    want = a @ b + (old if mode == "accumulate" else bias if mode == "bias" else 0)
+    assert_matches(dev.get(out), want, dtype, f"small GEMM {m}x{n}x{k} {mode}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias"])
+def test_sum_parts_adds_the_split_products_in_order(dev, dtype, mode):
+    """The split-K GEMM's last step: bit for bit the parts added in order, then the bias or the old
+    output."""
+    products, old, bias = rand((5, 4, 7), 1, dtype), rand((4, 7), 2, dtype), rand((7,), 3, dtype)
+    want = products[0].copy()
+    for part in products[1:]:
+        want += part
+    want = old + want if mode == "accumulate" else want + bias if mode == "bias" else want
+    out = dev.put(old) if mode == "accumulate" else dev.poisoned((4, 7), dtype)
+    dev.k.sum_parts(dev.put(products), out, mode == "accumulate", dev.put(bias) if mode == "bias" else None)
+    np.testing.assert_array_equal(dev.get(out), want)
 
 
 # on a GPU: 4, 8, 8 and 32 lanes (threads) per position, the last two sharing 37 and 1000 classes

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from espresso import graphs
+from espresso.backend.cuda import kernels
 from espresso.errors import BackendError
 
 OP_N, OP_T = 0, 1
@@ -76,7 +77,7 @@ class Blas:
 
     def __init__(self, xp, stream, backend, workspace_bytes):
         xp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, so ours is the same copy
-        self.xp, self.backend, self.parts = xp, backend, {}  # parts: dtype -> (split-K buffer, ones)
+        self.xp, self.backend, self.parts = xp, backend, {}  # parts: dtype -> split-K buffer
         self.processors = xp.cuda.Device().attributes["MultiProcessorCount"]
         self.lib = _library()
         handle = ctypes.c_void_p()
@@ -99,8 +100,9 @@ class Blas:
         if status != 0:
             raise call_failed(self.lib, what, status, ("cublasGetStatusName", "cublasGetStatusString"))
 
-    def matmul(self, a, b, out, accumulate=False):
-        """out = a @ b (or out += a @ b), NumPy's batched-matmul rules; out is never broadcast."""
+    def matmul(self, a, b, out, accumulate=False, bias=None):
+        """out = a @ b (or out += a @ b), NumPy's batched-matmul rules; out is never broadcast.
+        A bias (matmul_bias's, where cuBLASLt is not used) is added after."""
         dtype = np.dtype(out.dtype)
         if dtype not in _GEMM or a.dtype != dtype or b.dtype != dtype:
             raise TypeError(f"matmul takes float32 or float64 arrays of one type, got {a.dtype}, {b.dtype}, {dtype}")
@@ -121,12 +123,14 @@ class Blas:
                 out.fill(0)
             return out
         parts = self.split_parts(m, n, k) if not batch and out.flags.c_contiguous else 1
-        if parts > 1:
-            return self._split_k(a, b, out, parts, accumulate)
+        if parts > 1:  # (the bias added where the parts are summed)
+            return self._split_k(a, b, out, parts, accumulate, bias)
         strides = [_batch_strides(x, batch) for x in (a, b, out)]
         for index, batched in _batch_plan(batch, strides):
             offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
             self._gemm(a, b, out, offsets, batched, accumulate)
+        if bias is not None:
+            out += bias
         return out
 
     def matmul_bias(self, a, b, bias, out):
@@ -142,9 +146,7 @@ class Blas:
             self.biased[key] = self._bias_plan(a, b, bias, out, aligned)
         plan = self.biased[key]
         if plan is None:
-            self.matmul(a, b, out)
-            out += bias
-            return out
+            return self.matmul(a, b, out, bias=bias)
         (desc, layouts, algo), one, zero = plan, ctypes.c_float(1), ctypes.c_float(0)
         self._set_lt(desc, LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))
         pa, pb, pc = (ctypes.c_void_p(x.data.ptr) for x in (a, b, out))
@@ -228,23 +230,23 @@ class Blas:
         most = min(MAX_PARTS, k // MIN_SLICE, -(-2 * self.processors // tiles))
         return next(p for p in range(most, 0, -1) if k % p == 0)
 
-    def _split_k(self, a, b, out, parts, accumulate):
-        """out (+)= a @ b as `parts` products of k-slices (one strided-batched GEMM into a buffer
-        of this handle's) and their sum (a GEMM with a row of ones)."""
+    def _split_k(self, a, b, out, parts, accumulate, bias=None):
+        """out (+)= a @ b (+ bias) as `parts` products of k-slices (one strided-batched GEMM into a
+        buffer of this handle's) and their sum, with the bias, in one kernel (kernels.sum_parts: a
+        GEMM with a row of ones and an add took two)."""
         (m, k), n, xp = a.shape, b.shape[1], self.xp
         slice_k = k // parts
         dtype = np.dtype(out.dtype)
-        if dtype not in self.parts or self.parts[dtype][0].size < parts * m * n:
+        if dtype not in self.parts or self.parts[dtype].size < parts * m * n:
             # made or grown in the eager run that precedes a capture: never inside one
-            self.parts[dtype] = (xp.empty(parts * m * n, dtype), xp.ones(MAX_PARTS, dtype))
+            self.parts[dtype] = xp.empty(parts * m * n, dtype)
             graphs.invalidate(self.backend)
-        buffer, ones = self.parts[dtype]
+        buffer = self.parts[dtype]
         sliced_a = xp.lib.stride_tricks.as_strided(a, (parts, m, slice_k), (a.strides[1] * slice_k, *a.strides))
         sliced_b = xp.lib.stride_tricks.as_strided(b, (parts, slice_k, n), (b.strides[0] * slice_k, *b.strides))
         products = buffer[: parts * m * n].reshape(parts, m, n)
         self.matmul(sliced_a, sliced_b, products)
-        return self.matmul(ones[:parts].reshape(1, parts), products.reshape(parts, m * n), out.reshape(1, m * n),
-                           accumulate)
+        return kernels.sum_parts(products, out, accumulate, bias)
 
     def half_matmul_t(self, x16, w16, y, type_name):
         """y = x16 @ w16^T in float32 from 16-bit operands (espresso/compress/half.py)."""

@@ -59,7 +59,8 @@ def name_expressions(family, ctype, ndim):
     if family == "fused":
         return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_forward_kernel",
                                                      "softmax_loss_forward_kernel", "valid_mean_kernel",
-                                                     "softmax_loss_backward_kernel", "accuracy_kernel")]
+                                                     "softmax_loss_backward_kernel", "accuracy_kernel",
+                                                     "small_gemm_kernel", "sum_parts_kernel")]
     if family == "direct":
         return [f"{kernel}<{ctype}>" for kernel in ("conv_forward_kernel", "conv_grad_parts_kernel",
                                                      "conv_grad_sum_kernel")]
@@ -161,14 +162,62 @@ def bind_blas(device, blas):
 
 def matmul(a, b, out, accumulate=False):
     """out = a @ b (or out += a @ b) with NumPy's batched-matmul rules, through the device's own
-    cuBLAS handle (capturable in a CUDA graph, unlike CuPy's matmul)."""
+    cuBLAS handle (capturable in a CUDA graph, unlike CuPy's matmul); a small product in one
+    kernel of our own (small_gemm)."""
+    if _small_product(a, b, out):
+        return small_gemm(a, b, out, accumulate=accumulate)
     return _BLAS[_cupy().cuda.runtime.getDevice()].matmul(a, b, out, accumulate)
 
 
 def matmul_bias(a, b, bias, out):
     """out = a @ b + bias (n,) for 2-D a (m, k), b (k, n): where cuBLASLt can, one GEMM with the
-    bias in its epilogue (InnerProduct's forward), else the GEMM and an add."""
+    bias in its epilogue (InnerProduct's forward), else the GEMM and an add; a small product in
+    one kernel of our own, the bias added in it."""
+    if _small_product(a, b, out) and bias.shape == (out.shape[1],) and bias.dtype == out.dtype:
+        return small_gemm(a, b, out, bias=_input(bias))
     return _BLAS[_cupy().cuda.runtime.getDevice()].matmul_bias(a, b, bias, out)
+
+
+# the most multiply-adds a product runs through small_gemm: LeNet's ip2 at batch 256 has 1.3M
+SMALL_GEMM_WORK = 1 << 22
+
+
+def _small_product(a, b, out):
+    """Whether out = a @ b is a product small_gemm runs instead of cuBLAS: 2-D, one float type, at
+    most SMALL_GEMM_WORK multiply-adds, and few rows, columns or terms (< 32: cuBLAS's tiles are
+    32 or more wide).  Not a GEMV (one row or column): cuBLAS's streams its matrix as fast as any."""
+    if not (a.ndim == b.ndim == out.ndim == 2 and a.dtype == b.dtype == out.dtype and out.dtype in _FLOATS
+            and out.flags.c_contiguous):
+        return False
+    (m, k), n = a.shape, out.shape[1]
+    return (b.shape == (k, n) and out.shape[0] == m and min(m, n) >= 2 and min(m, n, k) < 32
+            and m * n * k <= SMALL_GEMM_WORK and all(s % a.itemsize == 0 for s in a.strides + b.strides))
+
+
+def small_gemm(a, b, out, accumulate=False, bias=None):
+    """out = a @ b (+ bias (n,)), or out += a @ b, for 2-D a (m, k) and b (k, n) of any strides and
+    C-contiguous out, in one kernel: `lanes` threads per output split the k terms, whose sums
+    combine in a fixed order."""
+    ctype = _float_type(a, b, out)
+    (m, k), n = a.shape, out.shape[1]
+    lanes = _lanes(m * n, k, 4)
+    rows, cols = (np.int64(s // a.itemsize) for s in a.strides)
+    b_rows, b_cols = (np.int64(s // b.itemsize) for s in b.strides)
+    _launch("fused", f"small_gemm_kernel<{ctype}>", ctype, None, m * n * lanes,
+            (np.int32(m), np.int32(n), np.int32(k), np.int32(lanes), a, rows, cols, b, b_rows, b_cols,
+             out if bias is None else bias, np.int32(bias is not None), np.int32(accumulate), out))
+    return out
+
+
+def sum_parts(products, out, accumulate=False, bias=None):
+    """out = products (parts, m, n) summed over parts, in order (+ bias (n,)), or out += that
+    sum: the split-K GEMM's last step (blas.py), in one kernel."""
+    ctype = _float_type(products, out, *([] if bias is None else [bias]))
+    parts, count, n = len(products), out.size, out.shape[-1]
+    _launch("fused", f"sum_parts_kernel<{ctype}>", ctype, None, count,
+            (np.int64(count), np.int32(parts), np.int32(n), _input(products), out if bias is None else _input(bias),
+             np.int32(bias is not None), np.int32(accumulate), _output(out, count, "out")))
+    return out
 
 
 def csr_matrix(values, indices, indptr, shape):
