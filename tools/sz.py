@@ -41,7 +41,9 @@ from pathlib import Path
 # between an in-place BatchNorm and Scale)
 # 16750 -> 16800 for the folds into BatchNorm's forward kernel: the net pairing a BatchNorm with the
 # in-place Scale and ReLU after it, the per-call decision in Net.forward_layers, replace_layer's undo
-BUDGET = 16800
+# 16800 -> 16850 for the GPU's small products (small_gemm, sum_parts: their dispatch and argument
+# passing in kernels.py)
+BUDGET = 16850
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 
