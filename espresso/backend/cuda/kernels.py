@@ -52,7 +52,8 @@ def name_expressions(family, ctype, ndim):
         plain = ("ave_pool_forward_kernel", "ave_pool_backward_kernel", "stochastic_pool_forward_test_kernel")
         return ([f"{kernel}<{ctype}, {m}, {ndim}>" for kernel in masked for m in masks]
                 + [f"{kernel}<{ctype}, {ndim}>" for kernel in plain]
-                + [f"pool_scatter_backward_kernel<{ctype}, {m}>" for m in masks])
+                + [f"{kernel}<{ctype}, {m}>" for kernel in ("pool_scatter_backward_kernel", "pool_tile_backward_kernel")
+                   for m in masks])
     if family == "lrn":
         return [f"{kernel}<{ctype}>" for kernel in ("lrn_across_forward_kernel",
                                                      "lrn_across_backward_kernel")]
@@ -447,14 +448,20 @@ def max_pool_backward(dy, mask, dx, kernel, stride, pad, work=None):
     """dx (N, C, *S) = dy (N, C, *O) routed to the cells `mask` names, summed where windows
     overlap; mask -1 (a window that picked no cell) names none.  Where windows never overlap, dx
     is zeroed and each output writes its cell: a thread per output, not per input cell with its
-    windows' arithmetic (LeNet's pool1 at batch 256: the gather took 23 us)."""
+    windows' arithmetic (LeNet's pool1 at batch 256: the gather took 23 us); where 2-D windows
+    tile the input, each output writes its whole window, with no zeroing first."""
     if not all(s >= k for s, k in zip(stride, kernel)):
         return _route_backward(dy, mask, dx, kernel, stride, pad)
     ctype, m, d = _float_type(dy, dx), _index_type(mask), _spatial_axes(dx.shape)
     _pool_args(dx.shape, dy.shape, kernel, stride, pad)  # (the shapes' checks)
     if mask.size != dy.size:
         raise ValueError(f"the index holds {mask.size} elements, dy {dy.size}")
-    _output(dx, dx.size, "dx").fill(0)
+    _output(dx, dx.size, "dx")
+    if d == 2 and tuple(stride) == tuple(kernel) and not any(pad) and \
+            dx.shape[2:] == tuple(o * k for o, k in zip(dy.shape[2:], kernel)):
+        args = (_input(dy), _input(mask), dx, np.int32(dy.size), *(np.int32(v) for v in (*dy.shape[2:], *kernel)))
+        return _launch("pooling", f"pool_tile_backward_kernel<{ctype}, {m}>", ctype, d, dy.size, args)
+    dx.fill(0)
     args = (_input(dy), _input(mask), dx, np.int32(dy.size), np.int32(math.prod(dy.shape[2:])),
             np.int32(math.prod(dx.shape[2:])))
     _launch("pooling", f"pool_scatter_backward_kernel<{ctype}, {m}>", ctype, d, dy.size, args)

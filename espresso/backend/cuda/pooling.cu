@@ -162,6 +162,27 @@ __global__ void pool_scatter_backward_kernel(const T* __restrict__ dy, const M* 
     }
 }
 
+// MAX backward where 2-D windows tile the input exactly (stride = kernel, no padding, each cell in
+// one window: LeNet's pools): one thread per output writes its whole window, its gradient to the
+// cell it picked (none for mask -1) and 0 to the others, so dx needs no zeroing first.
+template <typename T, typename M>
+__global__ void pool_tile_backward_kernel(const T* __restrict__ dy, const M* __restrict__ mask,
+                                          T* __restrict__ dx, int count, int out_h, int out_w, int kernel_h,
+                                          int kernel_w) {
+    const int width = out_w * kernel_w, plane = out_h * kernel_h * width;
+    GRID_STRIDE_LOOP(index, count) {
+        const int i = (int)index, x = i % out_w, y = i / out_w % out_h;
+        const long long picked = (long long)mask[index], first = (long long)(i / (out_w * out_h)) * plane;
+        const T gradient = dy[index];
+        for (int r = 0; r < kernel_h; ++r) {
+            for (int c = 0; c < kernel_w; ++c) {
+                const int cell = (y * kernel_h + r) * width + x * kernel_w + c;
+                dx[first + cell] = cell == picked ? gradient : T(0);
+            }
+        }
+    }
+}
+
 // Caffe's AVE divisor of the window at `start`: its extent clipped to [-pad, size + pad).
 template <int D>
 __device__ __forceinline__ int ave_divisor(const Geometry& g, const int* start) {
