@@ -700,7 +700,10 @@ def test_fused_softmax_forward(dev, dims, dtype, in_place):
 @pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0),
                                                  ((4, 300, 1), 7, None)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype):
+@pytest.mark.parametrize("one_block", [True, False])
+def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype, one_block, monkeypatch):
+    """one_block: the forward in one kernel (few positions), else two."""
+    monkeypatch.setattr(CUDA, "ONE_BLOCK_SOFTMAX_LOSS", CUDA.ONE_BLOCK_SOFTMAX_LOSS if one_block else 0)
     outer, classes, inner = dims
     x = rand(dims, 3, dtype) * 4
     labels = np.random.default_rng(4).integers(0, classes, (outer, inner)).astype(dtype)

@@ -1,9 +1,10 @@
 // Fused kernels for launch-bound nets: Caffe's SGD update over the whole parameter arena in one
-// pass, SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward) instead of
-// some thirty small ones, Softmax's forward in one instead of five, and Accuracy in two instead of
-// some twenty (each of which a first run also compiles).  Same arithmetic, step by
-// step, as the xp code they replace (compiled with --fmad=false) but for the order of the
-// softmax's sum; the loss sum runs in a fixed order, so results are deterministic.
+// pass, SoftmaxWithLoss in three kernels (forward, a one-block loss sum, backward; the first two
+// as one for few positions) instead of some thirty small ones, Softmax's forward in one instead
+// of five, and Accuracy in two instead of some twenty (each of which a first run also compiles),
+// and small matrix products.  Same arithmetic, step by step, as the xp code they replace
+// (compiled with --fmad=false) but for the order of the softmax's sum; the loss sum runs in a
+// fixed order, so results are deterministic.
 //
 // Parameters are segments of the arena: segment s covers [ends[s-1], ends[s]) and has its own
 // lr_mult and decay (weight_decay * decay_mult).  Softmax positions are (outer, inner) pairs of an
@@ -103,27 +104,37 @@ __device__ bool label_counts(int p, int label, int classes, int has_ignore, int 
     return ok;
 }
 
-// `lanes` threads per position: the softmax over classes into prob, and (lane 0) that position's
-// loss -log(max(prob[label], FLT_MIN)) (0 where the label does not count) and validity.
+// Thread t of the `lanes` per position: the softmax over classes into prob, and (lane 0) that
+// position's loss -log(max(prob[label], FLT_MIN)) (0 where the label does not count) and validity.
 template <typename T>
-__global__ void softmax_loss_forward_kernel(int positions, int lanes, int classes, int inner, const T* x,
-                                            const T* labels, T* prob, T* losses, T* valid, int has_ignore,
-                                            int ignore_label, T flt_min, long long* problem) {
+__device__ void softmax_loss_at(long long t, long long threads, int lanes, int classes, int inner, const T* x,
+                                const T* labels, T* prob, T* losses, T* valid, int has_ignore, int ignore_label,
+                                T flt_min, long long* problem) {
+    const bool live = t < threads;
+    const int p = live ? (int)(t / lanes) : 0, lane = (int)(t % lanes);
+    const long long base = (long long)(p / inner) * classes * inner + p % inner;
+    softmax_at(x, prob, base, classes, inner, lane, lanes, live);
+    __syncwarp();  // lane 0 reads prob[label], which another lane may have written
+    if (!live || lane != 0) return;
+    const int label = (int)labels[p];
+    const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
+    const T picked = prob[base + (long long)(ok ? label : 0) * inner];
+    losses[p] = ok ? -log(picked > flt_min ? picked : flt_min) : T(0);
+    valid[p] = ok ? T(1) : T(0);
+}
+
+#define SOFTMAX_LOSS_PARAMS                                                                                   \
+    int positions, int lanes, int classes, int inner, const T *x, const T *labels, T *prob, T *losses, T *valid, \
+        int has_ignore, int ignore_label, T flt_min, long long *problem
+#define SOFTMAX_LOSS_ARGS lanes, classes, inner, x, labels, prob, losses, valid, has_ignore, ignore_label, flt_min, problem
+
+// SoftmaxWithLoss forward: softmax_loss_at over every position, then valid_mean_kernel.
+template <typename T>
+__global__ void softmax_loss_forward_kernel(SOFTMAX_LOSS_PARAMS) {
     const long long threads = (long long)positions * lanes;
     for (long long first = (long long)blockIdx.x * blockDim.x; first < threads;  // (as softmax_forward_kernel)
          first += (long long)blockDim.x * gridDim.x) {
-        const long long t = first + threadIdx.x;
-        const bool live = t < threads;
-        const int p = live ? (int)(t / lanes) : 0, lane = (int)(t % lanes);
-        const long long base = (long long)(p / inner) * classes * inner + p % inner;
-        softmax_at(x, prob, base, classes, inner, lane, lanes, live);
-        __syncwarp();  // lane 0 reads prob[label], which another lane may have written
-        if (!live || lane != 0) continue;
-        const int label = (int)labels[p];
-        const bool ok = label_counts(p, label, classes, has_ignore, ignore_label, problem);
-        const T picked = prob[base + (long long)(ok ? label : 0) * inner];
-        losses[p] = ok ? -log(picked > flt_min ? picked : flt_min) : T(0);
-        valid[p] = ok ? T(1) : T(0);
+        softmax_loss_at(first + threadIdx.x, threads, SOFTMAX_LOSS_ARGS);
     }
 }
 
@@ -147,15 +158,15 @@ __global__ void accuracy_kernel(int positions, int classes, int inner, const T* 
     }
 }
 
-// One block: mean = sum(values) / normalizer, normalizer = max(1, valid count) when
+// By one block: mean = sum(values) / normalizer, normalizer = max(1, valid count) when
 // `fixed_normalizer` < 0 (VALID), else fixed_normalizer.  Fixed order: deterministic.
 template <typename T>
-__global__ void valid_mean_kernel(int positions, const T* losses, const T* valid, T* loss, T* normalizer,
-                                  T fixed_normalizer) {
+__device__ void block_mean(int positions, const T* values, const T* valid, T* mean, T* normalizer,
+                           T fixed_normalizer) {
     __shared__ T part_loss[256], part_valid[256];
     T l = T(0), v = T(0);
     for (int p = threadIdx.x; p < positions; p += blockDim.x) {
-        l += losses[p];
+        l += values[p];
         v += valid[p];
     }
     part_loss[threadIdx.x] = l;
@@ -171,8 +182,27 @@ __global__ void valid_mean_kernel(int positions, const T* losses, const T* valid
     if (threadIdx.x == 0) {
         T norm = fixed_normalizer >= T(0) ? fixed_normalizer : part_valid[0] > T(1) ? part_valid[0] : T(1);
         normalizer[0] = norm;
-        loss[0] = part_loss[0] / norm;
+        mean[0] = part_loss[0] / norm;
     }
+}
+
+template <typename T>
+__global__ void valid_mean_kernel(int positions, const T* values, const T* valid, T* mean, T* normalizer,
+                                  T fixed_normalizer) {
+    block_mean(positions, values, valid, mean, normalizer, fixed_normalizer);
+}
+
+// SoftmaxWithLoss forward for few positions (LeNet's at batch 64) in one block, both steps of the
+// two kernels above in one: a kernel less on a training step's critical path.  Every block does
+// the whole (one is launched).
+template <typename T>
+__global__ void softmax_loss_block_kernel(SOFTMAX_LOSS_PARAMS, T* loss, T* normalizer, T fixed_normalizer) {
+    const long long threads = (long long)positions * lanes;
+    for (long long first = 0; first < threads; first += blockDim.x) {
+        softmax_loss_at(first + threadIdx.x, threads, SOFTMAX_LOSS_ARGS);
+    }
+    __syncthreads();  // the losses and validities, written by this block, are read below
+    block_mean(positions, losses, valid, loss, normalizer, fixed_normalizer);
 }
 
 // dx = (prob - onehot(label)) * valid * (loss_weight / normalizer), one thread per element.

@@ -61,7 +61,8 @@ def name_expressions(family, ctype, ndim):
         return [f"{kernel}<{ctype}>" for kernel in ("sgd_update_kernel", "softmax_forward_kernel",
                                                      "softmax_loss_forward_kernel", "valid_mean_kernel",
                                                      "softmax_loss_backward_kernel", "accuracy_kernel",
-                                                     "small_gemm_kernel", "sum_parts_kernel")]
+                                                     "small_gemm_kernel", "sum_parts_kernel",
+                                                     "softmax_loss_block_kernel")]
     if family == "direct":
         return [f"{kernel}<{ctype}>" for kernel in ("conv_forward_kernel", "conv_grad_parts_kernel",
                                                      "conv_grad_sum_kernel")]
@@ -599,6 +600,11 @@ def softmax_forward(x, y, dims):
             (np.int32(outer * inner), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), y))
 
 
+# the most threads (positions times lanes) whose SoftmaxWithLoss forward runs in one block, four
+# passes of its threads: LeNet's at batch 64 takes 512
+ONE_BLOCK_SOFTMAX_LOSS = 4 * BLOCK
+
+
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
                          problem):
     """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
@@ -610,9 +616,13 @@ def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims,
     outer, classes, inner = dims
     positions = outer * inner
     labels, lanes = _input(labels.astype(x.dtype, copy=False)), _lanes(positions, classes, 1)
-    _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions * lanes,
-            (np.int32(positions), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), labels, prob,
-             losses, valid, *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem")))
+    args = (np.int32(positions), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), labels, prob,
+            losses, valid, *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem"))
+    if positions * lanes <= ONE_BLOCK_SOFTMAX_LOSS:  # both steps in one block
+        fixed = t(-1 if fixed_normalizer is None else fixed_normalizer)
+        return _launch("fused", f"softmax_loss_block_kernel<{ctype}>", ctype, None, BLOCK,
+                       (*args, loss, normalizer, fixed))
+    _launch("fused", f"softmax_loss_forward_kernel<{ctype}>", ctype, None, positions * lanes, args)
     _valid_mean(ctype, positions, losses, valid, loss, normalizer, fixed_normalizer)
 
 
