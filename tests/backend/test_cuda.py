@@ -1108,14 +1108,32 @@ def test_an_eltwise_sum_folds_its_relu_on_a_gpu_as_the_cpu_computes_both():
 @gpu_test
 @pytest.mark.parametrize("slope", [0.0, 0.25])
 def test_add_relu_on_a_gpu(slope):
+    """Also ReLU's own kernel; a NaN stays a NaN in both, as in Caffe (std::max) and on the CPU."""
     gpu = backends.get("cuda:0")
     rng = np.random.default_rng(16)
     a, b = (rng.standard_normal(1000).astype(np.float32) for _ in range(2))
+    a[7] = np.nan
     want = a + b
     want = np.maximum(want, 0) + np.float32(slope) * np.minimum(want, 0)
     ga = gpu.to_device(a)
     gpu.k.add_relu(ga, gpu.to_device(b), ga, slope)  # in place, as the Eltwise runs
     np.testing.assert_array_equal(gpu.to_host(ga), want)
+    y = gpu.xp.empty_like(ga)
+    gpu.k.relu_forward(gpu.to_device(a + b), y, slope)
+    np.testing.assert_array_equal(gpu.to_host(y), want)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.25])
+def test_batch_norms_folded_relu_keeps_nan(dev, slope):
+    """The ReLU folded into BatchNorm's kernel: a NaN stays a NaN, as in Caffe and on the CPU."""
+    x = rand((2, 3, 5), 17, np.float32)
+    x[1, 2, 3] = np.nan
+    want = np.maximum(x, 0) + np.float32(slope) * np.minimum(x, 0)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y = dev.poisoned(x.shape, np.float32)
+    dev.k.batch_norm_forward(dev.put(x), dev.put(zeros), dev.put(ones), y, None, x.shape, dev.put(ones),
+                             dev.put(zeros), slope)
+    np.testing.assert_array_equal(dev.get(y), want)
 
 
 def test_a_folding_net_is_freed_without_the_cycle_collector(monkeypatch):

@@ -120,7 +120,7 @@ struct BatchNormForward {
         if (x_norm) x_norm[i] = v;
         if (scale) v = v * scale[c];
         if (bias) v = v + bias[c];
-        if (relu) v = (v > 0 ? v : T(0)) + slope * (v < 0 ? v : T(0));
+        if (relu) v = (v < 0 ? T(0) : v) + slope * (v < 0 ? v : T(0));  // (NaN stays NaN)
         y[i] = v;
     }
 };

@@ -231,8 +231,8 @@ def csr_matrix(values, indices, indptr, shape):
 
 
 def relu_forward(x, y, slope):
-    """y = max(x, 0) + slope * min(x, 0) in one kernel."""
-    _elementwise("relu_forward", "T x, T slope", "T y", "y = (x > 0 ? x : T(0)) + slope * (x < 0 ? x : T(0))")(
+    """y = max(x, 0) + slope * min(x, 0) in one kernel; a NaN stays a NaN (Caffe's std::max)."""
+    _elementwise("relu_forward", "T x, T slope", "T y", "y = (x < 0 ? T(0) : x) + slope * (x < 0 ? x : T(0))")(
         x, x.dtype.type(slope), y)
 
 
@@ -240,7 +240,7 @@ def add_relu(a, b, y, slope):
     """y = relu(a + b) of negative slope `slope`, in one kernel: an Eltwise SUM and the ReLU after it.
     y may be a or b."""
     _elementwise("add_relu", "T a, T b, T slope", "T y",
-                 "T v = a + b; y = (v > 0 ? v : T(0)) + slope * (v < 0 ? v : T(0))")(a, b, a.dtype.type(slope), y)
+                 "T v = a + b; y = (v < 0 ? T(0) : v) + slope * (v < 0 ? v : T(0))")(a, b, a.dtype.type(slope), y)
 
 
 def relu_backward(x, dy, dx, slope):
