@@ -25,7 +25,7 @@ Capabilities, with their defaults:
   deterministic = True      results never vary run to run (a GPU may choose kernels by timing)
   splits_long_gemms = False long weight-gradient GEMMs run as split partial products
   set_tf32(allow)           no-op: TF32 tensor cores for float32 math, where there are any
-  overlapping(on) / aside(cudnn_bytes, when)   one stream of work: nothing runs aside
+  overlapping(on) / aside(cudnn_bytes, when) / join()   one stream of work: nothing runs aside
   pinned_empty(shape, dtype) host memory a device copies from asynchronously (plain here)
   uploader(arrays)          moves host batches to the device (here: hands them through)
   rng_state() / set_rng_state(state)   rng's state as JSON values, saved with a snapshot
@@ -117,6 +117,9 @@ class Backend:
     def aside(self, cudnn_bytes=0, when=True):
         """Runs its block's work beside the main stream where it can; yields whether it did."""
         return contextlib.nullcontext(False)
+
+    def join(self):
+        """The main stream's next work waits for the work put aside so far."""
 
     def pinned_empty(self, shape, dtype):
         return np.empty(shape, dtype)

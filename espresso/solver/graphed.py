@@ -82,11 +82,15 @@ class DeviceLoop:
         net, last, size = s.net, len(s.net.engine_layers) - 1, s.param.iter_size
         loss = _scalar_loss(net)
         if size == 1 and loss is not None and net.backend.k.record_iteration is not None:
-            # the bookkeeping (rate, loss, slot) in one kernel
-            net.arena_diff.fill(0)
-            net.forward_layers(0, last, losses=False)
-            net.backward_range(last, 0)
-            net.backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
+            backend = net.backend
+            with backend.overlapping():  # off the critical path, on the second stream:
+                with backend.aside():  # the diffs zeroed beside the forward (which never reads them)
+                    net.arena_diff.fill(0)
+                net.forward_layers(0, last, losses=False)
+                backend.join()  # (before any gradient accumulates into them)
+                with backend.aside():  # the bookkeeping (rate, loss, slot) in one kernel, beside the backward
+                    backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
+                net.backward_range(last, 0)
             s.share_gradients()  # (NCCL's all-reduce is captured too)
             s.updater.apply(self.rate, s.iter)
             return
