@@ -83,16 +83,16 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
         # param grads aside while the main stream computes the bottom gradient; with none, the
-        # weights' on the main stream and the bias aside (as in Convolution's backward)
+        # weights' on the main stream and the bias aside, queued first (as in Convolution's backward)
+        with self.backend.aside():
+            if self.p.bias_term and self.param_propagate_down[1]:
+                self.add_row_sums(dy, self.blobs[1].diff)
         with self.backend.aside(when=propagate_down[0]):
             if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
                 if self.p.transpose:
                     self.k.matmul(x.T, dy, out=w.diff, accumulate=True)  # (K, N)
                 else:
                     self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
-        with self.backend.aside():
-            if self.p.bias_term and self.param_propagate_down[1]:
-                self.add_row_sums(dy, self.blobs[1].diff)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
             self.k.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)

@@ -430,14 +430,15 @@ class _BaseConvolution(Layer):
             # param grads go aside (the rest of the pass does not wait for them) while the main
             # stream computes a bottom gradient; with none to compute, the weights' run on the main
             # stream (else idle, while the side may still be busy with the layers above: LeNet's
-            # conv1 waited 15 us so), and the bias sums aside beside them
+            # conv1 waited 15 us so), and the bias sums aside beside them (queued first: an aside
+            # waits for the work queued before it)
+            with self.backend.aside():
+                if want_bias:
+                    self._bias_grad(t.diff)
             with self.backend.aside(workspace, when=any(propagate_down)):
                 if want_weights:
                     image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
                     plan.backward_filter(image, data, self.blobs[0].diff)
-            with self.backend.aside():
-                if want_bias:
-                    self._bias_grad(t.diff)
             if propagate_down[i] and self.transposed:
                 plan.forward(t.diff, weights, b.diff)
             elif propagate_down[i]:
@@ -498,13 +499,13 @@ class ConvolutionLayer(_BaseConvolution):
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             for lo, hi in core.chunks():
                 rows = core.load_data(dy[lo:hi])
-                with self.backend.aside(when=overlap and dx is not None) as aside:  # as in _cudnn_backward
+                with self.backend.aside(when=overlap):  # as in _cudnn_backward
+                    if want_bias:
+                        self._bias_grad(dy[lo:hi])
+                with self.backend.aside(when=overlap and dx is not None) as aside:
                     if want_weights:
                         col = core.columns(x[lo:hi], ready=self.cols_ready)
                         core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
-                with self.backend.aside(when=overlap):
-                    if want_bias:
-                        self._bias_grad(dy[lo:hi])
                 if dx is not None:
                     target = core.image_target(dx[lo:hi], spare=aside)
                     self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)

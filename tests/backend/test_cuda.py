@@ -641,7 +641,7 @@ def test_small_product_rule():
     assert small(256, 10, 500) and small(2, 3, 4, np.float64)
     assert not small(64, 500, 800) and not small(500, 800, 64)  # ip1: cuBLAS's tiles fill
     assert not small(1, 10, 500) and not small(1, 4096, 9216) and not small(64, 1, 500)  # GEMVs
-    assert not small(16, 4096, 9216)  # over SMALL_GEMM_WORK
+    assert not small(16, 4096, 9216) and not small(2, 2, 8192)  # over SMALL_GEMM_WORK, SMALL_GEMM_TERMS
     assert not small(8, 8, 8, np.float16)  # (cuBLAS says what it takes)
     a = np.zeros((8, 8), np.float32)
     assert not CUDA._small_product(a, a, a.T)  # an output that is not C-contiguous

@@ -163,9 +163,9 @@ def test_param_grads_aside_run_on_the_side_stream_with_one_streams_results(gpu, 
     monkeypatch.setattr(gpu, "aside", counted)
     solver.net.forward()
     solver.net.backward()
-    # weights and biases of ip2, ip1 and conv2, conv1's bias; conv1's weights (it has no bottom
+    # biases and weights of ip2, ip1 and conv2, conv1's bias; conv1's weights (it has no bottom
     # gradient) on the main stream meanwhile; joined at the end of the pass
-    per_pass = [True] * 6 + [False, True]
+    per_pass = [True] * 7 + [False]
     assert forks == per_pass and gpu._side_done is None
     monkeypatch.setattr(gpu, "overlapping", contextlib.nullcontext)
     one_stream.step(20)
@@ -215,7 +215,7 @@ def test_layers_sharing_a_param_accumulate_its_gradient_on_one_stream(gpu, monke
         nets[mode].forward(x=x, ids=ids)
         nets[mode].backward()
     assert nets["gpu"]._shares_params == [False, True, True, False, False, False]
-    assert forks == [True, True, False, False]  # ip's weights and bias aside; the tied layer's in line
+    assert forks == [True, True, False, False]  # ip's bias and weights aside; the tied layer's in line
     for name, blobs in nets["cpu"].params.items():
         for cpu, gpu_blob in zip(blobs, nets["gpu"].params[name]):
             np.testing.assert_allclose(gpu_blob.diff, cpu.diff, rtol=1e-12, atol=1e-12)

@@ -121,6 +121,8 @@ class Blas:
         if k == 0:
             if not accumulate:
                 out.fill(0)
+            if bias is not None:
+                out += bias
             return out
         parts = self.split_parts(m, n, k) if not batch and out.flags.c_contiguous else 1
         if parts > 1:  # (the bias added where the parts are summed)

@@ -180,20 +180,23 @@ def matmul_bias(a, b, bias, out):
     return _BLAS[_cupy().cuda.runtime.getDevice()].matmul_bias(a, b, bias, out)
 
 
-# the most multiply-adds a product runs through small_gemm: LeNet's ip2 at batch 256 has 1.3M
-SMALL_GEMM_WORK = 1 << 22
+# the most multiply-adds a product runs through small_gemm (LeNet's ip2 at batch 256 has 1.3M),
+# and the most terms an output sums (its lanes walk them one after another)
+SMALL_GEMM_WORK, SMALL_GEMM_TERMS = 1 << 22, 4096
 
 
 def _small_product(a, b, out):
     """Whether out = a @ b is a product small_gemm runs instead of cuBLAS: 2-D, one float type, at
-    most SMALL_GEMM_WORK multiply-adds, and few rows, columns or terms (< 32: cuBLAS's tiles are
-    32 or more wide).  Not a GEMV (one row or column): cuBLAS's streams its matrix as fast as any."""
+    most SMALL_GEMM_WORK multiply-adds and SMALL_GEMM_TERMS terms an output, and few rows, columns
+    or terms (< 32: cuBLAS's tiles are 32 or more wide).  Not a GEMV (one row or column):
+    cuBLAS's streams its matrix as fast as any."""
     if not (a.ndim == b.ndim == out.ndim == 2 and a.dtype == b.dtype == out.dtype and out.dtype in _FLOATS
             and out.flags.c_contiguous):
         return False
     (m, k), n = a.shape, out.shape[1]
     return (b.shape == (k, n) and out.shape[0] == m and min(m, n) >= 2 and min(m, n, k) < 32
-            and m * n * k <= SMALL_GEMM_WORK and all(s % a.itemsize == 0 for s in a.strides + b.strides))
+            and m * n * k <= SMALL_GEMM_WORK and k <= SMALL_GEMM_TERMS
+            and all(s % a.itemsize == 0 for s in a.strides + b.strides))
 
 
 def small_gemm(a, b, out, accumulate=False, bias=None):
