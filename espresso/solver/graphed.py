@@ -83,7 +83,9 @@ class DeviceLoop:
         loss = _scalar_loss(net)
         if size == 1 and loss is not None and net.backend.k.record_iteration is not None:
             backend = net.backend
-            with backend.overlapping():  # off the critical path, on the second stream:
+            # off the critical path, on the second stream (not where callbacks or Python layers,
+            # which may read the diffs through host views, run between the layers):
+            with backend.overlapping(net.eager_reason() is None):
                 with backend.aside():  # the diffs zeroed beside the forward (which never reads them)
                     net.arena_diff.fill(0)
                 net.forward_layers(0, last, losses=False)
