@@ -698,7 +698,7 @@ def test_fused_softmax_forward(dev, dims, dtype, in_place):
 
 
 @pytest.mark.parametrize("dims, ignore, fixed", [((6, 5, 1), None, None), ((3, 4, 5), 2, None), ((2, 3, 4), 1, 8.0),
-                                                 ((4, 300, 1), 7, None)])
+                                                 ((4, 300, 1), 7, None), ((100, 10, 1), 3, None)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("one_block", [True, False])
 def test_fused_softmax_loss(dev, dims, ignore, fixed, dtype, one_block, monkeypatch):

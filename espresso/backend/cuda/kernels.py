@@ -603,9 +603,10 @@ def softmax_forward(x, y, dims):
             (np.int32(outer * inner), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), y))
 
 
-# the most threads (positions times lanes) whose SoftmaxWithLoss forward runs in one block, four
-# passes of its threads: LeNet's at batch 64 takes 512
-ONE_BLOCK_SOFTMAX_LOSS = 4 * BLOCK
+# the most positions whose SoftmaxWithLoss forward runs in one block (both steps in one kernel), in
+# one pass of its threads: fewer lanes a position, not more passes (LeNet's 64 positions at 8 lanes
+# in two passes took 5.8 us on an H100, more than the two kernels' 2.9 + 1.8)
+ONE_BLOCK_SOFTMAX_LOSS = BLOCK
 
 
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
@@ -619,9 +620,12 @@ def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims,
     outer, classes, inner = dims
     positions = outer * inner
     labels, lanes = _input(labels.astype(x.dtype, copy=False)), _lanes(positions, classes, 1)
+    one_block = positions <= ONE_BLOCK_SOFTMAX_LOSS
+    while one_block and positions * lanes > BLOCK:
+        lanes //= 2
     args = (np.int32(positions), np.int32(lanes), np.int32(classes), np.int32(inner), _input(x), labels, prob,
             losses, valid, *_ignore(ignore_label), t(FLT_MIN), _output(problem, 2, "problem"))
-    if positions * lanes <= ONE_BLOCK_SOFTMAX_LOSS:  # both steps in one block
+    if one_block:
         fixed = t(-1 if fixed_normalizer is None else fixed_normalizer)
         return _launch("fused", f"softmax_loss_block_kernel<{ctype}>", ctype, None, BLOCK,
                        (*args, loss, normalizer, fixed))
