@@ -689,3 +689,62 @@ def test_a_label_that_is_no_class_stops_graphed_training_when_the_losses_are_rea
     with pytest.raises(LabelError, match=r"layer 'loss' \(SoftmaxWithLoss\): label 3 at batch item 2 is not a class"):
         solver.step(3)
     assert fake.launches == 5  # the three iterations ran; the check came with the losses
+
+
+TWO_LAYERS = """
+layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h" %s
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "p" %s
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "p" bottom: "y" top: "loss" }
+"""
+
+
+def _record_iteration(loss, weight, rates, ring, slot, rate):
+    """The CUDA kernel's contract in NumPy: ring[slot] = loss * weight, rate = rates[slot], slot += 1."""
+    s = int(slot)
+    ring[s] = loss.ravel()[0] * weight.ravel()[0]
+    rate[...] = rates[s]
+    slot[...] = s + 1
+
+
+def test_graphed_update_starts_before_the_first_param_layers_backward_with_the_same_weights(monkeypatch):
+    """A graphed iteration updates every param but the first layer's beside that layer's backward,
+    then the first layer's: the weights equal those of one whole update, bit for bit."""
+    from espresso.backend.cpu import kernels
+    from espresso.solver import graphed
+    if kernels.sgd_update is None:
+        pytest.skip("Numba is not installed (pip install espresso-nn[fast])")
+    monkeypatch.setattr(kernels, "record_iteration", _record_iteration)
+    fake = FakeGraphs()
+    monkeypatch.setattr(espresso.net.core, "current_backend", lambda: fake)
+    text = 'base_lr: 0.1 lr_policy: "inv" gamma: 0.1 power: 0.75 momentum: 0.9 weight_decay: 0.01'
+    split = make_solver(text, net_text=TWO_LAYERS % ("", "param { lr_mult: 2 } param { decay_mult: 0 }"))
+    assert graphed.early_update(split) == (1, 2)  # ip1 (layer 1) owns the first two params
+    calls = []
+    monkeypatch.setattr(split.updater, "apply_params", lambda *a: calls.append(a[1:]) or
+                        type(split.updater).apply_params(split.updater, *a))
+    monkeypatch.setattr(graphed, "early_update", lambda solver: None if solver is not split else (1, 2))
+    whole = make_solver(text, net_text=TWO_LAYERS % ("", "param { lr_mult: 2 } param { decay_mult: 0 }"))
+    for solver in (split, whole):
+        solver.net.arena_data[...] = np.linspace(-1, 1, solver.net.arena_data.size)
+        solver.net.blobs["x"].data[...] = X
+        solver.net.blobs["y"].data[...] = [0, 2, 1, 2]
+        solver.step(4)
+    assert fake.captures == 2 and calls[:2] == [(2, 4), (0, 2)]
+    np.testing.assert_array_equal(split.net.arena_data, whole.net.arena_data)
+    np.testing.assert_array_equal(split.updater.rule.history[0], whole.updater.rule.history[0])
+
+
+def test_no_early_update_where_the_first_param_layer_shares_a_param():
+    from espresso.solver import graphed
+    solver = make_solver('base_lr: 0.1 lr_policy: "fixed"',
+                         net_text=TWO_LAYERS.replace("num_output: 3", "num_output: 5") % (
+                             'param { } param { name: "b" }', 'param { } param { name: "b" }'))  # the biases
+    assert graphed.early_update(solver) is None
+    first_layers = (TWO_LAYERS % ("", "")).split('layer { name: "relu"')[0]
+    lone = make_solver('base_lr: 0.1 lr_policy: "fixed"', net_text=first_layers
+                       + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "h" bottom: "y" top: "loss" }')
+    assert graphed.early_update(lone) is None  # one param layer: nothing to start early

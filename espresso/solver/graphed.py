@@ -36,6 +36,24 @@ def _scalar_loss(net):
     return blobs[0] if len(blobs) == 1 and blobs[0].count == 1 else None
 
 
+def early_update(solver):
+    """(layer, params) where the update may start before the backward ends: the first layer with
+    params, if it shares none, owns the first `params` learnable params, and every other param's
+    gradient is final once the layers above it are done; their update then runs beside its backward
+    (it was the step's last kernel, waiting for conv1's filter gradient in LeNet).  None unless the
+    fused SGD step runs, alone (no all-reduce, which needs every gradient first)."""
+    net = solver.net
+    if solver.updater.fused is None or solver.group is not None or net.gradients_final:
+        return None
+    for i, layer in enumerate(net.engine_layers):
+        if layer.blobs:
+            mine = net.learnable_params[:len(layer.blobs)]
+            if net._shares_params[i] or any(a is not b for a, b in zip(mine, layer.blobs)):
+                return None
+            return (i, len(mine)) if len(mine) < len(net.learnable_params) else None
+    return None
+
+
 class DeviceLoop:
     """Runs iterations of `solver` on the device; `run()` queues one, `losses()` reads back the
     (iteration, loss) pairs queued since the last read."""
@@ -92,7 +110,14 @@ class DeviceLoop:
                 backend.join()  # (before any gradient accumulates into them)
                 with backend.aside():  # the bookkeeping (rate, loss, slot) in one kernel, beside the backward
                     backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
-                net.backward_range(last, 0)
+                split = early_update(s) if net.eager_reason() is None else None
+                net.backward_range(last, 0 if split is None else split[0] + 1)
+                if split is not None:
+                    with backend.aside():  # after all the work queued so far, on both streams
+                        s.updater.apply_params(self.rate, split[1], len(net.learnable_params))
+                    net.backward_range(split[0], 0)
+            if split is not None:
+                return s.updater.apply_params(self.rate, 0, split[1])
             s.share_gradients()  # (NCCL's all-reduce is captured too)
             s.updater.apply(self.rate, s.iter)
             return

@@ -200,6 +200,7 @@ class ArenaUpdater:
         self.xp, dtype = net.backend.xp, net.arena_data.dtype
         self.f = dtype.type
         self.counts = [blob.count for blob in net.learnable_params]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # of each param in the arena
         size = net.arena_data.size
         self.rule = rule_class(param.type)(param, self.xp, size, dtype)
         # Caffe: local_rate = rate * lr_mult in Dtype; local_decay = weight_decay * decay_mult.
@@ -223,15 +224,23 @@ class ArenaUpdater:
         return self.net.backend.to_device(host, self.f)
 
     def _fused_sgd(self, net, param, lr_mult, decay):
-        """(kernel, per-param segments) when the backend has the one-pass SGD kernel, else None.
-        It needs no arena-sized multipliers or workspaces (CaffeNet: 1 GB less)."""
+        """The one-pass SGD kernel when the backend has it, else None.  It needs no arena-sized
+        multipliers or workspaces (CaffeNet: 1 GB less)."""
         kernel = net.backend.k.sgd_update
         if kernel is None or param.type != "SGD" or not self.counts:
             return None
-        backend, f = net.backend, self.f
-        segments = (backend.to_device(np.cumsum(self.counts).astype(np.int64)),
-                    backend.to_device(np.array(lr_mult, f)), backend.to_device(np.array(decay, f)))
-        return kernel, segments
+        self.multipliers, self.segments = (lr_mult, decay), {}
+        self._segments(0, len(self.counts))  # (made here, not while a graph is captured)
+        return kernel
+
+    def _segments(self, first, end):
+        """The kernel's per-param (ends, lr_mult, decay) device arrays for learnable params
+        first..end-1, made once."""
+        if (first, end) not in self.segments:
+            ends = self.offsets[first + 1:end + 1] - self.offsets[first]
+            lr_mult, decay = (np.array(values[first:end], self.f) for values in self.multipliers)
+            self.segments[first, end] = tuple(self.net.backend.to_device(a) for a in (ends, lr_mult, decay))
+        return self.segments[first, end]
 
     def apply(self, rate, it):
         """Clip, normalize, regularize, compute the update and apply it: w -= update."""
@@ -249,11 +258,18 @@ class ArenaUpdater:
     def _apply_fused(self, g, w, rate):
         """The same steps as below in one kernel (SGD on a GPU)."""
         self.clip(g)
-        kernel, segments = self.fused
         if not _is_device_scalar(rate) and not self.net.backend.host_arrays:  # (a host kernel takes the scalar)
             rate = self.net.backend.to_device(np.array(rate, self.f))
+        self.apply_params(rate, 0, len(self.counts))
+
+    def apply_params(self, rate, first, end):
+        """The fused SGD step (without clipping) on learnable params first..end-1 alone: their
+        slice of the arena.  A step split so gives the whole step's values: each element's update
+        reads its own weight, gradient and history only."""
+        lo, hi = self.offsets[first], self.offsets[end]
+        w, g, h = (array[lo:hi] for array in (self.net.arena_data, self.net.arena_diff, self.rule.history[0]))
         regularization = {"L2": 1, "L1": 2}[self.p.regularization_type] if self.regularize else 0
-        kernel(w, g, self.rule.history[0], segments, rate, self.f(self.p.momentum),
+        self.fused(w, g, h, self._segments(first, end), rate, self.f(self.p.momentum),
                self.f(1) / self.f(self.p.iter_size), regularization)
 
     def rates(self, rate):
@@ -289,13 +305,8 @@ class ArenaUpdater:
 
     def history_views(self):
         """Caffe's history_ list: per param (in learnable_params order) for each history set."""
-        views = []
-        for flat in self.rule.history:
-            offset = 0
-            for blob in self.net.learnable_params:
-                views.append(flat[offset:offset + blob.count].reshape(blob.shape))
-                offset += blob.count
-        return views
+        return [flat[lo:lo + blob.count].reshape(blob.shape) for flat in self.rule.history
+                for lo, blob in zip(self.offsets, self.net.learnable_params)]
 
 
 def _is_array(value):
