@@ -430,14 +430,12 @@ class _BaseConvolution(Layer):
             # param grads go aside (the rest of the pass does not wait for them) while the main
             # stream computes a bottom gradient; with none to compute, the weights' run on the main
             # stream (else idle, while the side may still be busy with the layers above: LeNet's
-            # conv1 waited 15 us so) where its workspace need not grow for them (LeNet's conv1 at
-            # batch 256 took 12 MiB more so), and the bias sums aside beside them (queued first:
-            # an aside waits for the work queued before it)
+            # conv1 waited 15 us so), and the bias sums aside beside them (queued first: an aside
+            # waits for the work queued before it)
             with self.backend.aside():
                 if want_bias:
                     self._bias_grad(t.diff)
-            on_main = not any(propagate_down) and plan.cudnn.fits(workspace)
-            with self.backend.aside(workspace, when=not on_main):
+            with self.backend.aside(workspace, when=any(propagate_down)):
                 if want_weights:
                     image, data = (t.diff, b.data) if self.transposed else (b.data, t.diff)
                     plan.backward_filter(image, data, self.blobs[0].diff)

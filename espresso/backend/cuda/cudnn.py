@@ -153,10 +153,6 @@ class Cudnn:
             self._plans[key] = Convolution(self, *key)
         return self._plans[key]
 
-    def fits(self, nbytes):
-        """Whether the main stream's workspace holds nbytes already (a run there grows nothing)."""
-        return nbytes <= self.lanes[False][1].nbytes
-
     def grow_workspace(self, nbytes, side=False):
         """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
         captured with the old one are void."""
