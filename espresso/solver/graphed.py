@@ -38,19 +38,18 @@ def _scalar_loss(net):
 
 def early_update(solver):
     """(layer, params) where the update may start before the backward ends: the first layer with
-    params, if it shares none, owns the first `params` learnable params, and every other param's
-    gradient is final once the layers above it are done; their update then runs beside its backward
-    (it was the step's last kernel, waiting for conv1's filter gradient in LeNet).  None unless the
-    fused SGD step runs, alone (no all-reduce, which needs every gradient first)."""
+    params, if it shares none, owns the first `params` learnable params (the builder lists them in
+    layer order), and every other param's gradient is final once the layers above it are done;
+    their update then runs beside its backward (it was the step's last kernel, waiting for conv1's
+    filter gradient in LeNet).  None unless the fused SGD step runs, alone (no all-reduce, which
+    needs every gradient first)."""
     net = solver.net
     if solver.updater.fused is None or solver.group is not None or net.gradients_final:
         return None
     for i, layer in enumerate(net.engine_layers):
         if layer.blobs:
-            mine = net.learnable_params[:len(layer.blobs)]
-            if net._shares_params[i] or any(a is not b for a, b in zip(mine, layer.blobs)):
-                return None
-            return (i, len(mine)) if len(mine) < len(net.learnable_params) else None
+            owned = len(layer.blobs)
+            return None if net._shares_params[i] or owned == len(net.learnable_params) else (i, owned)
     return None
 
 
@@ -103,14 +102,15 @@ class DeviceLoop:
             backend = net.backend
             # off the critical path, on the second stream (not where callbacks or Python layers,
             # which may read the diffs through host views, run between the layers):
-            with backend.overlapping(net.eager_reason() is None):
+            overlap = net.eager_reason() is None
+            with backend.overlapping(overlap):
                 with backend.aside():  # the diffs zeroed beside the forward (which never reads them)
                     net.arena_diff.fill(0)
                 net.forward_layers(0, last, losses=False)
                 backend.join()  # (before any gradient accumulates into them)
                 with backend.aside():  # the bookkeeping (rate, loss, slot) in one kernel, beside the backward
                     backend.k.record_iteration(loss.data, loss.diff, self.rates, self.ring, self.slot, self.rate)
-                split = early_update(s) if net.eager_reason() is None else None
+                split = early_update(s) if overlap else None
                 net.backward_range(last, 0 if split is None else split[0] + 1)
                 if split is not None:
                     with backend.aside():  # after all the work queued so far, on both streams
