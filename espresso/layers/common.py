@@ -73,7 +73,9 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.M, self.K)
         y = top[0].data.reshape(self.M, self.N)
         w = self.blobs[0].data if self.p.transpose else self.blobs[0].data.T
-        if self.p.bias_term:
+        if self.fold:  # and the in-place ReLU after it (Builder._fold_layers)
+            self.k.matmul_bias_relu(x, w, self.blobs[1].data, y, self.folded_slope)
+        elif self.p.bias_term:
             self.k.matmul_bias(x, w, self.blobs[1].data, y)  # (one kernel on a GPU)
         else:
             self.k.matmul(x, w, out=y)

@@ -349,12 +349,14 @@ class Builder:
         """Where a backend's kernel for a layer can do the next ones' work too (one pass): a
         BatchNorm followed by a learned per-channel Scale, both in place on one blob, where the
         Scale's own gradient, if it runs, can read BatchNorm's copy (the blob never holds the
-        values between the two); then an in-place ReLU after them, or after an unweighted
-        two-bottom Eltwise SUM (ResNet's shortcuts)."""
+        values between the two); then an in-place ReLU after them, after an unweighted two-bottom
+        Eltwise SUM (ResNet's shortcuts) or after an InnerProduct with a bias (LeNet's ip1)."""
         layers = self.engine_layers
         for i, layer in enumerate(layers):
             blob = self._top_ids[i][0] if len(self._top_ids[i]) == 1 else None
             if layer.type == "Eltwise" and layer.adds_two and layer.k.add_relu is not None:
+                self._fold_relu(i, i + 1, blob)
+            if layer.type == "InnerProduct" and layer.p.bias_term and layer.k.matmul_bias_relu is not None:
                 self._fold_relu(i, i + 1, blob)
             if layer.type != "BatchNorm" or not layer.fused or i + 1 == len(layers) or self._bottom_ids[i] != [blob]:
                 continue

@@ -631,6 +631,22 @@ def test_split_k_gemm_matches_the_plain_product(mode, transposed):
     assert_matches(gpu.to_host(got), want, np.float32, f"split-K GEMM {mode}")
 
 
+@gpu_test
+@pytest.mark.parametrize("batch", [64, 256])
+@pytest.mark.parametrize("slope", [0.0, 0.25])
+def test_matmul_bias_relu_on_a_gpu(batch, slope):
+    """LeNet's ip1 forward and its ReLU in one: at batch 64 in the split-K sum, at 256 in
+    cuBLASLt's epilogue (slope 0) or after it (a leaky ReLU)."""
+    gpu = backends.get("cuda:0")
+    a, w, bias = rand((batch, 800), 12, np.float32), rand((500, 800), 13, np.float32), rand((500,), 14, np.float32)
+    want = a.astype(np.float64) @ w.T.astype(np.float64) + bias
+    want = np.maximum(want, 0) + slope * np.minimum(want, 0)
+    assert (gpu.blas.split_parts(batch, 500, 800) > 1) == (batch == 64)
+    got = gpu.xp.full((batch, 500), np.nan, np.float32)
+    gpu.k.matmul_bias_relu(gpu.to_device(a), gpu.to_device(w).T, gpu.to_device(bias), got, slope)
+    assert_matches(gpu.to_host(got), want, np.float32, f"matmul_bias_relu batch {batch} slope {slope}")
+
+
 def test_small_product_rule():
     """Products with few rows, columns or terms and little work run in small_gemm; GEMVs and
     products that fill cuBLAS's tiles do not."""
@@ -650,10 +666,11 @@ def test_small_product_rule():
 # lanes per output: 32 (k 300), 1 (k 9) and 4 (k 20)
 @pytest.mark.parametrize("m, n, k", [(6, 5, 300), (7, 40, 9), (5, 33, 20)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias", "transposed"])
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias", "bias_relu", "transposed"])
 def test_small_products_through_matmul(dev, m, n, k, dtype, mode):
-    """matmul and matmul_bias run small products in small_gemm (the emulated device has no
-    cuBLAS to fall back on): out = a @ b, out += a @ b, a @ b + bias, and transposed views."""
+    """matmul, matmul_bias and matmul_bias_relu run small products in small_gemm (the emulated
+    device has no cuBLAS to fall back on): out = a @ b, out += a @ b, a @ b + bias, that through a
+    leaky ReLU, and transposed views."""
     a, b, old, bias = rand((m, k), 1, dtype), rand((k, n), 2, dtype), rand((m, n), 3, dtype), rand((n,), 4, dtype)
     if mode == "transposed":
         ga, gb = dev.put(a.T.copy()).T, dev.put(b.T.copy()).T
@@ -662,24 +679,32 @@ def test_small_products_through_matmul(dev, m, n, k, dtype, mode):
     out = dev.put(old) if mode == "accumulate" else dev.poisoned((m, n), dtype)
     if mode == "bias":
         dev.k.matmul_bias(ga, gb, dev.put(bias), out)
+    elif mode == "bias_relu":
+        dev.k.matmul_bias_relu(ga, gb, dev.put(bias), out, 0.25)
     else:
         dev.k.matmul(ga, gb, out, accumulate=mode == "accumulate")
-    want = a @ b + (old if mode == "accumulate" else bias if mode == "bias" else 0)
+    want = a @ b + (old if mode == "accumulate" else bias if mode.startswith("bias") else 0)
+    if mode == "bias_relu":
+        want = np.maximum(want, 0) + 0.25 * np.minimum(want, 0)
     assert_matches(dev.get(out), want, dtype, f"small GEMM {m}x{n}x{k} {mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias"])
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "bias", "bias_relu"])
 def test_sum_parts_adds_the_split_products_in_order(dev, dtype, mode):
     """The split-K GEMM's last step: bit for bit the parts added in order, then the bias or the old
-    output."""
+    output, then (a ReLU folded in) the ReLU as relu_forward computes it."""
     products, old, bias = rand((5, 4, 7), 1, dtype), rand((4, 7), 2, dtype), rand((7,), 3, dtype)
     want = products[0].copy()
     for part in products[1:]:
         want += part
-    want = old + want if mode == "accumulate" else want + bias if mode == "bias" else want
+    want = old + want if mode == "accumulate" else want + bias if mode.startswith("bias") else want
+    slope = dtype(0.25) if mode == "bias_relu" else None
+    if slope is not None:
+        want = np.where(want < 0, 0, want) + slope * np.where(want < 0, want, 0)
     out = dev.put(old) if mode == "accumulate" else dev.poisoned((4, 7), dtype)
-    dev.k.sum_parts(dev.put(products), out, mode == "accumulate", dev.put(bias) if mode == "bias" else None)
+    dev.k.sum_parts(dev.put(products), out, mode == "accumulate", dev.put(bias) if mode.startswith("bias") else None,
+                    slope)
     np.testing.assert_array_equal(dev.get(out), want)
 
 
@@ -1050,7 +1075,7 @@ def _add_relu_on_the_host(a, b, y, slope):
 
 
 def _filled_sum_relu_net(text, backend=None):
-    """A SUM_RELU_NET in float64 with its params, input and labels set (the same every call)."""
+    """A SUM_RELU_NET or IP_RELU_NET in float64 with its params, input and labels set (the same every call)."""
     net = espresso.Net(parse_text(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64, backend=backend)
     for k, blobs in enumerate(net.params.values()):
         for blob in blobs:
@@ -1058,6 +1083,32 @@ def _filled_sum_relu_net(text, backend=None):
     net.blobs["x"].data[...] = np.random.default_rng(15).standard_normal((4, 3, 6, 6))
     net.blobs["label"].data[...] = [0, 1, 1, 0]
     return net
+
+
+def _check_relu_fold(text, leader, folds, monkeypatch, kernel, stand_in):
+    """Layer `leader` of `text` and the ReLU "relu" after it, run as one where the CPU backend
+    takes `stand_in` as its fused kernel `kernel` (when `folds`), give the results of the two
+    layers apart; a forward that stops at the leader or starts at the ReLU does not fold."""
+    def results():
+        net = _filled_sum_relu_net(text)
+        net.forward()
+        net.backward()
+        out = [net.blobs["ip"].data.copy(), net.blobs["x"].diff.copy()]
+        out += [b.diff.copy() for blobs in net.params.values() for b in blobs]
+        first, relu = net.layer_dict[leader], net.layer_dict["relu"]
+        flags = [first.fold, relu.fold]
+        net.forward(end=leader)
+        flags.append(first.fold)
+        net.forward(start="relu")
+        return out + [net.blobs["ip"].data.copy()], flags + [relu.fold], [first.fold_followers, relu.fold_leader]
+
+    apart, apart_flags, apart_links = results()
+    monkeypatch.setattr(CPU, kernel, stand_in)
+    folded, flags, links = results()
+    assert links == [folds, folds] and apart_links == [0, 0] and not any(apart_flags)
+    assert flags == [folds, folds, 0, False]
+    for k, (g, w) in enumerate(zip(folded, apart)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, err_msg=f"result {k}")
 
 
 @pytest.mark.parametrize("case", SUM_RELU_CASES)
@@ -1068,40 +1119,55 @@ def test_an_eltwise_sum_folds_the_relu_after_it(case, monkeypatch):
     or write elsewhere do not fold."""
     third, param, relu_top, relu_param, folds = SUM_RELU_CASES[case]
     text = SUM_RELU_NET % (third, param, relu_top, relu_param, relu_top)
+    _check_relu_fold(text, "sum", folds, monkeypatch, "add_relu", _add_relu_on_the_host)
 
-    def results():
-        net = _filled_sum_relu_net(text)
-        net.forward()
-        net.backward()
-        out = [net.blobs["ip"].data.copy(), net.blobs["x"].diff.copy()]
-        out += [b.diff.copy() for blobs in net.params.values() for b in blobs]
-        eltwise, relu = net.layer_dict["sum"], net.layer_dict["relu"]
-        flags = [eltwise.fold, relu.fold]
-        net.forward(end="sum")
-        flags.append(eltwise.fold)
-        net.forward(start="relu")
-        return out + [net.blobs["ip"].data.copy()], flags + [relu.fold], [eltwise.fold_followers, relu.fold_leader]
 
-    apart, apart_flags, apart_links = results()
-    monkeypatch.setattr(CPU, "add_relu", _add_relu_on_the_host)
-    folded, flags, links = results()
-    assert links == [folds, folds] and apart_links == [0, 0] and not any(apart_flags)
-    assert flags == [folds, folds, 0, False]
-    for k, (g, w) in enumerate(zip(folded, apart)):
-        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, err_msg=f"result {k}")
+IP_RELU_NET = """force_backward: true
+    layer { name: "data" type: "Input" top: "x" top: "label"
+            input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 } } }
+    layer { name: "hidden" type: "InnerProduct" bottom: "x" top: "h"
+            inner_product_param { num_output: 7 %s weight_filler { type: "gaussian" std: 0.3 } } }
+    layer { name: "relu" type: "ReLU" bottom: "h" top: "%s" %s }
+    layer { name: "ip" type: "InnerProduct" bottom: "%s" top: "ip"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }"""
+IP_RELU_CASES = {  # name: (inner_product_param, the ReLU's top, relu_param, whether it folds)
+    "LeNet's": ("bias_filler { type: 'gaussian' }", "h", "", True),
+    "a leaky ReLU": ("bias_filler { type: 'gaussian' }", "h", "relu_param { negative_slope: 0.25 }", True),
+    "no bias": ("bias_term: false", "h", "", False),
+    "a ReLU keeping its bottom": ("", "h", "relu_param { negative_slope: -0.5 }", False),
+    "a ReLU not in place": ("", "r", "", False),
+}
+
+
+def _matmul_bias_relu_on_the_host(a, b, bias, out, slope):
+    """A stand-in for the CUDA matmul_bias_relu: the InnerProduct's and the ReLU's steps."""
+    CPU.matmul_bias(a, b, bias, out)
+    np.add(np.maximum(out, 0), slope * np.minimum(out, 0), out=out)
+
+
+@pytest.mark.parametrize("case", IP_RELU_CASES)
+def test_an_inner_product_folds_the_relu_after_it(case, monkeypatch):
+    """An InnerProduct with a bias then an in-place ReLU (LeNet's ip1): on a backend with
+    matmul_bias_relu the product does the ReLU's work too, as the Eltwise SUM above."""
+    param, relu_top, relu_param, folds = IP_RELU_CASES[case]
+    text = IP_RELU_NET % (param, relu_top, relu_param, relu_top)
+    _check_relu_fold(text, "hidden", folds, monkeypatch, "matmul_bias_relu", _matmul_bias_relu_on_the_host)
 
 
 @gpu_test
-def test_an_eltwise_sum_folds_its_relu_on_a_gpu_as_the_cpu_computes_both():
+@pytest.mark.parametrize("text, leader", [(SUM_RELU_NET % ("", "", "s", "", "s"), "sum"),
+                                          (IP_RELU_NET % ("", "h", "", "h"), "hidden")])
+def test_a_relu_folds_on_a_gpu_as_the_cpu_computes_both_layers(text, leader):
     nets = []
     for device in ("cpu", "cuda:0"):
-        net = _filled_sum_relu_net(SUM_RELU_NET % ("", "", "s", "", "s"), backends.get(device))
+        net = _filled_sum_relu_net(text, backends.get(device))
         net.forward()
         net.backward()
         nets.append(net)
     cpu, gpu = nets
-    assert gpu.layer_dict["sum"].fold and not cpu.layer_dict["sum"].fold
-    assert_matches(gpu.blobs["ip"].host_data(), cpu.blobs["ip"].host_data(), np.float64, "sum and ReLU folded: ip")
+    assert gpu.layer_dict[leader].fold and not cpu.layer_dict[leader].fold
+    assert_matches(gpu.blobs["ip"].host_data(), cpu.blobs["ip"].host_data(), np.float64, f"{leader} + ReLU: ip")
     np.testing.assert_allclose(gpu.blobs["x"].host_diff(), cpu.blobs["x"].host_diff(), rtol=1e-9, atol=1e-12)
 
 

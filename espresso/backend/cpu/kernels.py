@@ -37,7 +37,7 @@ FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maxi
 relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
 accuracy_forward = direct_conv_forward = direct_conv_weight_grad = None
 channel_sums_workspace_size = channel_sums = batch_norm_forward = batch_norm_backward = scale_forward = None
-gather_batch = record_iteration = csr_matrix = add_relu = None
+gather_batch = record_iteration = csr_matrix = add_relu = matmul_bias_relu = None
 
 
 def _sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):

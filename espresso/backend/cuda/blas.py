@@ -34,7 +34,8 @@ CUDA_R_8I, CUDA_R_32I, COMPUTE_32I = 3, 10, 72
 _HALF_TYPES = {"float16": 2, "bfloat16": 14}  # CUDA_R_16F, CUDA_R_16BF
 COMPUTE_TF32 = 77  # CUBLAS_COMPUTE_32F_FAST_TF32
 # cublasLtMatmulDescAttributes_t, cublasLtEpilogue_t, cublasLtMatmulPreferenceAttributes_t
-LT_TRANSA, LT_TRANSB, LT_EPILOGUE, LT_BIAS_POINTER, LT_EPILOGUE_BIAS, LT_PREF_MAX_WORKSPACE_BYTES = 3, 4, 7, 8, 4, 1
+LT_TRANSA, LT_TRANSB, LT_EPILOGUE, LT_BIAS_POINTER, LT_PREF_MAX_WORKSPACE_BYTES = 3, 4, 7, 8, 1
+LT_EPILOGUE_BIAS, LT_EPILOGUE_RELU_BIAS = 4, 6
 LT_PREF_MIN_ALIGNMENTS = (5, 6, 7, 8)  # of A, B, C and D (uint32 bytes; 256 assumed if not set)
 _GEMM = {np.dtype(np.float32): ("cublasSgemm_v2", "cublasSgemmStridedBatched", ctypes.c_float),
          np.dtype(np.float64): ("cublasDgemm_v2", "cublasDgemmStridedBatched", ctypes.c_double)}
@@ -100,9 +101,10 @@ class Blas:
         if status != 0:
             raise call_failed(self.lib, what, status, ("cublasGetStatusName", "cublasGetStatusString"))
 
-    def matmul(self, a, b, out, accumulate=False, bias=None):
+    def matmul(self, a, b, out, accumulate=False, bias=None, relu=None):
         """out = a @ b (or out += a @ b), NumPy's batched-matmul rules; out is never broadcast.
-        A bias (matmul_bias's, where cuBLASLt is not used) is added after."""
+        A bias (matmul_bias's, where cuBLASLt is not used) is added after, then a ReLU of negative
+        slope `relu` where given."""
         dtype = np.dtype(out.dtype)
         if dtype not in _GEMM or a.dtype != dtype or b.dtype != dtype:
             raise TypeError(f"matmul takes float32 or float64 arrays of one type, got {a.dtype}, {b.dtype}, {dtype}")
@@ -118,37 +120,39 @@ class Blas:
         m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
         if m * n == 0:
             return out
+        parts = self.split_parts(m, n, k) if not batch and out.flags.c_contiguous else 1
+        if parts > 1:  # (the bias and the ReLU where the parts are summed)
+            return self._split_k(a, b, out, parts, accumulate, bias, relu)
         if k == 0:
             if not accumulate:
                 out.fill(0)
-            if bias is not None:
-                out += bias
-            return out
-        parts = self.split_parts(m, n, k) if not batch and out.flags.c_contiguous else 1
-        if parts > 1:  # (the bias added where the parts are summed)
-            return self._split_k(a, b, out, parts, accumulate, bias)
-        strides = [_batch_strides(x, batch) for x in (a, b, out)]
-        for index, batched in _batch_plan(batch, strides):
-            offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
-            self._gemm(a, b, out, offsets, batched, accumulate)
+        else:
+            strides = [_batch_strides(x, batch) for x in (a, b, out)]
+            for index, batched in _batch_plan(batch, strides):
+                offsets = [sum(i * s[d] for d, i in index.items()) for s in strides]
+                self._gemm(a, b, out, offsets, batched, accumulate)
         if bias is not None:
             out += bias
+        if relu is not None:
+            kernels.relu_forward(out, out, relu)
         return out
 
-    def matmul_bias(self, a, b, bias, out):
+    def matmul_bias(self, a, b, bias, out, relu=None):
         """out = a @ b + bias (bias (n,) added to every row) for 2-D a (m, k) and b (k, n): one
         cuBLASLt call with the bias in its epilogue where it can (float32, an output that is not
         split, cuBLASLt finds an algorithm), else the GEMM and an add.  LeNet's inner products
-        at batch 1 ran as two kernels each."""
+        at batch 1 ran as two kernels each.  `relu`: a ReLU's negative slope, the ReLU applied
+        after (in the epilogue too where the slope is 0)."""
         # (cuBLASLt picks algorithms for the pointers' alignments: a param arena's views have any)
         aligned = tuple(_alignment(x) for x in (b, a, out, bias))
+        epilogue = LT_EPILOGUE_RELU_BIAS if relu == 0 else LT_EPILOGUE_BIAS
         key = (a.shape, b.shape, a.strides, b.strides, out.strides, bias.shape, bias.strides,
-               tuple(np.dtype(x.dtype).str for x in (a, b, out, bias)), self.tf32, aligned)
+               tuple(np.dtype(x.dtype).str for x in (a, b, out, bias)), self.tf32, aligned, epilogue)
         if key not in self.biased:
-            self.biased[key] = self._bias_plan(a, b, bias, out, aligned)
+            self.biased[key] = self._bias_plan(a, b, bias, out, aligned, epilogue)
         plan = self.biased[key]
         if plan is None:
-            return self.matmul(a, b, out, bias=bias)
+            return self.matmul(a, b, out, bias=bias, relu=relu)
         (desc, layouts, algo), one, zero = plan, ctypes.c_float(1), ctypes.c_float(0)
         self._set_lt(desc, LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))
         pa, pb, pc = (ctypes.c_void_p(x.data.ptr) for x in (a, b, out))
@@ -158,11 +162,14 @@ class Blas:
                                             ctypes.c_void_p(self.workspace.data.ptr),
                                             ctypes.c_size_t(self.workspace.nbytes), ctypes.c_void_p(self.stream.ptr))
         self._check(status, "cublasLtMatmul")
+        if relu is not None and epilogue != LT_EPILOGUE_RELU_BIAS:  # (a leaky ReLU: cuBLASLt has none)
+            kernels.relu_forward(out, out, relu)
         return out
 
-    def _bias_plan(self, a, b, bias, out, aligned):
+    def _bias_plan(self, a, b, bias, out, aligned, epilogue):
         """(matmul descriptor, layouts of b, a and out, algorithm) for matmul_bias, or None where
-        cuBLASLt is not used.  `aligned`: the alignments of b, a, out and bias, in bytes."""
+        cuBLASLt is not used.  `aligned`: the alignments of b, a, out and bias, in bytes;
+        `epilogue`: the bias's, or the bias's and a ReLU's."""
         m, n, k = out.shape[0], out.shape[1], a.shape[1]
         # (no preference states the bias's alignment: cuBLASLt may assume 16 bytes, and a bias in
         # a training net's param arena lies at any 4-byte offset; PyTorch declines those too)
@@ -179,7 +186,7 @@ class Blas:
         self._check(self.lt_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), COMPUTE_TF32 if self.tf32 else COMPUTE_32F,
                                                          CUDA_R_32F), "cublasLtMatmulDescCreate")
         for attribute, value in ((LT_TRANSA, ctypes.c_int32(op_b)), (LT_TRANSB, ctypes.c_int32(op_a)),
-                                 (LT_EPILOGUE, ctypes.c_uint32(LT_EPILOGUE_BIAS)),
+                                 (LT_EPILOGUE, ctypes.c_uint32(epilogue)),
                                  (LT_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))):
             self._set_lt(desc, attribute, value)
         stored = [(n, k) if op_b == OP_N else (k, n), (k, m) if op_a == OP_N else (m, k), (n, m)]
@@ -232,7 +239,7 @@ class Blas:
         most = min(MAX_PARTS, k // MIN_SLICE, -(-2 * self.processors // tiles))
         return next(p for p in range(most, 0, -1) if k % p == 0)
 
-    def _split_k(self, a, b, out, parts, accumulate, bias=None):
+    def _split_k(self, a, b, out, parts, accumulate, bias=None, relu=None):
         """out (+)= a @ b (+ bias) as `parts` products of k-slices (one strided-batched GEMM into a
         buffer of this handle's) and their sum, with the bias, in one kernel (kernels.sum_parts: a
         GEMM with a row of ones and an add took two)."""
@@ -248,7 +255,7 @@ class Blas:
         sliced_b = xp.lib.stride_tricks.as_strided(b, (parts, slice_k, n), (b.strides[0] * slice_k, *b.strides))
         products = buffer[: parts * m * n].reshape(parts, m, n)
         self.matmul(sliced_a, sliced_b, products)
-        return kernels.sum_parts(products, out, accumulate, bias)
+        return kernels.sum_parts(products, out, accumulate, bias, relu)
 
     def half_matmul_t(self, x16, w16, y, type_name):
         """y = x16 @ w16^T in float32 from 16-bit operands (espresso/compress/half.py)."""

@@ -222,17 +222,24 @@ __global__ void softmax_loss_backward_kernel(long long count, int classes, int i
     }
 }
 
+// A ReLU of negative slope `slope` where `relu`, as kernels.relu_forward computes it (bit for bit).
+template <typename T>
+__device__ __forceinline__ T rectified(T v, int relu, T slope) {
+    return relu ? (v < T(0) ? T(0) : v) + slope * (v < T(0) ? v : T(0)) : v;
+}
+
 // Small products, where cuBLAS's 32x32 and larger tiles mostly idle or it splits k and sums the
 // parts in a second kernel (InnerProduct's with few outputs or a small batch: LeNet's ip2 took 10
 // us so at batch 64): out[i, j] = sum over q of a[i, q] b[q, j], plus bias[j] where `has_bias`,
-// plus the old out[i, j] where `accumulate` (Caffe's GEMM with beta = 1).  Operands by element
+// plus the old out[i, j] where `accumulate` (Caffe's GEMM with beta = 1), through a ReLU of negative
+// slope `slope` where `relu` (an InnerProduct's in-place ReLU, folded in).  Operands by element
 // strides; `lanes` threads per output (a power of two up to 32, consecutive in one warp) take
 // q = lane, lane + lanes, ... and combine their sums by xor shuffles, a fixed order: results are
 // deterministic.  Grid-stride loop of one trip count per block (as softmax_forward_kernel).
 template <typename T>
 __global__ void small_gemm_kernel(int m, int n, int k, int lanes, const T* a, long long a_row, long long a_col,
                                   const T* b, long long b_row, long long b_col, const T* bias, int has_bias,
-                                  int accumulate, T* out) {
+                                  int accumulate, int relu, T slope, T* out) {
     const long long threads = (long long)m * n * lanes;
     for (long long first = (long long)blockIdx.x * blockDim.x; first < threads;
          first += (long long)blockDim.x * gridDim.x) {
@@ -248,21 +255,21 @@ __global__ void small_gemm_kernel(int m, int n, int k, int lanes, const T* a, lo
         for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset, lanes);
         if (!live || lane != 0) continue;
         if (has_bias) sum += bias[o % n];
-        out[o] = accumulate ? out[o] + sum : sum;
+        out[o] = rectified(accumulate ? out[o] + sum : sum, relu, slope);
     }
 }
 
 // The sum of split-K products (Blas._split_k): out[o] = the sum over p of products[p * count + o],
-// in order of p, plus bias[o % n] where `has_bias`, plus the old out[o] where `accumulate`.  One
-// thread per output.
+// in order of p, plus bias[o % n] where `has_bias`, plus the old out[o] where `accumulate`, through
+// a ReLU where `relu` (as small_gemm_kernel).  One thread per output.
 template <typename T>
 __global__ void sum_parts_kernel(long long count, int parts, int n, const T* products, const T* bias, int has_bias,
-                                 int accumulate, T* out) {
+                                 int accumulate, int relu, T slope, T* out) {
     for (long long o = blockIdx.x * (long long)blockDim.x + threadIdx.x; o < count;
          o += (long long)blockDim.x * gridDim.x) {
         T sum = products[o];
         for (int p = 1; p < parts; ++p) sum += products[p * count + o];
         if (has_bias) sum += bias[o % n];
-        out[o] = accumulate ? out[o] + sum : sum;
+        out[o] = rectified(accumulate ? out[o] + sum : sum, relu, slope);
     }
 }

@@ -175,9 +175,16 @@ def matmul_bias(a, b, bias, out):
     """out = a @ b + bias (n,) for 2-D a (m, k), b (k, n): where cuBLASLt can, one GEMM with the
     bias in its epilogue (InnerProduct's forward), else the GEMM and an add; a small product in
     one kernel of our own, the bias added in it."""
+    return matmul_bias_relu(a, b, bias, out, None)
+
+
+def matmul_bias_relu(a, b, bias, out, slope):
+    """out = a @ b + bias through a ReLU of negative slope `slope` (None: no ReLU): an InnerProduct
+    and the in-place ReLU after it, the ReLU in the kernel that adds the bias (cuBLASLt's epilogue,
+    the split-K sum, small_gemm) where there is one."""
     if _small_product(a, b, out) and bias.shape == (out.shape[1],) and bias.dtype == out.dtype:
-        return small_gemm(a, b, out, bias=_input(bias))
-    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul_bias(a, b, bias, out)
+        return small_gemm(a, b, out, bias=_input(bias), relu=slope)
+    return _BLAS[_cupy().cuda.runtime.getDevice()].matmul_bias(a, b, bias, out, slope)
 
 
 # the most multiply-adds a product runs through small_gemm (LeNet's ip2 at batch 256 has 1.3M),
@@ -199,10 +206,10 @@ def _small_product(a, b, out):
             and all(s % a.itemsize == 0 for s in a.strides + b.strides))
 
 
-def small_gemm(a, b, out, accumulate=False, bias=None):
+def small_gemm(a, b, out, accumulate=False, bias=None, relu=None):
     """out = a @ b (+ bias (n,)), or out += a @ b, for 2-D a (m, k) and b (k, n) of any strides and
     C-contiguous out, in one kernel: `lanes` threads per output split the k terms, whose sums
-    combine in a fixed order."""
+    combine in a fixed order.  `relu`: a ReLU's negative slope, the ReLU applied to out."""
     ctype = _float_type(a, b, out)
     (m, k), n = a.shape, out.shape[1]
     lanes = _lanes(m * n, k, 4)
@@ -210,18 +217,25 @@ def small_gemm(a, b, out, accumulate=False, bias=None):
     b_rows, b_cols = (np.int64(s // b.itemsize) for s in b.strides)
     _launch("fused", f"small_gemm_kernel<{ctype}>", ctype, None, m * n * lanes,
             (np.int32(m), np.int32(n), np.int32(k), np.int32(lanes), a, rows, cols, b, b_rows, b_cols,
-             out if bias is None else bias, np.int32(bias is not None), np.int32(accumulate), out))
+             out if bias is None else bias, np.int32(bias is not None), np.int32(accumulate), *_relu_args(relu, out),
+             out))
     return out
 
 
-def sum_parts(products, out, accumulate=False, bias=None):
+def _relu_args(relu, out):
+    """The kernels' (relu, slope) arguments for a ReLU of negative slope `relu` (None: none)."""
+    return np.int32(relu is not None), out.dtype.type(relu or 0)
+
+
+def sum_parts(products, out, accumulate=False, bias=None, relu=None):
     """out = products (parts, m, n) summed over parts, in order (+ bias (n,)), or out += that
-    sum: the split-K GEMM's last step (blas.py), in one kernel."""
+    sum: the split-K GEMM's last step (blas.py), in one kernel; through a ReLU of negative slope
+    `relu` where given."""
     ctype = _float_type(products, out, *([] if bias is None else [bias]))
     parts, count, n = len(products), out.size, out.shape[-1]
     _launch("fused", f"sum_parts_kernel<{ctype}>", ctype, None, count,
             (np.int64(count), np.int32(parts), np.int32(n), _input(products), out if bias is None else _input(bias),
-             np.int32(bias is not None), np.int32(accumulate), _output(out, count, "out")))
+             np.int32(bias is not None), np.int32(accumulate), *_relu_args(relu, out), _output(out, count, "out")))
     return out
 
 
