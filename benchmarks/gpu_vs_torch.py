@@ -13,7 +13,7 @@ Cases (--cases picks some; the names are the keys of the JSON):
                         batch 256 of random 227x227x3 images, float32 convolutions and GEMMs on both sides
   caffenet_train_tf32   the same with TF32 allowed: PyTorch's matmul and cuDNN flags; Espresso's
                         backend.set_tf32(True) when it exists, else a subprocess with ESPRESSO_TF32=1
-  caffenet_infer_b1     CaffeNet's deploy forward (no loss, softmax "prob"), batch 1
+  caffenet_infer_b1, _b64  CaffeNet's deploy forward (no loss, softmax "prob"), batch 1 or 64
 Columns, all from the same initial weights (Espresso's, copied into PyTorch):
   Espresso       Solver.step(n) or Net.run_forward (pycaffe's forward without the copy of the output to
                  the host: it stays on the device, as PyTorch's), then backend.synchronize()
@@ -79,6 +79,7 @@ CASES = {  # name: (net, train or infer, batch, tf32)
     "caffenet_train_fp32": ("caffenet", "train", 256, False),
     "caffenet_train_tf32": ("caffenet", "train", 256, True),
     "caffenet_infer_b1": ("caffenet", "infer", 1, False),
+    "caffenet_infer_b64": ("caffenet", "infer", 64, False),
 }
 CPU_BATCH = {"caffenet_train_fp32": 2, "caffenet_train_tf32": 2}  # --device cpu
 COLUMNS = ("espresso", "torch_eager", "torch_graph")
