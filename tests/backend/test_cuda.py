@@ -1155,6 +1155,30 @@ def test_an_inner_product_folds_the_relu_after_it(case, monkeypatch):
     _check_relu_fold(text, "hidden", folds, monkeypatch, "matmul_bias_relu", _matmul_bias_relu_on_the_host)
 
 
+@pytest.mark.parametrize("name", ["hidden", "relu"])
+def test_a_stand_in_for_a_folded_inner_product_or_relu_undoes_the_fold(name, monkeypatch):
+    """The compressed runtime replaces an InnerProduct and its ReLU by stand-ins that run them:
+    after that, each does its own work (no ReLU skipped, none applied twice)."""
+    text = IP_RELU_NET % ("", "h", "", "h")
+
+    def results(net):
+        net.forward()
+        net.backward()
+        return [net.blobs["ip"].data.copy(), net.blobs["x"].diff.copy()]
+
+    want = results(_filled_sum_relu_net(text))
+    monkeypatch.setattr(CPU, "matmul_bias_relu", _matmul_bias_relu_on_the_host)
+    net = _filled_sum_relu_net(text)
+    results(net)
+    assert net.layer_dict["hidden"].fold == 1
+    index = list(net.layer_dict).index(name)
+    net.replace_layer(index, _Delegate(net.engine_layers[index]))
+    got = results(net)
+    assert not net.layer_dict["hidden"].fold and not net.layer_dict["relu"].fold
+    for k, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, err_msg=f"result {k}")
+
+
 @gpu_test
 @pytest.mark.parametrize("text, leader", [(SUM_RELU_NET % ("", "", "s", "", "s"), "sum"),
                                           (IP_RELU_NET % ("", "h", "", "h"), "hidden")])
