@@ -59,12 +59,10 @@ def current_backend():
 
 
 def set_num_threads(count):
-    """The threads the CPU backend's BLAS may use (default: ESPRESSO_NUM_THREADS, else the
-    physical cores this process may run on; see espresso/backend/cpu/__init__.py)."""
-    from espresso.backend.cpu import set_threads
-
-    backend.get("cpu")  # (its creation sets the default: this call comes after)
-    set_threads(int(count))
+    """The threads the CPU backend may use: the parts a batch splits into, and the BLAS's
+    (default: ESPRESSO_NUM_THREADS, else the physical cores this process may run on; see
+    espresso/backend/cpu/__init__.py)."""
+    backend.get("cpu").set_threads(int(count))
 
 
 def set_random_seed(seed):

@@ -24,6 +24,7 @@ Capabilities, with their defaults:
   cudnn = None              the cuDNN library (2-D convolutions), where installed
   deterministic = True      results never vary run to run (a GPU may choose kernels by timing)
   splits_long_gemms = False long weight-gradient GEMMs run as split partial products
+  batch_ranges(count) / over_ranges(ranges, run)   one part: a batch is not split over threads
   set_tf32(allow)           no-op: TF32 tensor cores for float32 math, where there are any
   overlapping(on) / aside(cudnn_bytes, when) / join()   one stream of work: nothing runs aside
   pinned_empty(shape, dtype) host memory a device copies from asynchronously (plain here)
@@ -109,6 +110,18 @@ class Backend:
 
     def set_tf32(self, allow):
         pass
+
+    def batch_ranges(self, count):
+        """[(lo, hi), ...]: the parts a batch of `count` items splits into, each run by its own
+        thread in `over_ranges` (a layer sizes one set of buffers per part).  One part here: the
+        device spreads each kernel over its own cores."""
+        return [(0, count)]
+
+    def over_ranges(self, ranges, run):
+        """run(part, lo, hi) for each range of `batch_ranges`, side by side where the backend
+        splits batches; returns when all are done."""
+        for part, (lo, hi) in enumerate(ranges):
+            run(part, lo, hi)
 
     def overlapping(self, on=True):
         """Lets layers put work `aside` within (Net's backward pass); joined at the end."""

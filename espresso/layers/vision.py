@@ -5,6 +5,8 @@ Spatial parameters in either Caffe spelling (repeated kernel_size/stride/pad/dil
 fields (CAFFE, CUDNN) are accepted and ignored: every engine computes the same values here.
 """
 
+import functools
+import itertools
 import json
 import math
 
@@ -77,6 +79,11 @@ def _axis_values(layer, short, field, default, num_spatial):
     return values
 
 
+def _images(array, lo, hi):
+    """array[lo:hi], or the array itself where that is all of it (a view costs on a GPU)."""
+    return array if lo == 0 and hi == array.shape[0] else array[lo:hi]
+
+
 # *** convolution ***
 def column_bytes(layer, num, image_shape, data_shape):
     """Bytes of the im2col columns of `num` images: (Ci * prod(kernel)) x (output pixels)."""
@@ -116,9 +123,18 @@ class _ColumnGemm:
         needs_tmp = parts > 1 or not self.batch_last
         self.wtmp = empty(parts * self.cd * self.rows_per_group, dtype) if needs_tmp else None
         self.spares = None  # (column buffer, workspace) for a bottom gradient beside a weight gradient
+        self.weight_part = None  # a later part's weight gradient, added to the diff after the parts
 
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
+
+    def zeroed_weight_part(self, diff):
+        """A zeroed buffer shaped as the weights' diff, for this part's weight gradient."""
+        if self.weight_part is None:
+            self.weight_part = self.xp.zeros_like(diff)
+        else:
+            self.weight_part[...] = 0
+        return self.weight_part
 
     def weights(self, array):
         """W (or its diff) as (G, Cd/G, Kg)."""
@@ -263,7 +279,7 @@ class _BaseConvolution(Layer):
         self.blobs = [self.new_blob((c_out, c_in // p.group, *self.kernel), p.weight_filler)]
         if p.bias_term:
             self.blobs.append(self.new_blob((p.num_output,), p.bias_filler))
-        self.core = self.plan = self.core_shape = self.engines = self.channel_sums = None
+        self.cores = self.plan = self.core_shape = self.engines = self.channel_sums = None
         self.cols_ready = False
 
     def reshape(self, bottom, top):
@@ -286,7 +302,10 @@ class _BaseConvolution(Layer):
             self.plan = self._cudnn_plan(image, data)
             # larger im2col buffers are not even tried where cuDNN is
             small = column_bytes(self, self.num, image, data) <= TIMED_COLUMNS
-            self.core = _ColumnGemm(self, self.num, image, data) if small or not self.plan else None
+            # the batch's parts (backend.batch_ranges: threads on a CPU) each with their buffers
+            self.ranges = self.backend.batch_ranges(self.num)
+            self.cores = ([_ColumnGemm(self, hi - lo, image, data) for lo, hi in self.ranges]
+                          if small or not self.plan else None)
             self.engines = [None, None] if self.plan else ["gemm", "gemm"]  # forward, backward
             self.core_shape = shape
         self.ones(max(self.top_pixels, self.num))  # sized here: not first made by work put aside
@@ -329,7 +348,7 @@ class _BaseConvolution(Layer):
             engines["cudnn"], engines["gemm"] = self._cudnn_backward, self._gemm_backward
             if self._direct_grad_allowed(args[1]):
                 engines["direct"] = self._direct_backward
-        if self.core is None:
+        if self.cores is None:
             del engines["gemm"]
         options = {direction: self.plan.options(direction) for direction in directions}
         key = json.dumps([self.backend.cudnn.policy, self.backend.cudnn.tf32, self.plan.key, self.transposed,
@@ -344,7 +363,7 @@ class _BaseConvolution(Layer):
         forward, backward = self.engines
         if forward in ("cudnn", "direct") and (backward in ("cudnn", "direct")
                                                or (backward is None and self.phase == caffe_pb2.TEST)):
-            self.core = None
+            self.cores = None
         return self.engines[which]
 
     def _direct_allowed(self):
@@ -466,6 +485,25 @@ class _BaseConvolution(Layer):
         down = self.param_propagate_down
         return down[0], self.p.bias_term and down[1]
 
+    # *** im2col + GEMM over the batch's parts ***
+    def _over_parts(self, run, *arrays):
+        """run(core, *slices) for each part of the batch, side by side (backend.over_ranges):
+        the part's buffers and the slices of `arrays` (None stays None) for its images."""
+        def part(i, lo, hi):
+            run(self.cores[i], *(None if a is None else _images(a, lo, hi) for a in arrays))
+        self.backend.over_ranges(self.ranges, part)
+
+    def _weight_target(self, core):
+        """Where a part's weight gradient accumulates: the diff for the first part, a zeroed
+        buffer of its own for the others (summed by _add_weight_parts after)."""
+        diff = self.blobs[0].diff
+        return core.weights(diff if core is self.cores[0] else core.zeroed_weight_part(diff))
+
+    def _add_weight_parts(self):
+        diff = self.blobs[0].diff
+        for core in self.cores[1:]:
+            diff += core.weight_part
+
 
 @register
 class ConvolutionLayer(_BaseConvolution):
@@ -478,39 +516,46 @@ class ConvolutionLayer(_BaseConvolution):
     legacy = "CONVOLUTION"
 
     def _gemm_forward(self, bottom, top):
-        core = self.core
-        weights = core.weights(self.blobs[0].data)
         bias = self.blobs[1].data if self.p.bias_term else None
         for b, t in zip(bottom, top):
             x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
-            for lo, hi in core.chunks():
-                rows = core.data_target(y[lo:hi])
-                self.k.matmul(weights, core.columns(x[lo:hi]), out=rows)
-                core.store_data(rows, y[lo:hi], bias)
-        self.cols_ready = len(bottom) == 1 and core.chunk == core.num
+            self._over_parts(functools.partial(self._forward_part, bias), x, y)
+        self.cols_ready = len(bottom) == 1 and all(core.chunk == core.num for core in self.cores)
+
+    def _forward_part(self, bias, core, x, y):
+        weights = core.weights(self.blobs[0].data)
+        for lo, hi in core.chunks():
+            rows = core.data_target(y[lo:hi])
+            self.k.matmul(weights, core.columns(x[lo:hi]), out=rows)
+            core.store_data(rows, y[lo:hi], bias)
 
     def _gemm_backward(self, top, propagate_down, bottom):
-        core = self.core
         want_weights, want_bias = self._want_params()
-        weights = core.weights(self.blobs[0].data)
-        overlap = want_weights and core.can_overlap(len(bottom))
+        overlap = want_weights and len(self.cores) == 1 and self.cores[0].can_overlap(len(bottom))
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
-            for lo, hi in core.chunks():
-                rows = core.load_data(dy[lo:hi])
-                with self.backend.aside(when=overlap):  # as in _cudnn_backward
-                    if want_bias:
-                        self._bias_grad(dy[lo:hi])
-                with self.backend.aside(when=overlap and dx is not None) as aside:
-                    if want_weights:
-                        col = core.columns(x[lo:hi], ready=self.cols_ready)
-                        core.weight_grad(rows, col, core.weights(self.blobs[0].diff))
-                if dx is not None:
-                    target = core.image_target(dx[lo:hi], spare=aside)
-                    self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)
-                    core.to_image(target, dx[lo:hi], spare=aside)
-                    self.cols_ready = False  # the column buffer may hold the bottom gradient
+            with self.backend.aside(when=overlap):  # as in _cudnn_backward
+                if want_bias:
+                    self._bias_grad(dy)
+            self._over_parts(functools.partial(self._backward_part, want_weights, overlap), dy, x, dx)
+            if want_weights:
+                self._add_weight_parts()
+            if dx is not None:
+                self.cols_ready = False  # the column buffers may hold the bottom gradient
+
+    def _backward_part(self, want_weights, overlap, core, dy, x, dx):
+        weights = core.weights(self.blobs[0].data)
+        diff = self._weight_target(core) if want_weights else None
+        for lo, hi in core.chunks():
+            rows = core.load_data(dy[lo:hi])
+            with self.backend.aside(when=overlap and dx is not None) as aside:
+                if want_weights:
+                    core.weight_grad(rows, core.columns(x[lo:hi], ready=self.cols_ready), diff)
+            if dx is not None:
+                target = core.image_target(dx[lo:hi], spare=aside)
+                self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)
+                core.to_image(target, dx[lo:hi], spare=aside)
 
 
 @register
@@ -531,34 +576,41 @@ class DeconvolutionLayer(_BaseConvolution):
         return out
 
     def _gemm_forward(self, bottom, top):
-        core = self.core
-        weights = core.weights(self.blobs[0].data).swapaxes(-1, -2)
         for b, t in zip(bottom, top):
             x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
-            for lo, hi in core.chunks():
-                col = core.image_target(y[lo:hi])
-                self.k.matmul(weights, core.load_data(x[lo:hi]), out=col)
-                core.to_image(col, y[lo:hi])
+            self._over_parts(self._forward_part, x, y)
             if self.p.bias_term:
-                y.reshape(core.num, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
+                y.reshape(self.num, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
+
+    def _forward_part(self, core, x, y):
+        weights = core.weights(self.blobs[0].data).swapaxes(-1, -2)
+        for lo, hi in core.chunks():
+            col = core.image_target(y[lo:hi])
+            self.k.matmul(weights, core.load_data(x[lo:hi]), out=col)
+            core.to_image(col, y[lo:hi])
 
     def _gemm_backward(self, top, propagate_down, bottom):
-        core = self.core
         want_weights, want_bias = self._want_params()
-        weights = core.weights(self.blobs[0].data)
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
             dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             if want_bias:
                 self._bias_grad(dy)
-            for lo, hi in core.chunks():
-                col = core.columns(dy[lo:hi])
-                if want_weights:
-                    core.weight_grad(core.load_data(x[lo:hi]), col, core.weights(self.blobs[0].diff))
-                if dx is not None:
-                    rows = core.data_target(dx[lo:hi])
-                    self.k.matmul(weights, col, out=rows)
-                    core.store_data(rows, dx[lo:hi])
+            self._over_parts(functools.partial(self._backward_part, want_weights), dy, x, dx)
+            if want_weights:
+                self._add_weight_parts()
+
+    def _backward_part(self, want_weights, core, dy, x, dx):
+        weights = core.weights(self.blobs[0].data)
+        diff = self._weight_target(core) if want_weights else None
+        for lo, hi in core.chunks():
+            col = core.columns(dy[lo:hi])
+            if want_weights:
+                core.weight_grad(core.load_data(x[lo:hi]), col, diff)
+            if dx is not None:
+                rows = core.data_target(dx[lo:hi])
+                self.k.matmul(weights, col, out=rows)
+                core.store_data(rows, dx[lo:hi])
 
 
 @register
@@ -629,41 +681,63 @@ def pooled_size(layer, spatial, kernel, stride, pad, ceil=True):
 
 
 class _Pooler:
-    """One pooling geometry on one input shape with its buffers (used by Pooling and SPP)."""
+    """One pooling geometry on one input shape with its buffers (used by Pooling, SPP, LRN).
+    MAX and AVE run the batch's parts side by side (backend.batch_ranges), each with its share
+    of the workspace; STOCHASTIC draws its numbers for the whole batch, in one part."""
 
     def __init__(self, layer, method, x_shape, kernel, stride, pad, ceil=True):
         self.layer, self.method, self.k = layer, method, layer.k
         self.kernel, self.stride, self.pad = tuple(kernel), tuple(stride), tuple(pad)
         self.y_shape = x_shape[:2] + pooled_size(layer, x_shape[2:], kernel, stride, pad, ceil)
-        size = self.k.pool_workspace_size(x_shape, self.y_shape, self.kernel, self.stride, self.pad)
+        num = x_shape[0]
+        self.ranges = layer.backend.batch_ranges(num) if method != _POOL.STOCHASTIC else [(0, num)]
+        sizes = [self.k.pool_workspace_size((hi - lo, *x_shape[1:]), (hi - lo, *self.y_shape[1:]), self.kernel,
+                                            self.stride, self.pad) for lo, hi in self.ranges]
+        self.work_ends = list(itertools.accumulate(sizes))
         xp = layer.xp
-        self.work = xp.empty(size, layer.dtype) if size else None
+        self.work = xp.empty(self.work_ends[-1], layer.dtype) if self.work_ends[-1] else None
         self.index = xp.empty(self.y_shape, np.int32) if method != _POOL.AVE else None
         self.rand = xp.empty(self.y_shape, layer.dtype) if method == _POOL.STOCHASTIC else None
 
+    def _work(self, part):
+        if self.work is None:
+            return None
+        return self.work[self.work_ends[part - 1] if part else 0: self.work_ends[part]]
+
     def forward(self, x, y, mask=None):
-        k, geometry = self.k, (self.kernel, self.stride, self.pad)
-        if self.method == _POOL.MAX:
-            k.max_pool_forward(x, y, self.index if mask is None else mask, *geometry, self.work)
-        elif self.method == _POOL.AVE:
-            k.ave_pool_forward(x, y, *geometry, self.work)
-        elif self.layer.phase == caffe_pb2.TRAIN:
+        if self.method == _POOL.STOCHASTIC and self.layer.phase == caffe_pb2.TRAIN:
             self.layer.backend.rng.random(dtype=self.layer.dtype, out=self.rand)
-            k.stochastic_pool_forward_train(x, y, self.index, self.rand, self.kernel, self.stride, self.work)
+        index = self.index if mask is None else mask
+        self.layer.backend.over_ranges(self.ranges, functools.partial(self._forward_part, x, y, index))
+
+    def _forward_part(self, x, y, index, part, lo, hi):
+        k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
+        x, y = _images(x, lo, hi), _images(y, lo, hi)
+        if self.method == _POOL.MAX:
+            k.max_pool_forward(x, y, _images(index, lo, hi), *geometry, work)
+        elif self.method == _POOL.AVE:
+            k.ave_pool_forward(x, y, *geometry, work)
+        elif self.layer.phase == caffe_pb2.TRAIN:
+            k.stochastic_pool_forward_train(x, y, index, self.rand, self.kernel, self.stride, work)
         else:
-            k.stochastic_pool_forward_test(x, y, self.kernel, self.stride, self.work)
+            k.stochastic_pool_forward_test(x, y, self.kernel, self.stride, work)
 
     def backward(self, dy, dx, mask=None):
-        k, geometry = self.k, (self.kernel, self.stride, self.pad)
-        if self.method == _POOL.MAX:
-            k.max_pool_backward(dy, self.index if mask is None else mask, dx, *geometry, self.work)
-        elif self.method == _POOL.AVE:
-            k.ave_pool_backward(dy, dx, *geometry, self.work)
-        elif self.layer.phase == caffe_pb2.TRAIN:
-            k.stochastic_pool_backward(dy, self.index, dx, self.kernel, self.stride, self.work)
-        else:
+        if self.method == _POOL.STOCHASTIC and self.layer.phase != caffe_pb2.TRAIN:
             self.layer.fail("STOCHASTIC pooling has no backward in the TEST phase (Caffe's would use "
                             "indices from an earlier TRAIN pass)", NetError)
+        index = self.index if mask is None else mask
+        self.layer.backend.over_ranges(self.ranges, functools.partial(self._backward_part, dy, dx, index))
+
+    def _backward_part(self, dy, dx, index, part, lo, hi):
+        k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
+        dy, dx = _images(dy, lo, hi), _images(dx, lo, hi)
+        if self.method == _POOL.MAX:
+            k.max_pool_backward(dy, _images(index, lo, hi), dx, *geometry, work)
+        elif self.method == _POOL.AVE:
+            k.ave_pool_backward(dy, dx, *geometry, work)
+        else:
+            k.stochastic_pool_backward(dy, index, dx, self.kernel, self.stride, work)
 
 
 def _check_pool_method(layer, method, pad, kernel):

@@ -45,7 +45,7 @@ def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
     now, or an algorithm no longer among the candidates counts as no entry (it is timed anew)."""
     layer = LayerRun('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
                      [np.ones((1, 1, 5, 5))]).layer
-    layer.plan, layer.engines, layer.core = types.SimpleNamespace(algo={}), [None, None], None
+    layer.plan, layer.engines, layer.cores = types.SimpleNamespace(algo={}), [None, None], None
     options, engines = {"Forward": [(1, 0), (6, 4096)]}, {"cudnn": None}  # engines offered now
     for known in [None, [], {"algos": {"Forward": 6}}, {"engine": "cudnn"}, {"engine": "cudnn", "algos": None},
                   {"engine": "cudnn", "algos": {}}, {"engine": "fast", "algos": {"Forward": 6}},

@@ -57,6 +57,16 @@ def test_the_members_behave(backend):
     assert backend.peak_memory() > 0 and backend.available_memory() > 2**20
 
 
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 64])
+def test_a_batch_splits_into_ordered_ranges_each_run_once(backend, count):
+    ranges = backend.batch_ranges(count)
+    assert ranges[0][0] == 0 and ranges[-1][1] == count and all(lo < hi for lo, hi in ranges if count)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    ran = []
+    backend.over_ranges(ranges, lambda part, lo, hi: ran.append((part, lo, hi)))
+    assert sorted(ran) == [(i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
+
+
 def test_the_capabilities_behave(backend):
     with backend.overlapping():
         with backend.aside() as aside:

@@ -1755,9 +1755,9 @@ def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward
     dy = rng.standard_normal((2, 4, 4, 4))
     cpu, run = LayerRun(snippet, [x], phase=TEST), LayerRun(snippet, [x], phase=TEST, device="cuda:0")
     _copy_params(cpu, run, rng, False)
-    assert run.layer.core is not None
+    assert run.layer.cores is not None
     assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "forward")
-    assert run.layer.core is None and run.layer.engines == ["cudnn", None]
+    assert run.layer.cores is None and run.layer.engines == ["cudnn", None]
     assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
     assert run.layer.engines == ["cudnn", "cudnn"]
 
@@ -1773,7 +1773,7 @@ def test_a_convolution_whose_timing_picks_the_direct_kernel(monkeypatch, rng, ph
     cpu, run = LayerRun(snippet, [x], phase=phase), LayerRun(snippet, [x], phase=phase, device="cuda:0")
     _copy_params(cpu, run, rng, False)
     assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "direct forward")
-    assert run.layer.engines == ["direct", None] and (run.layer.core is None) == (phase == TEST)
+    assert run.layer.engines == ["direct", None] and (run.layer.cores is None) == (phase == TEST)
     assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
     for got, want in zip(run.param_diffs(), cpu.param_diffs()):
         assert_matches(got, want, np.float64, "param diff")
@@ -1818,7 +1818,7 @@ def test_a_first_convolution_whose_timing_picks_the_direct_weight_gradient(monke
         r.backward([dy], [False])
     for got, want in zip(run.param_diffs(), cpu.param_diffs()):
         assert_matches(got, want, np.float64, "direct param diff")
-    assert run.layer.engines == ["direct", "direct"] and run.layer.core is None
+    assert run.layer.engines == ["direct", "direct"] and run.layer.cores is None
     assert offered == [["cudnn", "direct", "gemm"], ["cudnn", "direct", "gemm"]]
 
 

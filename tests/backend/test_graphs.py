@@ -304,5 +304,5 @@ def test_split_weight_gradient_matches_the_cpu(gpu, monkeypatch):
         net.blobs["y"].diff[...] = dy
         net.backward(start="conv")
         diffs.append((net.params["conv"][0].diff.copy(), net.params["conv"][0].data.copy()))
-    assert net.layers[1].core.batch_last and net.layers[1].core._parts(128 * 10 * 10) > 1
+    assert net.layers[1].cores[0].batch_last and net.layers[1].cores[0]._parts(128 * 10 * 10) > 1
     np.testing.assert_allclose(diffs[1][0], diffs[0][0], rtol=2e-5, atol=2e-4)

@@ -2,10 +2,13 @@
 
 import itertools
 import math
+import threading
 
 import numpy as np
 import pytest
 
+import espresso
+from espresso import backend as backends
 from espresso.errors import LayerParamError, NetError, ShapeError
 from espresso.layers import vision
 from espresso.testing import TEST, TRAIN, LayerRun, assert_close, check_layer
@@ -205,7 +208,7 @@ def test_convolution_chunks_the_batch(layout, monkeypatch):
     monkeypatch.setattr(vision, "COLUMN_BUDGET", 1)
     run = check_layer(conv_snippet("num_output: 3 kernel_size: 3 pad: 1"), [randn(3, 2, 4, 5)],
                       reference=lambda b, p: [conv_ref(b[0], p[0], p[1], (1, 1), (1, 1), (1, 1), 1)])
-    assert run.layer.core.chunk == 1
+    assert all(core.chunk == 1 for core in run.layer.cores)
 
 
 def test_convolution_float32_engine_and_force_nd():
@@ -293,6 +296,67 @@ def test_deconvolution_is_convolution_transposed():
 def test_deconvolution_empty_output():
     raises(ShapeError, conv_snippet("num_output: 2 kernel_size: 1 pad: 1", kind="Deconvolution"),
            [np.zeros((1, 2, 1, 1))], match="empty")
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request):
+    """The CPU backend's threads: 3 split a batch of 5 into parts of 1, 2 and 2 images, run side
+    by side (backend.over_ranges); 1 runs it whole."""
+    before = backends.get("cpu").threads
+    espresso.set_num_threads(request.param)
+    yield request.param
+    espresso.set_num_threads(before)
+
+
+PARTS = {1: [5], 3: [1, 2, 2]}
+
+
+@pytest.mark.parametrize("kind", ["Convolution", "Deconvolution"])
+def test_convolution_runs_the_batch_in_parts(layout, threads, kind):
+    """Outputs, gradients and their accumulation (the parts' weight gradients summed into the
+    diff) as with the whole batch, checked against the references."""
+    ref = conv_ref if kind == "Convolution" else deconv_ref
+    run = check_layer(conv_snippet("num_output: 4 kernel_size: 3 stride: 2 pad: 1", kind=kind), [randn(5, 2, 5, 4)],
+                      reference=lambda b, p: [ref(b[0], p[0], p[1], (2, 2), (1, 1), (1, 1), 1)])
+    assert [core.num for core in run.layer.cores] == PARTS[threads]
+
+
+@pytest.mark.parametrize("pool, kernel", [("MAX", 3), ("AVE", 2)])
+def test_pooling_runs_the_batch_in_parts(threads, pool, kernel):
+    """MAX with its mask top (each part fills its rows of it) and AVE, both padded."""
+    tops = 2 if pool == "MAX" else 1
+    run = check_layer(pool_snippet(f"kernel_size: {kernel} stride: 2 pad: 1", pool), [distinct(5, 2, 6, 5)], tops=tops,
+                      reference=lambda b, p: list(pool_ref(b[0], (kernel,) * 2, (2, 2), (1, 1), (4, 3), pool))[:tops])
+    assert [hi - lo for lo, hi in run.layer.pooler.ranges] == PARTS[threads]
+
+
+def test_a_failing_part_raises_in_the_caller_and_the_threads_work_on(threads):
+    cpu, seen = backends.get("cpu"), []
+
+    def run(part, lo, hi):
+        seen.append((part, lo, hi, threading.get_ident()))
+        if part == len(ranges) - 1:
+            raise ValueError(f"part {part} failed")
+    ranges = cpu.batch_ranges(5)
+    with pytest.raises(ValueError, match=f"part {len(ranges) - 1} failed"):
+        cpu.over_ranges(ranges, run)
+    assert sorted(s[:3] for s in seen) == [(i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
+    assert len({s[3] for s in seen}) == threads  # each part on a thread of its own
+    seen.clear()
+    cpu.over_ranges(ranges, lambda part, lo, hi: seen.append(part))
+    assert sorted(seen) == list(range(threads))
+
+
+def test_a_second_caller_runs_its_parts_itself_while_the_threads_are_busy():
+    cpu, before = backends.get("cpu"), backends.get("cpu").threads
+    espresso.set_num_threads(2)
+    inner = []
+    try:  # a part that itself splits a batch finds the threads busy: its parts run in turn, here
+        cpu.over_ranges(cpu.batch_ranges(2), lambda part, lo, hi: part or cpu.over_ranges(
+            cpu.batch_ranges(4), lambda p, a, b: inner.append((p, a, b, threading.get_ident()))))
+    finally:
+        espresso.set_num_threads(before)
+    assert [i[:3] for i in inner] == [(0, 0, 2, ), (1, 2, 4)] and len({i[3] for i in inner}) == 1
 
 
 # *** Im2col ***

@@ -1,14 +1,17 @@
 """The CPU backend: NumPy arrays, BLAS from NumPy's build, named primitives in kernels.py.
-Everything the contract leaves optional keeps its default (espresso/backend/__init__.py).
+Everything the contract leaves optional keeps its default (espresso/backend/__init__.py), but
+for `batch_ranges`/`over_ranges`: layers that split their batch run a part per thread.
 
-BLAS threads are set deliberately (threadpoolctl), not left to the BLAS's default of one per
+Threads are set deliberately (threadpoolctl), not left to the BLAS's default of one per
 logical CPU: ESPRESSO_NUM_THREADS (or espresso.set_num_threads), else the physical cores this
 process may run on (its CPU affinity), unless the user set the BLAS's own variable
-(OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, OMP_NUM_THREADS), which is then left to work.  On a
-machine shared with other busy processes one thread can be many times faster: OpenBLAS's
+(OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, OMP_NUM_THREADS), which is then left to work.  That many
+threads run a split batch's parts (each part's GEMMs on one BLAS thread) and the other GEMMs.  On
+a machine shared with other busy processes one thread can be many times faster: OpenBLAS's
 threads wait for each other spinning (benchmarks/threads.py measures it).
 """
 
+import functools
 import os
 import platform
 import time
@@ -18,6 +21,7 @@ import threadpoolctl
 
 from espresso.backend import Backend
 from espresso.backend.cpu import kernels
+from espresso.backend.cpu.batch_threads import BatchThreads
 from espresso.cursor import generator_state, set_generator
 from espresso.errors import BackendError
 
@@ -49,11 +53,6 @@ def default_threads():
     if any(os.environ.get(name) for name in BLAS_VARIABLES):
         return None
     return physical_cores()
-
-
-def set_threads(count):
-    """Let the BLAS's GEMMs use `count` threads."""
-    threadpoolctl.threadpool_limits(count, user_api="blas")
 
 
 def shorten_blas_spin():
@@ -90,10 +89,40 @@ class CPUBackend(Backend):
 
     def __init__(self):
         self.rng = np.random.default_rng()
+        self._workers = BatchThreads()
         threads = default_threads()
-        if threads is not None:
-            set_threads(threads)
+        self.set_threads(blas_threads() if threads is None else threads)
         shorten_blas_spin()
+
+    def set_threads(self, count):
+        """`count` threads: the parts a batch splits into, and the BLAS's for other GEMMs."""
+        if count < 1:
+            raise BackendError(f"the CPU backend needs at least one thread, got {count}")
+        self.threads = count
+        self._blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        self._set_blas_threads(count)
+
+    def _set_blas_threads(self, count):
+        for lib in self._blas:  # the BLAS libraries loaded at the last set_threads (a lookup takes ms)
+            lib.set_num_threads(count)
+
+    def batch_ranges(self, count):
+        parts = max(1, min(self.threads, count))
+        bounds = [count * i // parts for i in range(parts + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def over_ranges(self, ranges, run):
+        jobs = [functools.partial(run, part, lo, hi) for part, (lo, hi) in enumerate(ranges)]
+        if len(jobs) < 2 or self.threads < 2 or not self._workers.claim():
+            for job in jobs:  # (one part, or the threads busy with another caller's batch)
+                job()
+            return
+        try:
+            self._set_blas_threads(1)  # each part's GEMMs on its own thread
+            self._workers.run(jobs)
+        finally:
+            self._set_blas_threads(self.threads)
+            self._workers.release()
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)

@@ -21,6 +21,7 @@ Conventions shared by the primitives below:
 import functools
 import itertools
 import math
+import threading
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -135,10 +136,13 @@ def matmul_bias(a, b, bias, out):
 
 
 def _product(shape, dtype):
+    """The product buffer of this shape for the calling thread (the parts of a split batch
+    accumulate side by side)."""
+    products = _PRODUCTS.__dict__.setdefault("buffers", {})
     key = (shape, np.dtype(dtype).str)
-    if key not in _PRODUCTS:
-        _PRODUCTS[key] = np.empty(shape, dtype)
-    return _PRODUCTS[key]
+    if key not in products:
+        products[key] = np.empty(shape, dtype)
+    return products[key]
 
 
 def _transposed_is_faster(a, b):
@@ -151,7 +155,7 @@ def _transposed_is_faster(a, b):
     return m <= 256 and m <= k and a.flags.c_contiguous and b.swapaxes(-1, -2).flags.c_contiguous
 
 
-_PRODUCTS = {}  # (shape, dtype) -> the buffer of matmul's accumulated products
+_PRODUCTS = threading.local()  # .buffers: (shape, dtype) -> the buffer of matmul's accumulated products
 PRODUCT_ELEMENTS = 1 << 21  # 8 MB of float32
 
 
