@@ -489,6 +489,10 @@ class _BaseConvolution(Layer):
     def _over_parts(self, run, *arrays):
         """run(core, *slices) for each part of the batch, side by side (backend.over_ranges):
         the part's buffers and the slices of `arrays` (None stays None) for its images."""
+        if len(self.cores) == 1:  # (the whole batch: no calls more at batch 1)
+            run(self.cores[0], *arrays)
+            return
+
         def part(i, lo, hi):
             run(self.cores[i], *(None if a is None else _images(a, lo, hi) for a in arrays))
         self.backend.over_ranges(self.ranges, part)
@@ -707,8 +711,7 @@ class _Pooler:
     def forward(self, x, y, mask=None):
         if self.method == _POOL.STOCHASTIC and self.layer.phase == caffe_pb2.TRAIN:
             self.layer.backend.rng.random(dtype=self.layer.dtype, out=self.rand)
-        index = self.index if mask is None else mask
-        self.layer.backend.over_ranges(self.ranges, functools.partial(self._forward_part, x, y, index))
+        self._over_parts(self._forward_part, x, y, self.index if mask is None else mask)
 
     def _forward_part(self, x, y, index, part, lo, hi):
         k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
@@ -726,8 +729,13 @@ class _Pooler:
         if self.method == _POOL.STOCHASTIC and self.layer.phase != caffe_pb2.TRAIN:
             self.layer.fail("STOCHASTIC pooling has no backward in the TEST phase (Caffe's would use "
                             "indices from an earlier TRAIN pass)", NetError)
-        index = self.index if mask is None else mask
-        self.layer.backend.over_ranges(self.ranges, functools.partial(self._backward_part, dy, dx, index))
+        self._over_parts(self._backward_part, dy, dx, self.index if mask is None else mask)
+
+    def _over_parts(self, run, *arrays):
+        if len(self.ranges) == 1:  # (the whole batch: no calls more at batch 1)
+            run(*arrays, 0, *self.ranges[0])
+        else:
+            self.layer.backend.over_ranges(self.ranges, functools.partial(run, *arrays))
 
     def _backward_part(self, dy, dx, index, part, lo, hi):
         k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
