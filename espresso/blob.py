@@ -152,3 +152,10 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self._shape}, dtype={self.dtype})"
+
+
+def allocate_diffs(blobs):
+    """Give these blobs their diffs (allocated on first use) here: the threads of a split batch
+    then all write into the same arrays, rather than each into one it made."""
+    for blob in blobs:
+        blob.diff  # noqa: B018 (the property allocates)

@@ -470,3 +470,60 @@ def test_a_malformed_hdf5_weights_file_is_refused(tmp_path, case, build, message
     assert path.stat().st_size < 100_000
     with pytest.raises(ModelFileError if "huge" not in case else MemoryLimitError, match=message):
         net_from(SPLIT).load_hdf5(str(path))
+
+
+# *** layers that split the batch over the CPU's threads ***
+WF = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+
+
+def conv_layer(name, bottom, fields):
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'convolution_param {{ {fields} {WF} }} }}\n')
+
+
+def pool_layer(name, bottom, pool):
+    return (f'layer {{ name: "{name}" type: "Pooling" bottom: "{bottom}" top: "{name}" '
+            f'pooling_param {{ pool: {pool} kernel_size: 2 stride: 2 }} }}\n')
+
+
+SPLIT_BATCH = ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" top: "label" input_param { '
+         'shape { dim: 5 dim: 2 dim: 10 dim: 9 } shape { dim: 5 } } }\n'
+         + conv_layer("c1", "x", "num_output: 3 kernel_size: 3 pad: 1") + pool_layer("p1", "c1", "MAX")
+         + conv_layer("c2", "p1", "num_output: 4 kernel_size: 2") + pool_layer("p2", "c2", "AVE")
+         + ip("ip", "p2", "ip", 3)
+         + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+
+
+@pytest.mark.parametrize("threads, hooks, splits", [(1, False, 0), (3, False, 2), (3, True, 8)])
+def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads, hooks, splits):
+    """conv, pool, conv, pool split a batch of 5 into 3 parts: one split each way (forward, then
+    backward), or one a layer where callbacks run between layers; the results as in one part."""
+    cpu, before = backend.get("cpu"), backend.get("cpu").threads
+    calls = []
+    over_ranges = type(cpu).over_ranges
+    monkeypatch.setattr(type(cpu), "over_ranges", lambda self, r, run: (calls.extend([r] * (len(r) > 1)),
+                                                                       over_ranges(self, r, run)))
+    results = []
+    try:
+        for count in (1, threads):
+            caffe.set_num_threads(count)
+            net = net_from(SPLIT_BATCH)
+            rng = np.random.default_rng(7)
+            for blobs in net.params.values():
+                for blob in blobs:
+                    blob.data[...] = rng.standard_normal(blob.data.shape)
+            net.blobs["x"].data[...] = rng.standard_normal((5, 2, 10, 9))
+            net.blobs["label"].data[...] = [0, 2, 1, 1, 0]
+            for when in ("before_forward", "after_backward") if hooks else ():
+                getattr(net, when)(lambda i: None)
+            calls.clear()
+            loss = net.forward()["loss"].copy()
+            net.backward()
+            diffs = [b.diff.copy() for blobs in net.params.values() for b in blobs]
+            results.append([loss, net.blobs["x"].diff.copy()] + diffs)
+    finally:
+        caffe.set_num_threads(before)
+    assert len(calls) == splits
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    assert np.abs(results[1][1]).max() > 0  # the input's gradient came through all four layers

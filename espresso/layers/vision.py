@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from espresso.blob import allocate_diffs
 from espresso.errors import NetError, ShapeError
 from espresso.layer import Layer, register
 from espresso.proto import caffe_pb2
@@ -124,6 +125,7 @@ class _ColumnGemm:
         self.wtmp = empty(parts * self.cd * self.rows_per_group, dtype) if needs_tmp else None
         self.spares = None  # (column buffer, workspace) for a bottom gradient beside a weight gradient
         self.weight_part = None  # a later part's weight gradient, added to the diff after the parts
+        self.cols_ready = False  # the column buffer holds the columns of the last forward's bottom
 
     def chunks(self):
         return [(lo, min(lo + self.chunk, self.num)) for lo in range(0, self.num, self.chunk)]
@@ -279,8 +281,8 @@ class _BaseConvolution(Layer):
         self.blobs = [self.new_blob((c_out, c_in // p.group, *self.kernel), p.weight_filler)]
         if p.bias_term:
             self.blobs.append(self.new_blob((p.num_output,), p.bias_filler))
-        self.cores = self.plan = self.core_shape = self.engines = self.channel_sums = None
-        self.cols_ready = False
+        self.cores = self.plan = self.core_shape = self.engines = self.channel_sums = self.part_sums = None
+        self.bottom_count = len(bottom)
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -308,8 +310,9 @@ class _BaseConvolution(Layer):
                           if small or not self.plan else None)
             self.engines = [None, None] if self.plan else ["gemm", "gemm"]  # forward, backward
             self.core_shape = shape
+            if len(self.ranges) > 1 and self.p.bias_term:  # each part's channel sums in its rows
+                self.part_sums = self.xp.empty((len(bottom), self.num, self.p.num_output), self.dtype)
         self.ones(max(self.top_pixels, self.num))  # sized here: not first made by work put aside
-        self.cols_ready = False
 
     def _cudnn_plan(self, image, data):
         """cuDNN's plan for a 2-D convolution where the backend has cuDNN (and is not in
@@ -418,7 +421,7 @@ class _BaseConvolution(Layer):
 
     def _cudnn_forward(self, bottom, top):
         plan, weights = self.plan, self.blobs[0].data
-        self.cols_ready = False  # the GEMM path's columns (if any) are not of this bottom
+        self._columns_stale()  # the GEMM path's columns (if any) are not of this bottom
         bias = self.blobs[1].data if self.p.bias_term else None
         for b, t in zip(bottom, top):
             if not self.transposed:
@@ -429,7 +432,7 @@ class _BaseConvolution(Layer):
                     plan.add_bias(bias, t.data, "image")
 
     def _direct_forward(self, bottom, top):
-        self.cols_ready = False  # as _cudnn_forward
+        self._columns_stale()
         bias = self.blobs[1].data if self.p.bias_term else None
         for b, t in zip(bottom, top):
             self.k.direct_conv_forward(b.data, self.blobs[0].data, bias, t.data, self.stride, self.pad,
@@ -473,30 +476,28 @@ class _BaseConvolution(Layer):
     def _bias_grad(self, dy):
         """bias diff += top diff dy (n, C, *O) summed over n and space: two GEMVs with ones
         (Caffe's bias_multiplier); a reduction to C outputs ran 5x slower (LeNet, H100)."""
-        c, pixels = self.p.num_output, self.top_pixels
-        n = dy.size // (c * pixels)
+        c = self.p.num_output
+        n = dy.size // (c * self.top_pixels)
         if self.channel_sums is None or self.channel_sums.size < n * c:
             self.channel_sums = self.xp.empty(n * c, self.dtype)
-        sums = self.channel_sums[: n * c].reshape(n, c, 1)
-        self.k.matmul(dy.reshape(n, c, pixels), self.ones(pixels)[:, None], out=sums)
-        self.add_row_sums(sums.reshape(n, c), self.blobs[1].diff)
+        sums = self.channel_sums[: n * c].reshape(n, c)
+        self._channel_sums(dy, sums)
+        self.add_row_sums(sums, self.blobs[1].diff)
+
+    def _channel_sums(self, dy, sums):
+        """sums (n, C) = dy (n, C, *O) summed over space (the first of _bias_grad's GEMVs)."""
+        n, c = sums.shape
+        self.k.matmul(dy.reshape(n, c, self.top_pixels), self.ones(self.top_pixels)[:, None], out=sums.reshape(n, c, 1))
+
+    def _columns_stale(self):
+        for core in self.cores or ():
+            core.cols_ready = False
 
     def _want_params(self):
         down = self.param_propagate_down
         return down[0], self.p.bias_term and down[1]
 
     # *** im2col + GEMM over the batch's parts ***
-    def _over_parts(self, run, *arrays):
-        """run(core, *slices) for each part of the batch, side by side (backend.over_ranges):
-        the part's buffers and the slices of `arrays` (None stays None) for its images."""
-        if len(self.cores) == 1:  # (the whole batch: no calls more at batch 1)
-            run(self.cores[0], *arrays)
-            return
-
-        def part(i, lo, hi):
-            run(self.cores[i], *(None if a is None else _images(a, lo, hi) for a in arrays))
-        self.backend.over_ranges(self.ranges, part)
-
     def _weight_target(self, core):
         """Where a part's weight gradient accumulates: the diff for the first part, a zeroed
         buffer of its own for the others (summed by _add_weight_parts after)."""
@@ -519,47 +520,75 @@ class ConvolutionLayer(_BaseConvolution):
     type = "Convolution"
     legacy = "CONVOLUTION"
 
-    def _gemm_forward(self, bottom, top):
-        bias = self.blobs[1].data if self.p.bias_term else None
-        for b, t in zip(bottom, top):
-            x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
-            self._over_parts(functools.partial(self._forward_part, bias), x, y)
-        self.cols_ready = len(bottom) == 1 and all(core.chunk == core.num for core in self.cores)
+    splits_batch = True
 
-    def _forward_part(self, bias, core, x, y):
+    def batch_parts(self):
+        """The parts im2col + GEMM splits the batch into on a CPU (Layer.batch_parts)."""
+        split = self.cores is not None and len(self.cores) > 1 and self.engines == ["gemm", "gemm"]
+        return self.ranges if split else None
+
+    def _gemm_forward(self, bottom, top):
+        self.backend.over_ranges(self.ranges, functools.partial(self.forward_part, bottom, top))
+
+    def forward_part(self, bottom, top, part, lo, hi):
+        core, bias = self.cores[part], self.blobs[1].data if self.p.bias_term else None
         weights = core.weights(self.blobs[0].data)
-        for lo, hi in core.chunks():
-            rows = core.data_target(y[lo:hi])
-            self.k.matmul(weights, core.columns(x[lo:hi]), out=rows)
-            core.store_data(rows, y[lo:hi], bias)
+        for b, t in zip(bottom, top):
+            x = _images(self._batch(b.data, self.channels), lo, hi)
+            y = _images(self._batch(t.data, self.p.num_output), lo, hi)
+            for a, z in core.chunks():
+                rows = core.data_target(y[a:z])
+                self.k.matmul(weights, core.columns(x[a:z]), out=rows)
+                core.store_data(rows, y[a:z], bias)
+        core.cols_ready = self.bottom_count == 1 and core.chunk == core.num
 
     def _gemm_backward(self, top, propagate_down, bottom):
-        want_weights, want_bias = self._want_params()
-        overlap = want_weights and len(self.cores) == 1 and self.cores[0].can_overlap(len(bottom))
+        if len(self.cores) > 1:  # a split batch, as the net runs a chain of such layers
+            allocate_diffs(top + bottom + self.blobs)
+            self.backend.over_ranges(self.ranges, functools.partial(self.backward_part, top, propagate_down, bottom))
+            self.backward_parts_done(top, propagate_down, bottom)
+            return
+        core, (want_weights, want_bias) = self.cores[0], self._want_params()
+        overlap = want_weights and core.can_overlap(len(bottom))
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
-            dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
             with self.backend.aside(when=overlap):  # as in _cudnn_backward
                 if want_bias:
                     self._bias_grad(dy)
-            self._over_parts(functools.partial(self._backward_part, want_weights, overlap), dy, x, dx)
-            if want_weights:
-                self._add_weight_parts()
-            if dx is not None:
-                self.cols_ready = False  # the column buffers may hold the bottom gradient
+            dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
+            self._backward_chunks(core, dy, x, dx, core.weights(self.blobs[0].diff) if want_weights else None, overlap)
 
-    def _backward_part(self, want_weights, overlap, core, dy, x, dx):
-        weights = core.weights(self.blobs[0].data)
+    def backward_part(self, top, propagate_down, bottom, part, lo, hi):
+        core, (want_weights, want_bias) = self.cores[part], self._want_params()
         diff = self._weight_target(core) if want_weights else None
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy = _images(self._batch(t.diff, self.p.num_output), lo, hi)
+            if want_bias:  # this part's rows of the channel sums (_bias_grad's first GEMV)
+                self._channel_sums(dy, self.part_sums[i, lo:hi])
+            dx = _images(self._batch(b.diff, self.channels), lo, hi) if propagate_down[i] else None
+            self._backward_chunks(core, dy, _images(self._batch(b.data, self.channels), lo, hi), dx, diff, False)
+
+    def backward_parts_done(self, top, propagate_down, bottom):
+        want_weights, want_bias = self._want_params()
+        for sums in self.part_sums[: len(top)] if want_bias else ():  # _bias_grad's second GEMV
+            self.add_row_sums(sums, self.blobs[1].diff)
+        if want_weights:
+            self._add_weight_parts()
+
+    def _backward_chunks(self, core, dy, x, dx, diff, overlap):
+        """The weight gradient (into diff, unless None) and the bottom gradient dx (unless None)
+        of one part's images, chunk by chunk; `overlap`: the weight gradient aside (a GPU's)."""
+        weights = core.weights(self.blobs[0].data)
         for lo, hi in core.chunks():
             rows = core.load_data(dy[lo:hi])
             with self.backend.aside(when=overlap and dx is not None) as aside:
-                if want_weights:
-                    core.weight_grad(rows, core.columns(x[lo:hi], ready=self.cols_ready), diff)
+                if diff is not None:
+                    core.weight_grad(rows, core.columns(x[lo:hi], ready=core.cols_ready), diff)
             if dx is not None:
                 target = core.image_target(dx[lo:hi], spare=aside)
                 self.k.matmul(weights.swapaxes(-1, -2), rows, out=target)
                 core.to_image(target, dx[lo:hi], spare=aside)
+                core.cols_ready = False  # the column buffer may hold the bottom gradient
 
 
 @register
@@ -580,41 +609,45 @@ class DeconvolutionLayer(_BaseConvolution):
         return out
 
     def _gemm_forward(self, bottom, top):
-        for b, t in zip(bottom, top):
-            x, y = self._batch(b.data, self.channels), self._batch(t.data, self.p.num_output)
-            self._over_parts(self._forward_part, x, y)
-            if self.p.bias_term:
-                y.reshape(self.num, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
+        self.backend.over_ranges(self.ranges, functools.partial(self.forward_part, bottom, top))
 
-    def _forward_part(self, core, x, y):
+    def forward_part(self, bottom, top, part, lo, hi):
+        core = self.cores[part]
         weights = core.weights(self.blobs[0].data).swapaxes(-1, -2)
-        for lo, hi in core.chunks():
-            col = core.image_target(y[lo:hi])
-            self.k.matmul(weights, core.load_data(x[lo:hi]), out=col)
-            core.to_image(col, y[lo:hi])
+        for b, t in zip(bottom, top):
+            x = _images(self._batch(b.data, self.channels), lo, hi)
+            y = _images(self._batch(t.data, self.p.num_output), lo, hi)
+            for a, z in core.chunks():
+                col = core.image_target(y[a:z])
+                self.k.matmul(weights, core.load_data(x[a:z]), out=col)
+                core.to_image(col, y[a:z])
+            if self.p.bias_term:
+                y.reshape(hi - lo, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
 
     def _gemm_backward(self, top, propagate_down, bottom):
         want_weights, want_bias = self._want_params()
-        for i, (t, b) in enumerate(zip(top, bottom)):
-            dy, x = self._batch(t.diff, self.p.num_output), self._batch(b.data, self.channels)
-            dx = self._batch(b.diff, self.channels) if propagate_down[i] else None
-            if want_bias:
-                self._bias_grad(dy)
-            self._over_parts(functools.partial(self._backward_part, want_weights), dy, x, dx)
-            if want_weights:
-                self._add_weight_parts()
+        for t in top if want_bias else ():
+            self._bias_grad(self._batch(t.diff, self.p.num_output))
+        allocate_diffs(top + bottom + self.blobs)
+        self.backend.over_ranges(self.ranges, functools.partial(self.backward_part, top, propagate_down, bottom))
+        if want_weights:
+            self._add_weight_parts()
 
-    def _backward_part(self, want_weights, core, dy, x, dx):
-        weights = core.weights(self.blobs[0].data)
-        diff = self._weight_target(core) if want_weights else None
-        for lo, hi in core.chunks():
-            col = core.columns(dy[lo:hi])
-            if want_weights:
-                core.weight_grad(core.load_data(x[lo:hi]), col, diff)
-            if dx is not None:
-                rows = core.data_target(dx[lo:hi])
-                self.k.matmul(weights, col, out=rows)
-                core.store_data(rows, dx[lo:hi])
+    def backward_part(self, top, propagate_down, bottom, part, lo, hi):
+        core = self.cores[part]
+        weights, diff = core.weights(self.blobs[0].data), self._weight_target(core) if self._want_params()[0] else None
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dy = _images(self._batch(t.diff, self.p.num_output), lo, hi)
+            x = _images(self._batch(b.data, self.channels), lo, hi)
+            dx = _images(self._batch(b.diff, self.channels), lo, hi) if propagate_down[i] else None
+            for a, z in core.chunks():
+                col = core.columns(dy[a:z])
+                if diff is not None:
+                    core.weight_grad(core.load_data(x[a:z]), col, diff)
+                if dx is not None:
+                    rows = core.data_target(dx[a:z])
+                    self.k.matmul(weights, col, out=rows)
+                    core.store_data(rows, dx[a:z])
 
 
 @register
@@ -711,9 +744,10 @@ class _Pooler:
     def forward(self, x, y, mask=None):
         if self.method == _POOL.STOCHASTIC and self.layer.phase == caffe_pb2.TRAIN:
             self.layer.backend.rng.random(dtype=self.layer.dtype, out=self.rand)
-        self._over_parts(self._forward_part, x, y, self.index if mask is None else mask)
+        index = self.index if mask is None else mask
+        self.layer.backend.over_ranges(self.ranges, functools.partial(self.forward_part, x, y, index))
 
-    def _forward_part(self, x, y, index, part, lo, hi):
+    def forward_part(self, x, y, index, part, lo, hi):
         k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
         x, y = _images(x, lo, hi), _images(y, lo, hi)
         if self.method == _POOL.MAX:
@@ -729,15 +763,10 @@ class _Pooler:
         if self.method == _POOL.STOCHASTIC and self.layer.phase != caffe_pb2.TRAIN:
             self.layer.fail("STOCHASTIC pooling has no backward in the TEST phase (Caffe's would use "
                             "indices from an earlier TRAIN pass)", NetError)
-        self._over_parts(self._backward_part, dy, dx, self.index if mask is None else mask)
+        index = self.index if mask is None else mask
+        self.layer.backend.over_ranges(self.ranges, functools.partial(self.backward_part, dy, dx, index))
 
-    def _over_parts(self, run, *arrays):
-        if len(self.ranges) == 1:  # (the whole batch: no calls more at batch 1)
-            run(*arrays, 0, *self.ranges[0])
-        else:
-            self.layer.backend.over_ranges(self.ranges, functools.partial(run, *arrays))
-
-    def _backward_part(self, dy, dx, index, part, lo, hi):
+    def backward_part(self, dy, dx, index, part, lo, hi):
         k, geometry, work = self.k, (self.kernel, self.stride, self.pad), self._work(part)
         dy, dx = _images(dy, lo, hi), _images(dx, lo, hi)
         if self.method == _POOL.MAX:
@@ -808,6 +837,20 @@ class PoolingLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             self.pooler.backward(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else None)
+
+    splits_batch = True
+
+    def batch_parts(self):
+        return self.pooler.ranges if len(self.pooler.ranges) > 1 else None
+
+    def forward_part(self, bottom, top, part, lo, hi):
+        self.pooler.forward_part(bottom[0].data, top[0].data, top[1].data if len(top) > 1 else self.pooler.index,
+                                 part, lo, hi)
+
+    def backward_part(self, top, propagate_down, bottom, part, lo, hi):
+        if propagate_down[0]:
+            self.pooler.backward_part(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else self.pooler.index,
+                                      part, lo, hi)
 
 
 @register

@@ -14,11 +14,13 @@ weight-file formats through espresso.net.files.register_format.
 """
 
 import collections
+import functools
 import os
 
 import numpy as np
 
 from espresso import graphs
+from espresso.blob import allocate_diffs
 from espresso.errors import EspressoError, NetError, ShapeError, did_you_mean
 from espresso.hostview import host_sync
 from espresso.net.build import TEST, TRAIN, Builder, filter_layers, insert_splits, load_net_param
@@ -186,11 +188,15 @@ class Net(PycaffeNet):
 
     def forward_layers(self, start, end, losses=True):
         """Run layers start..end eagerly; the weighted loss terms (device scalars), unsummed
-        (not computed when not `losses`)."""
+        (not computed when not `losses`).  A chain of layers that split the batch alike runs as
+        one split (Layer.batch_parts), where no callbacks run between them."""
         terms, hooks = [], any(self._callbacks.values())  # (a call per layer less at batch 1)
         self._decide_per_call(start, end, hooks)
+        chain = _Chain(self, forward=True)
         for i in range(start, end + 1):
             layer, bottom, top = self.engine_layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            if not layer.splits_batch:
+                chain.run()  # before this layer's reshape, which may read its bottoms
             if hooks:
                 self._call("before_forward", i)
             if self._checked_at[i] != graphs.version(self.backend):  # some blob changed shape since: look
@@ -199,28 +205,41 @@ class Net(PycaffeNet):
                     layer.reshape(bottom, top)
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = graphs.version(self.backend)
+            if not hooks and not any(layer.loss_weights) and chain.add(i):
+                continue
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]
             if hooks:
                 self._call("after_forward", i)
+        chain.run()
         return terms
 
     def backward_range(self, start, end):
-        """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo)."""
+        """Backpropagate from layer start down to layer end (Caffe's BackwardFromTo), chains of
+        layers that split the batch alike as one split (as forward_layers)."""
         self.sync()
+        hooks = any(self._callbacks.values())
+        chain = _Chain(self, forward=False)
         # param grads may run aside, joined at the end (not when callbacks may read them between)
-        with self.backend.overlapping(not any(self._callbacks.values())):
+        with self.backend.overlapping(not hooks):
             for i in range(start, end - 1, -1):
                 self._call("before_backward", i)
+                if self.layer_need_backward[i] and not hooks and chain.add(i):
+                    continue
+                chain.run()
                 if self.layer_need_backward[i]:
                     # a diff that other layers accumulate into too is never written by two streams
                     with self.backend.overlapping(not self._shares_params[i]):
                         layer = self.engine_layers[i]
                         layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
-                self._call("after_backward", i)
-                for final in self.gradients_final:
-                    final(i)
+                self._layer_backward_done(i)
+            chain.run()
+
+    def _layer_backward_done(self, i):
+        self._call("after_backward", i)
+        for final in self.gradients_final:
+            final(i)
 
     def forward_backward(self):
         """One loss evaluation and gradient accumulation; returns the loss (Caffe's ForwardBackward)."""
@@ -307,3 +326,59 @@ def _pycaffe_args(args, phase, weights):
     if phase not in (None, TRAIN, TEST):
         raise EspressoError(f"phase must be espresso.TRAIN or espresso.TEST, got {phase!r}")
     return phase, weights
+
+
+class _Chain:
+    """Consecutive layers of one pass that split the batch alike (Layer.batch_parts): they run as
+    one split, each part's images through all of them on one thread, so a pass forks and joins
+    its threads once per chain rather than once per layer (LeNet: 4 layers a chain each way).
+    A chain of one runs as the layer alone."""
+
+    def __init__(self, net, forward):
+        self.net, self.forward, self.layers, self.ranges = net, forward, [], None
+
+    def add(self, i):
+        """Take layer i if it splits the batch (True); runs the chain so far first where its
+        ranges differ."""
+        layer = self.net.engine_layers[i]
+        ranges = layer.batch_parts() if layer.splits_batch else None
+        if ranges != self.ranges:
+            self.run()
+        if ranges is not None:
+            self.layers.append(i)
+            self.ranges = ranges
+        return ranges is not None
+
+    def run(self):
+        layers, ranges, net = self.layers, self.ranges, self.net
+        self.layers, self.ranges = [], None
+        if len(layers) == 1:
+            self._whole(layers[0])
+        elif layers and self.forward:
+            net.backend.over_ranges(ranges, functools.partial(self._forward_parts, layers))
+        elif layers:
+            allocate_diffs(b for i in layers for b in net.top_vecs[i] + net.bottom_vecs[i] + net.engine_layers[i].blobs)
+            net.backend.over_ranges(ranges, functools.partial(self._backward_parts, layers))
+            for i in layers:
+                net.engine_layers[i].backward_parts_done(net.top_vecs[i], net.bottom_need_backward[i],
+                                                         net.bottom_vecs[i])
+                net._layer_backward_done(i)
+
+    def _whole(self, i):
+        net, layer = self.net, self.net.engine_layers[i]
+        if self.forward:
+            layer.forward(net.bottom_vecs[i], net.top_vecs[i])
+        else:
+            layer.backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            net._layer_backward_done(i)
+
+    def _forward_parts(self, layers, part, lo, hi):
+        net = self.net
+        for i in layers:
+            net.engine_layers[i].forward_part(net.bottom_vecs[i], net.top_vecs[i], part, lo, hi)
+
+    def _backward_parts(self, layers, part, lo, hi):
+        net = self.net
+        for i in layers:
+            net.engine_layers[i].backward_part(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i],
+                                               part, lo, hi)

@@ -112,8 +112,11 @@ class CPUBackend(Backend):
         return list(zip(bounds[:-1], bounds[1:]))
 
     def over_ranges(self, ranges, run):
+        if len(ranges) == 1:  # (the whole batch: no calls more at batch 1)
+            run(0, *ranges[0])
+            return
         jobs = [functools.partial(run, part, lo, hi) for part, (lo, hi) in enumerate(ranges)]
-        if len(jobs) < 2 or self.threads < 2 or not self._workers.claim():
+        if self.threads < 2 or not self._workers.claim():
             for job in jobs:  # (one part, or the threads busy with another caller's batch)
                 job()
             return
