@@ -125,14 +125,11 @@ class Layer:
             self.fail("cannot backpropagate to its inputs", NetError)
 
     # A layer that splits its batch into parts run side by side (backend.batch_ranges: a CPU's
-    # threads) says so: splits_batch, and batch_parts() gives the ranges of its next pass (None:
-    # it runs whole).  The net runs a chain of such layers with the same ranges as one split,
-    # each part's images through all of them on one thread (forward_part, backward_part), then
+    # threads) may set batch_parts to those ranges in reshape (None: it runs whole, or not in a
+    # chain).  The net runs a chain of such layers with the same ranges as one split, each
+    # part's images through all of them on one thread (forward_part, backward_part), then
     # backward_parts_done gathers what the parts left aside (Net.forward_layers, backward_range)
-    splits_batch = False
-
-    def batch_parts(self):
-        return None
+    batch_parts = None
 
     def forward_part(self, bottom, top, part, lo, hi):
         raise NotImplementedError

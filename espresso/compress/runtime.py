@@ -173,7 +173,7 @@ class _Wrapper:
     may belong to a FusedRun."""
 
     run = None
-    splits_batch = False  # its forward is its own: not the inner layer's parts (Net's chains)
+    batch_parts = None  # its forward is its own: not the inner layer's parts (Net's chains)
 
     def __init__(self, inner):
         self.inner = inner

@@ -312,6 +312,10 @@ class _BaseConvolution(Layer):
             self.core_shape = shape
             if len(self.ranges) > 1 and self.p.bias_term:  # each part's channel sums in its rows
                 self.part_sums = self.xp.empty((len(bottom), self.num, self.p.num_output), self.dtype)
+            # a convolution's parts run in the net's chains (Layer.batch_parts); a deconvolution's
+            # bias gradient needs its whole top diff first
+            split = len(self.ranges) > 1 and self.cores is not None and not self.transposed
+            self.batch_parts = self.ranges if split else None
         self.ones(max(self.top_pixels, self.num))  # sized here: not first made by work put aside
 
     def _cudnn_plan(self, image, data):
@@ -519,13 +523,6 @@ class ConvolutionLayer(_BaseConvolution):
 
     type = "Convolution"
     legacy = "CONVOLUTION"
-
-    splits_batch = True
-
-    def batch_parts(self):
-        """The parts im2col + GEMM splits the batch into on a CPU (Layer.batch_parts)."""
-        split = self.cores is not None and len(self.cores) > 1 and self.engines == ["gemm", "gemm"]
-        return self.ranges if split else None
 
     def _gemm_forward(self, bottom, top):
         self.backend.over_ranges(self.ranges, functools.partial(self.forward_part, bottom, top))
@@ -827,6 +824,7 @@ class PoolingLayer(Layer):
             kernel = shape[2:] if self.p.global_pooling else self.kernel
             ceil = self.p.round_mode == _POOL.CEIL
             self.pooler = _Pooler(self, self.p.pool, shape, kernel, self.stride, self.pad, ceil)
+            self.batch_parts = self.pooler.ranges if len(self.pooler.ranges) > 1 else None
             self.shape = shape
         for blob in top:
             blob.reshape(self.pooler.y_shape)
@@ -837,11 +835,6 @@ class PoolingLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             self.pooler.backward(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else None)
-
-    splits_batch = True
-
-    def batch_parts(self):
-        return self.pooler.ranges if len(self.pooler.ranges) > 1 else None
 
     def forward_part(self, bottom, top, part, lo, hi):
         self.pooler.forward_part(bottom[0].data, top[0].data, top[1].data if len(top) > 1 else self.pooler.index,

@@ -195,7 +195,7 @@ class Net(PycaffeNet):
         chain = _Chain(self, forward=True)
         for i in range(start, end + 1):
             layer, bottom, top = self.engine_layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            if not layer.splits_batch:
+            if chain.layers and layer.batch_parts is None:
                 chain.run()  # before this layer's reshape, which may read its bottoms
             if hooks:
                 self._call("before_forward", i)
@@ -205,7 +205,7 @@ class Net(PycaffeNet):
                     layer.reshape(bottom, top)
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = graphs.version(self.backend)
-            if not hooks and not any(layer.loss_weights) and chain.add(i):
+            if layer.batch_parts is not None and not hooks and not any(layer.loss_weights) and chain.add(i):
                 continue
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
@@ -225,7 +225,8 @@ class Net(PycaffeNet):
         with self.backend.overlapping(not hooks):
             for i in range(start, end - 1, -1):
                 self._call("before_backward", i)
-                if self.layer_need_backward[i] and not hooks and chain.add(i):
+                if self.engine_layers[i].batch_parts is not None and self.layer_need_backward[i] and not hooks \
+                        and chain.add(i):
                     continue
                 chain.run()
                 if self.layer_need_backward[i]:
@@ -338,19 +339,19 @@ class _Chain:
         self.net, self.forward, self.layers, self.ranges = net, forward, [], None
 
     def add(self, i):
-        """Take layer i if it splits the batch (True); runs the chain so far first where its
+        """Take layer i (its batch_parts set; True), running the chain so far first where its
         ranges differ."""
-        layer = self.net.engine_layers[i]
-        ranges = layer.batch_parts() if layer.splits_batch else None
+        ranges = self.net.engine_layers[i].batch_parts
         if ranges != self.ranges:
             self.run()
-        if ranges is not None:
-            self.layers.append(i)
-            self.ranges = ranges
-        return ranges is not None
+        self.layers.append(i)
+        self.ranges = ranges
+        return True
 
     def run(self):
         layers, ranges, net = self.layers, self.ranges, self.net
+        if not layers:
+            return
         self.layers, self.ranges = [], None
         if len(layers) == 1:
             self._whole(layers[0])
