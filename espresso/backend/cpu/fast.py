@@ -2,10 +2,10 @@
 
 NumPy runs pooling and col2im as strided passes whose inner loops are a few elements long
 (an 8x8 map), so Python-level overhead and cache misses dominate.  These kernels walk each
-(image, channel) plane once, as Caffe's CPU loops do.  They run on one thread on purpose: the
-threads belong to BLAS, whose workers keep spinning for a while after each GEMM, and a parallel
-loop between two GEMMs fights them (measured on 2 cores: im2col + GEMM 14 ms parallel, 3.8 ms
-serial).
+(image, channel) plane once, as Caffe's CPU loops do.  Each runs on one thread: the layers run
+them on a part of the batch per thread (backend.over_ranges), whereas a Numba parallel loop
+between two GEMMs fought BLAS's spinning workers (measured on 2 cores: im2col + GEMM 14 ms
+parallel, 3.8 ms serial) and, with them asleep, gained nothing on LeNet's pooling.
 `kernels.py` calls them for 2-D cases when Numba is installed and falls back to NumPy
 otherwise; both paths are tested against each other.
 
