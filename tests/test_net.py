@@ -527,3 +527,26 @@ def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads
     for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert np.abs(results[1][1]).max() > 0  # the input's gradient came through all four layers
+
+
+def test_a_convolution_with_a_loss_weight_runs_after_the_chain_before_it():
+    """It could split but is not chained (its loss is read after its forward): the convolution
+    before it must have run first."""
+    text = ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" input_param { shape { dim: 4 '
+            'dim: 2 dim: 8 dim: 8 } } }\n' + conv_layer("c1", "x", "num_output: 3 kernel_size: 3 pad: 1")
+            + conv_layer("c2", "c1", "num_output: 2 kernel_size: 3").replace('top: "c2"', 'top: "c2" loss_weight: 1'))
+    before, results = backend.get("cpu").threads, []
+    try:
+        for count in (1, 3):
+            caffe.set_num_threads(count)
+            net = net_from(text)
+            rng = np.random.default_rng(3)
+            for blob in [b for blobs in net.params.values() for b in blobs] + [net.blobs["x"]]:
+                blob.data[...] = rng.standard_normal(blob.data.shape)
+            loss = net.forward()["c2"].sum()
+            net.backward()
+            results.append([loss, net.blobs["x"].diff.copy(), net.params["c1"][0].diff.copy()])
+    finally:
+        caffe.set_num_threads(before)
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)

@@ -734,8 +734,8 @@ class _Pooler:
         self.rand = xp.empty(self.y_shape, layer.dtype) if method == _POOL.STOCHASTIC else None
 
     def _work(self, part):
-        if self.work is None:
-            return None
+        if self.work is None or len(self.ranges) == 1:
+            return self.work
         return self.work[self.work_ends[part - 1] if part else 0: self.work_ends[part]]
 
     def forward(self, x, y, mask=None):

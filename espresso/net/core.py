@@ -207,6 +207,7 @@ class Net(PycaffeNet):
                 self._checked_at[i] = graphs.version(self.backend)
             if layer.batch_parts is not None and not hooks and not any(layer.loss_weights) and chain.add(i):
                 continue
+            chain.run()  # (a layer that could split but runs alone here, after its reshape)
             layer.forward(bottom, top)
             if losses and (layer.is_loss or any(layer.loss_weights)):  # before the callbacks, as Caffe
                 terms += [(blob.data * blob.diff).sum() for blob, w in zip(top, layer.loss_weights) if w]

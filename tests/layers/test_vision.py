@@ -2,13 +2,18 @@
 
 import itertools
 import math
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 import espresso
 from espresso import backend as backends
+from espresso.backend.cpu.batch_threads import BatchThreads
 from espresso.errors import LayerParamError, NetError, ShapeError
 from espresso.layers import vision
 from espresso.testing import TEST, TRAIN, LayerRun, assert_close, check_layer
@@ -357,6 +362,49 @@ def test_a_second_caller_runs_its_parts_itself_while_the_threads_are_busy():
     finally:
         espresso.set_num_threads(before)
     assert [i[:3] for i in inner] == [(0, 0, 2, ), (1, 2, 4)] and len({i[3] for i in inner}) == 1
+
+
+def test_the_caller_waits_for_every_part_even_when_interrupted():
+    """A Ctrl-C while the caller waits is raised once the other parts are done: a part still
+    running would write after the caller reads, and its late end would cut a later split short."""
+    threads, finished = BatchThreads(), []
+    threads.run([lambda: None, lambda: None])  # the worker exists
+    wait = threads._done[0].wait
+
+    def interrupted(*args):
+        threads._done[0].wait = wait
+        raise KeyboardInterrupt
+    threads._done[0].wait = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        threads.run([lambda: None, lambda: (time.sleep(0.2), finished.append(1))])
+    assert finished == [1]
+    threads.run([lambda: None, lambda: (time.sleep(0.1), finished.append(2))])
+    assert finished == [1, 2]
+
+
+def test_a_forked_child_splits_with_threads_of_its_own():
+    threads = BatchThreads()
+    threads.run([lambda: None, lambda: None])
+    pid = os.fork()
+    if pid == 0:  # the child: a deadlock ends it by the alarm
+        signal.alarm(20)
+        ran = []
+        threads.run([lambda: ran.append(0), lambda: ran.append(1)])
+        os._exit(0 if sorted(ran) == [0, 1] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_a_split_leaves_the_blas_threads_as_it_found_them():
+    cpu, before = backends.get("cpu"), backends.get("cpu").threads
+    espresso.set_num_threads(2)
+    try:
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):  # a user's limit around a net
+            cpu.over_ranges(cpu.batch_ranges(4), lambda part, lo, hi: None)
+            assert {lib.get_num_threads() for lib in cpu._blas} == {1}
+        assert {lib.get_num_threads() for lib in cpu._blas} == {2}
+    finally:
+        espresso.set_num_threads(before)
 
 
 # *** Im2col ***

@@ -120,11 +120,13 @@ class CPUBackend(Backend):
             for job in jobs:  # (one part, or the threads busy with another caller's batch)
                 job()
             return
+        before = [lib.get_num_threads() for lib in self._blas]  # (a user's threadpool_limits, say)
         try:
             self._set_blas_threads(1)  # each part's GEMMs on its own thread
             self._workers.run(jobs)
         finally:
-            self._set_blas_threads(self.threads)
+            for lib, count in zip(self._blas, before):
+                lib.set_num_threads(count)
             self._workers.release()
 
     def seed(self, seed):

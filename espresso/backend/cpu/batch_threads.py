@@ -6,6 +6,7 @@ per-image GEMMs of a first convolution on one core (LeNet at batch 64 on 2 cores
 of the images, every GEMM on one BLAS thread: benchmarks/results/lenet_cpu.txt measures it.
 """
 
+import os
 import threading
 
 
@@ -15,8 +16,11 @@ class BatchThreads:
     and runs its jobs in turn itself."""
 
     def __init__(self):
-        self._go = []  # a semaphore per worker thread
-        self._done = threading.Semaphore(0)
+        self._start_over()
+        os.register_at_fork(after_in_child=self._start_over)  # a forked child has none of the threads
+
+    def _start_over(self):
+        self._go, self._done = [], []  # a semaphore and an event per worker thread
         self._busy = threading.Lock()
         self._jobs, self._errors = [], []
 
@@ -31,22 +35,37 @@ class BatchThreads:
         all are done, raising the first error any of them raised."""
         workers = len(jobs) - 1
         while len(self._go) < workers:
-            go = threading.Semaphore(0)
-            threading.Thread(target=self._serve, args=(len(self._go), go), daemon=True,
+            go, done = threading.Semaphore(0), threading.Event()
+            threading.Thread(target=self._serve, args=(len(self._go), go, done), daemon=True,
                              name=f"espresso-batch-{len(self._go) + 1}").start()
             self._go.append(go)
+            self._done.append(done)
         self._jobs[:], self._errors[:] = jobs[1:], []
-        for go in self._go[:workers]:
+        for go, done in zip(self._go[:workers], self._done):
+            done.clear()
             go.release()
         try:
             jobs[0]()
         finally:
-            for _ in range(workers):
-                self._done.acquire()
+            self._wait(self._done[:workers])
         if self._errors:
             raise self._errors[0]
 
-    def _serve(self, index, go):
+    @staticmethod
+    def _wait(events):
+        """Until every worker is done, even through a KeyboardInterrupt (raised after): the
+        caller must not read its results, or start another batch, while a worker still runs."""
+        interrupted = None
+        for event in events:
+            while not event.is_set():
+                try:
+                    event.wait()
+                except BaseException as error:  # noqa: BLE001 (raised once the workers are done)
+                    interrupted = error
+        if interrupted is not None:
+            raise interrupted
+
+    def _serve(self, index, go, done):
         while True:
             go.acquire()
             try:
@@ -54,4 +73,4 @@ class BatchThreads:
             except BaseException as error:  # noqa: BLE001 (handed to the caller, which raises it)
                 self._errors.append(error)
             finally:
-                self._done.release()
+                done.set()
