@@ -830,20 +830,22 @@ class PoolingLayer(Layer):
             blob.reshape(self.pooler.y_shape)
 
     def forward(self, bottom, top):
-        self.pooler.forward(bottom[0].data, top[0].data, top[1].data if len(top) > 1 else None)
+        self.pooler.forward(bottom[0].data, top[0].data, self._mask(top))
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
-            self.pooler.backward(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else None)
+            self.pooler.backward(top[0].diff, bottom[0].diff, self._mask(top))
 
     def forward_part(self, bottom, top, part, lo, hi):
-        self.pooler.forward_part(bottom[0].data, top[0].data, top[1].data if len(top) > 1 else self.pooler.index,
-                                 part, lo, hi)
+        self.pooler.forward_part(bottom[0].data, top[0].data, self._mask(top), part, lo, hi)
 
     def backward_part(self, top, propagate_down, bottom, part, lo, hi):
         if propagate_down[0]:
-            self.pooler.backward_part(top[0].diff, bottom[0].diff, top[1].data if len(top) > 1 else self.pooler.index,
-                                      part, lo, hi)
+            self.pooler.backward_part(top[0].diff, bottom[0].diff, self._mask(top), part, lo, hi)
+
+    def _mask(self, top):
+        """Where the argmax goes: the second top, else the pooler's own index (None: AVE)."""
+        return top[1].data if len(top) > 1 else self.pooler.index
 
 
 @register

@@ -205,7 +205,8 @@ class Net(PycaffeNet):
                     layer.reshape(bottom, top)
                     self._reshaped_for[i] = shapes
                 self._checked_at[i] = graphs.version(self.backend)
-            if layer.batch_parts is not None and not hooks and not any(layer.loss_weights) and chain.add(i):
+            if layer.batch_parts is not None and not hooks and not any(layer.loss_weights):
+                chain.add(i)
                 continue
             chain.run()  # (a layer that could split but runs alone here, after its reshape)
             layer.forward(bottom, top)
@@ -226,8 +227,8 @@ class Net(PycaffeNet):
         with self.backend.overlapping(not hooks):
             for i in range(start, end - 1, -1):
                 self._call("before_backward", i)
-                if self.engine_layers[i].batch_parts is not None and self.layer_need_backward[i] and not hooks \
-                        and chain.add(i):
+                if self.engine_layers[i].batch_parts is not None and self.layer_need_backward[i] and not hooks:
+                    chain.add(i)
                     continue
                 chain.run()
                 if self.layer_need_backward[i]:
@@ -333,45 +334,32 @@ def _pycaffe_args(args, phase, weights):
 class _Chain:
     """Consecutive layers of one pass that split the batch alike (Layer.batch_parts): they run as
     one split, each part's images through all of them on one thread, so a pass forks and joins
-    its threads once per chain rather than once per layer (LeNet: 4 layers a chain each way).
-    A chain of one runs as the layer alone."""
+    its threads once per chain rather than once per layer (LeNet: 4 layers a chain each way)."""
 
     def __init__(self, net, forward):
         self.net, self.forward, self.layers, self.ranges = net, forward, [], None
 
     def add(self, i):
-        """Take layer i (its batch_parts set; True), running the chain so far first where its
-        ranges differ."""
+        """Take layer i (its batch_parts set), running the chain so far first where its ranges
+        differ."""
         ranges = self.net.engine_layers[i].batch_parts
         if ranges != self.ranges:
             self.run()
         self.layers.append(i)
         self.ranges = ranges
-        return True
 
     def run(self):
         layers, ranges, net = self.layers, self.ranges, self.net
         if not layers:
             return
         self.layers, self.ranges = [], None
-        if len(layers) == 1:
-            self._whole(layers[0])
-        elif layers and self.forward:
-            net.backend.over_ranges(ranges, functools.partial(self._forward_parts, layers))
-        elif layers:
-            allocate_diffs(b for i in layers for b in net.top_vecs[i] + net.bottom_vecs[i] + net.engine_layers[i].blobs)
-            net.backend.over_ranges(ranges, functools.partial(self._backward_parts, layers))
-            for i in layers:
-                net.engine_layers[i].backward_parts_done(net.top_vecs[i], net.bottom_need_backward[i],
-                                                         net.bottom_vecs[i])
-                net._layer_backward_done(i)
-
-    def _whole(self, i):
-        net, layer = self.net, self.net.engine_layers[i]
         if self.forward:
-            layer.forward(net.bottom_vecs[i], net.top_vecs[i])
-        else:
-            layer.backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            net.backend.over_ranges(ranges, functools.partial(self._forward_parts, layers))
+            return
+        allocate_diffs(b for i in layers for b in net.top_vecs[i] + net.bottom_vecs[i] + net.engine_layers[i].blobs)
+        net.backend.over_ranges(ranges, functools.partial(self._backward_parts, layers))
+        for i in layers:
+            net.engine_layers[i].backward_parts_done(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
             net._layer_backward_done(i)
 
     def _forward_parts(self, layers, part, lo, hi):
