@@ -55,7 +55,7 @@ KERNELS = ("matmul", "matmul_bias", "im2col_workspace_size", "im2col", "col2im",
 FUSED_KERNELS = ("relu_forward", "relu_backward", "softmax_forward", "softmax_loss_forward", "softmax_loss_backward",
                  "accuracy_forward", "direct_conv_forward", "direct_conv_weight_grad", "sgd_update", "gather_batch",
                  "record_iteration", "csr_matrix", "channel_sums_workspace_size", "channel_sums", "batch_norm_forward",
-                 "batch_norm_backward", "scale_forward", "add_relu", "matmul_bias_relu")
+                 "batch_norm_backward", "scale_forward", "add_relu", "matmul_bias_relu", "im2row", "row2im")
 
 _CACHE = {}
 _MODULES = {"cpu": "espresso.backend.cpu", "cuda": "espresso.backend.cuda"}

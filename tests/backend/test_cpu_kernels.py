@@ -1,5 +1,5 @@
 """The CPU named primitives against plain loop references: im2col/col2im (both column layouts,
-adjointness), pooling forward/backward, LRN across channels, the accumulating GEMM."""
+adjointness), im2row/row2im, pooling forward/backward, LRN across channels, the accumulating GEMM."""
 
 import itertools
 import math
@@ -114,6 +114,39 @@ def test_col2im_matches_loops():
     got = np.empty(shape)
     K.col2im(col.reshape(2, -1, math.prod(out)), got, kernel, stride, pad, dilation)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+GEOMETRIES_2D = [case for case in GEOMETRIES if len(case[0]) == 4]
+
+
+def pixel_rows_case(kernel_path):
+    if kernel_path == "numpy":
+        pytest.skip("im2row and row2im are Numba's (None without it)")
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad, dilation", GEOMETRIES_2D)
+def test_im2row_is_im2col_transposed(kernel_path, shape, kernel, stride, pad, dilation):
+    """Rows (N*OH*OW, kh*kw*C): one per output pixel, each in (kh, kw, c) order."""
+    pixel_rows_case(kernel_path)
+    x, (n, c) = rand(shape), shape[:2]
+    out = out_shape(shape[2:], kernel, stride, pad, dilation)
+    rows = np.full((n * math.prod(out), math.prod(kernel) * c), np.nan)
+    K.im2row(x, rows, kernel, stride, pad, dilation, work_for(shape, pad, True))
+    want = im2col_ref(x, kernel, stride, pad, dilation).transpose(0, 4, 5, 2, 3, 1)  # (N, *O, *K, C)
+    np.testing.assert_array_equal(rows.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad, dilation", GEOMETRIES_2D)
+def test_row2im_is_the_adjoint_of_im2row(kernel_path, shape, kernel, stride, pad, dilation):
+    pixel_rows_case(kernel_path)
+    x, (n, c) = rand(shape, seed=1), shape[:2]
+    out = out_shape(shape[2:], kernel, stride, pad, dilation)
+    y = rand((n * math.prod(out), math.prod(kernel) * c), seed=2)
+    rows, work = np.empty_like(y), work_for(shape, pad, True)
+    K.im2row(x, rows, kernel, stride, pad, dilation, work)
+    back = np.full(shape, 123.0)
+    K.row2im(y, back, kernel, stride, pad, dilation, work)
+    assert np.isclose((rows * y).sum(), (x * back).sum(), rtol=1e-12)
 
 
 def test_im2col_float32():

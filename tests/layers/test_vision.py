@@ -36,13 +36,23 @@ def raises(error, snippet, bottoms, match=None, **kwargs):
         LayerRun(snippet, bottoms, **kwargs).forward()
 
 
-@pytest.fixture(params=["batch_major", "batch_last"])
+@pytest.fixture(params=["batch_major", "batch_last", "pixel_rows"])
 def layout(request, monkeypatch):
-    """Run a convolution test with each column layout (the layer picks one by map size)."""
+    """Run a convolution test with each column layout (the layer picks one by its shapes; pixel
+    rows where it can: two or more images, 2-D, one group, not 1x1, with Numba).  On one thread,
+    so that the batch stays whole (the `threads` fixture, listed after, splits it again): split
+    over 2 cores, a batch of 2 is two parts of 1 image, which take the batch-major layout."""
+    cpu = backends.get("cpu")
+    if request.param == "pixel_rows" and cpu.k.im2row is None:
+        pytest.skip("pixel rows need Numba (pip install espresso-nn[fast])")
     major = request.param == "batch_major"
     monkeypatch.setattr(vision, "BATCH_LAST_BELOW", 0 if major else 10 ** 9)
     monkeypatch.setattr(vision, "BATCH_LAST_ROWS", 10 ** 9 if major else 0)
-    return request.param
+    monkeypatch.setattr(vision, "PIXEL_ROWS", 0 if request.param == "pixel_rows" else 10 ** 9)
+    before = cpu.threads
+    espresso.set_num_threads(1)
+    yield request.param
+    espresso.set_num_threads(before)
 
 
 # *** references ***
@@ -162,15 +172,29 @@ CONV_CASES = [  # shape, fields, stride, pad, dilation, group, bias
      (2, 1), (1, 0), (1, 1), 1, True),
     ((2, 2, 6, 5), "num_output: 3 kernel_size: 3 kernel_size: 2 stride: 1 stride: 2 pad: 0 pad: 1",
      (1, 2), (0, 1), (1, 1), 1, False),
+    ((3, 2, 7, 6), "num_output: 3 kernel_size: 3 stride: 2 pad: 1 dilation: 2", (2, 2), (1, 1), (2, 2), 1, True),
+    ((2, 3, 6, 7), "num_output: 2 kernel_size: 2 dilation: 1 dilation: 2 pad: 1", (1, 1), (1, 1), (1, 2), 1, True),
+    ((2, 2, 7, 5), "num_output: 2 kernel_size: 2 dilation: 3 dilation: 1", (1, 1), (0, 0), (3, 1), 1, True),
 ]
+
+
+def assert_layout(layer, layout):
+    """Pixel rows, when asked for, wherever the shapes allow them: two or more images, 2-D, one
+    group, not 1x1."""
+    if layout != "pixel_rows":
+        return
+    unit = set(layer.kernel + layer.stride) == {1} and not any(layer.pad)
+    possible = layer.p.group == 1 and len(layer.kernel) == 2 and not unit
+    assert [core.pixel_rows for core in layer.cores] == [possible and core.num > 1 for core in layer.cores]
 
 
 @pytest.mark.parametrize("shape, fields, stride, pad, dilation, group, bias", CONV_CASES)
 def test_convolution(layout, shape, fields, stride, pad, dilation, group, bias):
-    check_layer(
+    run = check_layer(
         conv_snippet(fields, bias), [randn(*shape)],
         reference=lambda b, p: [conv_ref(b[0], p[0], p[1] if bias else None, stride, pad, dilation, group)],
         reshape_batch=3)
+    assert_layout(run.layer, layout)
 
 
 def test_convolution_weight_shape_and_output_shape():
@@ -274,6 +298,8 @@ DECONV_CASES = [  # shape, fields, stride, pad, dilation, group, bias, top shape
      True, (2, 2, 5, 5)),
     ((1, 2, 2, 3), "num_output: 3 kernel_size: 2 stride: 3", (3, 3), (0, 0), (1, 1), 1, False, (1, 3, 5, 8)),
     ((2, 3, 3, 3), "num_output: 2 kernel_size: 1", (1, 1), (0, 0), (1, 1), 1, True, (2, 2, 3, 3)),
+    ((2, 2, 3, 4), "num_output: 3 kernel_size: 3 stride: 2 pad: 2 dilation: 2", (2, 2), (2, 2), (2, 2), 1, False,
+     (2, 3, 5, 7)),
 ]
 
 
@@ -285,6 +311,7 @@ def test_deconvolution(layout, shape, fields, stride, pad, dilation, group, bias
         top_shapes=[top], reshape_batch=3)
     c_out = int(fields.split()[1])
     assert run.layer.blobs[0].shape[:2] == (shape[1], c_out // group)
+    assert_layout(run.layer, layout)
 
 
 def test_deconvolution_is_convolution_transposed():
@@ -324,6 +351,7 @@ def test_convolution_runs_the_batch_in_parts(layout, threads, kind):
     run = check_layer(conv_snippet("num_output: 4 kernel_size: 3 stride: 2 pad: 1", kind=kind), [randn(5, 2, 5, 4)],
                       reference=lambda b, p: [ref(b[0], p[0], p[1], (2, 2), (1, 1), (1, 1), 1)])
     assert [core.num for core in run.layer.cores] == PARTS[threads]
+    assert_layout(run.layer, layout)  # with 3 threads, parts of 1 and 2 images: two layouts at once
 
 
 @pytest.mark.parametrize("pool, kernel", [("MAX", 3), ("AVE", 2)])

@@ -144,6 +144,43 @@ def col2im_2d_batch_last(col, staged, kh, kw, sh, sw, dh, dw):
 
 
 @numba.njit(**_JIT)
+def im2row_2d(staged, col, sh, sw, dh, dw):
+    """col (N, OH, OW, kh, kw, C) = the windows of staged (N, H', W', C), its padding in place.
+    A window row is one run of kw*C cells when dw = 1 (LeNet's conv2: 100), else kw runs of C:
+    2.5x faster than a loop per cell."""
+    _rows_and_image(staged, col, sh, sw, dh, dw, False)
+
+
+@numba.njit(**_JIT)
+def row2im_2d(col, staged, sh, sw, dh, dw):
+    """The adjoint of im2row_2d: staged (N, H', W', C) = the sums of the row entries that read
+    it (the caller moves the interior back to (N, C, H, W))."""
+    staged[...] = 0
+    _rows_and_image(staged, col, sh, sw, dh, dw, True)
+
+
+@numba.njit(nogil=True, inline="always")
+def _rows_and_image(staged, col, sh, sw, dh, dw, to_image):
+    n_img, out_h, out_w, kh, kw, chans = col.shape
+    run, taps = (kw * chans, 1) if dw == 1 else (chans, kw)
+    image = staged.reshape(n_img, staged.shape[1], staged.shape[2] * chans)
+    rows = col.reshape(n_img, out_h, out_w, kh * kw * chans)
+    for n in range(n_img):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                for i in range(kh):
+                    for j in range(taps):
+                        at, to = (ow * sw + j * dw) * chans, (i * kw + j) * chans
+                        cells, row = image[n, oh * sh + i * dh, at:at + run], rows[n, oh, ow, to:to + run]
+                        if to_image:
+                            for e in range(run):
+                                cells[e] += row[e]
+                        else:
+                            for e in range(run):
+                                row[e] = cells[e]
+
+
+@numba.njit(**_JIT)
 def sgd_update(w, g, h, ends, lr_mult, decay, rate, momentum, normalize, regularization):
     """Caffe's SGD step in one pass over the arena, param by param (segments end at `ends`),
     in the float32 operations and order of ArenaUpdater's NumPy steps (and the CUDA kernel):

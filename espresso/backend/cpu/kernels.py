@@ -85,26 +85,29 @@ def _offsets(kernel):
     return itertools.product(*(range(k) for k in kernel))
 
 
-def _stage(x, work, lead, pad, extent, value, batch_last):
+def _stage(x, work, pad, extent, value, last=None):
     """Copy x (N, C, *S) into `work` of spatial size `extent` at offset `pad`, the rest set to
-    `value`; batch_last puts the batch innermost: (C, *extent, N).  Returns the staged array."""
+    `value`.  `last` moves an axis of x innermost: 0 the batch, (C, *extent, N); 1 the channels,
+    (N, *extent, C); None neither, (N, C, *extent).  Returns the staged array."""
     n, c, *spatial = x.shape
-    shape = (c, *extent, n) if batch_last else (n, c, *extent)
+    shape = {None: (n, c, *extent), 0: (c, *extent, n), 1: (n, *extent, c)}[last]
     staged = _carve(work, shape, x.dtype)
+    lead = 2 if last is None else 1
     inner = tuple(slice(p, p + s) for p, s in zip(pad, spatial))
     for axis, (p, s, e) in enumerate(zip(pad, spatial, extent)):
         head = (slice(None),) * (lead + axis)
         staged[head + (slice(0, p),)] = value
         staged[head + (slice(p + s, e),)] = value
-    staged[(slice(None),) * lead + inner] = np.moveaxis(x, 0, -1) if batch_last else x
+    staged[(slice(None),) * lead + inner] = x if last is None else np.moveaxis(x, last, -1)
     return staged
 
 
-def _unstage(staged, x, lead, pad, batch_last):
-    """The interior of a staged array written back into x (N, C, *S)."""
+def _unstage(staged, x, pad, last=None):
+    """The interior of a staged array (`_stage`'s layouts) written back into x (N, C, *S)."""
+    lead = 2 if last is None else 1
     inner = tuple(slice(p, p + s) for p, s in zip(pad, x.shape[2:]))
     region = staged[(slice(None),) * lead + inner]
-    x[...] = np.moveaxis(region, -1, 0) if batch_last else region
+    x[...] = region if last is None else np.moveaxis(region, -1, last)
 
 
 # *** im2col / col2im ***
@@ -191,7 +194,7 @@ def im2col(x, col, kernel, stride, pad, dilation, batch_last=False, work=None):
         return
     src = x
     if batch_last or any(pad):
-        src = _stage(x, work, 1 if batch_last else 2, pad, extent, 0, batch_last)
+        src = _stage(x, work, pad, extent, 0, 0 if batch_last else None)
     if batch_last:  # windows (C, *O, *K, N) -> (C, *K, *O, N)
         win = _window_view(src, 1, out, stride, dilation, kernel)
         order = (0, *range(1 + d, 1 + 2 * d), *range(1, 1 + d), 1 + 2 * d)
@@ -213,7 +216,7 @@ def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
         else:
             staged = _carve(work, (c, *extent, n), x.dtype)
             fast.col2im_2d_batch_last(_view(col, (c, *kernel, *out, n)), staged, *kernel, *stride, *dilation)
-            _unstage(staged, x, 1, pad, True)
+            _unstage(staged, x, pad, 0)
         return
     staged = batch_last or any(pad)
     if staged:
@@ -226,7 +229,32 @@ def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
     for offset in _offsets(kernel):
         acc[lead + _taps(offset, stride, dilation, out)] += cols[lead + offset]
     if staged:
-        _unstage(acc, x, len(lead), pad, batch_last)
+        _unstage(acc, x, pad, 0 if batch_last else None)
+
+
+def _im2row(x, col, kernel, stride, pad, dilation, work=None):
+    """Columns of x (N, C, H, W) as rows, one per output pixel: col (N*OH*OW, kh*kw*C), each row
+    in (kh, kw, c) order, so that a window's cells lie in runs in x staged channels-last
+    (`work`: of im2col_workspace_size(x.shape, pad, True) elements)."""
+    n, c = x.shape[:2]
+    out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    staged = _stage(x, work, pad, extent, 0, 1)
+    fast.im2row_2d(staged, _view(col, (n, *out, *kernel, c)), *stride, *dilation)
+
+
+def _row2im(col, x, kernel, stride, pad, dilation, work=None):
+    """The adjoint of im2row: x (N, C, H, W) is overwritten with, for each pixel, the sum of the
+    row entries that read it."""
+    n, c = x.shape[:2]
+    out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
+    staged = _carve(work, (n, *extent, c), x.dtype)
+    fast.row2im_2d(_view(col, (n, *out, *kernel, c)), staged, *stride, *dilation)
+    _unstage(staged, x, pad, 1)
+
+
+# the pixel-rows layout's pair: 2-D, with Numba only (NumPy's row2im, a strided add per kernel
+# offset, took 5x col2im's time)
+im2row, row2im = (_im2row, _row2im) if fast is not None else (None, None)
 
 
 # *** pooling ***
@@ -258,7 +286,7 @@ def _planes(x, out, kernel, stride, pad, value, work):
     extent = _pool_extent(spatial, out, kernel, stride, pad)
     src = x
     if _needs_staging(spatial, extent, pad):
-        src = _stage(x, None if work is None else work[count:], 2, pad, extent, value, False)
+        src = _stage(x, None if work is None else work[count:], pad, extent, value)
     win = _window_view(src, 2, out, stride, (1,) * d, kernel)  # (N, C, *O, *K)
     planes[...] = win.transpose(*range(2 + d, 2 + 2 * d), 0, 1, *range(2, 2 + d))
     return planes.reshape(math.prod(kernel), -1)
@@ -376,7 +404,7 @@ def _route_backward(dy, index, dx, kernel, stride, pad, work):
         taps = acc[_window_taps(offset, stride, out)]
         np.add(taps, dy, out=taps, where=relative == cells[o])
     if acc is not dx:
-        _unstage(acc, dx, 2, pad, False)
+        _unstage(acc, dx, pad)
 
 
 def ave_pool_forward(x, y, kernel, stride, pad, work=None):
@@ -395,7 +423,7 @@ def ave_pool_backward(dy, dx, kernel, stride, pad, work=None):
     for offset in _offsets(kernel):
         acc[_window_taps(offset, stride, out)] += share
     if acc is not dx:
-        _unstage(acc, dx, 2, pad, False)
+        _unstage(acc, dx, pad)
 
 
 def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):

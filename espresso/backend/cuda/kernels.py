@@ -364,6 +364,9 @@ def _axes(*groups):
 
 
 # *** im2col / col2im ***
+im2row = row2im = None  # the pixel-rows layout suits OpenBLAS (the CPU); convolutions here keep theirs
+
+
 def im2col_workspace_size(x_shape, pad, batch_last):
     """0: the CUDA primitives need no staging buffer."""
     return 0
