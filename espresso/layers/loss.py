@@ -244,7 +244,7 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
     def reshape(self, bottom, top):
         self.reshape_softmax(bottom, top)
         self.fused = self.k.softmax_loss_forward is not None
-        if self.fused:  # per-position scratch and the normalizer, for the fused CUDA kernels
+        if self.fused:  # per-position scratch and the normalizer, for the fused kernels
             positions = self.outer * self.inner
             _workspace(self, "position_loss", (2, positions), self.dtype)
             _workspace(self, "norm", (), self.dtype)
@@ -253,8 +253,10 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         xp, labels = self.xp, self.labels
         if self.fused:
             fixed = None if self.normalization == VALID else self.normalizer(None)
-            self.k.softmax_loss_forward(bottom[0].data, bottom[1].data, self.prob.data, *self.position_loss,
-                                        top[0].data, self.norm, self.dims, labels.ignore, fixed, labels.problem)
+            bad = self.k.softmax_loss_forward(bottom[0].data, bottom[1].data, self.prob.data, *self.position_loss,
+                                              top[0].data, self.norm, self.dims, labels.ignore, fixed, labels.problem)
+            if bad is not None:  # (a host backend's kernel returns it; a device's records it in labels.problem)
+                raise labels.error(*bad)
             return
         self.softmax.forward([bottom[0]], [self.prob])
         labels.load(bottom[1].data)

@@ -8,6 +8,7 @@ from devices import ON_GPU, FakeDevice
 
 import espresso as caffe
 from espresso import backend as backends
+from espresso.backend.cpu import kernels as cpu_kernels
 from espresso.errors import LabelError, LayerParamError, ModelFileError, NetError, ShapeError
 from espresso.layer import legacy_types
 from espresso.net import TEST, TRAIN, Net
@@ -17,6 +18,17 @@ from espresso.testing import LayerRun, assert_close, check_gradient, check_layer
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 MODES = {"FULL": 0, "VALID": 1, "BATCH_SIZE": 2, "NONE": 3}
+
+
+@pytest.fixture(autouse=True, params=["fused", "xp"])
+def softmax_loss_path(request, monkeypatch):
+    """Every test with the CPU's fused SoftmaxWithLoss kernels (Numba's) and with the xp code."""
+    if request.param == "fused" and cpu_kernels.softmax_loss_forward is None:
+        pytest.skip("the fused CPU kernels need Numba (pip install espresso-nn[fast])")
+    if request.param == "xp":
+        monkeypatch.setattr(cpu_kernels, "softmax_loss_forward", None)
+        monkeypatch.setattr(cpu_kernels, "softmax_loss_backward", None)
+    return request.param
 
 
 # *** plain references ***

@@ -181,6 +181,50 @@ def _rows_and_image(staged, col, sh, sw, dh, dw, to_image):
 
 
 @numba.njit(**_JIT)
+def softmax_loss_forward(x, labels, prob, ignore, has_ignore, lowest):
+    """SoftmaxWithLoss over x (outer, classes, inner), in Caffe's CPU order: prob = exp(x - max)
+    / sum over the classes, then loss = sum of -log(max(prob[label], lowest)) position by position
+    (one running sum in x's type, as Caffe's loop), over the labels (outer * inner, floats) that
+    are not `ignore`.  Returns (loss, labels counted, first position + 1 of a label that is no
+    class or 0, that label)."""
+    outer, classes, inner = x.shape
+    loss, counted = lowest - lowest, 0
+    for i in range(outer):
+        for j in range(inner):
+            top = x[i, 0, j]
+            for c in range(1, classes):
+                top = max(top, x[i, c, j])
+            total = lowest - lowest
+            for c in range(classes):
+                prob[i, c, j] = np.exp(x[i, c, j] - top)
+                total += prob[i, c, j]
+            for c in range(classes):
+                prob[i, c, j] /= total
+            label = int(labels[i * inner + j])  # truncated, as static_cast<int>
+            if has_ignore and label == ignore:
+                continue
+            if label < 0 or label >= classes:
+                return loss, counted, i * inner + j + 1, label
+            loss -= np.log(max(prob[i, label, j], lowest))
+            counted += 1
+    return loss, counted, 0, 0
+
+
+@numba.njit(**_JIT)
+def softmax_loss_backward(prob, labels, scale, dx, ignore, has_ignore):
+    """dx (outer, classes, inner) = (prob - onehot(label)) * counted * scale, 0 where the label is
+    ignored or no class."""
+    outer, classes, inner = prob.shape
+    for i in range(outer):
+        for j in range(inner):
+            label = int(labels[i * inner + j])
+            counted = not (has_ignore and label == ignore) and 0 <= label < classes
+            for c in range(classes):
+                hit = 1 if counted and c == label else 0
+                dx[i, c, j] = (prob[i, c, j] - hit) * (1 if counted else 0) * scale
+
+
+@numba.njit(**_JIT)
 def sgd_update(w, g, h, ends, lr_mult, decay, rate, momentum, normalize, regularization):
     """Caffe's SGD step in one pass over the arena, param by param (segments end at `ends`),
     in the float32 operations and order of ArenaUpdater's NumPy steps (and the CUDA kernel):

@@ -33,9 +33,9 @@ except ImportError:
 
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
 FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maximum starts at -FLT_MAX
-# the contract's fused fast paths (espresso/backend/__init__.py): the SGD step where Numba is,
-# the rest none (layers use xp code)
-relu_forward = relu_backward = softmax_forward = softmax_loss_forward = softmax_loss_backward = None
+# the contract's fused fast paths (espresso/backend/__init__.py): with Numba the SGD step, the
+# SoftmaxWithLoss pair, im2row and row2im (below); the rest none (layers use xp code)
+relu_forward = relu_backward = softmax_forward = None
 accuracy_forward = direct_conv_forward = direct_conv_weight_grad = None
 channel_sums_workspace_size = channel_sums = batch_norm_forward = batch_norm_backward = scale_forward = None
 gather_batch = record_iteration = csr_matrix = add_relu = matmul_bias_relu = None
@@ -50,6 +50,35 @@ def _sgd_update(w, g, h, segments, rate, momentum, normalize, regularization):
 
 
 sgd_update = _sgd_update if fast is not None else None
+
+
+def _softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
+                          problem):
+    """SoftmaxWithLoss forward in one pass (the CUDA kernel's contract; `losses` and `valid` unused):
+    in a LeNet b64 training step, forward and backward took 0.19 ms as NumPy calls, 0.06 ms so.
+    A label that is no class is recorded in `problem` (position + 1, label) unless one is; where
+    `problem` is None (host arrays) it is returned for the layer to raise, the loss unwritten."""
+    t = x.dtype.type
+    ignore = 0 if ignore_label is None else ignore_label
+    total, counted, bad, label = fast.softmax_loss_forward(x.reshape(dims), labels.reshape(-1), prob.reshape(dims),
+                                                           ignore, ignore_label is not None, t(FLT_MIN))
+    if bad and problem is None:
+        return bad, label
+    if bad and not problem[0]:
+        problem[...] = bad, label
+    normalizer[...] = max(1, counted) if fixed_normalizer is None else fixed_normalizer
+    loss[...] = t(total) / normalizer
+    return None
+
+
+def _softmax_loss_backward(prob, labels, top_diff, normalizer, dx, dims, ignore_label):
+    """dx = (prob - onehot(label)) * valid * (top_diff / normalizer)."""
+    fast.softmax_loss_backward(prob.reshape(dims), labels.reshape(-1), (top_diff / normalizer)[()], dx.reshape(dims),
+                               0 if ignore_label is None else ignore_label, ignore_label is not None)
+
+
+softmax_loss_forward, softmax_loss_backward = ((_softmax_loss_forward, _softmax_loss_backward) if fast is not None
+                                               else (None, None))
 
 # *** geometry helpers ***
 def _view(array, shape):
