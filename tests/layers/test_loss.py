@@ -167,6 +167,36 @@ def test_softmax_with_loss_second_top_is_probabilities(rng):
         LayerRun('type: "SoftmaxWithLoss"', [x, lab], tops=2)
 
 
+def test_softmax_with_loss_fused_matches_the_numpy_steps(softmax_loss_path, monkeypatch, rng):
+    """float32: the fused CPU loss, probabilities and gradient agree with the NumPy steps to
+    float32 rounding (its sums run in Caffe's loop order, with libm's exp); from the same
+    probabilities, its gradient is theirs bit for bit."""
+    if softmax_loss_path == "xp":
+        pytest.skip("compares the fused path with the xp one")
+    x, lab = rng.standard_normal((6, 5, 3)) * 4, rng.integers(0, 5, (6, 3)).astype(float)
+    lab[1, 2] = lab[4, 0] = 255
+    snippet = 'type: "SoftmaxWithLoss" loss_weight: 1 loss_weight: 0 loss_param { ignore_label: 255 }'
+    fused = cpu_kernels.softmax_loss_backward
+    results = []
+    for path in ("fused", "xp"):
+        if path == "xp":
+            monkeypatch.setattr(cpu_kernels, "softmax_loss_forward", None)
+            monkeypatch.setattr(cpu_kernels, "softmax_loss_backward", None)
+        run = LayerRun(snippet, [x, lab], dtype=np.float32, tops=2)
+        loss, prob = run.forward()
+        results.append((loss, prob, run.backward([np.array(1.5), np.zeros_like(prob)], [True, False])[0]))
+    (loss, prob, grad), (loss_xp, prob_xp, grad_xp) = results
+    np.testing.assert_allclose(loss, loss_xp, rtol=1e-6)
+    np.testing.assert_allclose(prob, prob_xp, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, grad_xp, rtol=1e-6, atol=1e-7)
+    dx, scale = np.empty_like(prob), np.float32(1.5) / np.float32(16)  # 16 labels counted
+    fused(prob, lab.astype(np.float32), np.array(1.5, np.float32), np.array(16, np.float32), dx, (6, 5, 3), 255)
+    hot = (np.arange(5)[None, :, None] == lab[:, None, :]) & (lab[:, None, :] != 255)
+    want = (prob - hot) * (lab[:, None, :] != 255)
+    want *= scale
+    assert want.dtype == np.float32 and np.array_equal(dx, want)
+
+
 def analytic_grad(run, weight=None, down=None):
     """Bottom diffs after one forward/backward, leaving the top diff (loss weight) as set up."""
     run.forward()

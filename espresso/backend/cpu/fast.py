@@ -213,15 +213,18 @@ def softmax_loss_forward(x, labels, prob, ignore, has_ignore, lowest):
 @numba.njit(**_JIT)
 def softmax_loss_backward(prob, labels, scale, dx, ignore, has_ignore):
     """dx (outer, classes, inner) = (prob - onehot(label)) * counted * scale, 0 where the label is
-    ignored or no class."""
+    ignored or no class: in prob's type, step by step as the NumPy path (a float32 constant
+    keeps float32 arithmetic float32; an integer one would make it float64)."""
     outer, classes, inner = prob.shape
+    one, zero = np.float32(1), np.float32(0)
     for i in range(outer):
         for j in range(inner):
             label = int(labels[i * inner + j])
             counted = not (has_ignore and label == ignore) and 0 <= label < classes
+            keep = one if counted else zero
             for c in range(classes):
-                hit = 1 if counted and c == label else 0
-                dx[i, c, j] = (prob[i, c, j] - hit) * (1 if counted else 0) * scale
+                hit = one if counted and c == label else zero
+                dx[i, c, j] = (prob[i, c, j] - hit) * keep * scale
 
 
 @numba.njit(**_JIT)
