@@ -55,7 +55,8 @@ from pathlib import Path
 # written once per layout)
 # 17200 -> 17250 for the CPU's fused SoftmaxWithLoss kernels (Numba's forward and backward, their
 # contract wrappers)
-BUDGET = 17250
+# 17250 -> 17280 for unpadded max pooling's vectorized kernel on the CPU (Numba)
+BUDGET = 17280
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 

@@ -24,7 +24,10 @@ _JIT = dict(nogil=True, cache=True)
 def max_pool_forward_2d(x, y, mask, kh, kw, sh, sw, ph, pw, lowest):
     """y = window max, mask = h*W+w of the first maximum in scan order of the cells above
     `lowest` (-FLT_MAX in x's type); `lowest` and -1 where none is (Caffe's rule)."""
-    _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw, lowest)
+    if ph == 0 and pw == 0:
+        _max_pool_unpadded(kh, kw, sh, sw)(x, y, mask, lowest)
+    else:
+        _max_pool_forward(kh, kw, sh, sw)(x, y, mask, ph, pw, lowest)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,6 +61,39 @@ def _max_pool_forward(kh, kw, sh, sw):
                         best, where = _clipped_max(x[p], h0, w0, kh, kw, lowest)
                     y[p, oh, ow] = best
                     mask[p, oh, ow] = where
+
+    return pool
+
+
+@functools.lru_cache(maxsize=None)
+def _max_pool_unpadded(kh, kw, sh, sw):
+    """The same without padding: the windows inside the image start at row and column 0, so a
+    row of them runs Caffe's own scan (from `lowest`, strict >) unrolled and branch-free, its
+    indices plainly non-negative, which LLVM vectorizes: LeNet's pool1 (32 images) 0.07-0.11 ms
+    against 0.22 in the kernel above.  (There, with a padding offset, the same scan ran slower
+    than the kernel's own.)  Windows that the ceil rounding puts past the edge are clipped."""
+
+    @numba.njit(**_JIT)
+    def pool(x, y, mask, lowest):
+        planes, height, width = x.shape
+        out_h, out_w = y.shape[1], y.shape[2]
+        rows = max(0, min(out_h, (height - kh) // sh + 1))  # the windows inside the image
+        cols = max(0, min(out_w, (width - kw) // sw + 1))
+        for p in range(planes):
+            for oh in range(out_h):
+                inside = cols if oh < rows else 0
+                for ow in range(inside):
+                    best, where = lowest, -1
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = x[p, oh * sh + i, ow * sw + j]
+                            take = v > best  # strict: the first maximum wins ties; NaN never
+                            best = v if take else best
+                            where = (oh * sh + i) * width + ow * sw + j if take else where
+                    y[p, oh, ow] = best
+                    mask[p, oh, ow] = where
+                for ow in range(inside, out_w):
+                    y[p, oh, ow], mask[p, oh, ow] = _clipped_max(x[p], oh * sh, ow * sw, kh, kw, lowest)
 
     return pool
 
