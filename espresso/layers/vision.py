@@ -23,9 +23,9 @@ COLUMN_BUDGET = 256 << 20  # bytes of im2col columns per layer; larger batches r
 # measured with LeNet/CIFAR/VGG-like shapes on 2 cores.
 BATCH_LAST_BELOW = 256  # output pixels per image
 BATCH_LAST_ROWS = 128  # column rows: C_in/group * prod(kernel)
-# Where the backend has im2row (the CPU), columns of at least this many rows take the pixel-rows
-# layout instead (see _ColumnGemm), for a chunk of 2 or more images: at batch 1 LeNet's
-# inference took 0.27 against 0.22 ms so
+# Where the backend has im2row (the CPU), columns of at least this many rows (the tall ones
+# batch-last takes otherwise) take the pixel-rows layout instead (see _ColumnGemm), for chunks of
+# 2 or more images: at batch 1, LeNet's inference took 0.27 against 0.22 ms in pixel rows
 PIXEL_ROWS = 128
 MAX_PARTS = 16  # at most this many partial products for a long weight-gradient GEMM (GPU)
 # Where cuDNN is present, im2col + GEMM is timed against it only when its columns take at most
@@ -103,7 +103,7 @@ class _ColumnGemm:
     (G, Cd/G, Ci/G*prod(K)).  Convolution: image = bottom, data = top; Deconvolution: the
     reverse.  Three layouts:
     - pixel rows, for tall columns of 2 or more images where the backend has im2row (the CPU;
-      2-D, one group, not 1x1): the transposes, one row per output pixel, (n*L, prod(K)*Ci)
+      2-D, one group, not a 1x1 kernel that skips im2col): the transposes, one row per output pixel, (n*L, prod(K)*Ci)
       and (n*L, Cd), each row in (k..., c) order and W copied to match.  OpenBLAS runs GEMMs
       faster with the pixels as the long side: LeNet's conv2 on 32 images, its three GEMMs
       3.3 against 4.0 ms alone, 3.9 against 4.4 ms in a training step.
@@ -638,7 +638,7 @@ class ConvolutionLayer(_BaseConvolution):
     def _backward_chunks(self, core, dy, x, dx, diff, overlap):
         """The weight gradient (into diff, unless None) and the bottom gradient dx (unless None)
         of one part's images, chunk by chunk; `overlap`: the weight gradient aside (a GPU's)."""
-        filters = core.filters(self.blobs[0].data)
+        filters = None if dx is None else core.filters(self.blobs[0].data)  # (a copy in pixel rows)
         for lo, hi in core.chunks():
             rows = core.load_data(dy[lo:hi])
             with self.backend.aside(when=overlap and dx is not None) as aside:
@@ -695,7 +695,8 @@ class DeconvolutionLayer(_BaseConvolution):
 
     def backward_part(self, top, propagate_down, bottom, part, lo, hi):
         core = self.cores[part]
-        filters, diff = core.filters(self.blobs[0].data), self._weight_target(core) if self._want_params()[0] else None
+        filters = core.filters(self.blobs[0].data) if any(propagate_down) else None
+        diff = self._weight_target(core) if self._want_params()[0] else None
         for i, (t, b) in enumerate(zip(top, bottom)):
             dy = _images(self._batch(t.diff, self.p.num_output), lo, hi)
             x = _images(self._batch(b.data, self.channels), lo, hi)

@@ -197,6 +197,29 @@ def test_softmax_with_loss_fused_matches_the_numpy_steps(softmax_loss_path, monk
     assert want.dtype == np.float32 and np.array_equal(dx, want)
 
 
+def test_softmax_with_loss_fused_on_the_cpu_only_while_small(softmax_loss_path, rng):
+    """The CPU's fused kernels (scalar exp) for up to CPU_FUSED_LOSS inputs; NumPy's above."""
+    small = LayerRun('type: "SoftmaxWithLoss"', [rng.standard_normal((64, 10)), np.zeros(64)])
+    large = LayerRun('type: "SoftmaxWithLoss"', [rng.standard_normal((2, 21, 400)), np.zeros((2, 400))])
+    assert small.layer.fused == (softmax_loss_path == "fused") and not large.layer.fused
+
+
+def test_softmax_with_loss_recording_a_bad_label_finishes_the_pass():
+    """On a device (problems recorded, raised after), a label that is no class counts as
+    ignored: the loss and every probability are those of the labels that are classes."""
+    labels = np.arange(12.0).reshape(4, 3) % 5
+    labels[0, 1] = 9
+    net = _labelled_net("SoftmaxWithLoss spatial", labels, "device")
+    layer = net.layer_dict["check"]
+    layer.prob.data[...] = -1
+    with pytest.raises(LabelError, match="label 9 at batch item 0, position 1"):
+        net.forward()
+    x = np.array(net.blobs["x"].data)
+    assert_close(np.array(layer.prob.data), softmax_ref(x, 1), rtol=1e-5, atol=1e-7)  # (float32)
+    want = softmax_loss_ref(x, np.where(labels == 9, 255, labels), 1, 255, "VALID")
+    assert_close(np.array(net.blobs["out"].data), want, rtol=1e-5)
+
+
 def analytic_grad(run, weight=None, down=None):
     """Bottom diffs after one forward/backward, leaving the top diff (loss weight) as set up."""
     run.forward()

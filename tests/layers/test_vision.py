@@ -39,9 +39,11 @@ def raises(error, snippet, bottoms, match=None, **kwargs):
 @pytest.fixture(params=["batch_major", "batch_last", "pixel_rows"])
 def layout(request, monkeypatch):
     """Run a convolution test with each column layout (the layer picks one by its shapes; pixel
-    rows where it can: two or more images, 2-D, one group, not 1x1, with Numba).  On one thread,
-    so that the batch stays whole (the `threads` fixture, listed after, splits it again): split
-    over 2 cores, a batch of 2 is two parts of 1 image, which take the batch-major layout."""
+    rows where it can: two or more images, 2-D, one group, not a 1x1 kernel of stride 1 without
+    padding, with Numba).  Batch-last and pixel rows on one thread, so that the batch stays whole
+    (the `threads` fixture, listed after, splits it again): split over 2 cores, a batch of 2 is
+    two parts of 1 image, which take the batch-major layout; batch-major on the machine's threads,
+    split so."""
     cpu = backends.get("cpu")
     if request.param == "pixel_rows" and cpu.k.im2row is None:
         pytest.skip("pixel rows need Numba (pip install espresso-nn[fast])")
@@ -50,7 +52,7 @@ def layout(request, monkeypatch):
     monkeypatch.setattr(vision, "BATCH_LAST_ROWS", 10 ** 9 if major else 0)
     monkeypatch.setattr(vision, "PIXEL_ROWS", 0 if request.param == "pixel_rows" else 10 ** 9)
     before = cpu.threads
-    espresso.set_num_threads(1)
+    espresso.set_num_threads(before if major else 1)
     yield request.param
     espresso.set_num_threads(before)
 
@@ -180,7 +182,7 @@ CONV_CASES = [  # shape, fields, stride, pad, dilation, group, bias
 
 def assert_layout(layer, layout):
     """Pixel rows, when asked for, wherever the shapes allow them: two or more images, 2-D, one
-    group, not 1x1."""
+    group, not a 1x1 kernel of stride 1 without padding."""
     if layout != "pixel_rows":
         return
     unit = set(layer.kernel + layer.stride) == {1} and not any(layer.pad)

@@ -10,7 +10,8 @@ parallel, 3.8 ms serial) and, with them asleep, gained nothing on LeNet's poolin
 otherwise; both paths are tested against each other.
 
 Layouts: images (P, H, W) with P = N*C planes; columns (N, C*kh*kw, OH*OW) viewed as
-(N, C, kh, kw, OH, OW) (Caffe's per-image matrices, stacked); pooled maps (P, OH, OW).
+(N, C, kh, kw, OH, OW) (Caffe's per-image matrices, stacked); pooled maps (P, OH, OW).  The
+pixel-rows pair takes images staged channels-last, (N, H', W', C), and rows (N, OH, OW, kh, kw, C).
 """
 
 import functools
@@ -217,33 +218,40 @@ def _rows_and_image(staged, col, sh, sw, dh, dw, to_image):
 
 
 @numba.njit(**_JIT)
-def softmax_loss_forward(x, labels, prob, ignore, has_ignore, lowest):
-    """SoftmaxWithLoss over x (outer, classes, inner), in Caffe's CPU order: prob = exp(x - max)
-    / sum over the classes, then loss = sum of -log(max(prob[label], lowest)) position by position
-    (one running sum in x's type, as Caffe's loop), over the labels (outer * inner, floats) that
-    are not `ignore`.  Returns (loss, labels counted, first position + 1 of a label that is no
-    class or 0, that label)."""
+def softmax_loss_forward(x, labels, prob, top, total, ignore, has_ignore, lowest):
+    """SoftmaxWithLoss over x (outer, classes, inner): prob = exp(x - max) / sum over the classes
+    (top, total: (outer * inner) scratch for each position's max and sum, so that the passes
+    walk x along its rows whatever `inner`), then loss = sum of -log(max(prob[label], lowest))
+    one position at a time, as Caffe's loop (a running sum in x's type), over the labels
+    (outer * inner, floats) that are not `ignore`.  A label that is no class counts as ignored.
+    Returns (loss, labels counted, the first such label's position + 1 or 0, that label)."""
     outer, classes, inner = x.shape
-    loss, counted = lowest - lowest, 0
+    loss, counted, bad, bad_label = lowest - lowest, 0, 0, 0
     for i in range(outer):
+        top_i, total_i = top[i * inner:(i + 1) * inner], total[i * inner:(i + 1) * inner]
+        top_i[:] = x[i, 0]
+        for c in range(1, classes):
+            for j in range(inner):
+                top_i[j] = max(top_i[j], x[i, c, j])
+        total_i[:] = 0
+        for c in range(classes):
+            for j in range(inner):
+                prob[i, c, j] = np.exp(x[i, c, j] - top_i[j])
+                total_i[j] += prob[i, c, j]
+        for c in range(classes):
+            for j in range(inner):
+                prob[i, c, j] /= total_i[j]
         for j in range(inner):
-            top = x[i, 0, j]
-            for c in range(1, classes):
-                top = max(top, x[i, c, j])
-            total = lowest - lowest
-            for c in range(classes):
-                prob[i, c, j] = np.exp(x[i, c, j] - top)
-                total += prob[i, c, j]
-            for c in range(classes):
-                prob[i, c, j] /= total
             label = int(labels[i * inner + j])  # truncated, as static_cast<int>
             if has_ignore and label == ignore:
                 continue
             if label < 0 or label >= classes:
-                return loss, counted, i * inner + j + 1, label
+                if not bad:
+                    bad, bad_label = i * inner + j + 1, label
+                continue
             loss -= np.log(max(prob[i, label, j], lowest))
             counted += 1
-    return loss, counted, 0, 0
+    return loss, counted, bad, bad_label
 
 
 @numba.njit(**_JIT)
