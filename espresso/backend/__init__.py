@@ -56,6 +56,7 @@ FUSED_KERNELS = ("relu_forward", "relu_backward", "softmax_forward", "softmax_lo
                  "accuracy_forward", "direct_conv_forward", "direct_conv_weight_grad", "sgd_update", "gather_batch",
                  "record_iteration", "csr_matrix", "channel_sums_workspace_size", "channel_sums", "batch_norm_forward",
                  "batch_norm_backward", "scale_forward", "add_relu", "matmul_bias_relu", "im2row", "row2im")
+# and k.SOFTMAX_LOSS_MOST: the most inputs its softmax_loss pair takes (None: any), xp code beyond
 
 _CACHE = {}
 _MODULES = {"cpu": "espresso.backend.cpu", "cuda": "espresso.backend.cuda"}

@@ -18,10 +18,6 @@ FULL, VALID, BATCH_SIZE, NONE = (caffe_pb2.LossParameter.FULL, caffe_pb2.LossPar
                                  caffe_pb2.LossParameter.BATCH_SIZE, caffe_pb2.LossParameter.NONE)
 FLT_MIN = float(np.finfo(np.float32).tiny)  # SoftmaxWithLoss clamps at FLT_MIN, even in double
 LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD (MultinomialLogisticLoss, InfogainLoss)
-# SoftmaxWithLoss takes the CPU's fused kernels (Numba's scalar exp) up to this many inputs, where
-# the NumPy calls' overhead outweighs their vector exp (2 cores, forward and backward: fused 0.01
-# against 0.05 ms at LeNet's 640 inputs, even between 6,400 and 17,000, 0.52 against 0.21 at 64,000)
-CPU_FUSED_LOSS = 1 << 14
 _LOSS_FIELDS = ("ignore_label", "normalization", "normalize")
 
 
@@ -247,8 +243,8 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
 
     def reshape(self, bottom, top):
         self.reshape_softmax(bottom, top)
-        small = self.backend.name != "cpu" or bottom[0].count <= CPU_FUSED_LOSS
-        self.fused = self.k.softmax_loss_forward is not None and small
+        most = self.k.SOFTMAX_LOSS_MOST
+        self.fused = self.k.softmax_loss_forward is not None and (most is None or bottom[0].count <= most)
         if self.fused:  # per-position scratch and the normalizer, for the fused kernels
             positions = self.outer * self.inner
             _workspace(self, "position_loss", (2, positions), self.dtype)

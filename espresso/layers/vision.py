@@ -103,8 +103,8 @@ class _ColumnGemm:
     (G, Cd/G, Ci/G*prod(K)).  Convolution: image = bottom, data = top; Deconvolution: the
     reverse.  Three layouts:
     - pixel rows, for tall columns of 2 or more images where the backend has im2row (the CPU;
-      2-D, one group, not a 1x1 kernel that skips im2col): the transposes, one row per output pixel, (n*L, prod(K)*Ci)
-      and (n*L, Cd), each row in (k..., c) order and W copied to match.  OpenBLAS runs GEMMs
+      2-D, one group, not a 1x1 kernel that skips im2col): the transposes, one row per output
+      pixel, (n*L, prod(K)*Ci) and (n*L, Cd), each row in (k..., c) order and W copied to match.  OpenBLAS runs GEMMs
       faster with the pixels as the long side: LeNet's conv2 on 32 images, its three GEMMs
       3.3 against 4.0 ms alone, 3.9 against 4.4 ms in a training step.
     - batch-last, for small output maps or other tall columns: one GEMM per group over the
@@ -120,7 +120,8 @@ class _ColumnGemm:
         self.num, self.group = num, layer.p.group
         self.ci, self.cd = image_shape[0], data_shape[0]
         self.length = math.prod(data_shape[1:])  # L: output pixels per image
-        self.rows_per_group = self.ci // self.group * math.prod(layer.kernel)  # Kg
+        self.taps = math.prod(layer.kernel)
+        self.rows_per_group = self.ci // self.group * self.taps  # Kg
         self.chunk = max(1, min(num, COLUMN_BUDGET // max(column_bytes(layer, 1, image_shape, data_shape), 1)))
         tall, many = self.rows_per_group >= BATCH_LAST_ROWS, self.chunk > 1
         unit = all(k == 1 for k in layer.kernel) and all(s == 1 for s in layer.stride) and not any(layer.pad)
@@ -129,7 +130,7 @@ class _ColumnGemm:
         self.batch_last = many and not self.pixel_rows and (tall or self.length < BATCH_LAST_BELOW)
         self.skip = unit and not self.batch_last
         n, empty, staged = self.chunk, self.xp.empty, self.batch_last or self.pixel_rows
-        self.col = None if self.skip else empty(self.ci * math.prod(layer.kernel) * self.length * n, dtype)
+        self.col = None if self.skip else empty(self.ci * self.taps * self.length * n, dtype)
         work = self.k.im2col_workspace_size((n, self.ci, *image_shape[1:]), layer.pad, staged)
         self.work = empty(work, dtype) if work and not self.skip else None
         self.rows = empty(self.cd * self.length * n, dtype) if staged else None
@@ -162,9 +163,8 @@ class _ColumnGemm:
         order; for pixel rows a copy in (k..., c) order (this core's: the parts copy apart)."""
         if not self.pixel_rows:
             return self.weights(weights)
-        taps = self.rows_per_group // self.ci
-        copy = self.filter_copy.reshape(self.cd, taps, self.ci)
-        copy[...] = weights.reshape(self.cd, self.ci, taps).swapaxes(1, 2)
+        copy = self.filter_copy.reshape(self.cd, self.taps, self.ci)
+        copy[...] = weights.reshape(self.cd, self.ci, self.taps).swapaxes(1, 2)
         return copy.reshape(1, self.cd, self.rows_per_group)
 
     def data_product(self, filters, col, out):
@@ -280,10 +280,9 @@ class _ColumnGemm:
     def weight_grad(self, rows, col, diff):
         """diff (G, Cd/G, Kg) += rows @ col^T, summed over the batch (diff in W's own order)."""
         if self.pixel_rows:  # rows^T @ col, from (k..., c) order back to (c, k...)
-            taps = self.rows_per_group // self.ci
-            tmp = self.wtmp[: diff.size].reshape(self.cd, taps, self.ci)
+            tmp = self.wtmp[: diff.size].reshape(self.cd, self.taps, self.ci)
             self.k.matmul(rows.T, col, out=tmp.reshape(self.cd, -1))
-            target = diff.reshape(self.cd, self.ci, taps)
+            target = diff.reshape(self.cd, self.ci, self.taps)
             target += tmp.swapaxes(1, 2)
             return
         if self.batch_last:

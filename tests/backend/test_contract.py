@@ -34,6 +34,7 @@ def test_every_member_is_there(backend):
     for kernel in FUSED_KERNELS:  # a function, or None where the backend has none
         value = getattr(backend.k, kernel)
         assert value is None or callable(value), f"{backend.name}: k.{kernel}"
+    assert backend.k.SOFTMAX_LOSS_MOST is None or backend.k.SOFTMAX_LOSS_MOST > 0
     for flag in ("host_arrays", "can_capture", "deterministic", "splits_long_gemms"):
         assert isinstance(getattr(backend, flag), bool), flag
     assert "Device" in backend.describe()

@@ -198,7 +198,7 @@ def test_softmax_with_loss_fused_matches_the_numpy_steps(softmax_loss_path, monk
 
 
 def test_softmax_with_loss_fused_on_the_cpu_only_while_small(softmax_loss_path, rng):
-    """The CPU's fused kernels (scalar exp) for up to CPU_FUSED_LOSS inputs; NumPy's above."""
+    """The CPU's fused kernels (scalar exp) for up to k.SOFTMAX_LOSS_MOST inputs; NumPy's above."""
     small = LayerRun('type: "SoftmaxWithLoss"', [rng.standard_normal((64, 10)), np.zeros(64)])
     large = LayerRun('type: "SoftmaxWithLoss"', [rng.standard_normal((2, 21, 400)), np.zeros((2, 400))])
     assert small.layer.fused == (softmax_loss_path == "fused") and not large.layer.fused

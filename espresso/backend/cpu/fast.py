@@ -218,9 +218,9 @@ def _rows_and_image(staged, col, sh, sw, dh, dw, to_image):
 
 
 @numba.njit(**_JIT)
-def softmax_loss_forward(x, labels, prob, top, total, ignore, has_ignore, lowest):
+def softmax_loss_forward(x, labels, prob, peak, total, ignore, has_ignore, lowest):
     """SoftmaxWithLoss over x (outer, classes, inner): prob = exp(x - max) / sum over the classes
-    (top, total: (outer * inner) scratch for each position's max and sum, so that the passes
+    (peak, total: (outer * inner) scratch for each position's max and sum, so that the passes
     walk x along its rows whatever `inner`), then loss = sum of -log(max(prob[label], lowest))
     one position at a time, as Caffe's loop (a running sum in x's type), over the labels
     (outer * inner, floats) that are not `ignore`.  A label that is no class counts as ignored.
@@ -228,15 +228,15 @@ def softmax_loss_forward(x, labels, prob, top, total, ignore, has_ignore, lowest
     outer, classes, inner = x.shape
     loss, counted, bad, bad_label = lowest - lowest, 0, 0, 0
     for i in range(outer):
-        top_i, total_i = top[i * inner:(i + 1) * inner], total[i * inner:(i + 1) * inner]
-        top_i[:] = x[i, 0]
+        peak_i, total_i = peak[i * inner:(i + 1) * inner], total[i * inner:(i + 1) * inner]
+        peak_i[:] = x[i, 0]
         for c in range(1, classes):
             for j in range(inner):
-                top_i[j] = max(top_i[j], x[i, c, j])
+                peak_i[j] = max(peak_i[j], x[i, c, j])
         total_i[:] = 0
         for c in range(classes):
             for j in range(inner):
-                prob[i, c, j] = np.exp(x[i, c, j] - top_i[j])
+                prob[i, c, j] = np.exp(x[i, c, j] - peak_i[j])
                 total_i[j] += prob[i, c, j]
         for c in range(classes):
             for j in range(inner):

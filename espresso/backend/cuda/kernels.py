@@ -626,6 +626,9 @@ def softmax_forward(x, y, dims):
 ONE_BLOCK_SOFTMAX_LOSS = BLOCK
 
 
+SOFTMAX_LOSS_MOST = None  # the fused pair below takes any size
+
+
 def softmax_loss_forward(x, labels, prob, losses, valid, loss, normalizer, dims, ignore_label, fixed_normalizer,
                          problem):
     """SoftmaxWithLoss forward: prob = softmax of x (outer, classes, inner) over classes;
