@@ -8,6 +8,7 @@ import pytest
 import espresso as caffe
 from espresso import backend
 from espresso.errors import EspressoError, MemoryLimitError, ModelFileError, NetError, PrototxtError, ShapeError
+from espresso.layers import common
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 from espresso.runtime import memory_limit
@@ -494,10 +495,10 @@ SPLIT_BATCH = ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" 
          + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
 
 
-@pytest.mark.parametrize("threads, hooks, splits", [(1, False, 0), (3, False, 2), (3, True, 8)])
-def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads, hooks, splits):
-    """conv, pool, conv, pool split a batch of 5 into 3 parts: one split each way (forward, then
-    backward), or one a layer where callbacks run between layers; the results as in one part."""
+def run_split_and_whole(monkeypatch, text, threads, hooks=False):
+    """SPLIT_BATCH-like `text` run forward and backward on 1 thread and on `threads`: each run's
+    [loss, the input's diff, the param diffs], and the batch splits (backend.over_ranges) of the
+    second run."""
     cpu, before = backend.get("cpu"), backend.get("cpu").threads
     calls = []
     over_ranges = type(cpu).over_ranges
@@ -507,7 +508,7 @@ def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads
     try:
         for count in (1, threads):
             caffe.set_num_threads(count)
-            net = net_from(SPLIT_BATCH)
+            net = net_from(text)
             rng = np.random.default_rng(7)
             for blobs in net.params.values():
                 for blob in blobs:
@@ -523,10 +524,43 @@ def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads
             results.append([loss, net.blobs["x"].diff.copy()] + diffs)
     finally:
         caffe.set_num_threads(before)
+    return results, calls
+
+
+@pytest.mark.parametrize("threads, hooks, splits", [(1, False, 0), (3, False, 2), (3, True, 8)])
+def test_layers_that_split_the_batch_alike_run_as_one_chain(monkeypatch, threads, hooks, splits):
+    """conv, pool, conv, pool split a batch of 5 into 3 parts: one split each way (forward, then
+    backward), or one a layer where callbacks run between layers; the results as in one part."""
+    results, calls = run_split_and_whole(monkeypatch, SPLIT_BATCH, threads, hooks)
     assert len(calls) == splits
     for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert np.abs(results[1][1]).max() > 0  # the input's gradient came through all four layers
+
+
+@pytest.mark.parametrize("fields", ["", "transpose: true", "bias_term: false", "transpose: true bias_term: false"])
+def test_an_inner_product_joins_the_chain_before_it(monkeypatch, fields):
+    """A large enough InnerProduct (here: any) ends the chain: the batch's rows of its output and
+    of its bottom gradient per part, and a share of its outputs' param gradients per part over
+    the whole batch; the results as in one part.  Alone (callbacks between the layers) it runs
+    whole."""
+    monkeypatch.setattr(common, "SPLIT_MULTIPLY_ADDS", 0)
+    parts = []
+    for name in ("forward_part", "backward_part"):
+        method = getattr(common.InnerProductLayer, name)
+        monkeypatch.setattr(common.InnerProductLayer, name,
+                            lambda self, *a, method=method, name=name: (parts.append((name, a[-3])), method(self, *a)))
+    text = SPLIT_BATCH.replace("num_output: 3 weight_filler", f"num_output: 3 {fields} weight_filler")
+    results, calls = run_split_and_whole(monkeypatch, text, 3)
+    split = [(name, part) for name in ("forward_part", "backward_part") for part in range(3)]
+    assert len(calls) == 2 and sorted(parts) == sorted([("forward_part", 0)] + split)  # (1 thread, then 3)
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    parts.clear()
+    alone, calls = run_split_and_whole(monkeypatch, text, 3, hooks=True)
+    assert len(calls) == 8 and parts == [("forward_part", 0)] * 2
+    for got, want in zip(alone[1], results[1]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
 def test_a_convolution_with_a_loss_weight_runs_after_the_chain_before_it():

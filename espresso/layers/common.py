@@ -12,6 +12,10 @@ from espresso.proto import caffe_pb2
 
 ELTWISE = caffe_pb2.EltwiseParameter
 REDUCTION = caffe_pb2.ReductionParameter
+# InnerProduct splits its batch over a CPU's threads from this many multiply-adds (M*N*K), with
+# weights of at most this many bytes
+SPLIT_MULTIPLY_ADDS = 1 << 22
+SPLIT_WEIGHT_BYTES = 8 << 20
 
 
 def share(top, bottom, shape):
@@ -68,10 +72,20 @@ class InnerProductLayer(Layer):
         self.M = bottom[0].count_range(0, axis)
         top[0].reshape(bottom[0].shape[:axis] + (self.N,))
         self.ones(self.M)  # sized here: not first made by work put aside (backward)
+        # a large product with weights that stay in cache may join a chain of layers that split
+        # the batch over a CPU's threads (Layer.batch_parts): LeNet's ip1 ends the convolutions'.
+        # Each part reads all the weights (CaffeNet's fc6, 151 MB, keeps OpenBLAS's threads, each
+        # of which reads a share).  Alone (forward, backward) it runs whole, on OpenBLAS's threads
+        ranges = self.backend.batch_ranges(self.M)
+        split = self.M * self.N * self.K >= SPLIT_MULTIPLY_ADDS and self.blobs[0].data.nbytes <= SPLIT_WEIGHT_BYTES
+        self.batch_parts = ranges if len(ranges) > 1 and split else None
 
     def forward(self, bottom, top):
-        x = bottom[0].data.reshape(self.M, self.K)
-        y = top[0].data.reshape(self.M, self.N)
+        self.forward_part(bottom, top, 0, 0, self.M)
+
+    def forward_part(self, bottom, top, part, lo, hi):
+        x = bottom[0].data.reshape(self.M, self.K)[lo:hi]
+        y = top[0].data.reshape(self.M, self.N)[lo:hi]
         w = self.blobs[0].data if self.p.transpose else self.blobs[0].data.T
         if self.fold:  # and the in-place ReLU after it (Builder._fold_layers)
             self.k.matmul_bias_relu(x, w, self.blobs[1].data, y, self.folded_slope)
@@ -81,23 +95,49 @@ class InnerProductLayer(Layer):
             self.k.matmul(x, w, out=y)
 
     def backward(self, top, propagate_down, bottom):
-        w = self.blobs[0]
-        dy = top[0].diff.reshape(self.M, self.N)
-        x = bottom[0].data.reshape(self.M, self.K)
         # param grads aside while the main stream computes the bottom gradient; with none, the
         # weights' on the main stream and the bias aside, queued first (as in Convolution's backward)
+        outputs = slice(0, self.N)
         with self.backend.aside():
-            if self.p.bias_term and self.param_propagate_down[1]:
-                self.add_row_sums(dy, self.blobs[1].diff)
+            self._bias_grad(top, outputs)
         with self.backend.aside(when=propagate_down[0]):
-            if self.param_propagate_down[0]:  # diff += grad, in the GEMM (beta = 1) as Caffe
-                if self.p.transpose:
-                    self.k.matmul(x.T, dy, out=w.diff, accumulate=True)  # (K, N)
-                else:
-                    self.k.matmul(dy.T, x, out=w.diff, accumulate=True)  # (N, K)
+            self._weight_grad(top, bottom, outputs)
         if propagate_down[0]:
-            dx = bottom[0].diff.reshape(self.M, self.K)
-            self.k.matmul(dy, w.data.T if self.p.transpose else w.data, out=dx)
+            self._data_grad(top, bottom, 0, self.M)
+
+    def backward_part(self, top, propagate_down, bottom, part, lo, hi):
+        """The bottom gradient of images lo..hi, and the param gradients of this part's share
+        of the outputs, over the whole batch: the parts write apart, and each sum keeps the
+        order of an unsplit backward."""
+        parts = len(self.batch_parts)
+        outputs = slice(self.N * part // parts, self.N * (part + 1) // parts)
+        self._bias_grad(top, outputs)
+        self._weight_grad(top, bottom, outputs)
+        if propagate_down[0]:
+            self._data_grad(top, bottom, lo, hi)
+
+    def _bias_grad(self, top, outputs):
+        if self.p.bias_term and self.param_propagate_down[1]:
+            dy = top[0].diff.reshape(self.M, self.N)
+            self.add_row_sums(dy[:, outputs], self.blobs[1].diff[outputs])
+
+    def _weight_grad(self, top, bottom, outputs):
+        """diff += the weights' gradient in the outputs' rows (columns when transposed), in
+        the GEMM (beta = 1) as Caffe."""
+        if not self.param_propagate_down[0]:
+            return
+        dy = top[0].diff.reshape(self.M, self.N)[:, outputs]
+        x, diff = bottom[0].data.reshape(self.M, self.K), self.blobs[0].diff
+        if self.p.transpose:
+            self.k.matmul(x.T, dy, out=diff[:, outputs], accumulate=True)  # (K, N)
+        else:
+            self.k.matmul(dy.T, x, out=diff[outputs], accumulate=True)  # (N, K)
+
+    def _data_grad(self, top, bottom, lo, hi):
+        dy = top[0].diff.reshape(self.M, self.N)[lo:hi]
+        dx = bottom[0].diff.reshape(self.M, self.K)[lo:hi]
+        w = self.blobs[0].data
+        self.k.matmul(dy, w.T if self.p.transpose else w, out=dx)
 
 
 @register

@@ -334,7 +334,8 @@ def _pycaffe_args(args, phase, weights):
 class _Chain:
     """Consecutive layers of one pass that split the batch alike (Layer.batch_parts): they run as
     one split, each part's images through all of them on one thread, so a pass forks and joins
-    its threads once per chain rather than once per layer (LeNet: 4 layers a chain each way)."""
+    its threads once per chain rather than once per layer (LeNet: 5 layers a chain each way).
+    A chain of one layer runs as that layer alone does."""
 
     def __init__(self, net, forward):
         self.net, self.forward, self.layers, self.ranges = net, forward, [], None
@@ -353,6 +354,9 @@ class _Chain:
         if not layers:
             return
         self.layers, self.ranges = [], None
+        if len(layers) == 1:  # as the layer runs alone (it may split otherwise, or not at all)
+            self._run_alone(layers[0])
+            return
         if self.forward:
             net.backend.over_ranges(ranges, functools.partial(self._forward_parts, layers))
             return
@@ -361,6 +365,15 @@ class _Chain:
         for i in layers:
             net.engine_layers[i].backward_parts_done(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
             net._layer_backward_done(i)
+
+    def _run_alone(self, i):
+        net = self.net
+        layer, bottom, top = net.engine_layers[i], net.bottom_vecs[i], net.top_vecs[i]
+        if self.forward:
+            layer.forward(bottom, top)
+            return
+        layer.backward(top, net.bottom_need_backward[i], bottom)
+        net._layer_backward_done(i)
 
     def _forward_parts(self, layers, part, lo, hi):
         net = self.net

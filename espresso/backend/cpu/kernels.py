@@ -167,10 +167,13 @@ def matmul(a, b, out, accumulate=False):
 
 
 def matmul_bias(a, b, bias, out):
-    """out = a @ b + bias (n,) for 2-D a (m, k) and b (k, n): InnerProduct's forward."""
-    np.matmul(a, b, out=out)
-    out += bias
-    return out
+    """out = a @ b + bias (n,) for 2-D a (m, k) and b (k, n): InnerProduct's forward, x @ W^T,
+    which runs as (W @ x^T)^T where that is faster (the bias added in the pass that transposes)."""
+    if not _transposed_is_faster(a, b):
+        np.matmul(a, b, out=out)
+        return np.add(out, bias, out=out)
+    product = np.matmul(b.T, a.T, out=_product(out.T.shape, out.dtype))
+    return np.add(product.T, bias, out=out)
 
 
 def _product(shape, dtype):
@@ -185,10 +188,12 @@ def _product(shape, dtype):
 
 def _transposed_is_faster(a, b):
     """Whether a @ b (a C-contiguous (M, L), b the transpose of a C-contiguous (K, L): the weight
-    gradients of convolutions) runs faster as b^T @ a^T.  OpenBLAS runs this "NT" product slowly
-    when M is short; measured on 2 cores (ms direct / transposed): M, K, L = 50, 500, 4096 (LeNet's
-    conv2) 2.50 / 1.67; 20, 25, 36864 (conv1) 1.49 / 0.99; 96, 363, 12100 7.75 / 6.21; 256, 256,
-    64 0.16 / 0.13; but 300, 500, 4096 7.72 / 8.04 and 1000, 500, 4096 24.0 / 30.3."""
+    gradients of convolutions, InnerProduct's forward) runs faster as b^T @ a^T.  OpenBLAS runs
+    this "NT" product slowly when M is short; measured on 2 cores (ms direct / transposed): M, K,
+    L = 50, 500, 4096 (LeNet's conv2) 2.50 / 1.67; 20, 25, 36864 (conv1) 1.49 / 0.99; 96, 363,
+    12100 7.75 / 6.21; 256, 256, 64 0.16 / 0.13; 64, 500, 800 (LeNet's ip1) 0.41 / 0.29; 64, 4096,
+    9216 (CaffeNet's fc6) 36.4 / 30.6; but 300, 500, 4096 7.72 / 8.04 and 1000, 500, 4096 24.0 /
+    30.3."""
     m, k = a.shape[-2], b.shape[-1]
     return m <= 256 and m <= k and a.flags.c_contiguous and b.swapaxes(-1, -2).flags.c_contiguous
 
