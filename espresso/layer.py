@@ -130,6 +130,9 @@ class Layer:
     # part's images through all of them on one thread (forward_part, backward_part), then
     # backward_parts_done gathers what the parts left aside (Net.forward_layers, backward_range)
     batch_parts = None
+    # backward_part reads every image's top diff (InnerProduct's param gradients): the layer
+    # starts a backward chain, since the layers above it in one would still be writing them
+    parts_read_whole_top_diff = False
 
     def forward_part(self, bottom, top, part, lo, hi):
         raise NotImplementedError

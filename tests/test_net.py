@@ -511,8 +511,8 @@ def run_split_and_whole(monkeypatch, text, threads, hooks=False):
             net = net_from(text)
             rng = np.random.default_rng(7)
             for blobs in net.params.values():
-                for blob in blobs:
-                    blob.data[...] = rng.standard_normal(blob.data.shape)
+                for blob in blobs:  # (diffs too: the param gradients accumulate onto them)
+                    blob.data[...], blob.diff[...] = rng.standard_normal((2,) + blob.data.shape)
             net.blobs["x"].data[...] = rng.standard_normal((5, 2, 10, 9))
             net.blobs["label"].data[...] = [0, 2, 1, 1, 0]
             for when in ("before_forward", "after_backward") if hooks else ():
@@ -560,6 +560,19 @@ def test_an_inner_product_joins_the_chain_before_it(monkeypatch, fields):
     alone, calls = run_split_and_whole(monkeypatch, text, 3, hooks=True)
     assert len(calls) == 8 and parts == [("forward_part", 0)] * 2
     for got, want in zip(alone[1], results[1]):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+def test_inner_products_in_a_row_chain_apart_in_backward(monkeypatch):
+    """Two InnerProducts after the convolutions (as a low-rank split writes them): forward, one
+    chain; backward, the second one runs before the first starts the chain below it, since the
+    first's param gradients read every image's rows of the second's bottom gradient.  The first
+    has fewer outputs (2) than parts (3): one part has no share of its param gradients."""
+    monkeypatch.setattr(common, "SPLIT_MULTIPLY_ADDS", 0)
+    text = SPLIT_BATCH.replace(ip("ip", "p2", "ip", 3), ip("ip_a", "p2", "h", 2) + ip("ip", "h", "ip", 3))
+    results, calls = run_split_and_whole(monkeypatch, text, 3)
+    assert [len(r) for r in calls] == [3, 3]  # the forward chain; backward, the one below the second
+    for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 

@@ -51,6 +51,7 @@ class InnerProductLayer(Layer):
     param = "inner_product_param"
     legacy = "INNER_PRODUCT"
     exact_bottoms = exact_tops = 1
+    parts_read_whole_top_diff = True
 
     def setup(self, bottom, top):
         p = self.p
@@ -95,47 +96,45 @@ class InnerProductLayer(Layer):
             self.k.matmul(x, w, out=y)
 
     def backward(self, top, propagate_down, bottom):
+        dy, x = top[0].diff.reshape(self.M, self.N), bottom[0].data.reshape(self.M, self.K)
         # param grads aside while the main stream computes the bottom gradient; with none, the
         # weights' on the main stream and the bias aside, queued first (as in Convolution's backward)
-        outputs = slice(0, self.N)
         with self.backend.aside():
-            self._bias_grad(top, outputs)
+            self._bias_grad(dy)
         with self.backend.aside(when=propagate_down[0]):
-            self._weight_grad(top, bottom, outputs)
+            self._weight_grad(dy, x)
         if propagate_down[0]:
-            self._data_grad(top, bottom, 0, self.M)
+            self._data_grad(dy, bottom[0].diff.reshape(self.M, self.K))
 
     def backward_part(self, top, propagate_down, bottom, part, lo, hi):
         """The bottom gradient of images lo..hi, and the param gradients of this part's share
         of the outputs, over the whole batch: the parts write apart, and each sum keeps the
-        order of an unsplit backward."""
+        order of an unsplit backward (parts_read_whole_top_diff)."""
+        dy, x = top[0].diff.reshape(self.M, self.N), bottom[0].data.reshape(self.M, self.K)
         parts = len(self.batch_parts)
         outputs = slice(self.N * part // parts, self.N * (part + 1) // parts)
-        self._bias_grad(top, outputs)
-        self._weight_grad(top, bottom, outputs)
+        if outputs.start < outputs.stop:  # (more parts than outputs leave some without a share)
+            self._bias_grad(dy, outputs)
+            self._weight_grad(dy, x, outputs)
         if propagate_down[0]:
-            self._data_grad(top, bottom, lo, hi)
+            self._data_grad(dy[lo:hi], bottom[0].diff.reshape(self.M, self.K)[lo:hi])
 
-    def _bias_grad(self, top, outputs):
+    def _bias_grad(self, dy, outputs=slice(None)):
         if self.p.bias_term and self.param_propagate_down[1]:
-            dy = top[0].diff.reshape(self.M, self.N)
             self.add_row_sums(dy[:, outputs], self.blobs[1].diff[outputs])
 
-    def _weight_grad(self, top, bottom, outputs):
+    def _weight_grad(self, dy, x, outputs=slice(None)):
         """diff += the weights' gradient in the outputs' rows (columns when transposed), in
         the GEMM (beta = 1) as Caffe."""
         if not self.param_propagate_down[0]:
             return
-        dy = top[0].diff.reshape(self.M, self.N)[:, outputs]
-        x, diff = bottom[0].data.reshape(self.M, self.K), self.blobs[0].diff
+        diff = self.blobs[0].diff
         if self.p.transpose:
-            self.k.matmul(x.T, dy, out=diff[:, outputs], accumulate=True)  # (K, N)
+            self.k.matmul(x.T, dy[:, outputs], out=diff[:, outputs], accumulate=True)  # (K, N)
         else:
-            self.k.matmul(dy.T, x, out=diff[outputs], accumulate=True)  # (N, K)
+            self.k.matmul(dy[:, outputs].T, x, out=diff[outputs], accumulate=True)  # (N, K)
 
-    def _data_grad(self, top, bottom, lo, hi):
-        dy = top[0].diff.reshape(self.M, self.N)[lo:hi]
-        dx = bottom[0].diff.reshape(self.M, self.K)[lo:hi]
+    def _data_grad(self, dy, dx):
         w = self.blobs[0].data
         self.k.matmul(dy, w.T if self.p.transpose else w, out=dx)
 

@@ -342,12 +342,12 @@ class _Chain:
 
     def add(self, i):
         """Take layer i (its batch_parts set), running the chain so far first where its ranges
-        differ."""
-        ranges = self.net.engine_layers[i].batch_parts
-        if ranges != self.ranges:
+        differ or, in backward, where its parts read the whole top diff."""
+        layer = self.net.engine_layers[i]
+        if layer.batch_parts != self.ranges or (not self.forward and layer.parts_read_whole_top_diff):
             self.run()
         self.layers.append(i)
-        self.ranges = ranges
+        self.ranges = layer.batch_parts
 
     def run(self):
         layers, ranges, net = self.layers, self.ranges, self.net

@@ -328,3 +328,21 @@ def test_matmul_accumulates_in_every_path(a_shape, b_shape, transposed_b):
         K.matmul(a.astype(dtype), b.astype(dtype), got, accumulate=True)
         np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
     assert K._transposed_is_faster(a, b) == (transposed_b and a.shape[-2] <= 256)
+
+
+def test_matmul_bias_in_both_orientations_and_one_product_buffer_per_thread():
+    """InnerProduct's forward x @ W^T + b, computed as (W @ x^T)^T for a short batch (from the
+    thread's one product buffer, whatever the batch sizes seen) and directly past the buffer's
+    size limit; each as the plain product."""
+    w, bias = rand((300, 40), seed=6), rand((300,), seed=7)
+    for batch in (1, 7, 64, 33):
+        x = rand((batch, 40), seed=batch)
+        out = np.empty((batch, 300))
+        assert K._transposed_is_faster(x, w.T)
+        np.testing.assert_allclose(K.matmul_bias(x, w.T, bias, out), x @ w.T + bias, rtol=1e-12)
+    buffers = K._PRODUCTS.buffers  # one per dtype (other tests may have run float32 products here)
+    assert set(buffers) <= {"<f8", "<f4"} and buffers["<f8"].size >= 64 * 300
+    x, w = rand((2, 3), seed=8), rand((K.PRODUCT_ELEMENTS // 2 + 1, 3), seed=9)
+    out = np.empty((2, w.shape[0]))
+    np.testing.assert_allclose(K.matmul_bias(x, w.T, w[:, 0], out), x @ w.T + w[:, 0], rtol=1e-12)
+    assert max(b.size for b in K._PRODUCTS.buffers.values()) <= K.PRODUCT_ELEMENTS

@@ -149,7 +149,7 @@ def _unstage(staged, x, pad, last=None):
 def matmul(a, b, out, accumulate=False):
     """out = a @ b (or, accumulating, out += a @ b: Caffe's GEMM with beta = 1) with NumPy's
     batched-matmul rules: the GEMM every layer calls through `k`.  Accumulating goes through a
-    product buffer kept per shape, so the hot path allocates nothing after the first call: of at
+    product buffer kept per thread, so the hot path allocates nothing after the first call: of at
     most PRODUCT_ELEMENTS (a larger output accumulates a block of rows at a time; a whole-size
     buffer doubled CaffeNet's fully connected gradients, 234 MB).  There the product may be
     computed transposed, where that is faster."""
@@ -169,7 +169,7 @@ def matmul(a, b, out, accumulate=False):
 def matmul_bias(a, b, bias, out):
     """out = a @ b + bias (n,) for 2-D a (m, k) and b (k, n): InnerProduct's forward, x @ W^T,
     which runs as (W @ x^T)^T where that is faster (the bias added in the pass that transposes)."""
-    if not _transposed_is_faster(a, b):
+    if not _transposed_is_faster(a, b) or out.size > PRODUCT_ELEMENTS:
         np.matmul(a, b, out=out)
         return np.add(out, bias, out=out)
     product = np.matmul(b.T, a.T, out=_product(out.T.shape, out.dtype))
@@ -177,13 +177,14 @@ def matmul_bias(a, b, bias, out):
 
 
 def _product(shape, dtype):
-    """The product buffer of this shape for the calling thread (the parts of a split batch
-    accumulate side by side)."""
-    products = _PRODUCTS.__dict__.setdefault("buffers", {})
-    key = (shape, np.dtype(dtype).str)
-    if key not in products:
-        products[key] = np.empty(shape, dtype)
-    return products[key]
+    """A product buffer of this shape for the calling thread (the parts of a split batch
+    accumulate side by side): a view of one flat buffer per dtype, grown to the largest product
+    asked for (at most PRODUCT_ELEMENTS), which each caller has consumed before it asks again."""
+    buffers = _PRODUCTS.__dict__.setdefault("buffers", {})
+    dtype, size = np.dtype(dtype), math.prod(shape)
+    if dtype.str not in buffers or buffers[dtype.str].size < size:
+        buffers[dtype.str] = np.empty(size, dtype)
+    return buffers[dtype.str][:size].reshape(shape)
 
 
 def _transposed_is_faster(a, b):
@@ -198,7 +199,7 @@ def _transposed_is_faster(a, b):
     return m <= 256 and m <= k and a.flags.c_contiguous and b.swapaxes(-1, -2).flags.c_contiguous
 
 
-_PRODUCTS = threading.local()  # .buffers: (shape, dtype) -> the buffer of matmul's accumulated products
+_PRODUCTS = threading.local()  # .buffers: dtype -> the flat buffer of `_product`
 PRODUCT_ELEMENTS = 1 << 21  # 8 MB of float32
 
 
