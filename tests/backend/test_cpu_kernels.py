@@ -334,9 +334,9 @@ def test_matmul_bias_in_both_orientations_and_one_product_buffer_per_thread():
     """InnerProduct's forward x @ W^T + b, computed as (W @ x^T)^T for a short batch (from the
     thread's one product buffer, whatever the batch sizes seen) and directly past the buffer's
     size limit; each as the plain product."""
-    w, bias = rand((300, 40), seed=6), rand((300,), seed=7)
-    for batch in (1, 7, 64, 33):
-        x = rand((batch, 40), seed=batch)
+    w, bias = rand((300, 256), seed=6), rand((300,), seed=7)
+    for batch in (1, 7, 64, 33):  # (batch 1 directly)
+        x = rand((batch, 256), seed=batch)
         out = np.empty((batch, 300))
         assert K._transposed_is_faster(x, w.T)
         np.testing.assert_allclose(K.matmul_bias(x, w.T, bias, out), x @ w.T + bias, rtol=1e-12)
