@@ -342,7 +342,8 @@ def test_matmul_bias_in_both_orientations_and_one_product_buffer_per_thread():
         np.testing.assert_allclose(K.matmul_bias(x, w.T, bias, out), x @ w.T + bias, rtol=1e-12)
     buffers = K._PRODUCTS.buffers  # one per dtype (other tests may have run float32 products here)
     assert set(buffers) <= {"<f8", "<f4"} and buffers["<f8"].size >= 64 * 300
-    x, w = rand((2, 3), seed=8), rand((K.PRODUCT_ELEMENTS // 2 + 1, 3), seed=9)
-    out = np.empty((2, w.shape[0]))
+    x, w = rand((4, 3), seed=8), rand((K.PRODUCT_ELEMENTS // 4 + 1, 3), seed=9)
+    out = np.empty((4, w.shape[0]))
+    assert K._transposed_is_faster(x, w.T)
     np.testing.assert_allclose(K.matmul_bias(x, w.T, w[:, 0], out), x @ w.T + w[:, 0], rtol=1e-12)
     assert max(b.size for b in K._PRODUCTS.buffers.values()) <= K.PRODUCT_ELEMENTS
