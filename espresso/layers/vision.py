@@ -104,9 +104,9 @@ class _ColumnGemm:
     reverse.  Three layouts:
     - pixel rows, for tall columns of 2 or more images where the backend has im2row (the CPU;
       2-D, one group, not a 1x1 kernel that skips im2col): the transposes, one row per output
-      pixel, (n*L, prod(K)*Ci) and (n*L, Cd), each row in (k..., c) order and W copied to match.  OpenBLAS runs GEMMs
-      faster with the pixels as the long side: LeNet's conv2 on 32 images, its three GEMMs
-      3.3 against 4.0 ms alone, 3.9 against 4.4 ms in a training step.
+      pixel, (n*L, prod(K)*Ci) and (n*L, Cd), each row in (k..., c) order and W copied to
+      match.  OpenBLAS runs GEMMs faster with the pixels as the long side: LeNet's conv2 on 32
+      images, its three GEMMs 3.3 against 4.0 ms alone, 3.9 against 4.4 ms in a training step.
     - batch-last, for small output maps or other tall columns: one GEMM per group over the
       whole batch, transposes on the data side.
     - batch-major otherwise: a batched GEMM straight into the blob; 1x1 stride-1 unpadded

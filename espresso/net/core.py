@@ -231,13 +231,17 @@ class Net(PycaffeNet):
                     chain.add(i)
                     continue
                 chain.run()
-                if self.layer_need_backward[i]:
-                    # a diff that other layers accumulate into too is never written by two streams
-                    with self.backend.overlapping(not self._shares_params[i]):
-                        layer = self.engine_layers[i]
-                        layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
-                self._layer_backward_done(i)
+                self._backward_layer(i)
             chain.run()
+
+    def _backward_layer(self, i):
+        """Layer i's own backward, where it needs one, then what follows each layer's."""
+        if self.layer_need_backward[i]:
+            # a diff that other layers accumulate into too is never written by two streams
+            with self.backend.overlapping(not self._shares_params[i]):
+                layer = self.engine_layers[i]
+                layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+        self._layer_backward_done(i)
 
     def _layer_backward_done(self, i):
         self._call("after_backward", i)
@@ -355,7 +359,11 @@ class _Chain:
             return
         self.layers, self.ranges = [], None
         if len(layers) == 1:  # as the layer runs alone (it may split otherwise, or not at all)
-            self._run_alone(layers[0])
+            (i,) = layers
+            if self.forward:
+                net.engine_layers[i].forward(net.bottom_vecs[i], net.top_vecs[i])
+            else:
+                net._backward_layer(i)
             return
         if self.forward:
             net.backend.over_ranges(ranges, functools.partial(self._forward_parts, layers))
@@ -365,15 +373,6 @@ class _Chain:
         for i in layers:
             net.engine_layers[i].backward_parts_done(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
             net._layer_backward_done(i)
-
-    def _run_alone(self, i):
-        net = self.net
-        layer, bottom, top = net.engine_layers[i], net.bottom_vecs[i], net.top_vecs[i]
-        if self.forward:
-            layer.forward(bottom, top)
-            return
-        layer.backward(top, net.bottom_need_backward[i], bottom)
-        net._layer_backward_done(i)
 
     def _forward_parts(self, layers, part, lo, hi):
         net = self.net

@@ -277,9 +277,8 @@ def col2im(col, x, kernel, stride, pad, dilation, batch_last=False, work=None):
 
 def _im2row(x, col, kernel, stride, pad, dilation, work=None):
     """Columns of x (N, C, H, W) as rows, one per output pixel: col (N*OH*OW, kh*kw*C), contiguous
-    as the layers pass it, each row
-    in (kh, kw, c) order, so that a window's cells lie in runs in x staged channels-last
-    (`work`: of im2col_workspace_size(x.shape, pad, True) elements)."""
+    as the layers pass it, each row in (kh, kw, c) order, so that a window's cells lie in runs in
+    x staged channels-last (`work`: of im2col_workspace_size(x.shape, pad, True) elements)."""
     n, c = x.shape[:2]
     out, extent = _col_geometry(x.shape, kernel, stride, pad, dilation)
     staged = _stage(x, work, pad, extent, 0, 1)
