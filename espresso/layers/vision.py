@@ -365,18 +365,19 @@ class _BaseConvolution(Layer):
                 image, data = data, image
             self.plan = self._cudnn_plan(image, data)
             # larger im2col buffers are not even tried where cuDNN is
-            small = column_bytes(self, self.num, image, data) <= TIMED_COLUMNS
-            # the batch's parts (backend.batch_ranges: threads on a CPU) each with their buffers
-            self.ranges = self.backend.batch_ranges(self.num)
-            self.cores = ([_ColumnGemm(self, hi - lo, image, data) for lo, hi in self.ranges]
-                          if small or not self.plan else None)
+            self.gemm_ok = not self.plan or column_bytes(self, self.num, image, data) <= TIMED_COLUMNS
+            # the batch's parts (backend.batch_ranges: threads on a CPU) each with their buffers,
+            # made where cuDNN is only when im2col + GEMM runs (`_gemm_cores`)
+            self.ranges, self.core_geometry, self.cores = self.backend.batch_ranges(self.num), (image, data), None
+            if not self.plan:
+                self._gemm_cores()
             self.engines = [None, None] if self.plan else ["gemm", "gemm"]  # forward, backward
             self.core_shape = shape
             if len(self.ranges) > 1 and self.p.bias_term:  # each part's channel sums in its rows
                 self.part_sums = self.xp.empty((len(bottom), self.num, self.p.num_output), self.dtype)
             # a convolution's parts run in the net's chains (Layer.batch_parts); a deconvolution's
             # bias gradient needs its whole top diff first
-            split = len(self.ranges) > 1 and self.cores is not None and not self.transposed
+            split = len(self.ranges) > 1 and not self.plan and not self.transposed
             self.batch_parts = self.ranges if split else None
         self.ones(max(self.top_pixels, self.num))  # sized here: not first made by work put aside
 
@@ -417,7 +418,7 @@ class _BaseConvolution(Layer):
             engines["cudnn"], engines["gemm"] = self._cudnn_backward, self._gemm_backward
             if self._direct_grad_allowed(args[1]):
                 engines["direct"] = self._direct_backward
-        if self.cores is None:
+        if not self.gemm_ok:
             del engines["gemm"]
         options = {direction: self.plan.options(direction) for direction in directions}
         key = json.dumps([self.backend.cudnn.policy, self.backend.cudnn.tf32, self.plan.key, self.transposed,
@@ -427,13 +428,20 @@ class _BaseConvolution(Layer):
             self._time_choices(which, directions, options, engines, args)
             self.backend.choices.put(key, {"algos": {d: self.plan.algo[d][0] for d in directions},
                                            "engine": self.engines[which]})
-        # its column buffers are not needed once neither direction takes im2col + GEMM, nor by a
-        # TEST net's forward (a backward there, pycaffe's, then takes cuDNN too): 12 MB in LeNet's b64
-        forward, backward = self.engines
-        if forward in ("cudnn", "direct") and (backward in ("cudnn", "direct")
-                                               or (backward is None and self.phase == caffe_pb2.TEST)):
-            self.cores = None
+        self._drop_unused_cores()
         return self.engines[which]
+
+    def _gemm_cores(self):
+        """The parts' im2col + GEMM buffers (_ColumnGemm), made when first needed."""
+        if self.cores is None:
+            self.cores = [_ColumnGemm(self, hi - lo, *self.core_geometry) for lo, hi in self.ranges]
+        return self.cores
+
+    def _drop_unused_cores(self):
+        """Give back the column buffers where no direction chosen so far takes im2col + GEMM (a
+        later choice that does makes them again): 12 MB in LeNet's b64, 47 MB at b256."""
+        if "gemm" not in self.engines:
+            self.cores = None
 
     def _direct_allowed(self):
         """Whether the backend's direct kernel may run this forward (timed against the others): a
@@ -468,12 +476,16 @@ class _BaseConvolution(Layer):
         return True
 
     def _time_choices(self, which, directions, options, engines, args):
+        """The other engines first, then (their columns given back, so that the candidates'
+        workspaces do not come on top of them in the first run's peak) cuDNN's algorithms."""
         saved = [blob.diff.copy() for blob in self.blobs] if which else []
+        times = {name: self._time(run, *args) for name, run in engines.items() if name != "cudnn"}
+        self._drop_unused_cores()
         for direction in directions:
-            times = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
-                     for option in options[direction]]
-            self.plan.algo[direction] = options[direction][times.index(min(times))]
-        times = {name: self._time(run, *args) for name, run in engines.items()}
+            candidates = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
+                          for option in options[direction]]
+            self.plan.algo[direction] = options[direction][candidates.index(min(candidates))]
+        times["cudnn"] = self._time(engines["cudnn"], *args)
         self.engines[which] = min(times, key=times.get)
         for blob, diff in zip(self.blobs, saved):
             blob.diff[...] = diff
@@ -587,6 +599,7 @@ class ConvolutionLayer(_BaseConvolution):
     legacy = "CONVOLUTION"
 
     def _gemm_forward(self, bottom, top):
+        self._gemm_cores()
         self.backend.over_ranges(self.ranges, functools.partial(self.forward_part, bottom, top))
 
     def forward_part(self, bottom, top, part, lo, hi):
@@ -602,7 +615,7 @@ class ConvolutionLayer(_BaseConvolution):
         core.cols_ready = self.bottom_count == 1 and core.chunk == core.num
 
     def _gemm_backward(self, top, propagate_down, bottom):
-        if len(self.cores) > 1:  # a split batch, as the net runs a chain of such layers
+        if len(self._gemm_cores()) > 1:  # a split batch, as the net runs a chain of such layers
             allocate_diffs(top + bottom + self.blobs)
             self.backend.over_ranges(self.ranges, functools.partial(self.backward_part, top, propagate_down, bottom))
             self.backward_parts_done(top, propagate_down, bottom)
@@ -668,6 +681,7 @@ class DeconvolutionLayer(_BaseConvolution):
         return out
 
     def _gemm_forward(self, bottom, top):
+        self._gemm_cores()
         self.backend.over_ranges(self.ranges, functools.partial(self.forward_part, bottom, top))
 
     def forward_part(self, bottom, top, part, lo, hi):
@@ -684,6 +698,7 @@ class DeconvolutionLayer(_BaseConvolution):
                 y.reshape(hi - lo, self.p.num_output, -1)[...] += self.blobs[1].data[:, None]
 
     def _gemm_backward(self, top, propagate_down, bottom):
+        self._gemm_cores()
         want_weights, want_bias = self._want_params()
         for t in top if want_bias else ():
             self._bias_grad(self._batch(t.diff, self.p.num_output))

@@ -1753,13 +1753,14 @@ def _engines_chosen_as(monkeypatch, forward, backward):
 
 
 @gpu_test
-def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward(monkeypatch, rng):
+def test_a_test_nets_cudnn_convolution_holds_no_columns_and_still_runs_backward(monkeypatch, rng):
+    """Where cuDNN is, the column buffers are made only when im2col + GEMM runs (timed or chosen)."""
     _engines_chosen_as(monkeypatch, "cudnn", "cudnn")
     snippet, x = conv("num_output: 4 kernel_size: 3"), rng.standard_normal((2, 3, 6, 6))
     dy = rng.standard_normal((2, 4, 4, 4))
     cpu, run = LayerRun(snippet, [x], phase=TEST), LayerRun(snippet, [x], phase=TEST, device="cuda:0")
     _copy_params(cpu, run, rng, False)
-    assert run.layer.cores is not None
+    assert run.layer.cores is None and run.layer.gemm_ok
     assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "forward")
     assert run.layer.cores is None and run.layer.engines == ["cudnn", None]
     assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
@@ -1770,18 +1771,18 @@ def test_a_test_nets_cudnn_convolution_drops_its_columns_and_still_runs_backward
 @pytest.mark.parametrize("phase", [TRAIN, TEST])
 def test_a_convolution_whose_timing_picks_the_direct_kernel(monkeypatch, rng, phase):
     """The direct kernel is offered to a small forward (not to a backward); where it wins, the
-    forward matches the CPU, a TEST net drops the columns, and backward runs as before."""
+    forward matches the CPU, no columns are held, and backward runs as before."""
     offered = _engines_chosen_as(monkeypatch, "direct", "cudnn")
     snippet, x = conv("num_output: 50 kernel_size: 5 group: 2 pad: 1"), rng.standard_normal((1, 20, 12, 12))
     dy = rng.standard_normal((1, 50, 10, 10))
     cpu, run = LayerRun(snippet, [x], phase=phase), LayerRun(snippet, [x], phase=phase, device="cuda:0")
     _copy_params(cpu, run, rng, False)
     assert_matches(run.forward()[0], cpu.forward()[0], np.float64, "direct forward")
-    assert run.layer.engines == ["direct", None] and (run.layer.cores is None) == (phase == TEST)
+    assert run.layer.engines == ["direct", None] and run.layer.cores is None
     assert_matches(run.backward([dy], [True])[0], cpu.backward([dy], [True])[0], np.float64, "bottom diff")
     for got, want in zip(run.param_diffs(), cpu.param_diffs()):
         assert_matches(got, want, np.float64, "param diff")
-    assert offered == [["cudnn", "direct", "gemm"], ["cudnn"] + ["gemm"] * (phase == TRAIN)]
+    assert offered == [["cudnn", "direct", "gemm"], ["cudnn", "gemm"]]
 
 
 @gpu_test
