@@ -31,7 +31,10 @@ weights on the same batch (CaffeNet without its dropout layers, which are random
 largest relative difference of the losses (and of the first gradients).
 Peak device memory: a fresh subprocess per (column, case) (this script with --only): PyTorch's
 max_memory_reserved / max_memory_allocated, Espresso's backend.peak_memory() (or, while that does not
-exist, the CuPy default pool's total_bytes at the end).
+exist, the CuPy default pool's total_bytes at the end).  PyTorch's process times its cuDNN algorithms
+(cudnn.benchmark); Espresso's takes the choices the timing pass left in its on-disk cache, as a later
+run on a machine does, and a second Espresso process with an empty cache times them, as the first
+run does (the "1st" column).
 
     python benchmarks/gpu_vs_torch.py [--quick] [--cases a,b] [--no-memory] [--out DIR]
     python benchmarks/gpu_vs_torch.py --device cpu --quick --out /tmp/gvt   # a dry run on the CPU
@@ -52,6 +55,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -499,15 +503,19 @@ def time_columns(env, runs, cfg, errors):
     return blocks, sizes
 
 
-def run_child(args, column, case, timing=False):
-    """This script in a fresh process for one (column, case): its JSON line, or {"error": ...}."""
+def run_child(args, column, case, timing=False, empty_cache=False):
+    """This script in a fresh process for one (column, case): its JSON line, or {"error": ...}.
+    `empty_cache`: Espresso's choices cache empty, as on a machine that never ran it."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", column, "--cases", case, "--device", args.device]
     cmd += ["--quick"] * args.quick + ["--time"] * timing
     env = {k: v for k, v in os.environ.items() if k != "ESPRESSO_TF32"}
     if column == "espresso" and CASES[case][3]:
         env["ESPRESSO_TF32"] = "1"
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+        with tempfile.TemporaryDirectory() as cache:
+            if empty_cache:
+                env["ESPRESSO_CACHE_DIR"] = cache
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
         if done.returncode == 0:
             return json.loads(done.stdout.strip().splitlines()[-1])
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-600:]}"}
@@ -607,19 +615,21 @@ def _cell(value, fmt):
 
 def format_table(cases, memory):
     head = (f"{'case':<22}{'batch':>6}{'Espresso ms':>13}{'torch eager':>13}{'torch graph':>13}"
-            f"{'x vs eager':>12}{'x vs graph':>12}{'peak MiB E':>12}{'peak MiB T':>12}")
+            f"{'x vs eager':>12}{'x vs graph':>12}{'peak MiB E':>12}{'E 1st':>7}{'peak MiB T':>12}")
     lines = [head]
     for name, r in cases.items():
         ms = [r.get(col, {}).get("median_ms") for col in COLUMNS]
         mem = memory.get(name, {})
-        mem_e = mem.get("espresso", {}).get("memory", {}).get("peak_mib")
-        mem_t = mem.get("torch_eager", {}).get("memory", {}).get("peak_mib")
+        mem_e, mem_first, mem_t = (mem.get(col, {}).get("memory", {}).get("peak_mib")
+                                   for col in ("espresso", "espresso_first_run", "torch_eager"))
         lines.append(f"{name:<22}{r['batch']:>6}" + "".join(f"{_cell(v, '.3f'):>13}" for v in ms)
                      + f"{_cell(r.get('speedup_vs_torch_eager'), '.2f'):>12}"
                      + f"{_cell(r.get('speedup_vs_torch_graph'), '.2f'):>12}"
-                     + f"{_cell(mem_e, '.0f'):>12}{_cell(mem_t, '.0f'):>12}")
+                     + f"{_cell(mem_e, '.0f'):>12}{_cell(mem_first, '.0f'):>7}{_cell(mem_t, '.0f'):>12}")
     lines.append("ms = median ms per iteration (training step or forward); x vs eager / graph = PyTorch ms / "
-                 "Espresso ms: > 1 means Espresso is faster; peak MiB T = PyTorch eager max_memory_reserved")
+                 "Espresso ms: > 1 means Espresso is faster; peak MiB E = Espresso with its timed choices "
+                 "cached, E 1st = timing them (a first run); T = PyTorch eager max_memory_reserved "
+                 "(cudnn.benchmark)")
     return "\n".join(lines)
 
 
@@ -698,6 +708,7 @@ def main():
         print("peak memory (a fresh process per column and case) ...", flush=True)
         for case in cases:
             memory[case] = {col: run_child(args, col, case) for col in env.columns}
+            memory[case]["espresso_first_run"] = run_child(args, "espresso", case, empty_cache=True)
             save(env, cfg, cases, memory, args.out)
     print("\n" + report_text(save(env, cfg, cases, memory, args.out)))
     print(f"\nwrote {Path(args.out) / 'gpu_vs_torch.json'} and {Path(args.out) / 'gpu_vs_torch.txt'}")
