@@ -401,11 +401,11 @@ class _BaseConvolution(Layer):
         getattr(self, f"_{engine}_backward")(top, propagate_down, bottom)
 
     def _choose(self, which, *args):
-        """The first forward (0) or backward (1) at a shape: time cuDNN's candidate algorithms on
-        this layer's blobs (as graph replays), keep the fastest, then time that against im2col +
-        GEMM (and, for a small forward, the direct kernel) and keep the fastest engine.  Param
-        diffs are restored after (timing accumulates).  The choice is kept in the backend's
-        on-disk cache, and taken from it when there."""
+        """The first forward (0) or backward (1) at a shape: time im2col + GEMM (and, for a small
+        forward, the direct kernel) and cuDNN's candidate algorithms on this layer's blobs (as
+        graph replays), and keep the fastest algorithm and engine.  Param diffs are restored
+        after (timing accumulates).  The choice is kept in the backend's on-disk cache, and
+        taken from it when there."""
         engines = {}
         if which == 0:
             directions = ["BackwardData" if self.transposed else "Forward"]
