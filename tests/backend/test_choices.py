@@ -58,7 +58,6 @@ def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
     assert layer.plan.algo == {"Forward": (6, 4096)} and layer.engines == ["cudnn", None]
 
 
-
 def test_timing_gives_the_columns_back_before_cudnns_candidates():
     """The layer's side: im2col + GEMM is timed first, its columns are given back, and only then
     are cuDNN's candidates timed (their workspaces never on top of the columns in a first run's
@@ -74,15 +73,17 @@ def test_timing_gives_the_columns_back_before_cudnns_candidates():
     def cudnn():
         pass
 
-    def timed(run, *args):
+    def timed(run, *args):  # runs it (so the GEMM engine makes its columns), then a made-up time
+        run(*args)
         held.append((args[1][0] if run == layer._with_algo else run.__name__, layer.cores is not None))
         return {"gemm": 2.0, "cudnn": 1.0, 4: 3.0, 6: 1.0}[held[-1][0]]
 
-    layer._time = lambda run, *args: (run(*args), timed(run, *args))[1]
+    layer._time = timed
     options = {"Forward": [(4, 0), (6, 4096)]}
     layer._time_choices(0, ["Forward"], options, {"cudnn": cudnn, "gemm": gemm}, ())
     assert held == [("gemm", True), (4, False), (6, False), ("cudnn", False)]
     assert layer.engines == ["cudnn", None] and layer.plan.algo == {"Forward": (6, 4096)} and layer.cores is None
+
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ESPRESSO_CACHE_DIR", str(tmp_path))
