@@ -477,16 +477,21 @@ class _BaseConvolution(Layer):
 
     def _time_choices(self, which, directions, options, engines, args):
         """The other engines first, then (their columns given back, so that the candidates'
-        workspaces do not come on top of them in the first run's peak) cuDNN's algorithms."""
+        workspaces do not come on top of them in the first run's peak) cuDNN's algorithms, each
+        direction's with cuDNN's workspaces given back before (nor do the workspaces of the
+        candidates tried before, here or in other layers) and after."""
         saved = [blob.diff.copy() for blob in self.blobs] if which else []
         times = {name: self._time(run, *args) for name, run in engines.items() if name != "cudnn"}
         self._drop_unused_cores()
         for direction in directions:
+            self.backend.cudnn.release_workspaces()
             candidates = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
                           for option in options[direction]]
             self.plan.algo[direction] = options[direction][candidates.index(min(candidates))]
+        self.backend.cudnn.release_workspaces()
         times["cudnn"] = self._time(engines["cudnn"], *args)
         self.engines[which] = min(times, key=times.get)
+        self.backend.cudnn.release_workspaces()  # (the other layers' grow again as they run)
         for blob, diff in zip(self.blobs, saved):
             blob.diff[...] = diff
 

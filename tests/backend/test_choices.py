@@ -58,14 +58,18 @@ def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
     assert layer.plan.algo == {"Forward": (6, 4096)} and layer.engines == ["cudnn", None]
 
 
-def test_timing_gives_the_columns_back_before_cudnns_candidates():
+def test_timing_gives_the_columns_and_workspaces_back_before_cudnns_candidates():
     """The layer's side: im2col + GEMM is timed first, its columns are given back, and only then
-    are cuDNN's candidates timed (their workspaces never on top of the columns in a first run's
-    peak); the fastest engine is kept and, where it is not GEMM, no columns stay."""
+    are cuDNN's candidates timed, with cuDNN's workspaces given back before each direction's
+    candidates, before the chosen ones run and after (no workspace tried, here or in other
+    layers, stays on top of the next ones in a first run's peak); the fastest engine is kept
+    and, where it is not GEMM, no columns stay."""
     layer = LayerRun('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
                      [np.ones((1, 1, 5, 5))]).layer
     layer.plan, layer.engines, layer.cores = types.SimpleNamespace(algo={}), [None, None], None
-    held = []  # (what was timed, whether columns were held then)
+    held = []  # (what was timed, whether columns were held then), and "released"
+    cudnn_lanes = types.SimpleNamespace(release_workspaces=lambda: held.append("released"))
+    layer.backend = types.SimpleNamespace(cudnn=cudnn_lanes)
 
     def gemm():
         layer._gemm_cores()  # as _gemm_forward makes them
@@ -81,7 +85,7 @@ def test_timing_gives_the_columns_back_before_cudnns_candidates():
     layer._time = timed
     options = {"Forward": [(4, 0), (6, 4096)]}
     layer._time_choices(0, ["Forward"], options, {"cudnn": cudnn, "gemm": gemm}, ())
-    assert held == [("gemm", True), (4, False), (6, False), ("cudnn", False)]
+    assert held == [("gemm", True), "released", (4, False), (6, False), "released", ("cudnn", False), "released"]
     assert layer.engines == ["cudnn", None] and layer.plan.algo == {"Forward": (6, 4096)} and layer.cores is None
 
 

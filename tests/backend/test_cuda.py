@@ -1729,6 +1729,30 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     assert gpu.cudnn.lanes[False][1].nbytes == chosen
 
 
+@gpu_test
+def test_a_timed_first_run_keeps_no_candidates_workspace(monkeypatch, rng):
+    """After a layer's timing, cuDNN's lanes are given back; the next pass grows them to what
+    the chosen algorithms need, never the largest candidate tried."""
+    from espresso.backend.cuda.choices import Choices
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing cached: it times
+    snippet, x = conv("num_output: 32 kernel_size: 5"), rng.standard_normal((16, 8, 24, 24)).astype(np.float32)
+    dy = rng.standard_normal((16, 32, 20, 20)).astype(np.float32)
+    run = LayerRun(snippet, [x], device="cuda:0", dtype=np.float32)
+    run.forward()
+    run.backward([dy], [True])
+    assert run.layer.engines[1] is not None and [lane[1].nbytes for lane in gpu.cudnn.lanes.values()] == [0, 0]
+    with gpu.overlapping():  # (the filter gradient aside, on the side lane, as in a net's pass)
+        run.forward()
+        run.backward([dy], [True])
+    algo = run.layer.plan.algo
+    assert gpu.cudnn.lanes[False][1].nbytes <= max(algo["Forward"][1], algo["BackwardData"][1])
+    assert gpu.cudnn.lanes[True][1].nbytes <= algo["BackwardFilter"][1]
+
+
 def _engines_chosen_as(monkeypatch, forward, backward):
     """Convolutions take cuDNN's first candidate algorithms and the given engines instead of
     timing them (nothing kept in the cache for later tests); the engines each choice was
