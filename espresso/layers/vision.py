@@ -37,6 +37,10 @@ SPARE_COLUMNS = 64 << 20
 # The direct kernel (a GPU's `direct_conv_forward`) is timed for a forward of at most this many
 # multiply-adds: beyond, cuDNN wins by far and timing the kernel would only cost time
 DIRECT_WORK = 1 << 28
+# cuDNN algorithms timed within this fraction of the fastest count as tied (timing noise: LeNet
+# b256's conv2 filter gradient took the one of 42.5 MiB workspace in some processes, of 12.2 in
+# others); of tied ones, the one of least workspace is kept
+TIED_WITHIN = 0.05
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -302,6 +306,13 @@ class _ColumnGemm:
         diff += tmp.sum(axis=0)
 
 
+def _leanest(options, times):
+    """Of the (algorithm, workspace bytes) options, the one of least workspace among those
+    timed within TIED_WITHIN of the fastest (the faster where workspaces are equal)."""
+    bound = min(times) * (1 + TIED_WITHIN)
+    return min((size, ms, (algo, size)) for (algo, size), ms in zip(options, times) if ms <= bound)[2]
+
+
 def conv_output_spatial(layer, spatial):
     """Caffe's convolution output size per axis: (size + 2 pad - extent) // stride + 1, where
     extent = dilation * (kernel - 1) + 1.  A kernel wider than the padded input is refused
@@ -487,7 +498,7 @@ class _BaseConvolution(Layer):
             self.backend.cudnn.release_workspaces()
             candidates = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
                           for option in options[direction]]
-            self.plan.algo[direction] = options[direction][candidates.index(min(candidates))]
+            self.plan.algo[direction] = _leanest(options[direction], candidates)
         self.backend.cudnn.release_workspaces()
         times["cudnn"] = self._time(engines["cudnn"], *args)
         self.engines[which] = min(times, key=times.get)

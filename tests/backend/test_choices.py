@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from espresso.backend.cuda.choices import Choices, cache_dir
+from espresso.layers.vision import _leanest
 from espresso.testing import LayerRun
 
 SETUP = {"Device": "GPU 0: NVIDIA H100", "cuDNN": "9.1", "Espresso": "0.1.0"}
@@ -87,6 +88,16 @@ def test_timing_gives_the_columns_and_workspaces_back_before_cudnns_candidates()
     layer._time_choices(0, ["Forward"], options, {"cudnn": cudnn, "gemm": gemm}, ())
     assert held == [("gemm", True), "released", (4, False), (6, False), "released", ("cudnn", False), "released"]
     assert layer.engines == ["cudnn", None] and layer.plan.algo == {"Forward": (6, 4096)} and layer.cores is None
+
+
+def test_of_algorithms_timed_alike_the_one_of_least_workspace_is_kept():
+    """Times within 5% of the fastest are timing noise: of those, the least workspace wins (the
+    faster at equal workspace); a clearly faster algorithm wins whatever its workspace."""
+    options = [(0, 0), (1, 12 << 20), (5, 42 << 20), (6, 4096)]
+    assert _leanest(options, [2.0, 1.02, 1.0, 1.3]) == (1, 12 << 20)
+    assert _leanest(options, [1.04, 1.02, 1.0, 1.3]) == (0, 0)
+    assert _leanest(options, [2.0, 1.2, 1.0, 1.3]) == (5, 42 << 20)
+    assert _leanest([(3, 4096), (4, 4096)], [1.01, 1.0]) == (4, 4096)
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
