@@ -414,7 +414,8 @@ class _BaseConvolution(Layer):
     def _choose(self, which, *args):
         """The first forward (0) or backward (1) at a shape: time im2col + GEMM (and, for a small
         forward, the direct kernel) and cuDNN's candidate algorithms on this layer's blobs (as
-        graph replays), and keep the fastest algorithm and engine.  Param diffs are restored
+        graph replays), and keep the fastest engine and algorithm (of algorithms timed within
+        TIED_WITHIN of the fastest, the one of least workspace).  Param diffs are restored
         after (timing accumulates).  The choice is kept in the backend's on-disk cache, and
         taken from it when there."""
         engines = {}
@@ -489,20 +490,21 @@ class _BaseConvolution(Layer):
     def _time_choices(self, which, directions, options, engines, args):
         """The other engines first, then (their columns given back, so that the candidates'
         workspaces do not come on top of them in the first run's peak) cuDNN's algorithms, each
-        direction's with cuDNN's workspaces given back before (nor do the workspaces of the
-        candidates tried before, here or in other layers) and after."""
+        direction's and the chosen ones together with cuDNN's workspaces emptied first; after,
+        the workspaces are as they were (Cudnn.resize_workspaces)."""
+        cudnn, held = self.backend.cudnn, self.backend.cudnn.workspace_sizes()
         saved = [blob.diff.copy() for blob in self.blobs] if which else []
         times = {name: self._time(run, *args) for name, run in engines.items() if name != "cudnn"}
         self._drop_unused_cores()
         for direction in directions:
-            self.backend.cudnn.release_workspaces()
+            cudnn.resize_workspaces((0, 0))
             candidates = [self._time(self._with_algo, direction, option, engines["cudnn"], args)
                           for option in options[direction]]
             self.plan.algo[direction] = _leanest(options[direction], candidates)
-        self.backend.cudnn.release_workspaces()
+        cudnn.resize_workspaces((0, 0))
         times["cudnn"] = self._time(engines["cudnn"], *args)
         self.engines[which] = min(times, key=times.get)
-        self.backend.cudnn.release_workspaces()  # (the other layers' grow again as they run)
+        cudnn.resize_workspaces(held)
         for blob, diff in zip(self.blobs, saved):
             blob.diff[...] = diff
 

@@ -61,19 +61,19 @@ def test_a_cached_choice_is_taken_only_when_it_is_whole_and_still_offered():
 
 def test_timing_gives_the_columns_and_workspaces_back_before_cudnns_candidates():
     """The layer's side: im2col + GEMM is timed first, its columns are given back, and only then
-    are cuDNN's candidates timed, with cuDNN's workspaces given back before each direction's
-    candidates, before the chosen ones run and after (no workspace tried, here or in other
-    layers, stays on top of the next ones in a first run's peak); the fastest engine is kept
-    and, where it is not GEMM, no columns stay."""
+    are cuDNN's candidates timed, each direction's and the chosen ones together with cuDNN's
+    workspaces emptied first (no workspace tried, here or in other layers, stays on top of the
+    next ones in a first run's peak), and the workspaces are as before after; of near-tied
+    algorithms the leaner is kept, and where the engine kept is not GEMM, no columns stay."""
     layer = LayerRun('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
                      [np.ones((1, 1, 5, 5))]).layer
     layer.plan, layer.engines, layer.cores = types.SimpleNamespace(algo={}), [None, None], None
-    held = []  # (what was timed, whether columns were held then), and "released"
-    cudnn_lanes = types.SimpleNamespace(release_workspaces=lambda: held.append("released"))
-    layer.backend = types.SimpleNamespace(cudnn=cudnn_lanes)
+    held = []  # (what was timed, whether columns were held then), and the workspaces' resizes
+    lanes = types.SimpleNamespace(workspace_sizes=lambda: (7, 3), resize_workspaces=held.append)
+    layer.backend = types.SimpleNamespace(cudnn=lanes)
 
     def gemm():
-        layer._gemm_cores()  # as _gemm_forward makes them
+        layer._gemm_cores()  # as _gemm_backward makes them
 
     def cudnn():
         pass
@@ -81,13 +81,15 @@ def test_timing_gives_the_columns_and_workspaces_back_before_cudnns_candidates()
     def timed(run, *args):  # runs it (so the GEMM engine makes its columns), then a made-up time
         run(*args)
         held.append((args[1][0] if run == layer._with_algo else run.__name__, layer.cores is not None))
-        return {"gemm": 2.0, "cudnn": 1.0, 4: 3.0, 6: 1.0}[held[-1][0]]
+        return {"gemm": 2.0, "cudnn": 1.0, 4: 1.04, 6: 1.0, 8: 1.5, 9: 1.0}[held[-1][0]]
 
     layer._time = timed
-    options = {"Forward": [(4, 0), (6, 4096)]}
-    layer._time_choices(0, ["Forward"], options, {"cudnn": cudnn, "gemm": gemm}, ())
-    assert held == [("gemm", True), "released", (4, False), (6, False), "released", ("cudnn", False), "released"]
-    assert layer.engines == ["cudnn", None] and layer.plan.algo == {"Forward": (6, 4096)} and layer.cores is None
+    options = {"BackwardFilter": [(4, 0), (6, 4096)], "BackwardData": [(8, 0), (9, 8192)]}
+    layer._time_choices(1, list(options), options, {"cudnn": cudnn, "gemm": gemm}, ())
+    assert held == [("gemm", True), (0, 0), (4, False), (6, False), (0, 0), (8, False), (9, False),
+                    (0, 0), ("cudnn", False), (7, 3)]
+    assert layer.engines == [None, "cudnn"] and layer.cores is None
+    assert layer.plan.algo == {"BackwardFilter": (4, 0), "BackwardData": (9, 8192)}
 
 
 def test_of_algorithms_timed_alike_the_one_of_least_workspace_is_kept():

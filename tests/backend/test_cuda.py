@@ -1731,25 +1731,39 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
 
 @gpu_test
 def test_a_timed_first_run_keeps_no_candidates_workspace(monkeypatch, rng):
-    """After a layer's timing, cuDNN's lanes are given back; the next pass grows them to what
-    the chosen algorithms need, never the largest candidate tried."""
+    """A layer's timing leaves cuDNN's workspaces as they were: its own run grows them to what
+    its chosen algorithms need, never to the largest candidate tried, and a layer timed later
+    leaves them in place (so a net's first, eager pass ends with every workspace it needs, and
+    the graph captured after it grows none)."""
     from espresso.backend.cuda.choices import Choices
 
     gpu = backends.get("cuda:0")
     if gpu.cudnn is None:
         pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
     monkeypatch.setattr(gpu, "choices", Choices(None, gpu._setup()))  # nothing cached: it times
-    snippet, x = conv("num_output: 32 kernel_size: 5"), rng.standard_normal((16, 8, 24, 24)).astype(np.float32)
-    dy = rng.standard_normal((16, 32, 20, 20)).astype(np.float32)
-    run = LayerRun(snippet, [x], device="cuda:0", dtype=np.float32)
-    run.forward()
-    run.backward([dy], [True])  # (the chosen algorithms run after the choice)
-    algo, lanes = run.layer.plan.algo, gpu.cudnn.lanes
+    gpu.cudnn.resize_workspaces((0, 0))  # (what earlier tests left)
+    runs, grads = [], []
+    for snippet, x_shape, dy_shape in [("num_output: 32 kernel_size: 5", (16, 8, 24, 24), (16, 32, 20, 20)),
+                                       ("num_output: 16 kernel_size: 3 pad: 1", (8, 32, 20, 20), (8, 16, 20, 20))]:
+        runs.append(LayerRun(conv(snippet), [rng.standard_normal(x_shape)], device="cuda:0", dtype=np.float32))
+        grads.append([rng.standard_normal(dy_shape)])
+
+    def passes():
+        for run, dy in zip(runs, grads):
+            run.forward()
+            run.backward(dy, [True])  # (the chosen algorithms run after the choice)
+        return [lane[1].data.ptr for lane in gpu.cudnn.lanes.values()]
+
+    runs[0].forward()
+    runs[0].backward(grads[0], [True])
+    algo, lanes = runs[0].layer.plan.algo, gpu.cudnn.lanes
     chosen = max(size for _, size in algo.values())
-    assert lanes[False][1].nbytes <= chosen and lanes[True][1].nbytes == 0
+    assert lanes[False][1].nbytes <= chosen and lanes[True][1].nbytes == 0  # (the weights' gradient on main)
+    assert passes() == passes()  # the second layer's timing (in the first) moved nothing the first needs
+    gpu.cudnn.resize_workspaces((0, 0))
     with gpu.overlapping():  # (the filter gradient aside, on the side lane, as in a net's pass)
-        run.forward()
-        run.backward([dy], [True])
+        runs[0].forward()
+        runs[0].backward(grads[0], [True])
     assert lanes[False][1].nbytes <= chosen and lanes[True][1].nbytes <= algo["BackwardFilter"][1]
 
 

@@ -6,7 +6,8 @@ cuDNN is optional: the system's libcudnn.so.9, or the one the `cudnn13` extra in
 (nvidia-cudnn-cu13's nvidia/cudnn/lib).  Without it, with ESPRESSO_CUDNN=0, or in deterministic
 mode, convolutions run as im2col + GEMM.  A plan lists cuDNN's candidate algorithms per
 direction (its heuristics' order, workspace up to `workspace_limit`); the layer times them on its
-own blobs and keeps the fastest (espresso/layers/vision.py).  Unless TF32 is allowed, plans use
+own blobs and keeps the fastest, or of those timed within 5% of it the one of least workspace
+(espresso/layers/vision.py).  Unless TF32 is allowed, plans use
 FMA math: float32 products and sums, as PyTorch with allow_tf32 off.
 
 Numerics policy (docs/gpu_numerics.md): cuDNN's algorithms fall into three classes by how they
@@ -157,20 +158,29 @@ class Cudnn:
         """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
         captured with the old one are void."""
         if nbytes > self.lanes[side][1].nbytes:
-            self.lanes[side][1] = None  # the old one goes back to the device first, not after
-            self.xp.get_default_memory_pool().free_all_blocks()
-            self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
-            graphs.invalidate(self.backend)
+            self._replace_workspace(side, nbytes)
 
-    def release_workspaces(self):
-        """Give both lanes' workspaces back to the device: after a layer's timing each holds the
+    def workspace_sizes(self):
+        """(main, side): the bytes each stream's workspace holds."""
+        return self.lanes[False][1].nbytes, self.lanes[True][1].nbytes
+
+    def resize_workspaces(self, sizes):
+        """Give the (main, side) workspaces `sizes` bytes, after the work queued so far.  A
+        layer's timing starts each direction's candidates with none, since a lane keeps the
         largest candidate tried (LeNet b256's side lane 42.5 MiB against the 12.2 chosen), which
-        would stay on top of the next layers' candidates in a first run's peak.  Each grows again
-        to what runs when next used."""
-        self.backend.device.synchronize()  # no queued work may still use them
-        for lane in self.lanes.values():
-            lane[1] = self.xp.empty(0, np.uint8)
+        stayed on top of the next candidates in a first run's peak.  It ends with what they held
+        before: the layers chosen earlier run with them, so the first run's eager pass ends with
+        every chosen workspace in place and its graph capture grows none."""
+        changed = [side for side, size in zip((False, True), sizes) if self.lanes[side][1].nbytes != size]
+        if changed:
+            self.backend.device.synchronize()  # no queued work may still use them
+        for side in changed:
+            self._replace_workspace(side, sizes[side])
+
+    def _replace_workspace(self, side, nbytes):
+        self.lanes[side][1] = None  # the old one goes back to the device first, not after
         self.xp.get_default_memory_pool().free_all_blocks()
+        self.lanes[side][1] = self.xp.empty(nbytes, np.uint8)
         graphs.invalidate(self.backend)
 
 
