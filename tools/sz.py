@@ -60,9 +60,10 @@ from pathlib import Path
 # bad label ignored to the end of the pass, the weights' copy only where a bottom gradient runs
 # 17290 -> 17330 for InnerProduct's parts in the CPU's chains (its gradients as three helpers the
 # two paths share) and a chain of one layer run as the layer alone
-# 17330 -> 17350 for a first run's GPU memory: cuDNN's workspaces emptied for a layer's timing and
-# put back after (Cudnn.resize_workspaces) and, of near-tied algorithms, the one of least workspace
-BUDGET = 17350
+# 17330 -> 17355 for a first run's GPU memory: cuDNN's workspaces emptied for a layer's timing and
+# put back after (Cudnn.resize_workspaces), never grown inside a capture, and, of near-tied
+# algorithms, the one of least workspace
+BUDGET = 17355
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 

@@ -5,8 +5,11 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from espresso.backend.cuda.choices import Choices, cache_dir
+from espresso.backend.cuda.cudnn import Cudnn
+from espresso.errors import GraphCaptureError
 from espresso.layers.vision import _leanest
 from espresso.testing import LayerRun
 
@@ -100,6 +103,18 @@ def test_of_algorithms_timed_alike_the_one_of_least_workspace_is_kept():
     assert _leanest(options, [1.04, 1.02, 1.0, 1.3]) == (0, 0)
     assert _leanest(options, [2.0, 1.2, 1.0, 1.3]) == (5, 42 << 20)
     assert _leanest([(3, 4096), (4, 4096)], [1.01, 1.0]) == (4, 4096)
+
+
+def test_a_workspace_never_grows_inside_a_capture():
+    """A graph being captured holds the workspace its kernels were queued with: growing it (which
+    frees the old one) fails the capture instead, and the pass runs eagerly, growing it there."""
+    lanes = Cudnn.__new__(Cudnn)  # (its lanes and backend alone: no GPU here)
+    lanes.lanes = {False: [None, np.empty(16, np.uint8)], True: [None, np.empty(0, np.uint8)]}
+    lanes.backend = types.SimpleNamespace(capturing=True)
+    with pytest.raises(GraphCaptureError):
+        lanes.grow_workspace(32, side=True)
+    lanes.grow_workspace(16)  # (large enough already)
+    assert lanes.workspace_sizes() == (16, 0)
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):

@@ -34,7 +34,7 @@ from espresso.backend import FUSED_KERNELS
 from espresso.backend.cpu import kernels as CPU
 from espresso.backend.cuda import kernels as CUDA
 from espresso.blob import Blob
-from espresso.errors import BackendError
+from espresso.errors import BackendError, GraphCaptureError
 from espresso.proto import caffe_pb2
 from espresso.proto.text import parse_text
 from espresso.testing import TEST, TRAIN, LayerRun
@@ -1731,10 +1731,10 @@ def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
 
 @gpu_test
 def test_a_timed_first_run_keeps_no_candidates_workspace(monkeypatch, rng):
-    """A layer's timing leaves cuDNN's workspaces as they were: its own run grows them to what
-    its chosen algorithms need, never to the largest candidate tried, and a layer timed later
-    leaves them in place (so a net's first, eager pass ends with every workspace it needs, and
-    the graph captured after it grows none)."""
+    """A layer's timing leaves cuDNN's workspaces as large as they were: its own run grows them to
+    what its chosen algorithms need, never to the largest candidate tried, and a layer timed
+    later shrinks none that an earlier one needs (so a net's first, eager pass ends with every
+    workspace it needs, and the graph captured after it grows none)."""
     from espresso.backend.cuda.choices import Choices
 
     gpu = backends.get("cuda:0")
@@ -1752,7 +1752,7 @@ def test_a_timed_first_run_keeps_no_candidates_workspace(monkeypatch, rng):
         for run, dy in zip(runs, grads):
             run.forward()
             run.backward(dy, [True])  # (the chosen algorithms run after the choice)
-        return [lane[1].data.ptr for lane in gpu.cudnn.lanes.values()]
+        return [(lane[1].nbytes, lane[1].data.ptr) for lane in gpu.cudnn.lanes.values()]
 
     runs[0].forward()
     runs[0].backward(grads[0], [True])
@@ -1765,6 +1765,21 @@ def test_a_timed_first_run_keeps_no_candidates_workspace(monkeypatch, rng):
         runs[0].forward()
         runs[0].backward(grads[0], [True])
     assert lanes[False][1].nbytes <= chosen and lanes[True][1].nbytes <= algo["BackwardFilter"][1]
+
+
+@gpu_test
+def test_a_capture_that_would_grow_a_workspace_fails():
+    """Growing a cuDNN workspace frees the old one, which the kernels captured so far hold: inside
+    a capture it raises GraphCaptureError (GraphCache then runs that pass eagerly), and the
+    workspace keeps the size the eager run gave it."""
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    size = gpu.cudnn.workspace_sizes()[0]
+    wanted = iter([size + 4096, size + 8192])  # the eager run's, then the captured run's
+    with pytest.raises(GraphCaptureError):
+        gpu.capture(lambda: gpu.cudnn.grow_workspace(next(wanted)))
+    assert gpu.cudnn.workspace_sizes()[0] == size + 4096 and not gpu.capturing
 
 
 def _engines_chosen_as(monkeypatch, forward, backward):

@@ -65,6 +65,7 @@ class CUDABackend(Backend):
         self.cudnn = cudnn.Cudnn(library, self) if library else None  # 2-D convolutions
         self.choices = choices.Choices(choices.cache_dir(), self._setup())  # timed ones, kept on disk
         self._overlap, self._side_done = False, None  # inside `overlapping`; the last aside's end event
+        self.capturing = False  # between `capture`'s begin and end (buffers grow in its eager run only)
         # deterministic: only kernels whose results never vary (im2col + GEMM for convolutions,
         # never a choice by timing); read by layers when they are set up
         self.deterministic = os.environ.get("ESPRESSO_DETERMINISTIC", "0") not in ("", "0")
@@ -162,6 +163,7 @@ class CUDABackend(Backend):
         self._graph_pools.append(pool)
         with self.xp.cuda.using_allocator(pool.malloc):
             self.stream.begin_capture()
+            self.capturing = True
             try:
                 run()
                 self.join()  # a capture ends with every branch joined
@@ -169,6 +171,8 @@ class CUDABackend(Backend):
                 _end_capture_quietly(self.stream)
                 self._side_done = None  # an event of the aborted capture
                 raise GraphCaptureError(f"cannot capture a CUDA graph: {type(e).__name__}: {e}") from e
+            finally:
+                self.capturing = False
             graph = self.stream.end_capture()
         self._sample_peak()
         return graph

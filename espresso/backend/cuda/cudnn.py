@@ -29,7 +29,7 @@ import numpy as np
 
 from espresso import graphs
 from espresso.backend.cuda.blas import call_failed
-from espresso.errors import BackendError
+from espresso.errors import BackendError, GraphCaptureError
 
 FMA_MATH, TENSOR_OP_MATH = 3, 1  # cudnnMathType_t
 # the forward algorithm whose kernel adds a bias itself (cudnnConvolutionBiasActivationForward with
@@ -156,8 +156,11 @@ class Cudnn:
 
     def grow_workspace(self, nbytes, side=False):
         """Grow the main (or side) stream's workspace to at least nbytes.  It moves, so graphs
-        captured with the old one are void."""
+        captured with the old one are void; not while a graph is captured, whose kernels queued
+        so far hold the old one (the capture fails: its pass runs eagerly, which grows it)."""
         if nbytes > self.lanes[side][1].nbytes:
+            if self.backend.capturing:
+                raise GraphCaptureError("a cuDNN workspace would grow inside the capture")
             self._replace_workspace(side, nbytes)
 
     def workspace_sizes(self):
