@@ -28,12 +28,12 @@ def mib(nbytes):
 def holdings(backend):
     pool = backend.xp.get_default_memory_pool()
     side_blas = backend._side_blas
+    cudnn_main, cudnn_side = backend.cudnn.workspace_sizes() if backend.cudnn else (0, 0)
     return {"peak": mib(backend.peak_memory()), "default_total": mib(pool.total_bytes()),
             "default_used": mib(pool.used_bytes()), "graph_pools": [mib(p.total_bytes()) for p in backend._graph_pools],
             "cublas_main": mib(backend.blas.workspace.nbytes),
             "cublas_side": mib(side_blas.workspace.nbytes) if side_blas else 0,
-            "cudnn_main": mib(backend.cudnn.lanes[False][1].nbytes) if backend.cudnn else 0,
-            "cudnn_side": mib(backend.cudnn.lanes[True][1].nbytes) if backend.cudnn else 0}
+            "cudnn_main": mib(cudnn_main), "cudnn_side": mib(cudnn_side)}
 
 
 def large_sites(hook, count, floor=1 << 20):

@@ -492,7 +492,8 @@ class _BaseConvolution(Layer):
         workspaces do not come on top of them in the first run's peak) cuDNN's algorithms, each
         direction's and the chosen ones together with cuDNN's workspaces emptied first; after,
         the workspaces are as they were (Cudnn.resize_workspaces)."""
-        cudnn, held = self.backend.cudnn, self.backend.cudnn.workspace_sizes()
+        cudnn = self.backend.cudnn
+        held = cudnn.workspace_sizes()
         saved = [blob.diff.copy() for blob in self.blobs] if which else []
         times = {name: self._time(run, *args) for name, run in engines.items() if name != "cudnn"}
         self._drop_unused_cores()
