@@ -63,7 +63,8 @@ from pathlib import Path
 # 17330 -> 17355 for a first run's GPU memory: cuDNN's workspaces emptied for a layer's timing and
 # put back after (Cudnn.resize_workspaces), never grown inside a capture, and, of near-tied
 # algorithms, the one of least workspace
-BUDGET = 17355
+# 17355 -> 17365 for the CUDA backend's random generator made at first use (never in a capture)
+BUDGET = 17365
 ROOT = Path(__file__).resolve().parents[1] / "espresso"
 SKIP = {"caffe_pb2.py"}
 

@@ -1,5 +1,6 @@
 """The on-disk cache of timed choices (espresso/backend/cuda/choices.py): plain files, no GPU."""
 
+import contextlib
 import json
 import types
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from espresso.backend.cuda import CUDABackend
 from espresso.backend.cuda.choices import Choices, cache_dir
 from espresso.backend.cuda.cudnn import Cudnn
 from espresso.errors import GraphCaptureError
@@ -115,6 +117,19 @@ def test_a_workspace_never_grows_inside_a_capture():
         lanes.grow_workspace(32, side=True)
     lanes.grow_workspace(16)  # (large enough already)
     assert lanes.workspace_sizes() == (16, 0)
+
+
+def test_the_random_generator_is_made_at_first_use_and_never_inside_a_capture():
+    """Its states (1.5 MiB of the device) are made only for a net that draws (Dropout), by a
+    kernel that a capture would replay at every step."""
+    made = []
+    backend = CUDABackend.__new__(CUDABackend)  # (its generator alone: no GPU here)
+    backend.device, backend._rng, backend.capturing = contextlib.nullcontext(), None, True
+    backend.xp = types.SimpleNamespace(random=types.SimpleNamespace(default_rng=lambda: made.append(1) or "rng"))
+    with pytest.raises(GraphCaptureError):
+        _ = backend.rng
+    backend.capturing = False
+    assert backend.rng == "rng" and backend.rng == "rng" and made == [1]
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):

@@ -70,8 +70,17 @@ class CUDABackend(Backend):
         # never a choice by timing); read by layers when they are set up
         self.deterministic = os.environ.get("ESPRESSO_DETERMINISTIC", "0") not in ("", "0")
         self.set_tf32(os.environ.get("ESPRESSO_TF32", "0") not in ("", "0"))
-        self.rng = cupy.random.default_rng()
+        self._rng = None  # made at its first use (Dropout): its states take 1.5 MiB of the device
         self._graph_pools, self._peak = [], 0
+
+    @property
+    def rng(self):
+        if self._rng is None:
+            if self.capturing:  # its states are set by a kernel that must run once, not at each replay
+                raise GraphCaptureError("the random generator would be made inside the capture")
+            with self.device:
+                self._rng = self.xp.random.default_rng()
+        return self._rng
 
     @property
     def side_blas(self):
@@ -242,7 +251,7 @@ class CUDABackend(Backend):
 
     def seed(self, seed):
         with self.device:
-            self.rng = self.xp.random.default_rng(seed)
+            self._rng = self.xp.random.default_rng(seed)
 
     def synchronize(self):
         self.device.synchronize()
