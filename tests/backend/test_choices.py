@@ -119,17 +119,20 @@ def test_a_workspace_never_grows_inside_a_capture():
     assert lanes.workspace_sizes() == (16, 0)
 
 
-def test_the_random_generator_is_made_at_first_use_and_never_inside_a_capture():
-    """Its states (1.5 MiB of the device) are made only for a net that draws (Dropout), by a
+def test_the_random_generator_is_made_at_first_use_from_the_last_seed_and_never_inside_a_capture():
+    """Its states (megabytes of the device) are made only for a net that draws (Dropout), by a
     kernel that a capture would replay at every step."""
     made = []
     backend = CUDABackend.__new__(CUDABackend)  # (its generator alone: no GPU here)
-    backend.device, backend._rng, backend.capturing = contextlib.nullcontext(), None, True
-    backend.xp = types.SimpleNamespace(random=types.SimpleNamespace(default_rng=lambda: made.append(1) or "rng"))
+    backend.device, backend.capturing = contextlib.nullcontext(), True
+    backend.xp = types.SimpleNamespace(random=types.SimpleNamespace(default_rng=lambda seed: made.append(seed) or seed))
+    backend.seed(5)
     with pytest.raises(GraphCaptureError):
         _ = backend.rng
     backend.capturing = False
-    assert backend.rng == "rng" and backend.rng == "rng" and made == [1]
+    assert backend.rng == 5 and backend.rng == 5 and made == [5]
+    backend.seed(6)
+    assert made == [5] and backend.rng == 6 and made == [5, 6]
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):

@@ -233,6 +233,20 @@ def test_graph_replays_draw_new_dropout_masks(gpu):
     assert not np.array_equal(masks[0], masks[1])
 
 
+def test_only_a_net_that_draws_makes_the_random_generator(gpu, monkeypatch):
+    """The generator's states (megabytes) are made at the first Dropout draw, in the eager pass
+    before a capture; a TEST net, graphed, never makes them."""
+    monkeypatch.setattr(gpu, "_rng", None)
+    net = caffe.Net(parse_text(LENET.replace("DROP", "0.5"), caffe_pb2.NetParameter()), caffe.TEST)
+    net.blobs["data"].data[...] = np.random.default_rng(2).random((8, 1, 28, 28))
+    losses = [float(net.forward()["loss"]) for _ in range(3)]  # eager, captured, replayed
+    assert gpu._rng is None and losses[0] == losses[2]
+    solver = _solver(drop=0.5)
+    assert gpu._rng is None  # (the solver's random_seed is kept for the first draw)
+    solver.step(3)
+    assert gpu._rng is not None
+
+
 def test_same_seed_same_weights(gpu):
     runs = []
     for _ in range(2):
