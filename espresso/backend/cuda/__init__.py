@@ -71,8 +71,8 @@ class CUDABackend(Backend):
         self.deterministic = os.environ.get("ESPRESSO_DETERMINISTIC", "0") not in ("", "0")
         self.set_tf32(os.environ.get("ESPRESSO_TF32", "0") not in ("", "0"))
         # the generator of Dropout's masks, made at its first draw from the last seed: its
-        # states (CuPy's default: 2048 per multiprocessor, 48 bytes each) took 12 MiB of an
-        # H100 in every net, inference too
+        # states (CuPy 14's default: 2048 per multiprocessor, 48 bytes each) take 12.4 MiB of
+        # an H100 or H200, which every net held, inference too
         self._rng, self._rng_seed = None, None
         self._graph_pools, self._peak = [], 0
 
