@@ -4,8 +4,9 @@
 
 Builds the case as gpu_vs_torch.py does, runs it, and prints one JSON line: the peak
 (backend.peak_memory(), the figure gpu_vs_torch.py reports), CuPy's default pool (reserved, in
-use), the graphs' pools, and the workspaces (cuBLAS and cuDNN, main and side stream).  With
---lines, also the allocation call tree (CuPy's LineProfileHook), frames of 1 MiB or more.
+use), the graphs' pools, the workspaces (cuBLAS and cuDNN, main and side stream) and whether
+Dropout's random generator was made.  With --lines, also the allocation call tree (CuPy's
+LineProfileHook), frames of 1 MiB or more.
 Run it twice with the same ESPRESSO_CACHE_DIR to compare a process that times its convolution
 algorithms with one that takes them from the cache.
 """
@@ -33,7 +34,8 @@ def holdings(backend):
             "default_used": mib(pool.used_bytes()), "graph_pools": [mib(p.total_bytes()) for p in backend._graph_pools],
             "cublas_main": mib(backend.blas.workspace.nbytes),
             "cublas_side": mib(side_blas.workspace.nbytes) if side_blas else 0,
-            "cudnn_main": mib(cudnn_main), "cudnn_side": mib(cudnn_side)}
+            "cudnn_main": mib(cudnn_main), "cudnn_side": mib(cudnn_side),
+            "random_generator_made": backend._rng is not None}  # (its states: 12.4 MiB of an H100)
 
 
 def large_sites(hook, count, floor=1 << 20):
