@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "examples" / "lenet"
@@ -489,12 +490,21 @@ def machine_info(threads, torch):
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "threads": threads, "python": platform.python_version(), "platform": platform.platform(),
-            "numpy": np.__version__, "numpy_blas": f"{blas.get('name')} {blas.get('version')}",
+            "numpy": np.__version__, "numpy_blas": f"{blas.get('name')} {blas.get('version')}{blas_kernels()}",
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_blas": "MKL" if torch.backends.mkl.is_available() else "other",
             "torch_mkldnn": torch.backends.mkldnn.is_available(),
             "espresso_source_sha256": source_digest(), "espresso_numba_kernels": numba_kernels(),
             "env": {k: os.environ.get(k) for k in THREAD_VARS}}
+
+
+def blas_kernels():
+    """', KERNELS kernels' for an OpenBLAS (the core it runs: its AVX2 "Haswell" kernels on an
+    AVX-512 CPU are up to 1.8x slower), with the OPENBLAS_CORETYPE that forced it, if any."""
+    core = next((pool.get("architecture") for pool in threadpoolctl.threadpool_info()
+                 if pool["internal_api"] == "openblas"), None)
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return (f", {core} kernels" + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")) if core else ""
 
 
 def numba_kernels():
