@@ -29,7 +29,8 @@ BATCH_LAST_ROWS = 128  # column rows: C_in/group * prod(kernel)
 PIXEL_ROWS = 128
 MAX_PARTS = 16  # at most this many partial products for a long weight-gradient GEMM (GPU)
 # Where cuDNN is present, im2col + GEMM is timed against it only when its columns take at most
-# this many bytes: larger convolutions ran 1.3-5x faster in cuDNN (CaffeNet on an H100)
+# this many bytes: larger convolutions ran 1.3-5x faster in cuDNN (CaffeNet on an H100); cuDNN's
+# own explicit GEMM has the same bound (EXPLICIT_GEMM_LIMIT in espresso/backend/cuda/cudnn.py)
 TIMED_COLUMNS = 64 << 20
 # A weight gradient computed aside (a second stream) while the bottom gradient is computed needs
 # a second column buffer for the latter: only up to this size; larger layers keep one stream

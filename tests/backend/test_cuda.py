@@ -1695,6 +1695,32 @@ def test_2d_convolutions_take_cudnn_where_present():
 
 
 @gpu_test
+def test_cudnns_explicit_gemm_and_outsized_workspaces_are_left_untimed():
+    """CaffeNet's conv2 at batch 64: cuDNN offers its explicit GEMM there with more than
+    EXPLICIT_GEMM_LIMIT of columns (427 MiB on an H100); the plan leaves it out, and every
+    option it keeps takes at most WORKSPACE_RATIO times the operands' bytes, Winograd (the
+    fastest there, 139 MiB) among them."""
+    import ctypes
+
+    from espresso.backend.cuda import cudnn
+
+    gpu = backends.get("cuda:0")
+    if gpu.cudnn is None:
+        pytest.skip("no libcudnn.so.9 on this GPU machine (install espresso-nn[cudnn])")
+    image, data, weights = (64, 96, 27, 27), (64, 256, 27, 27), (256, 48, 5, 5)
+    plan = gpu.cudnn.plan(image, data, weights, (1, 1), (2, 2), (1, 1), 2, np.dtype(np.float32))
+    size = ctypes.c_size_t()
+    gpu.cudnn.call("cudnnGetConvolutionForwardWorkspaceSize", gpu.cudnn.handle, plan.tensor["image"],
+                   plan.weights, plan.conv, plan.tensor["data"], cudnn.EXPLICIT_GEMM, ctypes.byref(size))
+    assert size.value > cudnn.EXPLICIT_GEMM_LIMIT
+    options = dict(plan.options("Forward"))
+    operands = 4 * sum(math.prod(shape) for shape in (image, data, weights))
+    assert cudnn.EXPLICIT_GEMM not in options and max(options.values()) <= cudnn.WORKSPACE_RATIO * operands
+    winograd = [algo for algo in options if cudnn.ALGORITHM_CLASS["Forward"][algo] == "winograd"]
+    assert winograd or gpu.cudnn.policy != "all"
+
+
+@gpu_test
 def test_a_convolution_takes_its_timed_choice_from_the_cache(monkeypatch, rng):
     """A second process (here: a fresh read of the cache file) running a convolution of a shape
     timed before takes the kept choice instead of timing again, and runs as the first did."""

@@ -41,8 +41,15 @@ CROSS_CORRELATION, NCHW = 1, 0
 WORKSPACE_LIMIT = 640 << 20
 # and a candidate may take at most WORKSPACE_RATIO times its operands' bytes (WORKSPACE_FLOOR at
 # least): small convolutions gain nothing from big workspaces, which only raised the memory peak
-# (CaffeNet's batch-1 inference held 864 MiB against PyTorch's 468)
-WORKSPACE_RATIO, WORKSPACE_FLOOR = 8, 16 << 20
+# (CaffeNet's batch-1 inference held 864 MiB against PyTorch's 468).  CaffeNet's chosen algorithms
+# took up to 3.5x (Winograd on 13x13 maps); its FFTs on those maps, 6.8-7.3x, were 3-4x slower
+# than Winograd there and set a first run's peak (H100, benchmarks/results/perf16_h100/)
+WORKSPACE_RATIO, WORKSPACE_FLOOR = 6, 16 << 20
+# cuDNN's explicit-GEMM forward (im2col into its workspace, then a GEMM) is the layer's own
+# im2col + GEMM, which it times where cuDNN is only up to 64 MiB of columns (TIMED_COLUMNS in
+# espresso/layers/vision.py); beyond that it lost there too and set a first run's peak: CaffeNet's
+# conv2 at batch 64, 427 MiB and 1.16 ms against Winograd's 139 MiB and 0.26 ms
+EXPLICIT_GEMM, EXPLICIT_GEMM_LIMIT = 2, 64 << 20
 # the side stream's workspace (filter gradients computed aside, concurrent with the main stream's
 # work): larger needs keep the gradient on the main stream rather than hold a second big buffer
 SIDE_WORKSPACE_LIMIT = 64 << 20
@@ -257,7 +264,8 @@ class Convolution:
             if p.status == 0 and p.algo not in options and allowed(c.policy, which, p.algo, self.kernel):
                 size = ctypes.c_size_t()
                 c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
-                if size.value <= self.workspace_limit:
+                columns = which == "Forward" and p.algo == EXPLICIT_GEMM and size.value > EXPLICIT_GEMM_LIMIT
+                if size.value <= self.workspace_limit and not columns:
                     options[p.algo] = size.value
         if not options:
             raise BackendError(f"cuDNN offers no {which} algorithm for this convolution")
