@@ -1700,8 +1700,6 @@ def test_cudnns_explicit_gemm_and_outsized_workspaces_are_left_untimed():
     EXPLICIT_GEMM_LIMIT of columns (427 MiB on an H100); the plan leaves it out, and every
     option it keeps takes at most WORKSPACE_RATIO times the operands' bytes, Winograd (the
     fastest there, 139 MiB) among them."""
-    import ctypes
-
     from espresso.backend.cuda import cudnn
 
     gpu = backends.get("cuda:0")

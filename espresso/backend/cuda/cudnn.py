@@ -264,8 +264,8 @@ class Convolution:
             if p.status == 0 and p.algo not in options and allowed(c.policy, which, p.algo, self.kernel):
                 size = ctypes.c_size_t()
                 c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
-                columns = which == "Forward" and p.algo == EXPLICIT_GEMM and size.value > EXPLICIT_GEMM_LIMIT
-                if size.value <= self.workspace_limit and not columns:
+                wide_gemm = which == "Forward" and p.algo == EXPLICIT_GEMM and size.value > EXPLICIT_GEMM_LIMIT
+                if size.value <= self.workspace_limit and not wide_gemm:
                     options[p.algo] = size.value
         if not options:
             raise BackendError(f"cuDNN offers no {which} algorithm for this convolution")
