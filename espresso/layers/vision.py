@@ -28,10 +28,6 @@ BATCH_LAST_ROWS = 128  # column rows: C_in/group * prod(kernel)
 # 2 or more images: at batch 1, LeNet's inference took 0.27 against 0.22 ms in pixel rows
 PIXEL_ROWS = 128
 MAX_PARTS = 16  # at most this many partial products for a long weight-gradient GEMM (GPU)
-# Where cuDNN is present, im2col + GEMM is timed against it only when its columns take at most
-# this many bytes: larger convolutions ran 1.3-5x faster in cuDNN (CaffeNet on an H100); cuDNN's
-# own explicit GEMM has the same bound (EXPLICIT_GEMM_LIMIT in espresso/backend/cuda/cudnn.py)
-TIMED_COLUMNS = 64 << 20
 # A weight gradient computed aside (a second stream) while the bottom gradient is computed needs
 # a second column buffer for the latter: only up to this size; larger layers keep one stream
 SPARE_COLUMNS = 64 << 20
@@ -377,7 +373,7 @@ class _BaseConvolution(Layer):
                 image, data = data, image
             self.plan = self._cudnn_plan(image, data)
             # larger im2col buffers are not even tried where cuDNN is
-            self.gemm_ok = not self.plan or column_bytes(self, self.num, image, data) <= TIMED_COLUMNS
+            self.gemm_ok = not self.plan or column_bytes(self, self.num, image, data) <= self.plan.timed_columns
             # the batch's parts (backend.batch_ranges: threads on a CPU) each with their buffers,
             # made where cuDNN is only when im2col + GEMM runs (`_gemm_cores`)
             self.ranges, self.core_geometry, self.cores = self.backend.batch_ranges(self.num), (image, data), None

@@ -1697,7 +1697,7 @@ def test_2d_convolutions_take_cudnn_where_present():
 @gpu_test
 def test_cudnns_explicit_gemm_and_outsized_workspaces_are_left_untimed():
     """CaffeNet's conv2 at batch 64: cuDNN offers its explicit GEMM there with more than
-    EXPLICIT_GEMM_LIMIT of columns (427 MiB on an H100); the plan leaves it out, and every
+    TIMED_COLUMNS of columns (427 MiB on an H100); the plan leaves it out, and every
     option it keeps takes at most WORKSPACE_RATIO times the operands' bytes, Winograd (the
     fastest there, 139 MiB) among them."""
     from espresso.backend.cuda import cudnn
@@ -1710,7 +1710,7 @@ def test_cudnns_explicit_gemm_and_outsized_workspaces_are_left_untimed():
     size = ctypes.c_size_t()
     gpu.cudnn.call("cudnnGetConvolutionForwardWorkspaceSize", gpu.cudnn.handle, plan.tensor["image"],
                    plan.weights, plan.conv, plan.tensor["data"], cudnn.EXPLICIT_GEMM, ctypes.byref(size))
-    assert size.value > cudnn.EXPLICIT_GEMM_LIMIT
+    assert size.value > cudnn.TIMED_COLUMNS
     options = dict(plan.options("Forward"))
     operands = 4 * sum(math.prod(shape) for shape in (image, data, weights))
     assert cudnn.EXPLICIT_GEMM not in options and max(options.values()) <= cudnn.WORKSPACE_RATIO * operands

@@ -45,11 +45,12 @@ WORKSPACE_LIMIT = 640 << 20
 # took up to 3.5x (Winograd on 13x13 maps); its FFTs on those maps, 6.8-7.3x, were 3-4x slower
 # than Winograd there and set a first run's peak (H100, benchmarks/results/perf16_h100/)
 WORKSPACE_RATIO, WORKSPACE_FLOOR = 6, 16 << 20
-# cuDNN's explicit-GEMM forward (im2col into its workspace, then a GEMM) is the layer's own
-# im2col + GEMM, which it times where cuDNN is only up to 64 MiB of columns (TIMED_COLUMNS in
-# espresso/layers/vision.py); beyond that it lost there too and set a first run's peak: CaffeNet's
-# conv2 at batch 64, 427 MiB and 1.16 ms against Winograd's 139 MiB and 0.26 ms
-EXPLICIT_GEMM, EXPLICIT_GEMM_LIMIT = 2, 64 << 20
+# im2col + GEMM, the layer's own or cuDNN's explicit-GEMM forward (im2col into its workspace),
+# is timed where cuDNN is only up to this many bytes of columns (Convolution.timed_columns):
+# larger convolutions ran 1.3-5x faster in cuDNN's other algorithms (CaffeNet on an H100), and
+# the columns set a first run's peak (CaffeNet's conv2 at batch 64: 427 MiB and 1.16 ms, against
+# Winograd's 139 MiB and 0.26 ms)
+EXPLICIT_GEMM, TIMED_COLUMNS = 2, 64 << 20
 # the side stream's workspace (filter gradients computed aside, concurrent with the main stream's
 # work): larger needs keep the gradient on the main stream rather than hold a second big buffer
 SIDE_WORKSPACE_LIMIT = 64 << 20
@@ -199,6 +200,8 @@ class Convolution:
     shapes; work is queued on the handle's stream.  Gradients accumulate (beta = 1), as Caffe's
     param diffs do.  A bias lies on either side: "data" (Convolution) or "image" (Deconvolution)."""
 
+    timed_columns = TIMED_COLUMNS  # (the layer's own im2col + GEMM is timed up to this too)
+
     def __init__(self, cudnn, image_shape, data_shape, weight_shape, stride, pad, dilation, group, dtype):
         self.cudnn = cudnn
         # what the timed choices' cache knows this convolution by (JSON values)
@@ -264,7 +267,7 @@ class Convolution:
             if p.status == 0 and p.algo not in options and allowed(c.policy, which, p.algo, self.kernel):
                 size = ctypes.c_size_t()
                 c.call(f"cudnnGetConvolution{which}WorkspaceSize", c.handle, *descs, p.algo, ctypes.byref(size))
-                wide_gemm = which == "Forward" and p.algo == EXPLICIT_GEMM and size.value > EXPLICIT_GEMM_LIMIT
+                wide_gemm = which == "Forward" and p.algo == EXPLICIT_GEMM and size.value > TIMED_COLUMNS
                 if size.value <= self.workspace_limit and not wide_gemm:
                     options[p.algo] = size.value
         if not options:
