@@ -629,6 +629,9 @@ def test_action_function_stop_and_bad_effects():
     solver.set_action_function(lambda: SolverAction.STOP)
     solver.step(10)
     assert solver.iter == 1
+    solver.set_action_function(None)
+    solver.step(3)  # Caffe's Step: the stop asked in an earlier step() does not end this one
+    assert solver.iter == 4
     with pytest.raises(EspressoError, match="sigint_effect"):
         SignalHandler(sigint_effect="explode")
 

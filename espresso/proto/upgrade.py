@@ -107,9 +107,9 @@ def upgrade_solver(solver):
         return solver
     enum_name = caffe_pb2.SolverParameter.SolverType.Name(solver.solver_type)
     name = SOLVER_TYPES[enum_name]
-    if solver.HasField("type") and solver.type != name:
-        raise EspressoError(f"solver: 'solver_type: {enum_name}' and 'type: \"{solver.type}\"' disagree; "
-                            "keep only 'type'")
+    if solver.HasField("type"):  # Caffe refuses both fields even when they agree
+        raise EspressoError(f"solver: 'solver_type: {enum_name}' (legacy) and 'type: \"{solver.type}\"' "
+                            "cannot both be given; keep only 'type'")
     solver.type = name
     solver.ClearField("solver_type")
     return solver

@@ -285,7 +285,8 @@ class Solver:
         return due and (self.iter > 0 or p.test_initialization)
 
     def _after_iteration(self):
-        """Snapshot when due or asked for; True when a stop was requested."""
+        """Snapshot when due or asked for; True when this iteration's request is a stop (as in
+        Caffe's Step, an earlier stop ends a later step() only where a test falls due)."""
         request = self._requested_action()
         if self.group is not None:  # rank 0's request, for every rank
             request = self.group.agree(request)
@@ -293,7 +294,7 @@ class Solver:
             self.snapshot()
         if request == SolverAction.STOP:
             self.requested_early_exit = True
-        return self.requested_early_exit
+        return request == SolverAction.STOP
 
     def _update_smoothed_loss(self, loss, start_iter, it=None):
         """Caffe's UpdateSmoothedLoss: a running mean over the last average_loss losses."""
