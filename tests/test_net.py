@@ -297,6 +297,26 @@ def test_save_and_copy_from_round_trip(tmp_path):
     assert np.array_equal(again.params["ip1"][0].data, net.params["ip1"][0].data)
 
 
+def test_repeated_layer_names_take_weights_as_caffe_does(tmp_path):
+    source = net_from(INPUT + ip("ip", "x", "y", 2))
+    twice = INPUT + ip("ip", "x", "y", 2) + ip("ip", "x", "z", 2)
+    path = str(tmp_path / "w.caffemodel")
+    source.save(path)
+    net = net_from(twice)
+    first, second = [layer.blobs[0].data for layer in net.layers if layer.type == "InnerProduct"]
+    before = second.copy()
+    net.copy_from(path)  # CopyTrainedLayersFrom searches from layer 0: the first 'ip' only
+    assert np.array_equal(first, source.params["ip"][0].data) and np.array_equal(second, before)
+    pytest.importorskip("h5py")
+    path = str(tmp_path / "weights.hdf5")  # HDF5 told by its contents, not by an ".h5" name
+    source.save_hdf5(path)
+    net = net_from(twice)
+    net.copy_from(path)  # CopyTrainedLayersFromHDF5 walks the net's layers: both
+    for layer in net.layers:
+        if layer.type == "InnerProduct":
+            assert np.array_equal(layer.blobs[0].data, source.params["ip"][0].data)
+
+
 def _write(tmp_path, text):
     path = tmp_path / "n.prototxt"
     path.write_text(text)
@@ -317,7 +337,7 @@ def test_save_hdf5_and_load_hdf5_round_trip(tmp_path):
     pytest.importorskip("h5py")
     net, path = net_from(SPLIT), str(tmp_path / "w.caffemodel.h5")
     net.save_hdf5(path)
-    for load in ("load_hdf5", "copy_from"):  # copy_from reads a name ending in .h5 as HDF5, as Caffe
+    for load in ("load_hdf5", "copy_from"):  # copy_from tells HDF5 by its signature, as Caffe
         other = net_from(SPLIT)
         getattr(other, load)(path)
         for name in net.params:

@@ -376,7 +376,8 @@ class ImageDataLayer(_DataLayerBase):
 class MemoryDataLayer(_DataLayerBase):
     """Batches taken in order, wrapping around, from arrays given to set_input_arrays(data, labels)
     (pycaffe's net.set_input_arrays).  Honors memory_data_param: batch_size, channels, height,
-    width.  Tops: data (batch_size, channels, height, width) and label (batch_size,).
+    width.  Tops: data (batch_size, channels, height, width) and label (batch_size,), which
+    (as in Caffe) becomes (batch_size, 1, 1, 1) from the first forward on.
     Differs from pycaffe: arrays of any float type are accepted (converted to the net's dtype)."""
 
     type = "MemoryData"
@@ -412,13 +413,14 @@ class MemoryDataLayer(_DataLayerBase):
             warnings.warn(f"{self.where}: MemoryData does not transform arrays given to set_input_arrays",
                           stacklevel=2)
         self.data = self.backend.to_device(data, self.dtype)
-        self.labels = self.backend.to_device(labels.reshape(n), self.dtype)
+        self.labels = self.backend.to_device(labels.reshape(n, 1, 1, 1), self.dtype)
         self.pos = 0
 
     def forward(self, bottom, top):
         if self.data is None:
             self.fail("no input arrays: call set_input_arrays(data, labels) first", NetError)
         rows = slice(self.pos, self.pos + self.p.batch_size)
+        top[1].reshape(self.p.batch_size, 1, 1, 1)  # Caffe's Forward does; its setup gives (batch_size,)
         top[0].data[...] = self.data[rows]
         top[1].data[...] = self.labels[rows]
         self.pos = (self.pos + self.p.batch_size) % len(self.data)
@@ -464,6 +466,8 @@ class HDF5DataLayer(_DataLayerBase):
 
     def setup(self, bottom, top):
         batch_size = self.positive_batch_size()
+        if self.lp.HasField("transform_param"):
+            self.fail("HDF5Data does not transform its data: remove transform_param")
         try:
             self.files = _hdf5_file_list(self.p.source)
         except DatasetError as e:

@@ -58,9 +58,7 @@ class DummyDataLayer(Layer):
         self.fillers = [fillers[0] if len(fillers) == 1 else fillers[k] for k in range(n)]
         for k, blob in enumerate(top):
             blob.reshape(self._shape(k))
-        # Caffe refills each forward only when some filler is not constant
-        self.refill = any(f.type != "constant" for f in self.fillers)
-        self._fill(top)
+        self._fill(top, constant=True)
 
     def _shape(self, k):
         p = self.p
@@ -69,13 +67,14 @@ class DummyDataLayer(Layer):
         pick = lambda field: field[0] if len(field) == 1 else field[k]  # noqa: E731
         return (pick(p.num), pick(p.channels), pick(p.height), pick(p.width))
 
-    def _fill(self, top):
+    def _fill(self, top, constant):
+        """As Caffe: a constant top is filled once, at setup; the others at every forward."""
         for blob, filler in zip(top, self.fillers):
-            fill(blob, filler)
+            if (filler.type == "constant") == constant:
+                fill(blob, filler)
 
     def reshape(self, bottom, top):
         pass
 
     def forward(self, bottom, top):
-        if self.refill:
-            self._fill(top)
+        self._fill(top, constant=False)

@@ -21,8 +21,6 @@ def register_format(magic, load):
 
 
 def _registered_loader(path):
-    if not _FORMATS:
-        return None
     try:
         with open(path, "rb") as f:
             head = f.read(max(len(magic) for magic in _FORMATS))
@@ -32,11 +30,9 @@ def _registered_loader(path):
 
 
 def copy_from(net, path):
-    """Caffe's CopyTrainedLayersFrom; a name ending in ".h5" is read as HDF5 (load_hdf5), as
-    Caffe dispatches, and a registered format by its magic bytes."""
+    """Caffe's CopyTrainedLayersFrom; a registered format by its magic bytes, HDF5 included
+    (load_hdf5: Caffe asks H5Fis_hdf5, whatever the file's name)."""
     require_regular(path)
-    if os.fspath(path).endswith(".h5"):
-        return load_hdf5(net, path)
     net.sync()
     load = _registered_loader(path)
     if load is not None:
@@ -53,7 +49,12 @@ def copy_from(net, path):
 
 
 def _layer_index(net):
-    return {name: i for i, name in enumerate(net._layer_names)}  # the last of a name wins
+    """Layer name -> index; where names repeat, the first such layer takes the weights, as Caffe
+    searches from layer 0."""
+    index = {}
+    for i, name in enumerate(net._layer_names):
+        index.setdefault(name, i)
+    return index
 
 
 def _copy_layer(net, path, layer, arrays):
@@ -143,23 +144,22 @@ def check_hdf5_names(net, path):
 
 
 def load_hdf5(net, path):
-    """Caffe's CopyTrainedLayersFromHDF5: copy "data/<layer>/<k>" by layer name, skipping layers
-    the net lacks.  A layer may hold fewer datasets than the net's layer has blobs only where
-    the missing ones are shared from another layer; shapes must match exactly."""
+    """Caffe's CopyTrainedLayersFromHDF5: copy "data/<layer>/<k>" into each net layer of that name
+    (all of them, where names repeat), skipping layers the file lacks.  A layer may hold fewer
+    datasets than the net's layer has blobs only where the missing ones are shared from another
+    layer; shapes must match exactly."""
     from espresso import hdf5
 
     net.sync()
-    index = _layer_index(net)
     name = os.path.basename(os.fspath(path))
     with hdf5.open_file(path) as f:
         if f.get("data", getlink=True) is None:
             raise ModelFileError(f"{path}: no 'data' group; not a Caffe HDF5 weights file")
         data = hdf5.member(f, "data", "group", path)
-        for source in data:
-            target = index.get(source)
-            if target is not None:
-                group = hdf5.member(data, source, "group", f"{path}: data")
-                _copy_layer_hdf5(net, name, net.engine_layers[target], group)
+        for layer in net.engine_layers:
+            if layer.name in data:
+                group = hdf5.member(data, layer.name, "group", f"{path}: data")
+                _copy_layer_hdf5(net, name, layer, group)
 
 
 def _copy_layer_hdf5(net, path, layer, group):
@@ -184,3 +184,6 @@ def _copy_layer_hdf5(net, path, layer, group):
 def _owns(net, blob):
     """False for a param shared from an earlier layer (Caffe: param_owners_ != -1)."""
     return net._owner(blob) is blob
+
+
+register_format(b"\x89HDF\r\n\x1a\n", load_hdf5)  # HDF5's signature, at byte 0 as h5py writes it

@@ -215,6 +215,19 @@ def test_image_data_errors(tmp_path, rng):
         image_net(tmp_path, "batch_size: 2")
 
 
+# *** DummyData ***
+def test_dummy_data_fills_constant_tops_once_and_the_others_every_forward():
+    net = make_net("""layer { name: "d" type: "DummyData" top: "c" top: "g" dummy_data_param {
+        shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 3 } data_filler { type: "gaussian" } } }""")
+    assert net.blobs["c"].data.tolist() == [[3] * 3] * 2
+    assert not net.blobs["g"].data.any()  # as Caffe: filled first by the first forward
+    net.blobs["c"].data[0, 0] = 7
+    net.forward()
+    first = net.blobs["g"].data.copy()
+    net.forward()
+    assert net.blobs["c"].data[0, 0] == 7 and first.all() and not np.array_equal(first, net.blobs["g"].data)
+
+
 # *** MemoryData ***
 MEMORY = """layer { name: "m" type: "MemoryData" top: "data" top: "label"
                     memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }"""
@@ -229,7 +242,8 @@ def test_memory_data_serves_batches_and_wraps(rng):
     for rows in ([0, 1], [2, 3], [0, 1]):
         net.forward()
         assert_close(net.blobs["data"].data, data[rows])
-        assert net.blobs["label"].data.tolist() == rows
+        assert net.blobs["label"].data.shape == (2, 1, 1, 1)  # Caffe's Forward reshapes it so
+        assert net.blobs["label"].data.ravel().tolist() == rows
 
 
 def test_memory_data_errors(rng):
@@ -303,6 +317,9 @@ def test_hdf5_data_errors(tmp_path, h5py):
     (tmp_path / "files.txt").write_text("")
     with pytest.raises(DatasetError, match="at least 1 HDF5 file"):
         hdf5_net(tmp_path, "batch_size: 1")
+    with pytest.raises(LayerParamError, match="remove transform_param"):  # Caffe's CHECK
+        make_net(f"""layer {{ name: "h" type: "HDF5Data" top: "data" transform_param {{ scale: 2 }}
+                     hdf5_data_param {{ source: "{tmp_path / 'files.txt'}" batch_size: 1 }} }}""")
 
 
 def test_hdf5_output_round_trip(tmp_path, rng, h5py):
