@@ -549,6 +549,7 @@ def test_stochastic_pool(dev, shape, kernel, stride, pad, dtype):
     dev.k.stochastic_pool_backward(dev.put(dy), dev.put(index), gdx, kernel, stride, None)
     assert_matches(dev.get(gdx), dx, dtype, what + " dx")
 
+    x = rng.standard_normal(shape).astype(dtype)  # signed: windows summing to <= 0 give 0
     CPU.stochastic_pool_forward_test(x, y, kernel, stride)
     gy = dev.poisoned(y_shape, dtype)
     dev.k.stochastic_pool_forward_test(dev.put(x), gy, kernel, stride, None)

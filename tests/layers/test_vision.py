@@ -136,9 +136,9 @@ def pool_ref(x, kernel, stride, pad, out, method):
             y[i, ch, oh, ow] = best
         elif method == "AVE":
             y[i, ch, oh, ow] = sum(x[i, ch, r, q] for r, q in cells) / size
-        else:  # STOCHASTIC at TEST: sum(x^2) / sum(x)
+        else:  # STOCHASTIC at TEST: sum(x^2) / sum(x), 0 where sum(x) <= 0 (Caffe's guard)
             values = [x[i, ch, r, q] for r, q in cells]
-            y[i, ch, oh, ow] = sum(v * v for v in values) / sum(values)
+            y[i, ch, oh, ow] = sum(v * v for v in values) / sum(values) if sum(values) > 0 else 0
     return y, mask
 
 
@@ -511,6 +511,12 @@ def test_stochastic_pooling_test_phase():
     dy = np.ones(run.forward()[0].shape)
     with pytest.raises(NetError, match="TEST"):
         run.backward([dy])
+    signed = randn(2, 2, 5, 5)
+    signed[0, 0, :3, :3] = 0  # a window summing to 0
+    y = LayerRun(pool_snippet("kernel_size: 3 stride: 2", "STOCHASTIC"), [signed], phase=TEST).forward()[0]
+    expected = pool_ref(signed, (3, 3), (2, 2), (0, 0), (2, 2), "STOCH")[0]
+    assert (expected == 0).sum() >= 2 and (expected > 0).any()  # windows summing to <= 0 and > 0
+    assert_close(y, expected)
 
 
 def test_stochastic_pooling_train_samples_by_value():

@@ -31,7 +31,7 @@ try:  # the optional `fast` extra: Numba loops for the 2-D cases NumPy handles p
 except ImportError:
     fast = None
 
-FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, the seed of stochastic pooling's sums
+FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's FLT_MIN, SoftmaxWithLoss's floor on probabilities
 FLT_MAX = float(np.finfo(np.float32).max)  # Caffe's: MAX pooling's running maximum starts at -FLT_MAX
 # the contract's fused fast paths (espresso/backend/__init__.py): with Numba the SGD step, the
 # SoftmaxWithLoss pair, im2row and row2im (below); the rest none (layers use xp code)
@@ -484,15 +484,17 @@ def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
 
 
 def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
-    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
-    denominator seeded with FLT_MIN as Caffe's GPU code does."""
+    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), 0 where
+    sum(x) <= 0, as Caffe's GPU code."""
     planes = _planes(x, y.shape[2:], kernel, stride, (0,) * len(kernel), 0, work)
-    sums = np.full(planes.shape[1], FLT_MIN, planes.dtype)
+    sums = np.zeros(planes.shape[1], planes.dtype)
     squares = np.zeros_like(sums)
     for plane in planes:
         sums += plane
         squares += plane * plane
-    np.divide(squares, sums, out=_view(y, (-1,)))
+    out = _view(y, (-1,))
+    out[...] = 0
+    np.divide(squares, sums, out=out, where=sums > 0)
 
 
 def stochastic_pool_backward(dy, index, dx, kernel, stride, work=None):

@@ -520,8 +520,8 @@ def stochastic_pool_forward_train(x, y, index, rand, kernel, stride, work=None):
 
 
 def stochastic_pool_forward_test(x, y, kernel, stride, work=None):
-    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), the
-    denominator seeded with FLT_MIN as Caffe's GPU code does."""
+    """STOCHASTIC pooling in TEST: the probability-weighted average sum(x^2) / sum(x), 0
+    where sum(x) <= 0, as Caffe's GPU code."""
     ctype, d = _float_type(x, y), _spatial_axes(x.shape)
     geometry = _pool_args(x.shape, y.shape, kernel, stride, (0,) * len(kernel))
     args = (_input(x), _output(y, y.size, "y"), np.int32(y.size), *geometry)

@@ -8,7 +8,7 @@
 //     picked; backward drops mask -1.
 //   AVE: window sum over Caffe's divisor, the window clipped to [-pad, size + pad).
 //   STOCHASTIC (no padding): TRAIN picks the first cell whose running sum reaches rand * sum;
-//     TEST gives sum(x^2) / (FLT_MIN + sum(x)).
+//     TEST gives sum(x^2) / sum(x), or 0 where sum(x) <= 0.
 // Forward kernels: one thread per output element.  Backward kernels: one thread per input
 // element, gathering from the outputs whose windows hold it (no atomics, deterministic, dx is
 // overwritten); MAX's where windows never overlap: one thread per output, writing its one cell
@@ -34,8 +34,6 @@ struct Geometry {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (count);      \
          i += (long long)blockDim.x * gridDim.x)
 
-// FLT_MIN, the seed of STOCHASTIC pooling's TEST sums in Caffe's GPU code (also in double).
-#define ESPRESSO_FLT_MIN 1.17549435082228750797e-38f
 // FLT_MAX: MAX pooling's running maximum starts at -FLT_MAX (also in double), as Caffe's.
 #define ESPRESSO_FLT_MAX 3.40282346638528859812e+38f
 
@@ -295,7 +293,7 @@ __global__ void stochastic_pool_forward_train_kernel(const T* __restrict__ x, T*
     }
 }
 
-// STOCHASTIC, TEST (pad must be 0): sum(x^2) / (FLT_MIN + sum(x)) over the window.
+// STOCHASTIC, TEST (pad must be 0): sum(x^2) / sum(x) over the window, 0 where sum(x) <= 0.
 template <typename T, int D>
 __global__ void stochastic_pool_forward_test_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                     int count, GEOMETRY_PARAMS) {
@@ -307,13 +305,13 @@ __global__ void stochastic_pool_forward_test_kernel(const T* __restrict__ x, T* 
         int start[3], lo[3], hi[3];
         window<D>(g, i % outs, start, lo, hi);
         const T* src = x + (long long)(i / outs) * plane;
-        T sums = T(ESPRESSO_FLT_MIN), squares = T(0);
+        T sums = T(0), squares = T(0);
         for_each_cell<D>(lo, hi, g.size, [&](int flat) {
             T v = src[flat];
             sums += v;
             squares += v * v;
             return false;
         });
-        y[index] = squares / sums;
+        y[index] = sums > T(0) ? squares / sums : T(0);
     }
 }
