@@ -794,11 +794,11 @@ def pooled_size(layer, spatial, kernel, stride, pad, ceil=True):
     plus one, less one when padded and the last window would start in the padding."""
     out = []
     for size, k, s, p in zip(spatial, kernel, stride, pad):
-        span = size + 2 * p - k
-        if span < 0:
-            layer.fail(f"kernel {tuple(kernel)} exceeds the padded input {tuple(spatial)} + 2 * {tuple(pad)}",
-                       ShapeError)
+        span = size + 2 * p - k  # may be negative: a kernel wider than the input is clipped to it
         count = (-(-span // s) if ceil else span // s) + 1
+        if count < 1:
+            layer.fail(f"kernel {tuple(kernel)} leaves no output of the padded input {tuple(spatial)} "
+                       f"+ 2 * {tuple(pad)}", ShapeError)
         if any(pad) and (count - 1) * s >= size + p:
             count -= 1
         if (count - 1) * s - p >= size:  # Caffe would pool an empty window here (-FLT_MAX or NaN)

@@ -437,6 +437,7 @@ POOL_GEOMETRIES = [
     ((2, 2, 8, 10), (2, 2), (3, 3), (0, 0)),
     ((2, 3, 7, 5), (2, 2), (2, 2), (1, 1)),  # windows that never overlap, some in the padding
     ((2, 3, 8, 6), (2, 3), (2, 3), (0, 0)),  # windows that tile the input
+    ((2, 2, 3, 5), (4, 4), (2, 2), (0, 0)),  # a kernel wider than the input, clipped as in Caffe
     ((2, 2, 11), (3,), (2,), (1,)),
     ((2, 2, 5, 4, 3), (2, 3, 2), (2, 1, 2), (1, 1, 0)),
 ]

@@ -465,6 +465,8 @@ POOL_CASES = [  # shape, fields, kernel, stride, pad, out
     ((1, 2, 5, 7), "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 3 pad_h: 1 pad_w: 1", (3, 2), (1, 3),
      (1, 1), (5, 3)),
     ((2, 2, 6, 5), "kernel_size: 3 stride: 1", (3, 3), (1, 1), (0, 0), (4, 3)),
+    ((1, 2, 3, 5), "kernel_size: 4 stride: 2", (4, 4), (2, 2), (0, 0), (1, 2)),  # kernel wider than
+    ((1, 2, 3, 3), "kernel_size: 4 stride: 2 pad: 1", (4, 4), (2, 2), (1, 1), (2, 2)),  # the input: clipped
 ]
 
 
@@ -566,7 +568,7 @@ def test_stochastic_pooling_overlapping_windows_gradient():
     (pool_snippet("kernel_size: 2 pad_h: 1"), (1, 1, 5, 5), LayerParamError, "both"),
     (pool_snippet("kernel_size: 0"), (1, 1, 5, 5), LayerParamError, "> 0"),
     (pool_snippet("kernel_size: 2"), (1, 5, 5), ShapeError, "4 axes"),
-    (pool_snippet("kernel_size: 6"), (1, 1, 5, 5), ShapeError, "exceeds"),
+    (pool_snippet("kernel_size: 6"), (1, 1, 5, 5), ShapeError, "no output"),  # Caffe's would be empty
     (pool_snippet("kernel_size: 1 stride: 2"), (1, 1, 4, 4), ShapeError, "past the input"),
 ])
 def test_pooling_errors(snippet, shape, error, match):
